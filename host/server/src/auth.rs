@@ -1,0 +1,54 @@
+//! Authentication seam: the [`Authenticator`] trait and the development HMAC-token implementation.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// A successful authentication.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub user_id: String,
+}
+
+/// Credentials presented at login.
+#[derive(Debug, Clone)]
+pub struct Credentials<'a> {
+    pub token: &'a str,
+    pub device_id: &'a str,
+}
+
+/// Decides who a connection belongs to.
+#[async_trait::async_trait]
+pub trait Authenticator: Send + Sync + 'static {
+    /// The identity the credentials prove, or a reason for refusing them.
+    async fn authenticate(&self, credentials: Credentials<'_>) -> Result<Identity, String>;
+}
+
+/// Verifies tokens minted by `imctl token` (see the `im-token` crate).
+pub struct DevTokenAuthenticator {
+    secret: Vec<u8>,
+}
+
+impl DevTokenAuthenticator {
+    pub fn new(secret: impl Into<Vec<u8>>) -> Self {
+        Self {
+            secret: secret.into(),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Authenticator for DevTokenAuthenticator {
+    async fn authenticate(&self, credentials: Credentials<'_>) -> Result<Identity, String> {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let claims = im_token::verify(&self.secret, credentials.token, now, credentials.device_id)
+            .map_err(|e| e.to_string())?;
+        if !im_proto::ids::is_valid_id(&claims.user_id) {
+            return Err("token names an invalid user id".into());
+        }
+        Ok(Identity {
+            user_id: claims.user_id,
+        })
+    }
+}

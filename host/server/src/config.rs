@@ -1,0 +1,306 @@
+//! Server configuration: defaults that work with no file, a TOML file, `IM_*` environment overrides, flags.
+//!
+//! Precedence (lowest to highest): built-in defaults, the TOML file, environment variables
+//! (`IM_` prefix, `__` between levels, e.g. `IM_TCP__LISTEN=0.0.0.0:7100`), command-line flags.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+/// The whole configuration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Where the database, the generated QUIC certificate and the development secret live.
+    pub data_dir: PathBuf,
+    pub tcp: ListenerConfig,
+    pub websocket: ListenerConfig,
+    pub quic: ListenerConfig,
+    pub tls: TlsConfig,
+    pub limits: LimitsConfig,
+    pub session: SessionConfig,
+    pub auth: AuthConfig,
+    pub storage: StorageConfig,
+    pub log: LogConfig,
+}
+
+/// One listener.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    pub enabled: bool,
+    pub listen: SocketAddr,
+    /// Serve TLS (TCP and WebSocket only; QUIC always uses TLS).
+    #[serde(default)]
+    pub tls: bool,
+}
+
+/// Certificate and key (PEM). When absent, a self-signed pair is generated on first start
+/// and kept in the data directory (`tls-cert.pem`, `tls-key.pem`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Largest frame accepted, in bytes.
+    pub max_frame_bytes: usize,
+    /// Largest message body accepted, in bytes.
+    pub max_body_bytes: usize,
+    /// Frames queued for one connection before it counts as a slow consumer and is closed.
+    pub outbound_queue: usize,
+    /// A write to a client that takes longer than this closes the connection.
+    pub write_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SessionConfig {
+    /// Close connections from which nothing arrived for this long.
+    pub idle_timeout_ms: u64,
+    /// Close connections that have not logged in after this long.
+    pub login_timeout_ms: u64,
+    /// First re-push of an unacknowledged delivery.
+    pub retry_initial_ms: u64,
+    /// Longest delay between re-pushes.
+    pub retry_max_ms: u64,
+    /// Unacknowledged deliveries tracked per connection; older ones are left to sync.
+    pub max_pending_deliveries: usize,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Secret of the development token authenticator. When absent, one is generated on
+    /// first start and kept in `<data_dir>/dev-secret`.
+    pub dev_secret: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageConfig {
+    /// Database file; default `<data_dir>/im.db`.
+    pub path: Option<PathBuf>,
+    /// fsync each group commit (survives power loss), not only process crashes.
+    pub fsync: bool,
+    /// Most messages stored in one group commit.
+    pub max_batch: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// `text` or `json`.
+    pub format: String,
+    /// A tracing filter, e.g. `info` or `im_server=debug`; `RUST_LOG` wins when set.
+    pub level: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("data"),
+            tcp: ListenerConfig::on("0.0.0.0:7100"),
+            websocket: ListenerConfig::on("0.0.0.0:7101"),
+            quic: ListenerConfig::on("0.0.0.0:7102"),
+            tls: TlsConfig::default(),
+            limits: LimitsConfig::default(),
+            session: SessionConfig::default(),
+            auth: AuthConfig::default(),
+            storage: StorageConfig::default(),
+            log: LogConfig::default(),
+        }
+    }
+}
+
+impl ListenerConfig {
+    fn on(addr: &str) -> Self {
+        Self {
+            enabled: true,
+            listen: addr.parse().expect("valid default address"),
+            tls: false,
+        }
+    }
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_frame_bytes: im_proto::DEFAULT_MAX_FRAME_BYTES,
+            max_body_bytes: 32 * 1024,
+            outbound_queue: 1024,
+            write_timeout_ms: 10_000,
+        }
+    }
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        Self {
+            idle_timeout_ms: 90_000,
+            login_timeout_ms: 10_000,
+            retry_initial_ms: 2_000,
+            retry_max_ms: 30_000,
+            max_pending_deliveries: 512,
+        }
+    }
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self {
+            path: None,
+            fsync: false,
+            max_batch: 512,
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: "text".into(),
+            level: "info".into(),
+        }
+    }
+}
+
+impl Config {
+    /// Loads defaults, then `file` (if given; it must exist), then `IM_*` environment variables.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(file) = file {
+            if !file.exists() {
+                return Err(ConfigError::Invalid(format!(
+                    "config file {} does not exist",
+                    file.display()
+                )));
+            }
+            figment = figment.merge(Toml::file_exact(file));
+        }
+        figment = figment.merge(Env::prefixed("IM_").split("__"));
+        let config: Config = figment
+            .extract()
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks values that parse but make no sense.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |msg: &str| Err(ConfigError::Invalid(msg.to_owned()));
+        if self.limits.max_frame_bytes < 1024 || self.limits.max_frame_bytes > 16 * 1024 * 1024 {
+            return bad("limits.max_frame_bytes must be between 1024 and 16777216");
+        }
+        if self.limits.max_body_bytes == 0
+            || self.limits.max_body_bytes + 1024 > self.limits.max_frame_bytes
+        {
+            return bad(
+                "limits.max_body_bytes must be at least 1 and leave 1024 bytes of the frame for headers",
+            );
+        }
+        if self.limits.outbound_queue < 16 {
+            return bad("limits.outbound_queue must be at least 16");
+        }
+        if self.session.idle_timeout_ms < 100 || self.session.login_timeout_ms < 100 {
+            return bad("session timeouts must be at least 100 ms");
+        }
+        if self.session.retry_initial_ms == 0
+            || self.session.retry_max_ms < self.session.retry_initial_ms
+        {
+            return bad("session.retry_initial_ms must be > 0 and <= session.retry_max_ms");
+        }
+        if self.storage.max_batch == 0 {
+            return bad("storage.max_batch must be at least 1");
+        }
+        if self.tls.cert.is_some() != self.tls.key.is_some() {
+            return bad("tls.cert and tls.key must be given together");
+        }
+        if !matches!(self.log.format.as_str(), "text" | "json") {
+            return bad("log.format must be \"text\" or \"json\"");
+        }
+        if !(self.tcp.enabled || self.websocket.enabled || self.quic.enabled) {
+            return bad("at least one of tcp, websocket and quic must be enabled");
+        }
+        if self.quic.tls {
+            return bad("quic.tls is implied (QUIC always uses TLS); remove it");
+        }
+        Ok(())
+    }
+
+    /// The database file.
+    pub fn database_path(&self) -> PathBuf {
+        self.storage
+            .path
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("im.db"))
+    }
+
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_millis(self.session.idle_timeout_ms)
+    }
+
+    /// A configuration for tests and embedding: every listener on 127.0.0.1 with an
+    /// OS-chosen port, data in `data_dir`.
+    pub fn ephemeral(data_dir: &Path) -> Self {
+        let local = |tls| ListenerConfig {
+            enabled: true,
+            listen: "127.0.0.1:0".parse().expect("addr"),
+            tls,
+        };
+        Self {
+            data_dir: data_dir.to_owned(),
+            tcp: local(false),
+            websocket: local(false),
+            quic: local(false),
+            ..Self::default()
+        }
+    }
+}
+
+/// A configuration that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn file_values_override_defaults_and_unknown_keys_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("im.toml");
+        std::fs::write(
+            &file,
+            "data_dir = \"/tmp/x\"\n[tcp]\nenabled = true\nlisten = \"127.0.0.1:9\"\n",
+        )
+        .unwrap();
+        let config = Config::load(Some(&file)).unwrap();
+        assert_eq!(config.data_dir, PathBuf::from("/tmp/x"));
+        assert_eq!(config.tcp.listen, "127.0.0.1:9".parse().unwrap());
+        assert!(config.websocket.enabled);
+
+        std::fs::write(&file, "[tcp]\nlisen = \"x\"\n").unwrap();
+        let err = Config::load(Some(&file)).unwrap_err().to_string();
+        assert!(err.contains("lisen"), "{err}");
+        std::fs::write(&file, "[limits]\nmax_frame_bytes = 10\n").unwrap();
+        assert!(Config::load(Some(&file)).is_err());
+        assert!(Config::load(Some(&dir.path().join("missing.toml"))).is_err());
+    }
+}

@@ -1,0 +1,25 @@
+//! The IM server node: transports, sessions, routing, reliable delivery and wiring.
+//!
+//! Layout (data flows top to bottom):
+//! - [`transport`]: TCP, WebSocket and QUIC listeners turning connections into frame streams;
+//! - [`session`]: one task per connection: login, heartbeat, requests, the delivery loop;
+//! - [`delivery`]: sans-IO tracking and re-push schedule of unacknowledged deliveries;
+//! - [`pipeline`]: group commit of sends to the store, then acks and pushes in seq order;
+//! - [`router`]: which devices are online here, with bounded per-connection queues;
+//! - [`cursors`]: batched persistence of per-device delivery cursors;
+//! - [`auth`]: the authentication seam and the development token authenticator;
+//! - [`config`], [`node`], [`cli`]: configuration, wiring and the binary.
+
+pub mod auth;
+pub mod cli;
+pub mod config;
+pub mod cursors;
+pub mod delivery;
+pub mod node;
+pub mod pipeline;
+pub mod router;
+pub mod session;
+pub mod transport;
+
+pub use config::Config;
+pub use node::RunningNode;

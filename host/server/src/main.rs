@@ -1,0 +1,5 @@
+//! The `im-server` binary.
+
+fn main() -> std::process::ExitCode {
+    im_server::cli::main()
+}

@@ -1,0 +1,730 @@
+//! Sessions: login, heartbeat, request handling and the per-connection delivery loop, transport-agnostic.
+//!
+//! Each connection is one task running [`run_session`]. Before login only `Login` and `Ping`
+//! are served. After login the task multiplexes, in one `select!`: frames from the client,
+//! frames queued for it by the pipeline and the router, re-pushes of unacknowledged
+//! deliveries, the idle timer, close requests (replaced, slow consumer) and shutdown.
+//! Slow requests (sync, history, lists, read cursors) run in spawned tasks, at most
+//! [`MAX_REQUESTS_IN_FLIGHT`] per connection, and answer through the connection's queue.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use im_proto::ids;
+use im_proto::v1::{self, CloseReason, ErrorCode, frame::Body};
+use im_store::{NewMessage, Store, StoreError};
+use parking_lot::RwLock;
+use tokio::sync::{Semaphore, mpsc};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::{Authenticator, Credentials};
+use crate::config::Config;
+use crate::cursors::CursorWriter;
+use crate::delivery::PendingDeliveries;
+use crate::pipeline::{Pipeline, SendJob, to_proto};
+use crate::router::{CloseSignal, ConnHandle, LocalRouter, Outbound};
+use crate::transport::{FrameConn, RecvError};
+
+/// Concurrent slow requests per connection; more wait (back-pressure on that client only).
+pub const MAX_REQUESTS_IN_FLIGHT: usize = 8;
+/// Frames written per batch at most.
+const MAX_WRITE_BATCH: usize = 64;
+/// Default and largest page sizes for sync, history and conversation lists.
+const DEFAULT_PAGE: u32 = 100;
+const MAX_PAGE: u32 = 500;
+/// Longest content type accepted.
+const MAX_CONTENT_TYPE_BYTES: usize = 128;
+
+/// Everything sessions share.
+pub struct NodeContext {
+    pub config: Config,
+    pub store: Arc<dyn Store>,
+    pub router: Arc<LocalRouter>,
+    pub pipeline: Pipeline,
+    pub auth: Arc<dyn Authenticator>,
+    pub cursors: CursorWriter,
+    pub shutdown: CancellationToken,
+    pub known_users: KnownUsers,
+    pub stats: SessionStats,
+    next_conn_id: AtomicU64,
+}
+
+/// Connection counters, for logs and tests.
+#[derive(Default)]
+pub struct SessionStats {
+    /// Open connections (logged in or not).
+    pub open: AtomicUsize,
+    /// Logged-in connections.
+    pub logged_in: AtomicUsize,
+}
+
+impl NodeContext {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        config: Config,
+        store: Arc<dyn Store>,
+        router: Arc<LocalRouter>,
+        pipeline: Pipeline,
+        auth: Arc<dyn Authenticator>,
+        cursors: CursorWriter,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Self {
+            config,
+            known_users: KnownUsers::new(store.clone()),
+            store,
+            router,
+            pipeline,
+            auth,
+            cursors,
+            shutdown,
+            stats: SessionStats::default(),
+            next_conn_id: AtomicU64::new(1),
+        }
+    }
+
+    pub fn login_timeout(&self) -> Duration {
+        Duration::from_millis(self.config.session.login_timeout_ms)
+    }
+}
+
+/// Users known to exist, cached in front of the store (users are never deleted).
+pub struct KnownUsers {
+    cache: RwLock<HashSet<String>>,
+    store: Arc<dyn Store>,
+}
+
+impl KnownUsers {
+    fn new(store: Arc<dyn Store>) -> Self {
+        Self {
+            cache: RwLock::default(),
+            store,
+        }
+    }
+
+    pub async fn exists(&self, user_id: &str) -> Result<bool, StoreError> {
+        if self.cache.read().contains(user_id) {
+            return Ok(true);
+        }
+        let exists = self.store.user_exists(user_id).await?;
+        if exists {
+            self.cache.write().insert(user_id.to_owned());
+        }
+        Ok(exists)
+    }
+
+    pub async fn register(&self, user_id: &str) -> Result<(), StoreError> {
+        if !self.cache.read().contains(user_id) {
+            self.store.upsert_user(user_id, now_ms()).await?;
+            self.cache.write().insert(user_id.to_owned());
+        }
+        Ok(())
+    }
+}
+
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn frame_bytes(request_id: u64, body: Body) -> Bytes {
+    v1::Frame::new(request_id, body).to_bytes()
+}
+
+fn error_bytes(request_id: u64, code: ErrorCode, message: impl Into<String>) -> Bytes {
+    v1::Frame::error(request_id, code, message).to_bytes()
+}
+
+/// Why a session ended.
+enum End {
+    /// Close with a reason, telling the client.
+    Close(CloseReason, String),
+    /// The peer went away or the connection broke: nothing to tell.
+    Gone,
+}
+
+/// Runs one connection from its first byte to its close.
+pub async fn run_session<C: FrameConn>(ctx: Arc<NodeContext>, mut conn: C, peer: SocketAddr) {
+    ctx.stats.open.fetch_add(1, Ordering::Relaxed);
+    let transport = conn.transport().as_str();
+    let end = match await_login(&ctx, &mut conn).await {
+        Ok(login) => {
+            tracing::debug!(%peer, transport, user = %login.handle.user_id, device = %login.handle.device_id, "logged in");
+            ctx.stats.logged_in.fetch_add(1, Ordering::Relaxed);
+            let user_id = login.handle.user_id.clone();
+            let conn_id = login.handle.conn_id;
+            let end = LoggedIn::new(&ctx, login).run(&mut conn).await;
+            ctx.router.unregister(&user_id, conn_id);
+            ctx.stats.logged_in.fetch_sub(1, Ordering::Relaxed);
+            end
+        }
+        Err(end) => end,
+    };
+    if let End::Close(reason, message) = end {
+        tracing::debug!(%peer, transport, reason = reason.as_str_name(), %message, "closing connection");
+        let frame = v1::Frame::close(reason, message).to_bytes();
+        let _ = tokio::time::timeout(Duration::from_secs(2), conn.close(reason, frame)).await;
+    }
+    ctx.stats.open.fetch_sub(1, Ordering::Relaxed);
+}
+
+struct Login {
+    handle: ConnHandle,
+    queue: mpsc::Receiver<Outbound>,
+}
+
+/// Serves `Ping` and waits for a valid `Login`.
+async fn await_login<C: FrameConn>(ctx: &Arc<NodeContext>, conn: &mut C) -> Result<Login, End> {
+    let deadline = Instant::now() + ctx.login_timeout();
+    loop {
+        let received = tokio::select! {
+            _ = ctx.shutdown.cancelled() => return Err(End::Close(CloseReason::ServerShutdown, "server shutting down".into())),
+            _ = tokio::time::sleep_until(deadline) => return Err(End::Close(CloseReason::IdleTimeout, "no login in time".into())),
+            received = conn.recv() => received,
+        };
+        let bytes = match received {
+            Ok(Some(bytes)) => bytes,
+            Ok(None) => return Err(End::Gone),
+            Err(err) => return Err(recv_error_end(err)),
+        };
+        let frame = match v1::Frame::from_bytes(&bytes) {
+            Ok(frame) => frame,
+            Err(err) => {
+                reply(
+                    conn,
+                    error_bytes(0, ErrorCode::BadFrame, format!("undecodable frame: {err}")),
+                )
+                .await?;
+                continue;
+            }
+        };
+        let request_id = frame.request_id;
+        match frame.body {
+            Some(Body::Login(login)) => return login_with(ctx, conn, request_id, login).await,
+            Some(Body::Ping(ping)) => reply(conn, pong(request_id, ping.nonce)).await?,
+            Some(_) => {
+                reply(
+                    conn,
+                    error_bytes(request_id, ErrorCode::NotLoggedIn, "log in first"),
+                )
+                .await?;
+            }
+            None => {
+                reply(
+                    conn,
+                    error_bytes(request_id, ErrorCode::BadFrame, "frame has no known body"),
+                )
+                .await?
+            }
+        }
+    }
+}
+
+async fn login_with<C: FrameConn>(
+    ctx: &Arc<NodeContext>,
+    conn: &mut C,
+    request_id: u64,
+    login: v1::LoginRequest,
+) -> Result<Login, End> {
+    if !ids::is_valid_id(&login.device_id) {
+        reply(
+            conn,
+            error_bytes(
+                request_id,
+                ErrorCode::InvalidArgument,
+                "device_id must be 1-64 of [A-Za-z0-9_.@-]",
+            ),
+        )
+        .await?;
+        return Err(End::Close(
+            CloseReason::AuthFailed,
+            "invalid device id".into(),
+        ));
+    }
+    let credentials = Credentials {
+        token: &login.token,
+        device_id: &login.device_id,
+    };
+    let identity =
+        match tokio::time::timeout(ctx.login_timeout(), ctx.auth.authenticate(credentials)).await {
+            Ok(Ok(identity)) => identity,
+            Ok(Err(reason)) => return Err(End::Close(CloseReason::AuthFailed, reason)),
+            Err(_) => {
+                return Err(End::Close(
+                    CloseReason::AuthFailed,
+                    "authentication timed out".into(),
+                ));
+            }
+        };
+    if let Err(err) = ctx.known_users.register(&identity.user_id).await {
+        tracing::error!(error = %err, "recording a user failed");
+        reply(
+            conn,
+            error_bytes(
+                request_id,
+                ErrorCode::Internal,
+                "login could not be completed; retry",
+            ),
+        )
+        .await?;
+        return Err(End::Gone);
+    }
+    let (queue_tx, queue) = mpsc::channel(ctx.config.limits.outbound_queue);
+    let handle = ConnHandle {
+        conn_id: ctx.next_conn_id.fetch_add(1, Ordering::Relaxed),
+        user_id: identity.user_id.as_str().into(),
+        device_id: login.device_id.as_str().into(),
+        queue: queue_tx,
+        close: Arc::new(CloseSignal::default()),
+    };
+    let ok = frame_bytes(
+        request_id,
+        Body::LoginOk(v1::LoginResponse {
+            user_id: identity.user_id.clone(),
+            device_id: login.device_id.clone(),
+            server_time_ms: now_ms(),
+            idle_timeout_ms: ctx.config.session.idle_timeout_ms.min(u64::from(u32::MAX)) as u32,
+            max_frame_bytes: ctx.config.limits.max_frame_bytes as u32,
+            max_body_bytes: ctx.config.limits.max_body_bytes as u32,
+        }),
+    );
+    // Register before answering, so a message sent right after the answer reaches this device.
+    if let Some(replaced) = ctx.router.register(handle.clone()) {
+        replaced.close.close(
+            CloseReason::Replaced,
+            "another connection logged in with this device id",
+        );
+    }
+    if let Err(end) = reply(conn, ok).await {
+        ctx.router.unregister(&handle.user_id, handle.conn_id);
+        return Err(end);
+    }
+    Ok(Login { handle, queue })
+}
+
+fn pong(request_id: u64, nonce: i64) -> Bytes {
+    frame_bytes(
+        request_id,
+        Body::Pong(v1::Pong {
+            nonce,
+            server_time_ms: now_ms(),
+        }),
+    )
+}
+
+fn recv_error_end(err: RecvError) -> End {
+    match err {
+        RecvError::TooLarge { len, max } => End::Close(
+            CloseReason::FrameTooLarge,
+            format!("frame of {len} bytes exceeds {max}"),
+        ),
+        RecvError::Protocol(msg) => End::Close(CloseReason::ProtocolViolation, msg),
+        RecvError::Io(_) => End::Gone,
+    }
+}
+
+/// Writes one frame before login (nothing else is queued then).
+async fn reply<C: FrameConn>(conn: &mut C, frame: Bytes) -> Result<(), End> {
+    match tokio::time::timeout(Duration::from_secs(10), conn.send(&[frame])).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err(End::Gone),
+        Err(_) => Err(End::Close(
+            CloseReason::SlowConsumer,
+            "write timed out".into(),
+        )),
+    }
+}
+
+/// A logged-in connection's state.
+struct LoggedIn {
+    ctx: Arc<NodeContext>,
+    handle: ConnHandle,
+    queue: mpsc::Receiver<Outbound>,
+    pending: PendingDeliveries,
+    requests: Arc<Semaphore>,
+    /// Frames to write at the end of the current loop turn.
+    out: Vec<Bytes>,
+}
+
+impl LoggedIn {
+    fn new(ctx: &Arc<NodeContext>, login: Login) -> Self {
+        let s = &ctx.config.session;
+        Self {
+            ctx: ctx.clone(),
+            handle: login.handle,
+            queue: login.queue,
+            pending: PendingDeliveries::new(
+                Duration::from_millis(s.retry_initial_ms),
+                Duration::from_millis(s.retry_max_ms),
+                s.max_pending_deliveries,
+            ),
+            requests: Arc::new(Semaphore::new(MAX_REQUESTS_IN_FLIGHT)),
+            out: Vec::new(),
+        }
+    }
+
+    async fn run<C: FrameConn>(mut self, conn: &mut C) -> End {
+        let idle_timeout = self.ctx.config.idle_timeout();
+        let write_timeout = Duration::from_millis(self.ctx.config.limits.write_timeout_ms);
+        let mut last_received = Instant::now();
+        let close = self.handle.close.clone();
+        let shutdown = self.ctx.shutdown.clone();
+        loop {
+            let retry_at = self.pending.next_due();
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => {
+                    return End::Close(CloseReason::ServerShutdown, "server shutting down".into());
+                }
+                (reason, message) = close.requested() => return End::Close(reason, message),
+                Some(item) = self.queue.recv() => {
+                    self.take_outbound(item);
+                    while self.out.len() < MAX_WRITE_BATCH {
+                        match self.queue.try_recv() {
+                            Ok(item) => self.take_outbound(item),
+                            Err(_) => break,
+                        }
+                    }
+                }
+                received = conn.recv() => {
+                    match received {
+                        Ok(Some(bytes)) => {
+                            last_received = Instant::now();
+                            if let Err(end) = self.handle_frame(&bytes).await {
+                                return end;
+                            }
+                        }
+                        Ok(None) => return End::Gone,
+                        Err(err) => return recv_error_end(err),
+                    }
+                }
+                _ = tokio::time::sleep_until(last_received + idle_timeout) => {
+                    return End::Close(CloseReason::IdleTimeout, format!("nothing received for {} ms", idle_timeout.as_millis()));
+                }
+                _ = sleep_until_some(retry_at) => {
+                    let due = self.pending.take_due(Instant::now().into_std());
+                    self.out.extend(due.iter().map(|p| p.frame.clone()));
+                }
+            }
+            if !self.out.is_empty() {
+                match tokio::time::timeout(write_timeout, conn.send(&self.out)).await {
+                    Ok(Ok(())) => self.out.clear(),
+                    Ok(Err(_)) => return End::Gone,
+                    Err(_) => {
+                        return End::Close(CloseReason::SlowConsumer, "write timed out".into());
+                    }
+                }
+                // Do not keep a large batch's allocation around on an idle connection.
+                if self.out.capacity() > MAX_WRITE_BATCH * 2 {
+                    self.out = Vec::new();
+                }
+            }
+        }
+    }
+
+    fn take_outbound(&mut self, item: Outbound) {
+        match item {
+            Outbound::Frame(frame) => self.out.push(frame),
+            Outbound::Deliver(push) => {
+                self.out.push(push.frame.clone());
+                self.pending.pushed(push, Instant::now().into_std());
+            }
+        }
+    }
+
+    /// Answers one frame. Immediate answers go to `self.out`; stored sends are answered by
+    /// the pipeline; slow reads by a spawned task.
+    async fn handle_frame(&mut self, bytes: &[u8]) -> Result<(), End> {
+        let frame = match v1::Frame::from_bytes(bytes) {
+            Ok(frame) => frame,
+            Err(err) => {
+                self.out.push(error_bytes(
+                    0,
+                    ErrorCode::BadFrame,
+                    format!("undecodable frame: {err}"),
+                ));
+                return Ok(());
+            }
+        };
+        let rid = frame.request_id;
+        let Some(body) = frame.body else {
+            self.out.push(error_bytes(
+                rid,
+                ErrorCode::BadFrame,
+                "frame has no known body",
+            ));
+            return Ok(());
+        };
+        match body {
+            Body::Ping(ping) => self.out.push(pong(rid, ping.nonce)),
+            Body::Send(send) => self.send(rid, send).await?,
+            Body::DeliverAck(ack) => {
+                if ids::direct_peer(&ack.conversation_id, &self.handle.user_id).is_some() {
+                    self.pending.acked(&ack.conversation_id, ack.seq);
+                    self.ctx.cursors.record(
+                        &self.handle,
+                        ack.conversation_id.as_str().into(),
+                        ack.seq,
+                    );
+                }
+            }
+            Body::Sync(req) => {
+                self.spawn_request(rid, req.conversation_id.clone(), Request::Sync(req))
+                    .await
+            }
+            Body::History(req) => {
+                self.spawn_request(rid, req.conversation_id.clone(), Request::History(req))
+                    .await
+            }
+            Body::MarkRead(req) => {
+                self.spawn_request(rid, req.conversation_id.clone(), Request::MarkRead(req))
+                    .await
+            }
+            Body::ListConversations(req) => {
+                self.spawn_request(rid, String::new(), Request::List(req))
+                    .await
+            }
+            Body::Login(_) => self.out.push(error_bytes(
+                rid,
+                ErrorCode::AlreadyLoggedIn,
+                "this connection is logged in",
+            )),
+            _ => self.out.push(error_bytes(
+                rid,
+                ErrorCode::Unsupported,
+                "clients may not send this frame kind",
+            )),
+        }
+        Ok(())
+    }
+
+    async fn send(&mut self, rid: u64, send: v1::SendRequest) -> Result<(), End> {
+        let limits = &self.ctx.config.limits;
+        let invalid = |msg: &str| error_bytes(rid, ErrorCode::InvalidArgument, msg);
+        if !ids::is_valid_client_msg_id(&send.client_msg_id) {
+            self.out.push(invalid(
+                "client_msg_id must be 1-64 bytes without control characters",
+            ));
+            return Ok(());
+        }
+        if send.body.is_empty() {
+            self.out.push(invalid("body is empty"));
+            return Ok(());
+        }
+        if send.body.len() > limits.max_body_bytes {
+            let msg = format!(
+                "body of {} bytes exceeds {}",
+                send.body.len(),
+                limits.max_body_bytes
+            );
+            self.out
+                .push(error_bytes(rid, ErrorCode::BodyTooLarge, msg));
+            return Ok(());
+        }
+        if send.content_type.len() > MAX_CONTENT_TYPE_BYTES {
+            self.out.push(invalid("content_type exceeds 128 bytes"));
+            return Ok(());
+        }
+        let Some(v1::send_request::Target::ToUser(to)) = send.target else {
+            self.out.push(invalid("no target"));
+            return Ok(());
+        };
+        if !ids::is_valid_id(&to) {
+            self.out.push(invalid("to_user is not a valid user id"));
+            return Ok(());
+        }
+        match self.ctx.known_users.exists(&to).await {
+            Ok(true) => {}
+            Ok(false) => {
+                self.out.push(error_bytes(
+                    rid,
+                    ErrorCode::UnknownUser,
+                    format!("no user {to:?}"),
+                ));
+                return Ok(());
+            }
+            Err(err) => {
+                tracing::error!(error = %err, "looking up a user failed");
+                self.out.push(error_bytes(
+                    rid,
+                    ErrorCode::Internal,
+                    "lookup failed; retry",
+                ));
+                return Ok(());
+            }
+        }
+        let message = NewMessage {
+            conversation_id: ids::direct_conversation_id(&self.handle.user_id, &to),
+            sender_id: self.handle.user_id.to_string(),
+            sender_device_id: self.handle.device_id.to_string(),
+            recipient_id: to,
+            client_msg_id: send.client_msg_id,
+            body: send.body,
+            content_type: send.content_type,
+            server_msg_id: uuid::Uuid::now_v7().to_string(),
+            server_time_ms: now_ms(),
+        };
+        let job = SendJob {
+            request_id: rid,
+            message,
+            sender: self.handle.clone(),
+        };
+        // Waiting here is the back-pressure: a full pipeline slows this client's reads.
+        tokio::select! {
+            submitted = self.ctx.pipeline.submit(job) => {
+                if submitted.is_err() {
+                    return Err(End::Close(CloseReason::ServerShutdown, "server shutting down".into()));
+                }
+            }
+            _ = self.ctx.shutdown.cancelled() => {
+                return Err(End::Close(CloseReason::ServerShutdown, "server shutting down".into()));
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs a slow request in its own task (bounded per connection); its answer is queued.
+    async fn spawn_request(&mut self, rid: u64, conversation_id: String, request: Request) {
+        let user = self.handle.user_id.clone();
+        if !matches!(request, Request::List(_))
+            && ids::direct_peer(&conversation_id, &user).is_none()
+        {
+            self.out.push(error_bytes(
+                rid,
+                ErrorCode::UnknownConversation,
+                "no such conversation for this user",
+            ));
+            return;
+        }
+        let Ok(permit) = self.requests.clone().acquire_owned().await else {
+            return;
+        };
+        let ctx = self.ctx.clone();
+        let handle = self.handle.clone();
+        tokio::spawn(async move {
+            let answer = match answer(&ctx, &handle, rid, request).await {
+                Ok(frame) => frame,
+                Err(StoreError::UnknownConversation) => error_bytes(
+                    rid,
+                    ErrorCode::UnknownConversation,
+                    "no such conversation for this user",
+                ),
+                Err(err) => {
+                    tracing::error!(error = %err, "a read request failed");
+                    error_bytes(rid, ErrorCode::Internal, "request failed; retry")
+                }
+            };
+            handle.offer(Outbound::Frame(answer));
+            drop(permit);
+        });
+    }
+}
+
+enum Request {
+    Sync(v1::SyncRequest),
+    History(v1::HistoryRequest),
+    MarkRead(v1::MarkReadRequest),
+    List(v1::ListConversationsRequest),
+}
+
+fn page_size(limit: u32) -> u32 {
+    if limit == 0 {
+        DEFAULT_PAGE
+    } else {
+        limit.min(MAX_PAGE)
+    }
+}
+
+async fn answer(
+    ctx: &NodeContext,
+    handle: &ConnHandle,
+    rid: u64,
+    request: Request,
+) -> Result<Bytes, StoreError> {
+    let store = &ctx.store;
+    let body = match request {
+        Request::Sync(req) => {
+            let limit = page_size(req.limit);
+            // Read last_seq first: every message up to it is stored, so has_more is exact.
+            let last_seq = store.last_seq(&req.conversation_id).await?;
+            let mut messages = store
+                .messages_after(&req.conversation_id, req.after_seq, limit + 1)
+                .await?;
+            messages.retain(|m| m.seq <= last_seq);
+            let has_more = messages.len() > limit as usize;
+            messages.truncate(limit as usize);
+            Body::SyncResult(v1::SyncResponse {
+                conversation_id: req.conversation_id,
+                messages: messages.iter().map(to_proto).collect(),
+                has_more,
+                last_seq,
+            })
+        }
+        Request::History(req) => {
+            let limit = page_size(req.limit);
+            let mut messages = store
+                .messages_before(&req.conversation_id, req.before_seq, limit + 1)
+                .await?;
+            let has_more = messages.len() > limit as usize;
+            messages.truncate(limit as usize);
+            Body::HistoryResult(v1::HistoryResponse {
+                conversation_id: req.conversation_id,
+                messages: messages.iter().map(to_proto).collect(),
+                has_more,
+            })
+        }
+        Request::MarkRead(req) => {
+            let state = store
+                .mark_read(&handle.user_id, &req.conversation_id, req.read_seq)
+                .await?;
+            Body::MarkReadOk(v1::MarkReadResponse {
+                conversation_id: req.conversation_id,
+                read_seq: state.read_seq,
+                unread_count: state.unread_count,
+            })
+        }
+        Request::List(req) => {
+            let limit = page_size(req.limit);
+            let mut list = store
+                .list_conversations(
+                    &handle.user_id,
+                    &handle.device_id,
+                    req.before_time_ms,
+                    limit + 1,
+                )
+                .await?;
+            let has_more = list.len() > limit as usize;
+            list.truncate(limit as usize);
+            Body::Conversations(v1::ListConversationsResponse {
+                conversations: list
+                    .into_iter()
+                    .map(|c| v1::Conversation {
+                        conversation_id: c.conversation_id,
+                        peer_id: c.peer_id,
+                        last_seq: c.last_seq,
+                        last_message: c.last_message.as_ref().map(to_proto),
+                        read_seq: c.read_seq,
+                        unread_count: c.unread_count,
+                        delivered_seq: c.delivered_seq,
+                    })
+                    .collect(),
+                has_more,
+            })
+        }
+    };
+    Ok(frame_bytes(rid, body))
+}
+
+async fn sleep_until_some(at: Option<std::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(Instant::from_std(at)).await,
+        None => std::future::pending().await,
+    }
+}

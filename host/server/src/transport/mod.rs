@@ -1,0 +1,66 @@
+//! Transports: turn TCP, WebSocket and QUIC connections into [`FrameConn`]s for the session layer.
+//!
+//! A transport knows only how frames are delimited and how a connection closes; it never
+//! looks inside a frame. Listeners accept until the node's shutdown token fires and run one
+//! session per connection.
+
+use std::future::Future;
+use std::io;
+
+use bytes::Bytes;
+use im_proto::v1::CloseReason;
+
+pub mod quic;
+pub mod stream;
+pub mod tcp;
+pub mod tls;
+pub mod ws;
+
+/// Which transport a connection came in on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Tcp,
+    Tls,
+    WebSocket,
+    WebSocketTls,
+    Quic,
+}
+
+impl Transport {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::Tcp => "tcp",
+            Transport::Tls => "tcp+tls",
+            Transport::WebSocket => "ws",
+            Transport::WebSocketTls => "wss",
+            Transport::Quic => "quic",
+        }
+    }
+}
+
+/// Why no frame could be received.
+#[derive(Debug, thiserror::Error)]
+pub enum RecvError {
+    #[error("frame of {len} bytes exceeds the maximum of {max} bytes")]
+    TooLarge { len: usize, max: usize },
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+    #[error("connection failed: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// A connection carrying whole frames.
+pub trait FrameConn: Send + 'static {
+    /// The next frame; `Ok(None)` when the peer closed cleanly.
+    /// Must be cancel-safe: it sits in a `select!` with the outbound queue and timers.
+    fn recv(&mut self) -> impl Future<Output = Result<Option<Bytes>, RecvError>> + Send;
+
+    /// Writes frames, in order, as one batch where the transport allows.
+    fn send(&mut self, frames: &[Bytes]) -> impl Future<Output = io::Result<()>> + Send;
+
+    /// Best effort: sends `Close{reason}` (encoded as `close_frame`) and closes the connection.
+    fn close(&mut self, reason: CloseReason, close_frame: Bytes)
+    -> impl Future<Output = ()> + Send;
+
+    fn transport(&self) -> Transport;
+}

@@ -1,0 +1,65 @@
+//! The TCP listener (plain or TLS): length-prefixed frames on the byte stream.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::task::TaskTracker;
+
+use super::Transport;
+use super::stream::StreamConn;
+use crate::session::{NodeContext, run_session};
+
+/// Accepts connections until shutdown, one session task each.
+pub async fn serve(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    ctx: Arc<NodeContext>,
+    tasks: TaskTracker,
+) {
+    loop {
+        let accepted = tokio::select! {
+            _ = ctx.shutdown.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        let (stream, peer) = match accepted {
+            Ok(conn) => conn,
+            Err(err) => {
+                // Typically EMFILE: back off instead of spinning.
+                tracing::warn!(error = %err, "tcp accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let ctx = ctx.clone();
+        let max = ctx.config.limits.max_frame_bytes;
+        match &tls {
+            None => {
+                tasks.spawn(run_session(
+                    ctx,
+                    StreamConn::new(stream, max, Transport::Tcp),
+                    peer,
+                ));
+            }
+            Some(acceptor) => {
+                let acceptor = acceptor.clone();
+                tasks.spawn(async move {
+                    let handshake =
+                        tokio::time::timeout(ctx.login_timeout(), acceptor.accept(stream)).await;
+                    match handshake {
+                        Ok(Ok(stream)) => {
+                            run_session(ctx, StreamConn::new(stream, max, Transport::Tls), peer)
+                                .await
+                        }
+                        Ok(Err(err)) => {
+                            tracing::debug!(%peer, error = %err, "tls handshake failed")
+                        }
+                        Err(_) => tracing::debug!(%peer, "tls handshake timed out"),
+                    }
+                });
+            }
+        }
+    }
+}

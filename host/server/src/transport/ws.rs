@@ -1,0 +1,188 @@
+//! The WebSocket listener (plain or TLS): one binary message per frame; text messages are refused.
+
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use im_proto::v1::CloseReason;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_util::task::TaskTracker;
+
+use super::{FrameConn, RecvError, Transport};
+use crate::session::{NodeContext, run_session};
+
+/// WebSocket close code sent for each close reason (see docs/protocol.md).
+pub fn close_code(reason: CloseReason) -> u16 {
+    match reason {
+        CloseReason::FrameTooLarge => 1009,
+        CloseReason::ServerShutdown => 1001,
+        CloseReason::ProtocolViolation => 1003,
+        other => 4000 + other as u16,
+    }
+}
+
+fn ws_config(max_frame_bytes: usize) -> WebSocketConfig {
+    // Small buffers: tungstenite's defaults (128 KiB read buffer) would dominate the memory
+    // of an idle connection.
+    WebSocketConfig::default()
+        .read_buffer_size(4 * 1024)
+        .write_buffer_size(0)
+        .max_write_buffer_size(max_frame_bytes * 4)
+        .max_message_size(Some(max_frame_bytes))
+        .max_frame_size(Some(max_frame_bytes))
+}
+
+/// A WebSocket carrying one frame per binary message.
+pub struct WsConn<S> {
+    ws: WebSocketStream<S>,
+    transport: Transport,
+    max_frame_bytes: usize,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> FrameConn for WsConn<S> {
+    async fn recv(&mut self) -> Result<Option<Bytes>, RecvError> {
+        loop {
+            let Some(message) = self.ws.next().await else {
+                return Ok(None);
+            };
+            match message {
+                Ok(Message::Binary(data)) => return Ok(Some(data)),
+                Ok(Message::Text(_)) => {
+                    return Err(RecvError::Protocol(
+                        "text messages are not accepted; send binary frames".into(),
+                    ));
+                }
+                Ok(Message::Close(_)) => return Ok(None),
+                // tungstenite answers pings itself.
+                Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)) => continue,
+                Err(tungstenite::Error::Capacity(err)) => {
+                    return Err(RecvError::TooLarge {
+                        len: capacity_len(&err),
+                        max: self.max_frame_bytes,
+                    });
+                }
+                Err(tungstenite::Error::Io(err)) => return Err(RecvError::Io(err)),
+                Err(tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed) => {
+                    return Ok(None);
+                }
+                Err(err) => return Err(RecvError::Protocol(err.to_string())),
+            }
+        }
+    }
+
+    async fn send(&mut self, frames: &[Bytes]) -> io::Result<()> {
+        for frame in frames {
+            self.ws
+                .feed(Message::Binary(frame.clone()))
+                .await
+                .map_err(to_io)?;
+        }
+        self.ws.flush().await.map_err(to_io)
+    }
+
+    async fn close(&mut self, reason: CloseReason, close_frame: Bytes) {
+        let _ = self.ws.feed(Message::Binary(close_frame)).await;
+        let frame = CloseFrame {
+            code: CloseCode::from(close_code(reason)),
+            reason: reason.as_str_name().into(),
+        };
+        let _ = self.ws.close(Some(frame)).await;
+    }
+
+    fn transport(&self) -> Transport {
+        self.transport
+    }
+}
+
+fn capacity_len(err: &tungstenite::error::CapacityError) -> usize {
+    match err {
+        tungstenite::error::CapacityError::MessageTooLong { size, .. } => *size,
+        _ => 0,
+    }
+}
+
+fn to_io(err: tungstenite::Error) -> io::Error {
+    match err {
+        tungstenite::Error::Io(e) => e,
+        other => io::Error::other(other),
+    }
+}
+
+/// Accepts connections until shutdown, one session task each.
+pub async fn serve(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    ctx: Arc<NodeContext>,
+    tasks: TaskTracker,
+) {
+    loop {
+        let accepted = tokio::select! {
+            _ = ctx.shutdown.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        let (stream, peer) = match accepted {
+            Ok(conn) => conn,
+            Err(err) => {
+                tracing::warn!(error = %err, "websocket accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let ctx = ctx.clone();
+        let tls = tls.clone();
+        tasks.spawn(async move {
+            let deadline = tokio::time::Instant::now() + ctx.login_timeout();
+            match tls {
+                None => upgrade_and_run(stream, Transport::WebSocket, deadline, ctx, peer).await,
+                Some(acceptor) => match tokio::time::timeout_at(deadline, acceptor.accept(stream))
+                    .await
+                {
+                    Ok(Ok(stream)) => {
+                        upgrade_and_run(stream, Transport::WebSocketTls, deadline, ctx, peer).await
+                    }
+                    Ok(Err(err)) => tracing::debug!(%peer, error = %err, "tls handshake failed"),
+                    Err(_) => tracing::debug!(%peer, "tls handshake timed out"),
+                },
+            }
+        });
+    }
+}
+
+/// Completes the WebSocket handshake (by `deadline`) and runs the session.
+async fn upgrade_and_run<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+    stream: S,
+    transport: Transport,
+    deadline: tokio::time::Instant,
+    ctx: Arc<NodeContext>,
+    peer: std::net::SocketAddr,
+) {
+    let max_frame_bytes = ctx.config.limits.max_frame_bytes;
+    let handshake =
+        tokio_tungstenite::accept_async_with_config(stream, Some(ws_config(max_frame_bytes)));
+    match tokio::time::timeout_at(deadline, handshake).await {
+        Ok(Ok(ws)) => {
+            run_session(
+                ctx,
+                WsConn {
+                    ws,
+                    transport,
+                    max_frame_bytes,
+                },
+                peer,
+            )
+            .await
+        }
+        Ok(Err(err)) => tracing::debug!(%peer, error = %err, "websocket handshake failed"),
+        Err(_) => tracing::debug!(%peer, "websocket handshake timed out"),
+    }
+}

@@ -1,0 +1,356 @@
+//! End-to-end test harness: real servers on loopback, clients over TCP, WebSocket and QUIC.
+//!
+//! [`TestServer`] runs a node in-process on OS-chosen ports with a temporary data
+//! directory; [`ServerProcess`] runs the server binary as a child process (for crash tests).
+//! Both hand out SDK clients and raw connections for any [`Transport`].
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use im_client::{Client, ClientConfig, Connection, Events, Resume, ServerUrl, Trust, v1};
+use im_server::{Config, RunningNode};
+
+/// The three client transports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Transport {
+    Tcp,
+    WebSocket,
+    Quic,
+}
+
+pub const ALL_TRANSPORTS: [Transport; 3] = [Transport::Tcp, Transport::WebSocket, Transport::Quic];
+
+/// Addresses and secrets of a running server, however it was started.
+#[derive(Clone, Debug)]
+pub struct Endpoints {
+    pub tcp: SocketAddr,
+    pub websocket: SocketAddr,
+    pub quic: SocketAddr,
+    pub certificate_pem: PathBuf,
+    pub dev_secret: Vec<u8>,
+}
+
+impl Endpoints {
+    pub fn url(&self, transport: Transport) -> String {
+        match transport {
+            Transport::Tcp => format!("tcp://{}", self.tcp),
+            Transport::WebSocket => format!("ws://{}/", self.websocket),
+            Transport::Quic => format!("quic://localhost:{}", self.quic.port()),
+        }
+    }
+
+    /// A development token for `user`, valid for an hour.
+    pub fn token(&self, user: &str) -> String {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        im_token::mint(
+            &self.dev_secret,
+            &im_token::Claims {
+                user_id: user.into(),
+                device_id: None,
+                expires_at: now + 3600,
+            },
+        )
+    }
+
+    /// Client configuration for `user` on `device` over `transport`.
+    pub fn client_config(&self, transport: Transport, user: &str, device: &str) -> ClientConfig {
+        let mut config = ClientConfig::new(&self.url(transport), self.token(user), device).unwrap();
+        config.trust = Trust::pem_file(&self.certificate_pem).unwrap();
+        config.resume = Resume::Beginning;
+        config.reconnect_initial = Duration::from_millis(50);
+        config.reconnect_max = Duration::from_millis(500);
+        config.ack_timeout = Duration::from_secs(2);
+        config
+    }
+
+    /// A logged-in SDK client.
+    pub async fn client(&self, transport: Transport, user: &str, device: &str) -> (Client, Events) {
+        Client::connect(self.client_config(transport, user, device))
+            .await
+            .unwrap_or_else(|e| panic!("{user}/{device} over {transport:?} could not connect: {e}"))
+    }
+
+    /// A raw, not logged-in connection.
+    pub async fn raw(&self, transport: Transport) -> Raw {
+        let url: ServerUrl = self.url(transport).parse().unwrap();
+        let trust = Trust::pem_file(&self.certificate_pem).unwrap();
+        let conn = Connection::dial(&url, &trust, 1 << 20, None).await.unwrap();
+        Raw { conn, next_id: 1 }
+    }
+
+    /// A raw connection that has logged in as `user` on `device`.
+    pub async fn raw_logged_in(&self, transport: Transport, user: &str, device: &str) -> Raw {
+        let mut raw = self.raw(transport).await;
+        let answer = raw.request(login(&self.token(user), device)).await;
+        assert!(
+            matches!(answer.body, Some(v1::frame::Body::LoginOk(_))),
+            "login failed: {answer:?}"
+        );
+        raw
+    }
+}
+
+/// A login request body.
+pub fn login(token: &str, device: &str) -> v1::frame::Body {
+    v1::frame::Body::Login(v1::LoginRequest {
+        token: token.into(),
+        device_id: device.into(),
+        client_info: "e2e".into(),
+    })
+}
+
+/// A raw connection for protocol-level tests.
+pub struct Raw {
+    pub conn: Connection,
+    next_id: u64,
+}
+
+/// How long a raw read waits before the test fails.
+pub const RAW_WAIT: Duration = Duration::from_secs(10);
+
+impl Raw {
+    /// Sends a frame with a fresh request id and returns that id.
+    pub async fn send(&mut self, body: v1::frame::Body) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.conn
+            .send(&[v1::Frame::new(id, body).to_bytes()])
+            .await
+            .unwrap();
+        id
+    }
+
+    /// The next frame, or `None` if the server closed the connection.
+    pub async fn recv(&mut self) -> Option<v1::Frame> {
+        let bytes = tokio::time::timeout(RAW_WAIT, self.conn.recv())
+            .await
+            .expect("server answered in time");
+        match bytes {
+            Ok(Some(bytes)) => Some(v1::Frame::from_bytes(&bytes).expect("server frames decode")),
+            Ok(None) | Err(_) => None,
+        }
+    }
+
+    /// Sends `payload` as one frame (length prefix or WebSocket message), whatever it holds.
+    pub async fn send_payload(&mut self, payload: &[u8]) {
+        self.conn
+            .send(&[Bytes::copy_from_slice(payload)])
+            .await
+            .unwrap();
+    }
+
+    /// Sends a request and returns the frame answering it (skipping pushes).
+    pub async fn request(&mut self, body: v1::frame::Body) -> v1::Frame {
+        let id = self.send(body).await;
+        self.answer(id).await
+    }
+
+    /// The next frame with request id `id`.
+    pub async fn answer(&mut self, id: u64) -> v1::Frame {
+        loop {
+            let frame = self
+                .recv()
+                .await
+                .unwrap_or_else(|| panic!("connection closed before answering {id}"));
+            if frame.request_id == id {
+                return frame;
+            }
+        }
+    }
+
+    /// Reads until the server's `Close` and then the end of the connection; returns the reason.
+    pub async fn expect_close(&mut self) -> v1::CloseReason {
+        let mut reason = None;
+        while let Some(frame) = self.recv().await {
+            if let Some(v1::frame::Body::Close(close)) = frame.body {
+                reason = Some(close.reason());
+            }
+        }
+        reason.expect("a Close frame before the connection ended")
+    }
+}
+
+/// The error code of an `Error` frame.
+pub fn error_code(frame: &v1::Frame) -> Option<v1::ErrorCode> {
+    match &frame.body {
+        Some(v1::frame::Body::Error(e)) => Some(e.code()),
+        _ => None,
+    }
+}
+
+/// An in-process node with a temporary data directory.
+pub struct TestServer {
+    pub node: RunningNode,
+    pub endpoints: Endpoints,
+    _data: tempfile::TempDir,
+}
+
+impl std::ops::Deref for TestServer {
+    type Target = Endpoints;
+    fn deref(&self) -> &Endpoints {
+        &self.endpoints
+    }
+}
+
+impl TestServer {
+    /// Starts a node with the default configuration on ephemeral loopback ports.
+    pub async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    /// Starts a node after `adjust` changed its configuration.
+    pub async fn start_with(adjust: impl FnOnce(&mut Config)) -> Self {
+        let data = tempfile::tempdir().unwrap();
+        let mut config = Config::ephemeral(data.path());
+        adjust(&mut config);
+        let node = RunningNode::start(config).await.expect("node starts");
+        let endpoints = Endpoints {
+            tcp: node.tcp.unwrap(),
+            websocket: node.websocket.unwrap(),
+            quic: node.quic.unwrap(),
+            certificate_pem: node.certificate_path.clone(),
+            dev_secret: node.dev_secret.clone(),
+        };
+        Self {
+            node,
+            endpoints,
+            _data: data,
+        }
+    }
+
+    /// Logged-in connections right now.
+    pub fn logged_in(&self) -> usize {
+        self.node
+            .context
+            .stats
+            .logged_in
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Open connections right now.
+    pub fn open_connections(&self) -> usize {
+        self.node
+            .context
+            .stats
+            .open
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// Waits until `condition` holds, failing the test after `within`.
+pub async fn eventually(within: Duration, what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + within;
+    while !condition() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Receives `count` messages, failing after `within`.
+pub async fn receive(events: &mut Events, count: usize, within: Duration) -> Vec<v1::Message> {
+    let mut got = Vec::with_capacity(count);
+    let deadline = tokio::time::Instant::now() + within;
+    while got.len() < count {
+        match tokio::time::timeout_at(deadline, events.next_message()).await {
+            Ok(Some(m)) => got.push(m),
+            Ok(None) => panic!("client closed after {} of {count} messages", got.len()),
+            Err(_) => panic!("only {} of {count} messages arrived in time", got.len()),
+        }
+    }
+    got
+}
+
+/// Asserts no further message arrives within `quiet`.
+pub async fn assert_no_message(events: &mut Events, quiet: Duration) {
+    if let Ok(Some(m)) = tokio::time::timeout(quiet, events.next_message()).await {
+        panic!("unexpected message {m:?}");
+    }
+}
+
+/// The server binary run as a child process, for tests that kill it.
+pub struct ServerProcess {
+    child: std::process::Child,
+    pub endpoints: Endpoints,
+    pub data_dir: PathBuf,
+}
+
+impl ServerProcess {
+    /// Starts the server binary `binary` on `data_dir`; `ports` reuses earlier ports (tcp,
+    /// ws, quic). Integration tests pass `env!("CARGO_BIN_EXE_im-e2e-server")`.
+    pub fn start(binary: &str, data_dir: &Path, ports: Option<(u16, u16, u16)>) -> Self {
+        use std::io::BufRead;
+        let (tcp, ws, quic) = ports.unwrap_or((0, 0, 0));
+        let mut child = std::process::Command::new(binary)
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(["--tcp", &format!("127.0.0.1:{tcp}")])
+            .args(["--ws", &format!("127.0.0.1:{ws}")])
+            .args(["--quic", &format!("127.0.0.1:{quic}")])
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("server binary starts");
+        let stdout = child.stdout.take().unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(stdout)
+            .read_line(&mut line)
+            .unwrap();
+        let fields: HashMap<&str, &str> = line
+            .split_whitespace()
+            .filter_map(|f| f.split_once('='))
+            .collect();
+        assert!(
+            line.starts_with("im-server ready"),
+            "unexpected first line: {line:?}"
+        );
+        let addr = |key: &str| -> SocketAddr { fields[key].parse().unwrap() };
+        let secret = std::fs::read_to_string(data_dir.join("dev-secret")).unwrap();
+        let endpoints = Endpoints {
+            tcp: addr("tcp"),
+            websocket: addr("ws"),
+            quic: addr("quic"),
+            certificate_pem: PathBuf::from(fields["cert"]),
+            dev_secret: secret.trim().as_bytes().to_vec(),
+        };
+        Self {
+            child,
+            endpoints,
+            data_dir: data_dir.to_owned(),
+        }
+    }
+
+    pub fn ports(&self) -> (u16, u16, u16) {
+        (
+            self.endpoints.tcp.port(),
+            self.endpoints.websocket.port(),
+            self.endpoints.quic.port(),
+        )
+    }
+
+    /// SIGKILL: no graceful shutdown, no flush.
+    pub fn kill(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A text body.
+pub fn text(s: &str) -> Bytes {
+    Bytes::copy_from_slice(s.as_bytes())
+}

@@ -642,6 +642,27 @@ fn page_size(limit: u32) -> u32 {
     }
 }
 
+/// Frame bytes kept for the envelope and the response's own fields.
+const ENVELOPE_RESERVE: usize = 1024;
+
+/// Converts stored messages to wire messages while they fit in `budget` encoded bytes (at
+/// least one always fits: bodies are limited well below the frame size). Returns whether
+/// any were left out.
+fn fit_messages(messages: &[im_store::StoredMessage], budget: usize) -> (Vec<v1::Message>, bool) {
+    let mut out = Vec::with_capacity(messages.len());
+    let mut used = 0;
+    for m in messages {
+        let wire = to_proto(m);
+        let len = prost::Message::encoded_len(&wire) + 8;
+        if used + len > budget && !out.is_empty() {
+            return (out, true);
+        }
+        used += len;
+        out.push(wire);
+    }
+    (out, false)
+}
+
 async fn answer(
     ctx: &NodeContext,
     handle: &ConnHandle,
@@ -649,6 +670,8 @@ async fn answer(
     request: Request,
 ) -> Result<Bytes, StoreError> {
     let store = &ctx.store;
+    // Pages are cut to fit one frame; `has_more` tells the client to ask again.
+    let budget = ctx.config.limits.max_frame_bytes - ENVELOPE_RESERVE;
     let body = match request {
         Request::Sync(req) => {
             let limit = page_size(req.limit);
@@ -658,11 +681,13 @@ async fn answer(
                 .messages_after(&req.conversation_id, req.after_seq, limit + 1)
                 .await?;
             messages.retain(|m| m.seq <= last_seq);
-            let has_more = messages.len() > limit as usize;
+            let mut has_more = messages.len() > limit as usize;
             messages.truncate(limit as usize);
+            let (messages, cut) = fit_messages(&messages, budget);
+            has_more |= cut;
             Body::SyncResult(v1::SyncResponse {
                 conversation_id: req.conversation_id,
-                messages: messages.iter().map(to_proto).collect(),
+                messages,
                 has_more,
                 last_seq,
             })
@@ -672,11 +697,13 @@ async fn answer(
             let mut messages = store
                 .messages_before(&req.conversation_id, req.before_seq, limit + 1)
                 .await?;
-            let has_more = messages.len() > limit as usize;
+            let mut has_more = messages.len() > limit as usize;
             messages.truncate(limit as usize);
+            let (messages, cut) = fit_messages(&messages, budget);
+            has_more |= cut;
             Body::HistoryResult(v1::HistoryResponse {
                 conversation_id: req.conversation_id,
-                messages: messages.iter().map(to_proto).collect(),
+                messages,
                 has_more,
             })
         }
@@ -700,21 +727,30 @@ async fn answer(
                     limit + 1,
                 )
                 .await?;
-            let has_more = list.len() > limit as usize;
+            let mut has_more = list.len() > limit as usize;
             list.truncate(limit as usize);
+            let mut conversations = Vec::with_capacity(list.len());
+            let mut used = 0;
+            for c in list {
+                let entry = v1::Conversation {
+                    conversation_id: c.conversation_id,
+                    peer_id: c.peer_id,
+                    last_seq: c.last_seq,
+                    last_message: c.last_message.as_ref().map(to_proto),
+                    read_seq: c.read_seq,
+                    unread_count: c.unread_count,
+                    delivered_seq: c.delivered_seq,
+                };
+                let len = prost::Message::encoded_len(&entry) + 8;
+                if used + len > budget && !conversations.is_empty() {
+                    has_more = true;
+                    break;
+                }
+                used += len;
+                conversations.push(entry);
+            }
             Body::Conversations(v1::ListConversationsResponse {
-                conversations: list
-                    .into_iter()
-                    .map(|c| v1::Conversation {
-                        conversation_id: c.conversation_id,
-                        peer_id: c.peer_id,
-                        last_seq: c.last_seq,
-                        last_message: c.last_message.as_ref().map(to_proto),
-                        read_seq: c.read_seq,
-                        unread_count: c.unread_count,
-                        delivered_seq: c.delivered_seq,
-                    })
-                    .collect(),
+                conversations,
                 has_more,
             })
         }

@@ -323,8 +323,9 @@ impl Connection {
         }
     }
 
-    /// Writes `bytes` as they are, without a length prefix (on WebSocket: as one binary
-    /// message). For protocol tests that need malformed input.
+    /// Writes `bytes` as they are, beneath any framing: no length prefix, and on WebSocket
+    /// straight onto the socket under the WebSocket framing. For protocol tests that need
+    /// malformed input.
     pub async fn send_unframed(&mut self, bytes: &[u8]) -> io::Result<()> {
         match self {
             Connection::Stream { io, .. } => {

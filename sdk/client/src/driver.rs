@@ -384,6 +384,10 @@ impl Driver {
         self.write_due_sends(Instant::now());
         let mut last_received = Instant::now();
         let mut next_ping = Instant::now() + heartbeat;
+        // A ping sent because work is outstanding and the server went quiet; if nothing at
+        // all arrives within `ack_timeout` after it, the connection is presumed dead (a
+        // killed server behind QUIC or a dead NAT path gives no error, only silence).
+        let mut probe_sent: Option<Instant> = None;
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -424,6 +428,7 @@ impl Driver {
                         Err(e) => return Outcome::Lost(format!("read failed: {e}")),
                     };
                     last_received = Instant::now();
+                    probe_sent = None;
                     let Ok(frame) = v1::Frame::from_bytes(&bytes) else {
                         tracing::warn!("undecodable frame from the server");
                         continue;
@@ -444,6 +449,20 @@ impl Driver {
                     }
                     if now.duration_since(last_received) > heartbeat * 3 {
                         return Outcome::Lost("server silent for three heartbeats".into());
+                    }
+                    let ack_timeout = self.config.ack_timeout;
+                    let waiting = !self.sends.is_empty() || !self.requests.is_empty();
+                    match probe_sent {
+                        Some(at) if now.duration_since(at) >= ack_timeout => {
+                            return Outcome::Lost("server unresponsive".into());
+                        }
+                        None if waiting && now.duration_since(last_received) >= ack_timeout => {
+                            let id = self.request_id();
+                            self.internal.insert(id, Internal::Heartbeat);
+                            self.out.push(v1::Frame::new(id, Body::Ping(v1::Ping { nonce: 0 })).to_bytes());
+                            probe_sent = Some(now);
+                        }
+                        _ => {}
                     }
                 }
             }

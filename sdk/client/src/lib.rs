@@ -77,6 +77,7 @@ pub struct ClientConfig {
     pub request_timeout: Duration,
     /// Ping interval; `None` uses a third of the server's idle timeout.
     pub heartbeat: Option<Duration>,
+    /// Largest frame accepted from the server.
     pub max_frame_bytes: usize,
     /// Share one QUIC endpoint (one UDP socket) among many clients.
     pub quic_endpoint: Option<quinn::Endpoint>,
@@ -107,7 +108,9 @@ impl ClientConfig {
             send_deadline: Duration::from_secs(120),
             request_timeout: Duration::from_secs(15),
             heartbeat: None,
-            max_frame_bytes: im_proto::DEFAULT_MAX_FRAME_BYTES,
+            // The largest frame a server can be configured to send; the reader allocates
+            // per frame, so a generous limit costs nothing.
+            max_frame_bytes: 16 * 1024 * 1024,
             quic_endpoint: None,
             client_info: format!("im-client/{}", env!("CARGO_PKG_VERSION")),
             event_buffer: 4096,

@@ -31,12 +31,19 @@ pub struct Endpoints {
     pub quic: SocketAddr,
     pub certificate_pem: PathBuf,
     pub dev_secret: Vec<u8>,
+    /// Whether TCP and WebSocket serve TLS (then the URLs are `tls://` and `wss://`).
+    pub tcp_tls: bool,
+    pub websocket_tls: bool,
 }
 
 impl Endpoints {
     pub fn url(&self, transport: Transport) -> String {
         match transport {
+            Transport::Tcp if self.tcp_tls => format!("tls://localhost:{}", self.tcp.port()),
             Transport::Tcp => format!("tcp://{}", self.tcp),
+            Transport::WebSocket if self.websocket_tls => {
+                format!("wss://localhost:{}/", self.websocket.port())
+            }
             Transport::WebSocket => format!("ws://{}/", self.websocket),
             Transport::Quic => format!("quic://localhost:{}", self.quic.port()),
         }
@@ -216,6 +223,8 @@ impl TestServer {
             quic: node.quic.unwrap(),
             certificate_pem: node.certificate_path.clone(),
             dev_secret: node.dev_secret.clone(),
+            tcp_tls: node.tcp_tls,
+            websocket_tls: node.websocket_tls,
         };
         Self {
             node,
@@ -320,6 +329,8 @@ impl ServerProcess {
             quic: addr("quic"),
             certificate_pem: PathBuf::from(fields["cert"]),
             dev_secret: secret.trim().as_bytes().to_vec(),
+            tcp_tls: false,
+            websocket_tls: false,
         };
         Self {
             child,

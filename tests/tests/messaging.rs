@@ -138,7 +138,7 @@ async fn offline_recipient_syncs_in_order(t: Transport) {
     let mut config = server.client_config(t, "bob", "phone");
     config.resume = Resume::DeviceCursor;
     let (bob, mut bob_events) = im_client::Client::connect(config.clone()).await.unwrap();
-    let list = bob.list_conversations(10, 0).await.unwrap();
+    let list = bob.list_conversations(10, None).await.unwrap();
     assert_eq!(list.conversations[0].unread_count, 250);
     let got = receive(&mut bob_events, 250, WAIT).await;
     for (i, m) in got.iter().enumerate() {
@@ -154,7 +154,7 @@ async fn offline_recipient_syncs_in_order(t: Transport) {
     let mut delivered = 0;
     for _ in 0..250 {
         delivered = store
-            .list_conversations("bob", "phone", 0, 10)
+            .list_conversations("bob", "phone", None, 10)
             .await
             .unwrap()[0]
             .delivered_seq;
@@ -296,7 +296,7 @@ async fn history_list_and_read_cursor(t: Transport) {
     assert!(page.has_more);
     assert_eq!(page.last_seq, 30);
 
-    let list = bob.list_conversations(10, 0).await.unwrap();
+    let list = bob.list_conversations(10, None).await.unwrap();
     assert_eq!(list.conversations.len(), 1);
     let c = &list.conversations[0];
     assert_eq!(
@@ -310,7 +310,7 @@ async fn history_list_and_read_cursor(t: Transport) {
     assert_eq!(read.read_seq, 15, "the read cursor never moves back");
     // Replying reads everything before the reply.
     bob.send_text("alice", "read it all").await.unwrap();
-    let list = bob.list_conversations(10, 0).await.unwrap();
+    let list = bob.list_conversations(10, None).await.unwrap();
     assert_eq!(
         (
             list.conversations[0].read_seq,
@@ -318,10 +318,70 @@ async fn history_list_and_read_cursor(t: Transport) {
         ),
         (31, 0)
     );
-    let alice_view = alice.list_conversations(10, 0).await.unwrap();
+    let alice_view = alice.list_conversations(10, None).await.unwrap();
     assert_eq!(alice_view.conversations[0].unread_count, 1);
     // Someone else's conversation is not readable.
     let (carol, _) = server.client(t, "carol", "phone").await;
     let err = carol.sync(conv, 0, 10).await.unwrap_err();
     assert_eq!(err.code(), Some(v1::ErrorCode::UnknownConversation));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_over_tcp_and_websocket() {
+    let server = TestServer::start_with(|c| {
+        c.tcp.tls = true;
+        c.websocket.tls = true;
+    })
+    .await;
+    assert!(server.url(Transport::Tcp).starts_with("tls://"));
+    let (alice, _) = server.client(Transport::Tcp, "alice", "phone").await;
+    let (_bob, mut bob_events) = server.client(Transport::WebSocket, "bob", "phone").await;
+    alice.send_text("bob", "over tls").await.unwrap();
+    assert_eq!(
+        receive(&mut bob_events, 1, WAIT).await[0].body,
+        text("over tls")
+    );
+    // A client that does not trust the certificate cannot connect.
+    let mut config = server.client_config(Transport::Tcp, "alice", "laptop");
+    config.trust = im_client::Trust::System;
+    assert!(matches!(
+        im_client::Client::connect(config).await,
+        Err(im_client::ClientError::Connect(_))
+    ));
+    // Plain TCP is not accepted on a TLS listener.
+    let mut plain = server.client_config(Transport::Tcp, "alice", "laptop");
+    plain.server = format!("tcp://{}", server.tcp).parse().unwrap();
+    plain.request_timeout = Duration::from_secs(3);
+    assert!(im_client::Client::connect(plain).await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn configured_certificate_is_used_for_quic_and_tls() {
+    // The first server generates a pair; a second one is configured with those files.
+    let first = TestServer::start().await;
+    let cert = first.certificate_pem.clone();
+    let key = cert.with_file_name("tls-key.pem");
+    let second = TestServer::start_with(|c| {
+        c.tls.cert = Some(cert.clone());
+        c.tls.key = Some(key.clone());
+        c.tcp.tls = true;
+    })
+    .await;
+    assert_eq!(second.node.certificate, first.node.certificate);
+    assert_eq!(second.node.certificate_path, cert);
+    for t in [Transport::Quic, Transport::Tcp] {
+        let (client, _) = second.client(t, "alice", "phone").await;
+        client.ping().await.unwrap();
+    }
+    // A key that does not belong to the certificate is refused at start with a clear error.
+    let dir = tempfile::tempdir().unwrap();
+    let other = TestServer::start().await;
+    let mut config = im_server::Config::ephemeral(dir.path());
+    config.tls.cert = Some(cert);
+    config.tls.key = Some(other.certificate_pem.with_file_name("tls-key.pem"));
+    let err = im_server::RunningNode::start(config)
+        .await
+        .err()
+        .expect("mismatched key refused");
+    assert!(format!("{err:#}").contains("do not match"), "{err:#}");
 }

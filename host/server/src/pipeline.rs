@@ -142,3 +142,145 @@ fn dispatch(router: &LocalRouter, m: &StoredMessage, sending_conn: u64) {
         router.for_each_device(&m.sender_id, &mut offer);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use im_store::sqlite::{SqliteOptions, SqliteStore};
+    use im_store::{ListPosition, ReadState, StoreResult};
+
+    use super::*;
+    use crate::router::CloseSignal;
+
+    /// The real SQLite store, counting how many transactions appends use.
+    struct CountingStore {
+        inner: SqliteStore,
+        appends: AtomicUsize,
+    }
+
+    #[async_trait::async_trait]
+    impl Store for CountingStore {
+        async fn upsert_user(&self, user_id: &str, now_ms: i64) -> StoreResult<()> {
+            self.inner.upsert_user(user_id, now_ms).await
+        }
+        async fn user_exists(&self, user_id: &str) -> StoreResult<bool> {
+            self.inner.user_exists(user_id).await
+        }
+        async fn append_messages(&self, batch: &[NewMessage]) -> StoreResult<Vec<Appended>> {
+            self.appends.fetch_add(1, Ordering::Relaxed);
+            self.inner.append_messages(batch).await
+        }
+        async fn messages_after(
+            &self,
+            c: &str,
+            after: u64,
+            limit: u32,
+        ) -> StoreResult<Vec<StoredMessage>> {
+            self.inner.messages_after(c, after, limit).await
+        }
+        async fn messages_before(
+            &self,
+            c: &str,
+            before: u64,
+            limit: u32,
+        ) -> StoreResult<Vec<StoredMessage>> {
+            self.inner.messages_before(c, before, limit).await
+        }
+        async fn last_seq(&self, c: &str) -> StoreResult<u64> {
+            self.inner.last_seq(c).await
+        }
+        async fn is_member(&self, u: &str, c: &str) -> StoreResult<bool> {
+            self.inner.is_member(u, c).await
+        }
+        async fn list_conversations(
+            &self,
+            u: &str,
+            d: &str,
+            after: Option<ListPosition<'_>>,
+            limit: u32,
+        ) -> StoreResult<Vec<im_store::ConversationSummary>> {
+            self.inner.list_conversations(u, d, after, limit).await
+        }
+        async fn mark_read(&self, u: &str, c: &str, seq: u64) -> StoreResult<ReadState> {
+            self.inner.mark_read(u, c, seq).await
+        }
+        async fn ack_delivered(&self, u: &str, d: &str, acks: &[(String, u64)]) -> StoreResult<()> {
+            self.inner.ack_delivered(u, d, acks).await
+        }
+    }
+
+    fn device(conn_id: u64, user: &str, capacity: usize) -> (ConnHandle, mpsc::Receiver<Outbound>) {
+        let (queue, rx) = mpsc::channel(capacity);
+        let handle = ConnHandle {
+            conn_id,
+            user_id: user.into(),
+            device_id: "d".into(),
+            queue,
+            close: Arc::new(CloseSignal::default()),
+        };
+        (handle, rx)
+    }
+
+    fn decode(item: Outbound) -> Body {
+        let bytes = match item {
+            Outbound::Frame(bytes) => bytes,
+            Outbound::Deliver(push) => push.frame.clone(),
+        };
+        v1::Frame::from_bytes(&bytes).unwrap().body.unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_sends_share_commits_and_keep_seq_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let inner = SqliteStore::open(&dir.path().join("im.db"), SqliteOptions::default())
+            .await
+            .unwrap();
+        let store = Arc::new(CountingStore {
+            inner,
+            appends: AtomicUsize::new(0),
+        });
+        let router = Arc::new(LocalRouter::default());
+        let (recipient, mut pushes) = device(2, "bob", 4096);
+        router.register(recipient);
+        let (pipeline, task) = Pipeline::start(store.clone(), router, 512);
+        let (sender, mut acks) = device(1, "alice", 4096);
+        const SENDS: u64 = 2000;
+        for i in 0..SENDS {
+            let message = NewMessage {
+                conversation_id: "u:alice:bob".into(),
+                sender_id: "alice".into(),
+                sender_device_id: "d".into(),
+                recipient_id: "bob".into(),
+                client_msg_id: format!("c{i}"),
+                body: bytes::Bytes::from(format!("{i}")),
+                content_type: String::new(),
+                server_msg_id: format!("s{i}"),
+                server_time_ms: 1,
+            };
+            let job = SendJob {
+                request_id: i + 1,
+                message,
+                sender: sender.clone(),
+            };
+            assert!(pipeline.submit(job).await.is_ok());
+        }
+        for i in 1..=SENDS {
+            let Body::SendAck(ack) = decode(acks.recv().await.unwrap()) else {
+                panic!("not an ack")
+            };
+            assert_eq!((ack.seq, ack.client_msg_id), (i, format!("c{}", i - 1)));
+            let Body::Deliver(push) = decode(pushes.recv().await.unwrap()) else {
+                panic!("not a push")
+            };
+            assert_eq!(push.message.unwrap().seq, i);
+        }
+        let commits = store.appends.load(Ordering::Relaxed);
+        assert!(
+            commits < SENDS as usize / 4,
+            "{commits} commits for {SENDS} sends: not grouped"
+        );
+        drop(pipeline);
+        task.await.unwrap();
+    }
+}

@@ -723,7 +723,10 @@ async fn answer(
                 .list_conversations(
                     &handle.user_id,
                     &handle.device_id,
-                    req.before_time_ms,
+                    (req.before_time_ms != 0).then_some(im_store::ListPosition {
+                        last_time_ms: req.before_time_ms,
+                        conversation_id: &req.after_conversation_id,
+                    }),
                     limit + 1,
                 )
                 .await?;

@@ -5,7 +5,7 @@
 
 use bytes::Bytes;
 
-use crate::{Appended, NewMessage, ReadState, Store, StoreError};
+use crate::{Appended, ListPosition, NewMessage, ReadState, Store, StoreError};
 
 /// `count` messages from `from` to `to`, client ids `<tag>-<n>`, bodies `<tag> <n>`.
 pub fn direct_batch(from: &str, to: &str, tag: &str, count: usize) -> Vec<NewMessage> {
@@ -37,6 +37,7 @@ pub async fn run_all(store: &dyn Store) {
     paging_forwards_and_backwards(store).await;
     read_cursor_and_unread_counts(store).await;
     conversation_list_orders_by_activity(store).await;
+    conversation_list_pages_through_equal_times(store).await;
     delivery_cursors_only_move_forward(store).await;
     concurrent_appends_stay_gapless(store).await;
 }
@@ -212,7 +213,7 @@ async fn conversation_list_orders_by_activity(store: &dyn Store) {
     store.append_messages(&first).await.unwrap();
     store.append_messages(&second).await.unwrap();
     let list = store
-        .list_conversations("list-a", "phone", 0, 10)
+        .list_conversations("list-a", "phone", None, 10)
         .await
         .unwrap();
     assert_eq!(list.len(), 2);
@@ -228,18 +229,55 @@ async fn conversation_list_orders_by_activity(store: &dyn Store) {
     assert_eq!(list[1].unread_count, 0);
     assert_eq!(list[1].read_seq, 2);
     let page2 = store
-        .list_conversations("list-a", "phone", list[0].last_time_ms, 10)
+        .list_conversations(
+            "list-a",
+            "phone",
+            Some(ListPosition {
+                last_time_ms: list[0].last_time_ms,
+                conversation_id: &list[0].conversation_id,
+            }),
+            10,
+        )
         .await
         .unwrap();
     assert_eq!(page2.len(), 1);
     assert_eq!(page2[0].peer_id, "list-b");
     assert!(
         store
-            .list_conversations("list-nobody", "phone", 0, 10)
+            .list_conversations("list-nobody", "phone", None, 10)
             .await
             .unwrap()
             .is_empty()
     );
+}
+
+async fn conversation_list_pages_through_equal_times(store: &dyn Store) {
+    // Five conversations whose last messages share one millisecond, paged two at a time.
+    for peer in ["tie-b", "tie-c", "tie-d", "tie-e", "tie-f"] {
+        store
+            .append_messages(&direct_batch(peer, "tie-a", "t", 1))
+            .await
+            .unwrap();
+    }
+    let mut seen = Vec::new();
+    let mut after: Option<(i64, String)> = None;
+    loop {
+        let position = after.as_ref().map(|(t, c)| ListPosition {
+            last_time_ms: *t,
+            conversation_id: c,
+        });
+        let page = store
+            .list_conversations("tie-a", "phone", position, 2)
+            .await
+            .unwrap();
+        if page.is_empty() {
+            break;
+        }
+        let last = page.last().unwrap();
+        after = Some((last.last_time_ms, last.conversation_id.clone()));
+        seen.extend(page.into_iter().map(|c| c.peer_id));
+    }
+    assert_eq!(seen, vec!["tie-b", "tie-c", "tie-d", "tie-e", "tie-f"]);
 }
 
 async fn delivery_cursors_only_move_forward(store: &dyn Store) {
@@ -261,17 +299,17 @@ async fn delivery_cursors_only_move_forward(store: &dyn Store) {
         .await
         .unwrap();
     let phone = store
-        .list_conversations("cur-b", "phone", 0, 10)
+        .list_conversations("cur-b", "phone", None, 10)
         .await
         .unwrap();
     assert_eq!(phone[0].delivered_seq, 3);
     let laptop = store
-        .list_conversations("cur-b", "laptop", 0, 10)
+        .list_conversations("cur-b", "laptop", None, 10)
         .await
         .unwrap();
     assert_eq!(laptop[0].delivered_seq, 5);
     let tablet = store
-        .list_conversations("cur-b", "tablet", 0, 10)
+        .list_conversations("cur-b", "tablet", None, 10)
         .await
         .unwrap();
     assert_eq!(tablet[0].delivered_seq, 0);

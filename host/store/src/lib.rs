@@ -79,6 +79,13 @@ pub struct ConversationSummary {
     pub last_time_ms: i64,
 }
 
+/// Where a conversation list page ends: the last entry's activity time and id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListPosition<'a> {
+    pub last_time_ms: i64,
+    pub conversation_id: &'a str,
+}
+
 /// A user's read state in a conversation after a change.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ReadState {
@@ -139,13 +146,13 @@ pub trait Store: Send + Sync + 'static {
     /// Whether `user_id` is a member of `conversation_id`.
     async fn is_member(&self, user_id: &str, conversation_id: &str) -> StoreResult<bool>;
 
-    /// The user's conversations, most recently active first, with this device's cursor.
-    /// `before_time_ms` (0 = no bound) pages by last activity.
+    /// The user's conversations ordered by last activity (newest first), then conversation
+    /// id, with this device's cursor. `after` continues after an entry of an earlier page.
     async fn list_conversations(
         &self,
         user_id: &str,
         device_id: &str,
-        before_time_ms: i64,
+        after: Option<ListPosition<'_>>,
         limit: u32,
     ) -> StoreResult<Vec<ConversationSummary>>;
 

@@ -15,8 +15,8 @@ use sqlx::sqlite::{
 use sqlx::{Row, SqlitePool};
 
 use crate::{
-    Appended, ConversationSummary, NewMessage, ReadState, Store, StoreError, StoreResult,
-    StoredMessage,
+    Appended, ConversationSummary, ListPosition, NewMessage, ReadState, Store, StoreError,
+    StoreResult, StoredMessage,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -306,14 +306,11 @@ impl Store for SqliteStore {
         &self,
         user_id: &str,
         device_id: &str,
-        before_time_ms: i64,
+        after: Option<ListPosition<'_>>,
         limit: u32,
     ) -> StoreResult<Vec<ConversationSummary>> {
-        let before = if before_time_ms == 0 {
-            i64::MAX
-        } else {
-            before_time_ms
-        };
+        let (before_time, after_id) =
+            after.map_or((i64::MAX, ""), |p| (p.last_time_ms, p.conversation_id));
         let mut conn = self.readers.acquire().await.map_err(backend)?;
         let rows = sqlx::query(
             "SELECT m.conversation_id, m.peer_id, m.read_seq, c.last_seq, c.last_time_ms, \
@@ -322,12 +319,15 @@ impl Store for SqliteStore {
              JOIN conversations c ON c.conversation_id = m.conversation_id \
              LEFT JOIN device_cursors d ON d.user_id = m.user_id AND d.device_id = ? \
                                        AND d.conversation_id = m.conversation_id \
-             WHERE m.user_id = ? AND c.last_time_ms < ? \
+             WHERE m.user_id = ? \
+               AND (c.last_time_ms < ? OR (c.last_time_ms = ? AND m.conversation_id > ?)) \
              ORDER BY c.last_time_ms DESC, m.conversation_id LIMIT ?",
         )
         .bind(device_id)
         .bind(user_id)
-        .bind(before)
+        .bind(before_time)
+        .bind(before_time)
+        .bind(after_id)
         .bind(clamp_limit(limit))
         .fetch_all(&mut *conn)
         .await

@@ -1,1 +1,325 @@
+//! `imctl`: mint development tokens, send a message, tail conversations, chat interactively, read history.
+//!
+//! The binary's whole logic lives here, so the end-to-end tests can build the same CLI.
 
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+use im_client::{Client, ClientConfig, Event, Resume, Trust, v1};
+use tokio::io::AsyncBufReadExt;
+
+#[derive(Parser)]
+#[command(
+    name = "imctl",
+    version,
+    about = "Command-line client for the IM server"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Mint a development login token (HMAC, verified by the server's development authenticator).
+    Token {
+        #[command(flatten)]
+        secret: SecretArgs,
+        /// The user the token logs in as.
+        #[arg(long)]
+        user: String,
+        /// Bind the token to this device id.
+        #[arg(long)]
+        device: Option<String>,
+        /// Validity in seconds.
+        #[arg(long, default_value_t = 86_400)]
+        ttl: u64,
+    },
+    /// Send one message and print its ack.
+    Send {
+        #[command(flatten)]
+        conn: ConnArgs,
+        /// Recipient user id.
+        #[arg(long)]
+        to: String,
+        /// Message text.
+        text: String,
+    },
+    /// Print incoming messages as they arrive (and, with --from-start, everything stored).
+    Tail {
+        #[command(flatten)]
+        conn: ConnArgs,
+        /// Only this conversation (e.g. u:alice:bob).
+        #[arg(long)]
+        conversation: Option<String>,
+        /// Replay every stored message first.
+        #[arg(long)]
+        from_start: bool,
+    },
+    /// Chat with a user: each line typed is sent; incoming messages are printed.
+    Chat {
+        #[command(flatten)]
+        conn: ConnArgs,
+        /// The user to chat with.
+        #[arg(long)]
+        with: String,
+    },
+    /// Print the latest messages with a user, oldest first.
+    History {
+        #[command(flatten)]
+        conn: ConnArgs,
+        #[arg(long)]
+        with: String,
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+    },
+    /// List conversations with unread counts.
+    Conversations {
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+}
+
+#[derive(Args)]
+struct SecretArgs {
+    /// The server's development secret.
+    #[arg(long, env = "IM_DEV_SECRET")]
+    secret: Option<String>,
+    /// Read the secret from <data-dir>/dev-secret (the server's data directory).
+    #[arg(long, default_value = "data")]
+    data_dir: PathBuf,
+}
+
+impl SecretArgs {
+    fn secret(&self) -> anyhow::Result<Vec<u8>> {
+        if let Some(s) = &self.secret {
+            return Ok(s.as_bytes().to_vec());
+        }
+        let path = self.data_dir.join("dev-secret");
+        let secret = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {} (pass --secret or --data-dir)", path.display()))?;
+        Ok(secret.trim().as_bytes().to_vec())
+    }
+}
+
+#[derive(Args)]
+struct ConnArgs {
+    /// Server URL: tcp://, tls://, ws://, wss:// or quic://host:port.
+    #[arg(long, env = "IM_SERVER", default_value = "tcp://127.0.0.1:7100")]
+    server: String,
+    /// Login token; without it one is minted for --user from the development secret.
+    #[arg(long, env = "IM_TOKEN")]
+    token: Option<String>,
+    /// User to log in as when minting a token.
+    #[arg(long, env = "IM_USER")]
+    user: Option<String>,
+    /// Device id of this client.
+    #[arg(long, default_value = "imctl")]
+    device: String,
+    #[command(flatten)]
+    secret: SecretArgs,
+    /// PEM certificate to trust for tls/wss/quic (default: <data-dir>/tls-cert.pem if present,
+    /// else the system roots).
+    #[arg(long)]
+    ca: Option<PathBuf>,
+    /// Accept any server certificate (development only).
+    #[arg(long)]
+    insecure: bool,
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl ConnArgs {
+    fn config(&self, resume: Resume) -> anyhow::Result<ClientConfig> {
+        let token = match (&self.token, &self.user) {
+            (Some(token), _) => token.clone(),
+            (None, Some(user)) => im_token::mint(
+                &self.secret.secret()?,
+                &im_token::Claims {
+                    user_id: user.clone(),
+                    device_id: None,
+                    expires_at: now() + 3600,
+                },
+            ),
+            (None, None) => bail!("pass --token, or --user to mint a development token"),
+        };
+        let mut config = ClientConfig::new(&self.server, token, &self.device)?;
+        config.resume = resume;
+        config.trust = if self.insecure {
+            Trust::InsecureAnyCertificate
+        } else if let Some(ca) = &self.ca {
+            Trust::pem_file(ca)?
+        } else {
+            let generated = self.secret.data_dir.join("tls-cert.pem");
+            if generated.exists() {
+                Trust::pem_file(&generated)?
+            } else {
+                Trust::System
+            }
+        };
+        Ok(config)
+    }
+
+    async fn connect(&self, resume: Resume) -> anyhow::Result<(Client, im_client::Events)> {
+        let config = self.config(resume)?;
+        Client::connect(config)
+            .await
+            .with_context(|| format!("connecting to {}", self.server))
+    }
+}
+
+fn print_message(m: &v1::Message) {
+    let text = String::from_utf8_lossy(&m.body);
+    println!(
+        "[{} #{}] {}: {}",
+        m.conversation_id, m.seq, m.sender_id, text
+    );
+}
+
+/// Runs the command line given to the process.
+pub fn run() -> anyhow::Result<()> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(run_async())
+}
+
+async fn run_async() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Token {
+            secret,
+            user,
+            device,
+            ttl,
+        } => {
+            let claims = im_token::Claims {
+                user_id: user,
+                device_id: device,
+                expires_at: now() + ttl,
+            };
+            println!("{}", im_token::mint(&secret.secret()?, &claims));
+        }
+        Command::Send { conn, to, text } => {
+            let (client, _events) = conn.connect(Resume::Latest).await?;
+            let ack = client.send_text(&to, &text).await?;
+            println!(
+                "sent {} seq={} id={}{}",
+                ack.conversation_id,
+                ack.seq,
+                ack.server_msg_id,
+                if ack.duplicate { " (duplicate)" } else { "" }
+            );
+            client.close().await;
+        }
+        Command::Tail {
+            conn,
+            conversation,
+            from_start,
+        } => {
+            let resume = if from_start {
+                Resume::Beginning
+            } else {
+                Resume::DeviceCursor
+            };
+            let (_client, mut events) = conn.connect(resume).await?;
+            while let Some(event) = events.next().await {
+                match event {
+                    Event::Message(m)
+                        if conversation
+                            .as_ref()
+                            .is_none_or(|c| *c == m.conversation_id) =>
+                    {
+                        print_message(&m)
+                    }
+                    Event::Message(_) => {}
+                    Event::Connected { user_id, resumed } => {
+                        eprintln!(
+                            "# {} as {user_id}",
+                            if resumed { "reconnected" } else { "connected" }
+                        );
+                    }
+                    Event::Disconnected { reason } => eprintln!("# disconnected: {reason}"),
+                    Event::Closed { reason, message } => {
+                        bail!("closed by server: {}: {message}", reason.as_str_name())
+                    }
+                }
+            }
+        }
+        Command::Chat { conn, with } => chat(conn, with).await?,
+        Command::History { conn, with, limit } => {
+            let (client, _events) = conn.connect(Resume::Latest).await?;
+            let conversation = im_client::ids::direct_conversation_id(client.user_id(), &with);
+            let page = client.history(&conversation, 0, limit).await?;
+            for m in page.messages.iter().rev() {
+                print_message(m);
+            }
+            client.close().await;
+        }
+        Command::Conversations { conn } => {
+            let (client, _events) = conn.connect(Resume::Latest).await?;
+            let list = client.list_conversations(100, None).await?;
+            for c in list.conversations {
+                println!(
+                    "{}\twith {}\tlast_seq={}\tunread={}",
+                    c.conversation_id, c.peer_id, c.last_seq, c.unread_count
+                );
+            }
+            client.close().await;
+        }
+    }
+    Ok(())
+}
+
+async fn chat(conn: ConnArgs, with: String) -> anyhow::Result<()> {
+    // Recent history is printed first; the live stream carries only what comes after.
+    let (client, mut events) = conn.connect(Resume::Latest).await?;
+    let conversation = im_client::ids::direct_conversation_id(client.user_id(), &with);
+    eprintln!(
+        "# chatting with {with} as {}; type a line and press enter, Ctrl-D to quit",
+        client.user_id()
+    );
+    let history = client.history(&conversation, 0, 10).await?;
+    for m in history.messages.iter().rev() {
+        print_message(m);
+    }
+    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    loop {
+        tokio::select! {
+            line = lines.next_line() => {
+                let Some(line) = line? else { break };
+                if line.trim().is_empty() {
+                    continue;
+                }
+                match tokio::time::timeout(Duration::from_secs(30), client.send_text(&with, &line)).await {
+                    Ok(Ok(ack)) => eprintln!("# sent #{}", ack.seq),
+                    Ok(Err(e)) => eprintln!("# not sent: {e}"),
+                    Err(_) => eprintln!("# not acknowledged in 30 s (it will be retried)"),
+                }
+            }
+            event = events.next() => match event {
+                Some(Event::Message(m)) if m.conversation_id == conversation => print_message(&m),
+                Some(Event::Message(m)) => eprintln!("# new message in {} from {}", m.conversation_id, m.sender_id),
+                Some(Event::Disconnected { reason }) => eprintln!("# disconnected: {reason}; reconnecting"),
+                Some(Event::Connected { resumed: true, .. }) => eprintln!("# reconnected"),
+                Some(Event::Connected { .. }) => {}
+                Some(Event::Closed { reason, message }) => bail!("closed by server: {}: {message}", reason.as_str_name()),
+                None => break,
+            },
+        }
+    }
+    client.close().await;
+    Ok(())
+}

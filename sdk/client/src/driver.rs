@@ -364,13 +364,10 @@ impl Driver {
         }
     }
 
-    fn list_page(&mut self, before_time_ms: i64) {
+    fn list_page(&mut self, after: Option<&v1::Conversation>) {
         let id = self.request_id();
         self.internal.insert(id, Internal::List);
-        let body = Body::ListConversations(v1::ListConversationsRequest {
-            limit: 500,
-            before_time_ms,
-        });
+        let body = Body::ListConversations(crate::list_request(500, after));
         self.out.push(v1::Frame::new(id, body).to_bytes());
     }
 
@@ -380,7 +377,7 @@ impl Driver {
         });
         // Learn the server's conversations before ordering pushes, then resend what is unacked.
         self.held = Some(Vec::new());
-        self.list_page(0);
+        self.list_page(None);
         self.write_due_sends(Instant::now());
         let mut last_received = Instant::now();
         let mut next_ping = Instant::now() + heartbeat;
@@ -515,9 +512,16 @@ impl Driver {
             }
             Body::SendAck(ack) => {
                 if let Some(send) = self.sends.remove(&id) {
-                    let progress = self.timelines.on_own_send(&ack.conversation_id, ack.seq);
+                    let conversation_id = ack.conversation_id.clone();
+                    let progress = self.timelines.on_own_send(&conversation_id, ack.seq);
                     let _ = send.reply.send(Ok(ack));
                     self.apply(progress).await;
+                    // Own sends count as held by this device, so a later instance of it that
+                    // resumes from the server's device cursor does not receive them again.
+                    let last = self.timelines.last(&conversation_id);
+                    if last > 0 {
+                        self.unacked.insert(conversation_id, last);
+                    }
                 }
             }
             Body::Close(close) => {
@@ -590,13 +594,8 @@ impl Driver {
                         .on_server_last(&c.conversation_id, c.last_seq);
                     self.apply(progress).await;
                 }
-                let oldest = list
-                    .conversations
-                    .last()
-                    .and_then(|c| c.last_message.as_ref())
-                    .map(|m| m.server_time_ms);
-                match oldest {
-                    Some(before) if list.has_more => self.list_page(before),
+                match list.conversations.last() {
+                    Some(last) if list.has_more => self.list_page(Some(last)),
                     _ => {
                         self.first_resume_done = true;
                         for message in self.held.take().unwrap_or_default() {

@@ -172,6 +172,21 @@ impl ClientError {
     }
 }
 
+/// A conversation-list request continuing after `after`.
+pub(crate) fn list_request(
+    limit: u32,
+    after: Option<&v1::Conversation>,
+) -> v1::ListConversationsRequest {
+    let before_time_ms = after
+        .and_then(|c| c.last_message.as_ref())
+        .map_or(0, |m| m.server_time_ms);
+    v1::ListConversationsRequest {
+        limit,
+        before_time_ms,
+        after_conversation_id: after.map(|c| c.conversation_id.clone()).unwrap_or_default(),
+    }
+}
+
 pub(crate) type Reply = oneshot::Sender<Result<Body, ClientError>>;
 
 pub(crate) enum Command {
@@ -389,16 +404,14 @@ impl Client {
         }
     }
 
-    /// One page of this user's conversations, most recent first.
+    /// One page of this user's conversations, most recent first; pass the last entry of
+    /// the previous page as `after` to continue.
     pub async fn list_conversations(
         &self,
         limit: u32,
-        before_time_ms: i64,
+        after: Option<&v1::Conversation>,
     ) -> Result<v1::ListConversationsResponse, ClientError> {
-        let body = Body::ListConversations(v1::ListConversationsRequest {
-            limit,
-            before_time_ms,
-        });
+        let body = Body::ListConversations(list_request(limit, after));
         match self.request(body).await? {
             Body::Conversations(r) => Ok(r),
             _ => Err(ClientError::UnexpectedAnswer),

@@ -1,0 +1,5 @@
+//! The `imctl` CLI, built inside the test package so tests can run it as a process.
+
+fn main() -> anyhow::Result<()> {
+    imctl::run()
+}

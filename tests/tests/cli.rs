@@ -1,0 +1,233 @@
+//! The `imctl` CLI and the server binary's configuration, run as real processes.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use im_e2e::*;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::process::Command;
+
+const SERVER: &str = env!("CARGO_BIN_EXE_im-e2e-server");
+const IMCTL: &str = env!("CARGO_BIN_EXE_im-e2e-imctl");
+const WAIT: Duration = Duration::from_secs(30);
+
+fn imctl(server: &ServerProcess, args: &[&str]) -> Command {
+    let mut command = Command::new(IMCTL);
+    command
+        .args(args)
+        .arg("--data-dir")
+        .arg(&server.data_dir)
+        .env_remove("IM_SERVER")
+        .env_remove("IM_TOKEN");
+    command
+}
+
+async fn output(mut command: Command) -> String {
+    let out = tokio::time::timeout(WAIT, command.output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "imctl failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn imctl_sends_chats_tails_and_reads_history() {
+    let data = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(SERVER, data.path(), None);
+    let tcp = server.endpoints.url(Transport::Tcp);
+    let ws = server.endpoints.url(Transport::WebSocket);
+    let quic = server.endpoints.url(Transport::Quic);
+
+    // A minted token logs in.
+    let token = output(imctl(&server, &["token", "--user", "alice"])).await;
+    let mut config = server
+        .endpoints
+        .client_config(Transport::Tcp, "alice", "phone");
+    config.token = token.trim().to_owned();
+    let (_alice, mut alice_events) = im_client::Client::connect(config).await.unwrap();
+
+    // One message.
+    let sent = output(imctl(
+        &server,
+        &[
+            "send", "--server", &tcp, "--user", "bob", "--to", "alice", "hi alice",
+        ],
+    ))
+    .await;
+    assert!(sent.starts_with("sent u:alice:bob seq=1 "), "{sent}");
+    assert_eq!(
+        receive(&mut alice_events, 1, WAIT).await[0].body,
+        text("hi alice")
+    );
+
+    // Interactive chat over WebSocket: a typed line is sent; an incoming message is printed.
+    let mut chat = imctl(
+        &server,
+        &["chat", "--server", &ws, "--user", "bob", "--with", "alice"],
+    );
+    let mut chat = chat
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = chat.stdin.take().unwrap();
+    let mut stdout = BufReader::new(chat.stdout.take().unwrap()).lines();
+    // The chat first shows recent history.
+    let first = tokio::time::timeout(WAIT, stdout.next_line())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(first, "[u:alice:bob #1] bob: hi alice");
+    stdin.write_all(b"typed in chat\n").await.unwrap();
+    assert_eq!(
+        receive(&mut alice_events, 1, WAIT).await[0].body,
+        text("typed in chat")
+    );
+    _alice.send_text("bob", "reply to chat").await.unwrap();
+    let printed = tokio::time::timeout(WAIT, stdout.next_line())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(printed, "[u:alice:bob #3] alice: reply to chat");
+    drop(stdin);
+    let status = tokio::time::timeout(WAIT, chat.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success());
+
+    // History over QUIC (trusting the server's generated certificate from the data dir).
+    let history = output(imctl(
+        &server,
+        &[
+            "history", "--server", &quic, "--user", "alice", "--with", "bob",
+        ],
+    ))
+    .await;
+    assert_eq!(
+        history.lines().collect::<Vec<_>>(),
+        vec![
+            "[u:alice:bob #1] bob: hi alice",
+            "[u:alice:bob #2] bob: typed in chat",
+            "[u:alice:bob #3] alice: reply to chat"
+        ]
+    );
+    let list = output(imctl(
+        &server,
+        &["conversations", "--server", &tcp, "--user", "alice"],
+    ))
+    .await;
+    assert!(
+        list.starts_with("u:alice:bob\twith bob\tlast_seq=3\tunread=0"),
+        "{list}"
+    );
+
+    // Tail from the start prints everything stored, then what arrives.
+    let mut tail = imctl(
+        &server,
+        &[
+            "tail",
+            "--server",
+            &tcp,
+            "--user",
+            "alice",
+            "--device",
+            "tail",
+            "--from-start",
+        ],
+    );
+    let mut tail = tail
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(tail.stdout.take().unwrap()).lines();
+    for seq in 1..=3 {
+        let line = tokio::time::timeout(WAIT, lines.next_line())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert!(line.starts_with(&format!("[u:alice:bob #{seq}]")), "{line}");
+    }
+    output(imctl(
+        &server,
+        &[
+            "send", "--server", &tcp, "--user", "bob", "--to", "alice", "live",
+        ],
+    ))
+    .await;
+    let line = tokio::time::timeout(WAIT, lines.next_line())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(line, "[u:alice:bob #4] bob: live");
+    tail.kill().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_configuration_from_file_environment_and_flags() {
+    let data = tempfile::tempdir().unwrap();
+    let file = data.path().join("im.toml");
+    std::fs::write(
+        &file,
+        "[websocket]\nenabled = false\n[tcp]\nlisten = \"127.0.0.1:1\"\n",
+    )
+    .unwrap();
+    // The file disables WebSocket and names a TCP port; the environment overrides that port;
+    // a flag sets the QUIC address.
+    let mut child = Command::new(SERVER)
+        .arg("--config")
+        .arg(&file)
+        .arg("--data-dir")
+        .arg(data.path())
+        .args(["--quic", "127.0.0.1:0"])
+        .env("IM_TCP__LISTEN", "127.0.0.1:0")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let ready = tokio::time::timeout(WAIT, lines.next_line())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(
+        ready.starts_with("im-server ready tcp=127.0.0.1:"),
+        "{ready}"
+    );
+    assert!(!ready.contains("tcp=127.0.0.1:1 "), "{ready}");
+    assert!(ready.contains(" ws=off "), "{ready}");
+    assert!(ready.contains(" quic=127.0.0.1:"), "{ready}");
+    child.kill().await.unwrap();
+
+    // Bad configuration stops the server at start with a clear message and exit code 2.
+    for (contents, expected) in [
+        ("[limits]\nmax_frame_bytes = 10\n", "max_frame_bytes"),
+        ("[tcp]\nlisen = \"x\"\n", "lisen"),
+        ("data_dir = [\n", "TOML"),
+    ] {
+        std::fs::write(&file, contents).unwrap();
+        let out = Command::new(SERVER)
+            .arg("--config")
+            .arg(&file)
+            .output()
+            .await
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{contents}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(expected), "{contents}: {stderr}");
+    }
+}

@@ -205,6 +205,17 @@ mod tests {
         async fn mark_read(&self, u: &str, c: &str, seq: u64) -> StoreResult<ReadState> {
             self.inner.mark_read(u, c, seq).await
         }
+        async fn load_plugin_kv(&self, p: &str, now: i64) -> StoreResult<Vec<im_store::KvRecord>> {
+            self.inner.load_plugin_kv(p, now).await
+        }
+        async fn write_plugin_kv(
+            &self,
+            p: &str,
+            up: &[im_store::KvRecord],
+            del: &[String],
+        ) -> StoreResult<()> {
+            self.inner.write_plugin_kv(p, up, del).await
+        }
         async fn ack_delivered(&self, u: &str, d: &str, acks: &[(String, u64)]) -> StoreResult<()> {
             self.inner.ack_delivered(u, d, acks).await
         }

@@ -5,7 +5,7 @@
 
 use bytes::Bytes;
 
-use crate::{Appended, ListPosition, NewMessage, ReadState, Store, StoreError};
+use crate::{Appended, KvRecord, ListPosition, NewMessage, ReadState, Store, StoreError};
 
 /// `count` messages from `from` to `to`, client ids `<tag>-<n>`, bodies `<tag> <n>`.
 pub fn direct_batch(from: &str, to: &str, tag: &str, count: usize) -> Vec<NewMessage> {
@@ -40,6 +40,58 @@ pub async fn run_all(store: &dyn Store) {
     conversation_list_pages_through_equal_times(store).await;
     delivery_cursors_only_move_forward(store).await;
     concurrent_appends_stay_gapless(store).await;
+    plugin_kv_persists_per_plugin(store).await;
+}
+
+async fn plugin_kv_persists_per_plugin(store: &dyn Store) {
+    let record = |key: &str, value: &[u8], expires_at_ms| KvRecord {
+        key: key.into(),
+        value: value.to_vec(),
+        expires_at_ms,
+    };
+    store
+        .write_plugin_kv(
+            "kv-a",
+            &[
+                record("x", b"1", None),
+                record("ttl", b"2", Some(500)),
+                record("gone", b"3", None),
+            ],
+            &[],
+        )
+        .await
+        .unwrap();
+    store
+        .write_plugin_kv("kv-b", &[record("x", b"other", None)], &[])
+        .await
+        .unwrap();
+    store
+        .write_plugin_kv(
+            "kv-a",
+            &[record("x", b"updated", None)],
+            &["gone".to_owned()],
+        )
+        .await
+        .unwrap();
+    let mut a = store.load_plugin_kv("kv-a", 100).await.unwrap();
+    a.sort_by(|l, r| l.key.cmp(&r.key));
+    assert_eq!(
+        a,
+        vec![
+            record("ttl", b"2", Some(500)),
+            record("x", b"updated", None)
+        ]
+    );
+    // Expired records are not loaded; other plugins' keys are separate.
+    assert_eq!(
+        store.load_plugin_kv("kv-a", 500).await.unwrap(),
+        vec![record("x", b"updated", None)]
+    );
+    assert_eq!(
+        store.load_plugin_kv("kv-b", 0).await.unwrap(),
+        vec![record("x", b"other", None)]
+    );
+    assert!(store.load_plugin_kv("kv-none", 0).await.unwrap().is_empty());
 }
 
 async fn users_are_recorded(store: &dyn Store) {

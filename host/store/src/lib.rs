@@ -93,6 +93,15 @@ pub struct ReadState {
     pub unread_count: u64,
 }
 
+/// One persisted key of a plugin's key-value store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KvRecord {
+    pub key: String,
+    pub value: Vec<u8>,
+    /// Expiry, milliseconds since the Unix epoch.
+    pub expires_at_ms: Option<i64>,
+}
+
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -164,6 +173,17 @@ pub trait Store: Send + Sync + 'static {
         conversation_id: &str,
         read_seq: u64,
     ) -> StoreResult<ReadState>;
+
+    /// A plugin's key-value records that have not expired at `now_ms`.
+    async fn load_plugin_kv(&self, plugin_id: &str, now_ms: i64) -> StoreResult<Vec<KvRecord>>;
+
+    /// Applies a plugin's key-value changes in one transaction.
+    async fn write_plugin_kv(
+        &self,
+        plugin_id: &str,
+        upserts: &[KvRecord],
+        deletes: &[String],
+    ) -> StoreResult<()>;
 
     /// Moves a device's delivery cursors forward (never backwards), one entry per
     /// (conversation, seq); applied in one transaction.

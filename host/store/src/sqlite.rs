@@ -15,8 +15,8 @@ use sqlx::sqlite::{
 use sqlx::{Row, SqlitePool};
 
 use crate::{
-    Appended, ConversationSummary, ListPosition, NewMessage, ReadState, Store, StoreError,
-    StoreResult, StoredMessage,
+    Appended, ConversationSummary, KvRecord, ListPosition, NewMessage, ReadState, Store,
+    StoreError, StoreResult, StoredMessage,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -390,6 +390,59 @@ impl Store for SqliteStore {
             read_seq,
             unread_count,
         })
+    }
+
+    async fn load_plugin_kv(&self, plugin_id: &str, now_ms: i64) -> StoreResult<Vec<KvRecord>> {
+        let rows = sqlx::query(
+            "SELECT key, value, expires_at_ms FROM plugin_kv \
+             WHERE plugin_id = ? AND (expires_at_ms IS NULL OR expires_at_ms > ?)",
+        )
+        .bind(plugin_id)
+        .bind(now_ms)
+        .fetch_all(&self.readers)
+        .await
+        .map_err(backend)?;
+        Ok(rows
+            .iter()
+            .map(|r| KvRecord {
+                key: r.get("key"),
+                value: r.get("value"),
+                expires_at_ms: r.get("expires_at_ms"),
+            })
+            .collect())
+    }
+
+    async fn write_plugin_kv(
+        &self,
+        plugin_id: &str,
+        upserts: &[KvRecord],
+        deletes: &[String],
+    ) -> StoreResult<()> {
+        let mut tx = self.writer.begin().await.map_err(backend)?;
+        for r in upserts {
+            sqlx::query(
+                "INSERT INTO plugin_kv (plugin_id, key, value, expires_at_ms) VALUES (?, ?, ?, ?) \
+                 ON CONFLICT (plugin_id, key) DO UPDATE \
+                 SET value = excluded.value, expires_at_ms = excluded.expires_at_ms",
+            )
+            .bind(plugin_id)
+            .bind(&r.key)
+            .bind(&r.value)
+            .bind(r.expires_at_ms)
+            .execute(&mut *tx)
+            .await
+            .map_err(backend)?;
+        }
+        for key in deletes {
+            sqlx::query("DELETE FROM plugin_kv WHERE plugin_id = ? AND key = ?")
+                .bind(plugin_id)
+                .bind(key)
+                .execute(&mut *tx)
+                .await
+                .map_err(backend)?;
+        }
+        tx.commit().await.map_err(backend)?;
+        Ok(())
     }
 
     async fn ack_delivered(

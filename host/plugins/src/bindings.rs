@@ -1,0 +1,13 @@
+//! The one `bindgen!` site: host-side types and traits generated from `wit/im-plugin@0.1.0`.
+//!
+//! The `all-hooks` world exports every hook; the runtime checks per plugin which hook interfaces
+//! the component really exports (`GuestIndices::new` fails for missing ones), so each hook
+//! is optional.
+
+wasmtime::component::bindgen!({
+    path: "../../wit/im-plugin@0.1.0",
+    world: "all-hooks",
+});
+
+pub use exports::im::plugin::{authenticator, group_policy, message_filter, risk_control};
+pub use im::plugin::{clock, config, kv, log, types};

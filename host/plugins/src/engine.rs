@@ -1,0 +1,113 @@
+//! The wasmtime engine shared by all plugins: configuration, the epoch ticker, the linker
+//! granting the plugin imports, and the compiled-component cache.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use wasmtime::component::{Component, HasSelf, Linker};
+use wasmtime::error::Context as _;
+use wasmtime::{Config, Engine};
+
+use crate::bindings::AllHooks;
+use crate::state::HostState;
+
+/// Milliseconds per epoch tick: call deadlines are rounded up to whole ticks.
+pub const EPOCH_TICK_MS: u64 = 1;
+
+/// Engine, linker and cache directory.
+pub struct PluginEngine {
+    pub engine: Engine,
+    pub linker: Linker<HostState>,
+    cache_dir: PathBuf,
+    ticker_stop: Arc<AtomicBool>,
+}
+
+impl PluginEngine {
+    /// Creates the engine and starts its epoch ticker thread.
+    pub fn new(cache_dir: &Path) -> wasmtime::Result<Self> {
+        let mut config = Config::new();
+        config.wasm_component_model(true);
+        config.epoch_interruption(true);
+        // Component-model async is not used; with it on, every sync call costs more.
+        config.concurrency_support(false);
+        config.max_wasm_stack(512 * 1024);
+        let engine = Engine::new(&config).context("creating the wasm engine")?;
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).context("linking WASI")?;
+        AllHooks::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)
+            .context("linking plugin imports")?;
+        std::fs::create_dir_all(cache_dir)
+            .with_context(|| format!("creating {}", cache_dir.display()))?;
+        let ticker_stop = Arc::new(AtomicBool::new(false));
+        let ticking_engine = engine.clone();
+        let stop = ticker_stop.clone();
+        std::thread::Builder::new()
+            .name("wasm-epoch".into())
+            .spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(EPOCH_TICK_MS));
+                    ticking_engine.increment_epoch();
+                }
+            })
+            .context("starting the epoch ticker")?;
+        Ok(Self {
+            engine,
+            linker,
+            cache_dir: cache_dir.to_owned(),
+            ticker_stop,
+        })
+    }
+
+    /// Compiles `wasm` (a component), reusing the cached native code of an earlier
+    /// compilation of the same bytes by a compatible engine.
+    pub fn compile(&self, wasm: &[u8]) -> wasmtime::Result<(Component, String)> {
+        let digest = hex(&Sha256::digest(wasm));
+        let mut engine_hash = std::collections::hash_map::DefaultHasher::new();
+        std::hash::Hash::hash(
+            &self.engine.precompile_compatibility_hash(),
+            &mut engine_hash,
+        );
+        let engine_key = std::hash::Hasher::finish(&engine_hash);
+        let cached = self
+            .cache_dir
+            .join(format!("{digest}-{engine_key:016x}.cwasm"));
+        if cached.exists() {
+            // SAFETY: files in the cache directory are written only by `compile` below, from
+            // `Engine::precompile_component` of this engine configuration (the file name
+            // carries the engine's compatibility hash), which is what `deserialize` requires.
+            match unsafe { Component::deserialize_file(&self.engine, &cached) } {
+                Ok(component) => return Ok((component, digest)),
+                Err(err) => {
+                    tracing::warn!(file = %cached.display(), error = %err, "ignoring an unusable compiled plugin")
+                }
+            }
+        }
+        let native = self
+            .engine
+            .precompile_component(wasm)
+            .context("compiling the component")?;
+        // SAFETY: `native` was just produced by `precompile_component` of this engine.
+        let component = unsafe { Component::deserialize(&self.engine, &native) }?;
+        let temporary = cached.with_extension("tmp");
+        if std::fs::write(&temporary, &native)
+            .and_then(|_| std::fs::rename(&temporary, &cached))
+            .is_err()
+        {
+            tracing::warn!(file = %cached.display(), "could not cache a compiled plugin");
+        }
+        Ok((component, digest))
+    }
+}
+
+impl Drop for PluginEngine {
+    fn drop(&mut self) {
+        self.ticker_stop.store(true, Ordering::Relaxed);
+    }
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    sha2_hex::encode(bytes)
+}

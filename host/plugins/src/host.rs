@@ -1,0 +1,664 @@
+//! The plugin host: installed plugins, their hook chains, hot lifecycle and the hook calls the server makes.
+//!
+//! Architecture invariant: the set of plugins is an immutable [`Generation`] behind an
+//! `ArcSwap`. A hook call takes the current generation once and runs the whole chain on
+//! it, so install, upgrade, disable and uninstall never disturb calls in flight: they
+//! finish on the plugins they started with. Lifecycle operations are serialized.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use im_store::Store;
+use parking_lot::Mutex;
+
+use crate::bindings::{authenticator, group_policy, message_filter, risk_control, types};
+use crate::engine::PluginEngine;
+use crate::kv::KvStore;
+use crate::manifest::{FailurePolicy, Hook, Manifest};
+use crate::plugin::{CallFailure, LoadedPlugin};
+use crate::state::{PluginShared, now_ms};
+
+const MANIFEST_FILE: &str = "manifest.toml";
+const COMPONENT_FILE: &str = "plugin.wasm";
+const DISABLED_MARKER: &str = "disabled";
+/// How often plugin key-value changes are written to the database.
+const KV_FLUSH_INTERVAL: Duration = Duration::from_millis(50);
+
+/// Where plugins live and who calls them.
+#[derive(Debug, Clone)]
+pub struct PluginHostConfig {
+    /// Installed plugins: one directory per plugin id with `manifest.toml` and `plugin.wasm`.
+    pub dir: PathBuf,
+    /// Compiled native code, keyed by component digest and engine.
+    pub cache_dir: PathBuf,
+    /// Reported to plugins in the call context.
+    pub node_id: String,
+}
+
+/// Why a lifecycle operation failed. The plugins that were running keep running.
+#[derive(Debug, thiserror::Error)]
+pub enum PluginError {
+    #[error(transparent)]
+    InvalidManifest(#[from] crate::manifest::ManifestError),
+    #[error("invalid component: {0}")]
+    InvalidComponent(String),
+    #[error("no plugin {0:?} is installed")]
+    NotFound(String),
+    #[error("storing the plugin failed: {0}")]
+    Storage(String),
+}
+
+/// One installed plugin and whether it is in its hooks' chains.
+#[derive(Clone)]
+struct Installed {
+    plugin: Arc<LoadedPlugin>,
+    enabled: bool,
+}
+
+/// An immutable snapshot of installed plugins and the chains built from them.
+#[derive(Default)]
+pub struct Generation {
+    installed: BTreeMap<String, Installed>,
+    chains: HashMap<Hook, Vec<Arc<LoadedPlugin>>>,
+}
+
+impl Generation {
+    fn new(installed: BTreeMap<String, Installed>) -> Self {
+        let mut chains: HashMap<Hook, Vec<Arc<LoadedPlugin>>> = HashMap::new();
+        for entry in installed.values().filter(|e| e.enabled) {
+            for hook in &entry.plugin.manifest.hooks {
+                chains.entry(*hook).or_default().push(entry.plugin.clone());
+            }
+        }
+        for chain in chains.values_mut() {
+            chain.sort_by(|a, b| (a.manifest.order, a.id()).cmp(&(b.manifest.order, b.id())));
+        }
+        Self { installed, chains }
+    }
+
+    /// The plugins on `hook`, in calling order.
+    pub fn chain(&self, hook: Hook) -> &[Arc<LoadedPlugin>] {
+        self.chains.get(&hook).map_or(&[], Vec::as_slice)
+    }
+}
+
+/// What an operator sees of a plugin.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct PluginInfo {
+    pub id: String,
+    pub version: String,
+    pub hooks: Vec<Hook>,
+    pub order: i32,
+    pub enabled: bool,
+    pub failure: FailurePolicy,
+    pub digest: String,
+    pub calls: u64,
+    pub failures: BTreeMap<&'static str, u64>,
+    pub verdicts: BTreeMap<&'static str, u64>,
+    pub mean_call_ns: u64,
+    pub max_call_ns: u64,
+    pub breaker_open: bool,
+    pub breaker_trips: u64,
+    pub kv_keys: usize,
+}
+
+fn info(entry: &Installed) -> PluginInfo {
+    use crate::plugin::FailureKind;
+    use std::sync::atomic::Ordering::Relaxed;
+    let p = &entry.plugin;
+    let m = &p.metrics;
+    let calls = m.calls.load(Relaxed);
+    let failures = [
+        FailureKind::Timeout,
+        FailureKind::Memory,
+        FailureKind::Trap,
+        FailureKind::Unavailable,
+    ]
+    .into_iter()
+    .map(|k| (k.as_str(), m.failures(k).load(Relaxed)))
+    .collect();
+    PluginInfo {
+        id: p.manifest.id.clone(),
+        version: p.manifest.version.clone(),
+        hooks: p.manifest.hooks.clone(),
+        order: p.manifest.order,
+        enabled: entry.enabled,
+        failure: p.manifest.failure,
+        digest: p.digest.clone(),
+        calls,
+        failures,
+        verdicts: m.verdicts.lock().clone(),
+        mean_call_ns: m.total_ns.load(Relaxed).checked_div(calls).unwrap_or(0),
+        max_call_ns: m.max_ns.load(Relaxed),
+        breaker_open: p.breaker_open(),
+        breaker_trips: p.breaker_trips(),
+        kv_keys: p.shared.kv.len(),
+    }
+}
+
+/// The result of the authenticator chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuthOutcome {
+    /// No authenticator plugin is enabled.
+    NoPlugins,
+    Allowed {
+        user_id: String,
+    },
+    Denied {
+        reason: String,
+    },
+}
+
+/// The result of the message-filter chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FilterOutcome {
+    /// Store the message, with this body and content type (changed if a filter modified it).
+    Pass {
+        body: Vec<u8>,
+        content_type: String,
+        modified: bool,
+    },
+    Reject {
+        reason: String,
+    },
+    Drop,
+}
+
+/// The result of the risk-control chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RiskOutcome {
+    Allow,
+    Throttle { retry_after_ms: u64, reason: String },
+    Block { reason: String },
+}
+
+/// The result of the group-policy chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GroupOutcome {
+    NoPlugins,
+    Allow,
+    Deny { reason: String },
+}
+
+/// Where a call comes from.
+#[derive(Debug, Clone, Default)]
+pub struct CallOrigin {
+    pub transport: String,
+    pub remote_ip: Option<String>,
+}
+
+/// All plugins of a node.
+pub struct PluginHost {
+    engine: PluginEngine,
+    config: PluginHostConfig,
+    store: Arc<dyn Store>,
+    kv: Mutex<HashMap<String, Arc<KvStore>>>,
+    current: ArcSwap<Generation>,
+    lifecycle: tokio::sync::Mutex<()>,
+}
+
+impl PluginHost {
+    /// Creates the host and loads every plugin installed in `config.dir`. A plugin that
+    /// fails to load is logged and skipped; the others run.
+    pub async fn start(
+        config: PluginHostConfig,
+        store: Arc<dyn Store>,
+    ) -> anyhow::Result<Arc<Self>> {
+        std::fs::create_dir_all(&config.dir)?;
+        let engine = PluginEngine::new(&config.cache_dir)?;
+        let host = Arc::new(Self {
+            engine,
+            config,
+            store,
+            kv: Mutex::default(),
+            current: ArcSwap::from_pointee(Generation::default()),
+            lifecycle: tokio::sync::Mutex::new(()),
+        });
+        let mut installed = BTreeMap::new();
+        for entry in std::fs::read_dir(&host.config.dir)? {
+            let dir = entry?.path();
+            let name = dir
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or("")
+                .to_owned();
+            if !dir.is_dir() || name.starts_with('.') {
+                continue;
+            }
+            match host.load_dir(&dir).await {
+                Ok(plugin) => {
+                    let enabled = !dir.join(DISABLED_MARKER).exists();
+                    tracing::info!(plugin = plugin.id(), version = %plugin.manifest.version, enabled, "loaded plugin");
+                    installed.insert(plugin.id().to_owned(), Installed { plugin, enabled });
+                }
+                Err(err) => {
+                    tracing::error!(dir = %dir.display(), error = %err, "skipping a plugin that does not load")
+                }
+            }
+        }
+        host.current.store(Arc::new(Generation::new(installed)));
+        let flusher = Arc::downgrade(&host);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(KV_FLUSH_INTERVAL);
+            loop {
+                tick.tick().await;
+                let Some(host) = flusher.upgrade() else { break };
+                host.flush_kv().await;
+            }
+        });
+        Ok(host)
+    }
+
+    /// The current generation (for calls and inspection).
+    pub fn generation(&self) -> Arc<Generation> {
+        self.current.load_full()
+    }
+
+    /// Installs a plugin, or upgrades the installed plugin with the same id. The new
+    /// version is compiled, linked and test-instantiated before it replaces anything; on
+    /// any error the running version stays.
+    pub async fn install(
+        &self,
+        manifest_toml: &str,
+        wasm: Vec<u8>,
+    ) -> Result<PluginInfo, PluginError> {
+        let manifest = Manifest::from_toml(manifest_toml)?;
+        let _serial = self.lifecycle.lock().await;
+        let plugin = self.load(manifest.clone(), &wasm).await?;
+        let id = manifest.id.clone();
+        let dir = self.config.dir.join(&id);
+        let previous = self.generation().installed.get(&id).cloned();
+        let enabled = previous.as_ref().is_none_or(|p| p.enabled);
+        write_plugin_dir(&self.config.dir, &id, manifest_toml, &wasm, enabled)
+            .map_err(|e| PluginError::Storage(format!("{}: {e}", dir.display())))?;
+        let entry = Installed { plugin, enabled };
+        let result = info(&entry);
+        self.swap(|installed| {
+            installed.insert(id.clone(), entry);
+        });
+        match previous {
+            Some(old) => {
+                tracing::info!(plugin = %id, from = %old.plugin.manifest.version, to = %manifest.version, "plugin upgraded")
+            }
+            None => tracing::info!(plugin = %id, version = %manifest.version, "plugin installed"),
+        }
+        Ok(result)
+    }
+
+    /// Takes a plugin out of (or back into) its hooks' chains; it stays installed.
+    pub async fn set_enabled(&self, id: &str, enabled: bool) -> Result<PluginInfo, PluginError> {
+        let _serial = self.lifecycle.lock().await;
+        let mut entry = self
+            .generation()
+            .installed
+            .get(id)
+            .cloned()
+            .ok_or_else(|| PluginError::NotFound(id.into()))?;
+        let marker = self.config.dir.join(id).join(DISABLED_MARKER);
+        let written = if enabled {
+            remove_if_present(&marker)
+        } else {
+            std::fs::write(&marker, b"")
+        };
+        written.map_err(|e| PluginError::Storage(e.to_string()))?;
+        entry.enabled = enabled;
+        let result = info(&entry);
+        self.swap(|installed| {
+            installed.insert(id.to_owned(), entry);
+        });
+        tracing::info!(
+            plugin = id,
+            enabled,
+            "plugin {}",
+            if enabled { "enabled" } else { "disabled" }
+        );
+        Ok(result)
+    }
+
+    /// Removes a plugin. Its key-value data is kept (a reinstall finds it) unless `purge_data`.
+    pub async fn uninstall(&self, id: &str, purge_data: bool) -> Result<(), PluginError> {
+        let _serial = self.lifecycle.lock().await;
+        if !self.generation().installed.contains_key(id) {
+            return Err(PluginError::NotFound(id.into()));
+        }
+        std::fs::remove_dir_all(self.config.dir.join(id))
+            .map_err(|e| PluginError::Storage(e.to_string()))?;
+        self.swap(|installed| {
+            installed.remove(id);
+        });
+        if purge_data {
+            let kv = self.kv.lock().remove(id);
+            if let Some(kv) = kv {
+                let keys: Vec<String> = kv.keys();
+                self.store
+                    .write_plugin_kv(id, &[], &keys)
+                    .await
+                    .map_err(|e| PluginError::Storage(e.to_string()))?;
+            }
+        }
+        tracing::info!(plugin = id, purge_data, "plugin uninstalled");
+        Ok(())
+    }
+
+    /// Every installed plugin.
+    pub fn list(&self) -> Vec<PluginInfo> {
+        self.generation().installed.values().map(info).collect()
+    }
+
+    /// Writes pending key-value changes of every plugin.
+    pub async fn flush_kv(&self) {
+        let stores: Vec<(String, Arc<KvStore>)> = self
+            .kv
+            .lock()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        for (id, kv) in stores {
+            let changes = kv.take_changes();
+            if changes.is_empty() {
+                continue;
+            }
+            if let Err(err) = self
+                .store
+                .write_plugin_kv(&id, &changes.upserts, &changes.deletes)
+                .await
+            {
+                tracing::warn!(plugin = %id, error = %err, "writing plugin key-value data failed; will retry");
+                kv.requeue(changes);
+            }
+        }
+    }
+
+    fn swap(&self, change: impl FnOnce(&mut BTreeMap<String, Installed>)) {
+        let mut installed = self.generation().installed.clone();
+        change(&mut installed);
+        self.current.store(Arc::new(Generation::new(installed)));
+    }
+
+    async fn load_dir(&self, dir: &Path) -> anyhow::Result<Arc<LoadedPlugin>> {
+        let manifest = Manifest::from_toml(&std::fs::read_to_string(dir.join(MANIFEST_FILE))?)?;
+        let wasm = std::fs::read(dir.join(COMPONENT_FILE))?;
+        Ok(self.load(manifest, &wasm).await?)
+    }
+
+    /// Compiles, links, checks exports and test-instantiates one plugin version.
+    async fn load(
+        &self,
+        manifest: Manifest,
+        wasm: &[u8],
+    ) -> Result<Arc<LoadedPlugin>, PluginError> {
+        let kv = self.kv_for(&manifest).await?;
+        let shared = Arc::new(PluginShared {
+            id: manifest.id.clone(),
+            version: manifest.version.clone(),
+            config: manifest.config.clone(),
+            kv,
+        });
+        let invalid = |e: wasmtime::Error| PluginError::InvalidComponent(format!("{e:#}"));
+        let (component, digest) =
+            tokio::task::block_in_place(|| self.engine.compile(wasm)).map_err(invalid)?;
+        let pre = self
+            .engine
+            .linker
+            .instantiate_pre(&component)
+            .map_err(|e| {
+                PluginError::InvalidComponent(format!(
+                    "its imports do not match the im:plugin@0.1.0 contract: {e:#}"
+                ))
+            })?;
+        let plugin = LoadedPlugin::new(manifest, digest, shared, pre);
+        for hook in &plugin.manifest.hooks {
+            if !plugin.exports(*hook) {
+                return Err(PluginError::InvalidComponent(format!(
+                    "the manifest attaches it to {} but the component does not export im:plugin/{}@0.1.0",
+                    hook.as_str(),
+                    hook.as_str()
+                )));
+            }
+        }
+        tokio::task::block_in_place(|| plugin.instantiate()).map_err(|e| {
+            PluginError::InvalidComponent(format!("it fails to instantiate: {e:#}"))
+        })?;
+        Ok(Arc::new(plugin))
+    }
+
+    async fn kv_for(&self, manifest: &Manifest) -> Result<Arc<KvStore>, PluginError> {
+        let limits = (manifest.limits.kv_max_keys, manifest.limits.kv_max_bytes);
+        if let Some(kv) = self.kv.lock().get(&manifest.id) {
+            kv.set_limits(limits.0, limits.1);
+            return Ok(kv.clone());
+        }
+        let records = self
+            .store
+            .load_plugin_kv(&manifest.id, now_ms())
+            .await
+            .map_err(|e| PluginError::Storage(e.to_string()))?;
+        let kv = Arc::new(KvStore::new(limits.0, limits.1));
+        kv.load(records);
+        Ok(self
+            .kv
+            .lock()
+            .entry(manifest.id.clone())
+            .or_insert(kv)
+            .clone())
+    }
+
+    fn context(&self, plugin: &LoadedPlugin, origin: &CallOrigin) -> types::CallContext {
+        types::CallContext {
+            plugin_id: plugin.id().to_owned(),
+            node_id: self.config.node_id.clone(),
+            transport: origin.transport.clone(),
+            remote_ip: origin.remote_ip.clone(),
+        }
+    }
+
+    /// Runs the authenticator chain: the first plugin that allows decides; a denial passes
+    /// to the next plugin; a failing plugin denies (authentication fails closed).
+    pub fn authenticate(&self, origin: &CallOrigin, token: &str, device_id: &str) -> AuthOutcome {
+        let generation = self.generation();
+        let chain = generation.chain(Hook::Authenticator);
+        if chain.is_empty() {
+            return AuthOutcome::NoPlugins;
+        }
+        let credentials = authenticator::Credentials {
+            token: token.to_owned(),
+            device_id: device_id.to_owned(),
+        };
+        let mut last_reason = String::new();
+        for plugin in chain {
+            let ctx = self.context(plugin, origin);
+            let result = plugin.call(|store, exports| {
+                let guest = exports
+                    .authenticator
+                    .as_ref()
+                    .expect("chain members export their hook");
+                guest.call_authenticate(store, &ctx, &credentials)
+            });
+            match result {
+                Ok(authenticator::AuthResult::Allow(identity)) => {
+                    plugin.metrics.verdict("allow");
+                    return AuthOutcome::Allowed {
+                        user_id: identity.user_id,
+                    };
+                }
+                Ok(authenticator::AuthResult::Deny(reason)) => {
+                    plugin.metrics.verdict("deny");
+                    last_reason = reason;
+                }
+                Err(failure) => {
+                    return AuthOutcome::Denied {
+                        reason: unavailable(plugin, &failure),
+                    };
+                }
+            }
+        }
+        AuthOutcome::Denied {
+            reason: last_reason,
+        }
+    }
+
+    /// Runs the message-filter chain in order: a modification feeds the next filter;
+    /// reject and drop end the chain. A failing filter applies its failure policy.
+    pub fn filter(&self, origin: &CallOrigin, message: types::Message) -> FilterOutcome {
+        let generation = self.generation();
+        let mut message = message;
+        let mut modified = false;
+        for plugin in generation.chain(Hook::MessageFilter) {
+            let ctx = self.context(plugin, origin);
+            let result = plugin.call(|store, exports| {
+                let guest = exports
+                    .message_filter
+                    .as_ref()
+                    .expect("chain members export their hook");
+                guest.call_filter(store, &ctx, &message)
+            });
+            match result {
+                Ok(message_filter::FilterVerdict::Allow) => plugin.metrics.verdict("allow"),
+                Ok(message_filter::FilterVerdict::Modify(rewrite)) => {
+                    plugin.metrics.verdict("modify");
+                    message.body = rewrite.body;
+                    message.content_type = rewrite.content_type;
+                    modified = true;
+                }
+                Ok(message_filter::FilterVerdict::Reject(reason)) => {
+                    plugin.metrics.verdict("reject");
+                    return FilterOutcome::Reject { reason };
+                }
+                Ok(message_filter::FilterVerdict::Drop) => {
+                    plugin.metrics.verdict("drop");
+                    return FilterOutcome::Drop;
+                }
+                Err(failure) => match plugin.manifest.failure_for(Hook::MessageFilter) {
+                    FailurePolicy::Open => continue,
+                    FailurePolicy::Closed => {
+                        return FilterOutcome::Reject {
+                            reason: unavailable(plugin, &failure),
+                        };
+                    }
+                },
+            }
+        }
+        FilterOutcome::Pass {
+            body: message.body,
+            content_type: message.content_type,
+            modified,
+        }
+    }
+
+    /// Runs the risk-control chain: the first verdict other than allow decides; a failing
+    /// plugin blocks (risk control fails closed).
+    pub fn assess(&self, origin: &CallOrigin, event: risk_control::RiskEvent) -> RiskOutcome {
+        let generation = self.generation();
+        for plugin in generation.chain(Hook::RiskControl) {
+            let ctx = self.context(plugin, origin);
+            let result = plugin.call(|store, exports| {
+                let guest = exports
+                    .risk_control
+                    .as_ref()
+                    .expect("chain members export their hook");
+                guest.call_assess(store, &ctx, &event)
+            });
+            match result {
+                Ok(risk_control::RiskVerdict::Allow) => plugin.metrics.verdict("allow"),
+                Ok(risk_control::RiskVerdict::Throttle(t)) => {
+                    plugin.metrics.verdict("throttle");
+                    return RiskOutcome::Throttle {
+                        retry_after_ms: t.retry_after_ms,
+                        reason: t.reason,
+                    };
+                }
+                Ok(risk_control::RiskVerdict::Block(reason)) => {
+                    plugin.metrics.verdict("block");
+                    return RiskOutcome::Block { reason };
+                }
+                Err(failure) => {
+                    return RiskOutcome::Block {
+                        reason: unavailable(plugin, &failure),
+                    };
+                }
+            }
+        }
+        RiskOutcome::Allow
+    }
+
+    /// Runs the group-policy chain: every plugin must allow; a failing plugin denies.
+    pub fn decide_group(
+        &self,
+        origin: &CallOrigin,
+        request: group_policy::GroupRequest,
+    ) -> GroupOutcome {
+        let generation = self.generation();
+        let chain = generation.chain(Hook::GroupPolicy);
+        if chain.is_empty() {
+            return GroupOutcome::NoPlugins;
+        }
+        for plugin in chain {
+            let ctx = self.context(plugin, origin);
+            let result = plugin.call(|store, exports| {
+                let guest = exports
+                    .group_policy
+                    .as_ref()
+                    .expect("chain members export their hook");
+                guest.call_decide(store, &ctx, &request)
+            });
+            match result {
+                Ok(group_policy::GroupDecision::Allow) => plugin.metrics.verdict("allow"),
+                Ok(group_policy::GroupDecision::Deny(reason)) => {
+                    plugin.metrics.verdict("deny");
+                    return GroupOutcome::Deny { reason };
+                }
+                Err(failure) => {
+                    return GroupOutcome::Deny {
+                        reason: unavailable(plugin, &failure),
+                    };
+                }
+            }
+        }
+        GroupOutcome::Allow
+    }
+}
+
+fn unavailable(plugin: &LoadedPlugin, failure: &CallFailure) -> String {
+    format!(
+        "plugin {} unavailable ({})",
+        plugin.id(),
+        failure.kind.as_str()
+    )
+}
+
+fn remove_if_present(path: &Path) -> std::io::Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// Writes a plugin's directory next to the old one and swaps it in by renames.
+fn write_plugin_dir(
+    root: &Path,
+    id: &str,
+    manifest: &str,
+    wasm: &[u8],
+    enabled: bool,
+) -> std::io::Result<()> {
+    let staging = root.join(format!(".{id}.new"));
+    let retired = root.join(format!(".{id}.old"));
+    let target = root.join(id);
+    let _ = std::fs::remove_dir_all(&staging);
+    let _ = std::fs::remove_dir_all(&retired);
+    std::fs::create_dir_all(&staging)?;
+    std::fs::write(staging.join(MANIFEST_FILE), manifest)?;
+    std::fs::write(staging.join(COMPONENT_FILE), wasm)?;
+    if !enabled {
+        std::fs::write(staging.join(DISABLED_MARKER), b"")?;
+    }
+    if target.exists() {
+        std::fs::rename(&target, &retired)?;
+    }
+    std::fs::rename(&staging, &target)?;
+    let _ = std::fs::remove_dir_all(&retired);
+    Ok(())
+}

@@ -1,0 +1,24 @@
+//! The Wasm plugin runtime: business logic as sandboxed components behind the `im:plugin@0.1.0` WIT contract.
+//!
+//! Layout:
+//! - [`bindings`]: the one `bindgen!` site (host view of `wit/im-plugin@0.1.0`);
+//! - [`engine`]: engine configuration, epoch ticker, linker, compiled-component cache;
+//! - [`state`]: per-instance host state and the imports (log, config, kv, clock);
+//! - [`kv`]: the per-plugin key-value store with quotas and TTLs;
+//! - [`manifest`]: plugin manifests and their validation;
+//! - [`plugin`]: one loaded plugin: instances, deadlines, circuit breaker, metrics;
+//! - [`host`]: installed plugins, hook chains, hot lifecycle, the hook calls.
+
+pub mod bindings;
+pub mod engine;
+pub mod host;
+pub mod kv;
+pub mod manifest;
+pub mod plugin;
+pub mod state;
+
+pub use host::{
+    AuthOutcome, CallOrigin, FilterOutcome, GroupOutcome, PluginError, PluginHost,
+    PluginHostConfig, PluginInfo, RiskOutcome,
+};
+pub use manifest::{FailurePolicy, Hook, Manifest};

@@ -1,0 +1,343 @@
+//! One loaded plugin version: its compiled component, ready instances, circuit breaker and metrics.
+//!
+//! Architecture invariant: an instance whose call failed in any way (trap, deadline,
+//! memory cap) is dropped, never returned to the pool: a trap may leave its store poisoned.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use wasmtime::Store;
+use wasmtime::component::InstancePre;
+
+use crate::bindings::{authenticator, group_policy, message_filter, risk_control};
+use crate::manifest::{Hook, Manifest};
+use crate::state::{HostState, PluginShared};
+
+/// How a call failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FailureKind {
+    /// The call ran past its deadline and was interrupted.
+    Timeout,
+    /// The call hit the memory cap.
+    Memory,
+    /// The guest trapped (panic, unreachable, bad access) or instantiation failed.
+    Trap,
+    /// The circuit breaker is open: the plugin was not called.
+    Unavailable,
+}
+
+impl FailureKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureKind::Timeout => "timeout",
+            FailureKind::Memory => "memory",
+            FailureKind::Trap => "trap",
+            FailureKind::Unavailable => "unavailable",
+        }
+    }
+}
+
+/// A failed call, with what the guest or engine said.
+#[derive(Debug, Clone)]
+pub struct CallFailure {
+    pub kind: FailureKind,
+    pub detail: String,
+}
+
+impl std::fmt::Display for CallFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.kind.as_str(), self.detail)
+    }
+}
+
+/// The exports of one instance, looked up once per instance.
+pub struct Exports {
+    pub authenticator: Option<authenticator::Guest>,
+    pub message_filter: Option<message_filter::Guest>,
+    pub group_policy: Option<group_policy::Guest>,
+    pub risk_control: Option<risk_control::Guest>,
+}
+
+/// A ready instance.
+pub struct Ready {
+    pub store: Store<HostState>,
+    pub exports: Exports,
+}
+
+/// Indices of the hook interfaces the component exports.
+pub struct HookIndices {
+    pub authenticator: Option<authenticator::GuestIndices>,
+    pub message_filter: Option<message_filter::GuestIndices>,
+    pub group_policy: Option<group_policy::GuestIndices>,
+    pub risk_control: Option<risk_control::GuestIndices>,
+}
+
+impl HookIndices {
+    pub fn new(pre: &InstancePre<HostState>) -> Self {
+        Self {
+            authenticator: authenticator::GuestIndices::new(pre).ok(),
+            message_filter: message_filter::GuestIndices::new(pre).ok(),
+            group_policy: group_policy::GuestIndices::new(pre).ok(),
+            risk_control: risk_control::GuestIndices::new(pre).ok(),
+        }
+    }
+
+    pub fn exports(&self, hook: Hook) -> bool {
+        match hook {
+            Hook::Authenticator => self.authenticator.is_some(),
+            Hook::MessageFilter => self.message_filter.is_some(),
+            Hook::GroupPolicy => self.group_policy.is_some(),
+            Hook::RiskControl => self.risk_control.is_some(),
+        }
+    }
+}
+
+/// Per-plugin counters.
+#[derive(Default)]
+pub struct Metrics {
+    pub calls: AtomicU64,
+    pub failures_timeout: AtomicU64,
+    pub failures_memory: AtomicU64,
+    pub failures_trap: AtomicU64,
+    pub failures_unavailable: AtomicU64,
+    /// Verdicts by name ("allow", "modify", "reject", "drop", "deny", "throttle", "block").
+    pub verdicts: Mutex<std::collections::BTreeMap<&'static str, u64>>,
+    /// Sum of call durations, nanoseconds.
+    pub total_ns: AtomicU64,
+    /// Longest call, nanoseconds.
+    pub max_ns: AtomicU64,
+}
+
+impl Metrics {
+    pub fn failures(&self, kind: FailureKind) -> &AtomicU64 {
+        match kind {
+            FailureKind::Timeout => &self.failures_timeout,
+            FailureKind::Memory => &self.failures_memory,
+            FailureKind::Trap => &self.failures_trap,
+            FailureKind::Unavailable => &self.failures_unavailable,
+        }
+    }
+
+    pub fn verdict(&self, name: &'static str) {
+        *self.verdicts.lock().entry(name).or_default() += 1;
+    }
+}
+
+/// Circuit breaker: after `THRESHOLD` consecutive failures the plugin is not called for a
+/// back-off period (doubling up to `MAX_BACKOFF`); then one trial call decides.
+struct Breaker {
+    consecutive_failures: u32,
+    open_until: Option<Instant>,
+    backoff: Duration,
+    trips: u64,
+}
+
+const THRESHOLD: u32 = 5;
+const INITIAL_BACKOFF: Duration = Duration::from_millis(500);
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
+
+/// A plugin version loaded and ready to call.
+pub struct LoadedPlugin {
+    pub manifest: Manifest,
+    /// SHA-256 of the component bytes, hex.
+    pub digest: String,
+    pub shared: Arc<PluginShared>,
+    pre: InstancePre<HostState>,
+    indices: HookIndices,
+    idle: Mutex<Vec<Ready>>,
+    breaker: Mutex<Breaker>,
+    pub metrics: Metrics,
+    memory_bytes: usize,
+    deadline_ticks: u64,
+}
+
+impl LoadedPlugin {
+    pub fn new(
+        manifest: Manifest,
+        digest: String,
+        shared: Arc<PluginShared>,
+        pre: InstancePre<HostState>,
+    ) -> Self {
+        let indices = HookIndices::new(&pre);
+        let memory_bytes = manifest.limits.memory_mib as usize * 1024 * 1024;
+        let deadline_ticks = u64::from(manifest.limits.deadline_ms)
+            .div_ceil(crate::engine::EPOCH_TICK_MS)
+            .max(1)
+            + 1;
+        Self {
+            manifest,
+            digest,
+            shared,
+            pre,
+            indices,
+            idle: Mutex::new(Vec::new()),
+            breaker: Mutex::new(Breaker {
+                consecutive_failures: 0,
+                open_until: None,
+                backoff: INITIAL_BACKOFF,
+                trips: 0,
+            }),
+            metrics: Metrics::default(),
+            memory_bytes,
+            deadline_ticks,
+        }
+    }
+
+    pub fn id(&self) -> &str {
+        &self.manifest.id
+    }
+
+    pub fn exports(&self, hook: Hook) -> bool {
+        self.indices.exports(hook)
+    }
+
+    /// Creates a fresh instance.
+    pub fn instantiate(&self) -> wasmtime::Result<Ready> {
+        let mut store = Store::new(
+            self.pre.engine(),
+            HostState::new(self.shared.clone(), self.memory_bytes),
+        );
+        store.limiter(|state| &mut state.limits);
+        // Instantiation runs guest code (start functions): give it the call deadline too.
+        store.set_epoch_deadline(self.deadline_ticks);
+        let instance = self.pre.instantiate(&mut store)?;
+        let exports = Exports {
+            authenticator: self
+                .indices
+                .authenticator
+                .as_ref()
+                .map(|i| i.load(&mut store, &instance))
+                .transpose()?,
+            message_filter: self
+                .indices
+                .message_filter
+                .as_ref()
+                .map(|i| i.load(&mut store, &instance))
+                .transpose()?,
+            group_policy: self
+                .indices
+                .group_policy
+                .as_ref()
+                .map(|i| i.load(&mut store, &instance))
+                .transpose()?,
+            risk_control: self
+                .indices
+                .risk_control
+                .as_ref()
+                .map(|i| i.load(&mut store, &instance))
+                .transpose()?,
+        };
+        Ok(Ready { store, exports })
+    }
+
+    /// Times the breaker tripped.
+    pub fn breaker_trips(&self) -> u64 {
+        self.breaker.lock().trips
+    }
+
+    /// Whether the breaker currently keeps the plugin from being called.
+    pub fn breaker_open(&self) -> bool {
+        self.breaker
+            .lock()
+            .open_until
+            .is_some_and(|until| Instant::now() < until)
+    }
+
+    /// Runs `f` on an instance, within the plugin's deadline and memory cap.
+    pub fn call<R>(
+        &self,
+        f: impl FnOnce(&mut Store<HostState>, &Exports) -> wasmtime::Result<R>,
+    ) -> Result<R, CallFailure> {
+        if let Some(until) = self.breaker.lock().open_until
+            && Instant::now() < until
+        {
+            self.metrics
+                .failures(FailureKind::Unavailable)
+                .fetch_add(1, Ordering::Relaxed);
+            return Err(CallFailure {
+                kind: FailureKind::Unavailable,
+                detail: "circuit breaker open".into(),
+            });
+        }
+        let started = Instant::now();
+        self.metrics.calls.fetch_add(1, Ordering::Relaxed);
+        let ready = self.idle.lock().pop();
+        let mut ready = match ready {
+            Some(ready) => ready,
+            None => match self.instantiate() {
+                Ok(ready) => ready,
+                Err(err) => return Err(self.failed(&err, started)),
+            },
+        };
+        ready.store.set_epoch_deadline(self.deadline_ticks);
+        match f(&mut ready.store, &ready.exports) {
+            Ok(result) => {
+                self.succeeded(started);
+                let mut idle = self.idle.lock();
+                if idle.len() < self.manifest.limits.instances as usize {
+                    idle.push(ready);
+                }
+                Ok(result)
+            }
+            // The instance is dropped here: never reuse a store that trapped.
+            Err(err) => Err(self.failed(&err, started)),
+        }
+    }
+
+    fn succeeded(&self, started: Instant) {
+        let ns = started.elapsed().as_nanos() as u64;
+        self.metrics.total_ns.fetch_add(ns, Ordering::Relaxed);
+        self.metrics.max_ns.fetch_max(ns, Ordering::Relaxed);
+        let mut breaker = self.breaker.lock();
+        if breaker.consecutive_failures > 0 || breaker.open_until.is_some() {
+            if breaker.open_until.is_some() {
+                tracing::info!(
+                    plugin = self.id(),
+                    "plugin recovered; circuit breaker closed"
+                );
+            }
+            breaker.consecutive_failures = 0;
+            breaker.open_until = None;
+            breaker.backoff = INITIAL_BACKOFF;
+        }
+    }
+
+    fn failed(&self, err: &wasmtime::Error, started: Instant) -> CallFailure {
+        let kind = classify(err);
+        let detail = format!("{err:#}");
+        self.metrics.failures(kind).fetch_add(1, Ordering::Relaxed);
+        let ns = started.elapsed().as_nanos() as u64;
+        self.metrics.total_ns.fetch_add(ns, Ordering::Relaxed);
+        self.metrics.max_ns.fetch_max(ns, Ordering::Relaxed);
+        tracing::warn!(plugin = self.id(), kind = kind.as_str(), error = %detail, "plugin call failed");
+        let mut breaker = self.breaker.lock();
+        breaker.consecutive_failures += 1;
+        let half_open_trial_failed = breaker.open_until.is_some();
+        if breaker.consecutive_failures >= THRESHOLD || half_open_trial_failed {
+            let backoff = breaker.backoff;
+            breaker.open_until = Some(Instant::now() + backoff);
+            breaker.backoff = (backoff * 2).min(MAX_BACKOFF);
+            breaker.trips += 1;
+            // Reload: the next trial starts from fresh instances.
+            self.idle.lock().clear();
+            tracing::error!(
+                plugin = self.id(),
+                failures = breaker.consecutive_failures,
+                backoff_ms = backoff.as_millis() as u64,
+                "plugin keeps failing; circuit breaker open"
+            );
+        }
+        CallFailure { kind, detail }
+    }
+}
+
+fn classify(err: &wasmtime::Error) -> FailureKind {
+    match err.downcast_ref::<wasmtime::Trap>() {
+        Some(wasmtime::Trap::Interrupt) => FailureKind::Timeout,
+        Some(wasmtime::Trap::AllocationTooLarge) => FailureKind::Memory,
+        _ if format!("{err:#}").contains("forcing trap when growing memory") => FailureKind::Memory,
+        _ => FailureKind::Trap,
+    }
+}

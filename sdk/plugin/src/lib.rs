@@ -1,0 +1,268 @@
+//! Write plugins for the im server in Rust.
+//!
+//! Enable one cargo feature per hook your plugin serves (`authenticator`, `message-filter`,
+//! `group-policy`, `risk-control`), implement its trait, and export it with its macro:
+//!
+//! ```ignore
+//! use im_plugin_sdk::filter::{MessageFilter, Verdict};
+//! use im_plugin_sdk::{CallContext, Message};
+//!
+//! struct NoShouting;
+//!
+//! impl MessageFilter for NoShouting {
+//!     fn filter(_ctx: CallContext, message: Message) -> Verdict {
+//!         let text = String::from_utf8_lossy(&message.body);
+//!         if text.len() > 3 && text.chars().all(|c| !c.is_lowercase()) {
+//!             return Verdict::Reject("please do not shout".into());
+//!         }
+//!         Verdict::Allow
+//!     }
+//! }
+//!
+//! im_plugin_sdk::export_message_filter!(NoShouting);
+//! ```
+//!
+//! Host services are plain functions: [`log`], [`config`], [`kv`], [`clock`]. Build with
+//! `cargo build --release --target wasm32-wasip2`; the `.wasm` file is the component to
+//! install. See `docs/plugins.md`.
+
+extern crate self as im_plugin_sdk;
+
+#[doc(hidden)]
+pub mod __wit_bindgen {
+    pub use wit_bindgen::rt;
+}
+
+/// Bindings of the imports every plugin may use (generated once, shared by every hook).
+#[doc(hidden)]
+pub mod base {
+    wit_bindgen::generate!({
+        path: "../../wit/im-plugin@0.1.0",
+        world: "host-api",
+        runtime_path: "im_plugin_sdk::__wit_bindgen::rt",
+        type_section_suffix: "im-plugin-sdk-host-api",
+    });
+}
+
+pub use base::im::plugin::types::{CallContext, Message, MessageTarget, Principal};
+
+/// The host's structured log, tagged with this plugin's id.
+pub mod log {
+    pub use crate::base::im::plugin::log::{Level, log};
+
+    pub fn debug(message: &str) {
+        log(Level::Debug, message);
+    }
+    pub fn info(message: &str) {
+        log(Level::Info, message);
+    }
+    pub fn warn(message: &str) {
+        log(Level::Warn, message);
+    }
+    pub fn error(message: &str) {
+        log(Level::Error, message);
+    }
+}
+
+/// This plugin's configuration (the manifest's `[config]` table), read-only.
+pub mod config {
+    pub use crate::base::im::plugin::config::{entries, get};
+
+    /// The value of `key`, or `default`.
+    pub fn get_or(key: &str, default: &str) -> String {
+        get(key).unwrap_or_else(|| default.to_owned())
+    }
+}
+
+/// This plugin's private key-value store: survives restarts and upgrades, bounded by quota.
+pub mod kv {
+    pub use crate::base::im::plugin::kv::{Error, compare_and_swap, delete, get, increment, set};
+}
+
+/// Time as the host sees it.
+pub mod clock {
+    pub use crate::base::im::plugin::clock::now_ms;
+}
+
+macro_rules! hook_bindings {
+    ($feature:literal, $module:ident, $world:literal, $macro_name:literal, $bindings_path:literal) => {
+        #[cfg(feature = $feature)]
+        #[doc(hidden)]
+        pub mod $module {
+            wit_bindgen::generate!({
+                path: "../../wit/im-plugin@0.1.0",
+                world: $world,
+                with: {
+                    "im:plugin/types@0.1.0": crate::base::im::plugin::types,
+                    "im:plugin/log@0.1.0": crate::base::im::plugin::log,
+                    "im:plugin/config@0.1.0": crate::base::im::plugin::config,
+                    "im:plugin/kv@0.1.0": crate::base::im::plugin::kv,
+                    "im:plugin/clock@0.1.0": crate::base::im::plugin::clock,
+                },
+                pub_export_macro: true,
+                export_macro_name: $macro_name,
+                default_bindings_module: $bindings_path,
+                runtime_path: "im_plugin_sdk::__wit_bindgen::rt",
+            });
+        }
+    };
+}
+
+hook_bindings!(
+    "authenticator",
+    authenticator_bindings,
+    "authenticator-plugin",
+    "__export_authenticator_plugin",
+    "im_plugin_sdk::authenticator_bindings"
+);
+hook_bindings!(
+    "message-filter",
+    filter_bindings,
+    "filter-plugin",
+    "__export_filter_plugin",
+    "im_plugin_sdk::filter_bindings"
+);
+hook_bindings!(
+    "group-policy",
+    group_policy_bindings,
+    "group-policy-plugin",
+    "__export_group_policy_plugin",
+    "im_plugin_sdk::group_policy_bindings"
+);
+hook_bindings!(
+    "risk-control",
+    risk_bindings,
+    "risk-plugin",
+    "__export_risk_plugin",
+    "im_plugin_sdk::risk_bindings"
+);
+
+/// The authenticator hook: credentials in, a user id or a denial out.
+#[cfg(feature = "authenticator")]
+pub mod auth {
+    use crate::authenticator_bindings::exports::im::plugin::authenticator::Guest;
+    pub use crate::authenticator_bindings::exports::im::plugin::authenticator::{AuthResult, Credentials, Identity};
+    use crate::CallContext;
+
+    pub trait Authenticator {
+        fn authenticate(ctx: CallContext, credentials: Credentials) -> AuthResult;
+    }
+
+    #[doc(hidden)]
+    pub struct Adapter<T>(core::marker::PhantomData<T>);
+
+    impl<T: Authenticator> Guest for Adapter<T> {
+        fn authenticate(ctx: CallContext, credentials: Credentials) -> AuthResult {
+            T::authenticate(ctx, credentials)
+        }
+    }
+
+    /// Exports a type implementing [`Authenticator`] as this component's authenticator.
+    #[macro_export]
+    macro_rules! export_authenticator {
+        ($t:ty) => {
+            const _: () = {
+                type ImPluginAuthenticator = $crate::auth::Adapter<$t>;
+                $crate::__export_authenticator_plugin!(ImPluginAuthenticator with_types_in $crate::authenticator_bindings);
+            };
+        };
+    }
+}
+
+/// The message-filter hook: allow, modify, reject or drop a message before it is stored.
+#[cfg(feature = "message-filter")]
+pub mod filter {
+    use crate::filter_bindings::exports::im::plugin::message_filter::Guest;
+    pub use crate::filter_bindings::exports::im::plugin::message_filter::{FilterVerdict as Verdict, Rewrite};
+    use crate::{CallContext, Message};
+
+    pub trait MessageFilter {
+        fn filter(ctx: CallContext, message: Message) -> Verdict;
+    }
+
+    #[doc(hidden)]
+    pub struct Adapter<T>(core::marker::PhantomData<T>);
+
+    impl<T: MessageFilter> Guest for Adapter<T> {
+        fn filter(ctx: CallContext, message: Message) -> Verdict {
+            T::filter(ctx, message)
+        }
+    }
+
+    /// Exports a type implementing [`MessageFilter`] as this component's message filter.
+    #[macro_export]
+    macro_rules! export_message_filter {
+        ($t:ty) => {
+            const _: () = {
+                type ImPluginMessageFilter = $crate::filter::Adapter<$t>;
+                $crate::__export_filter_plugin!(ImPluginMessageFilter with_types_in $crate::filter_bindings);
+            };
+        };
+    }
+}
+
+/// The group-policy hook: allow or deny group creation and membership changes.
+#[cfg(feature = "group-policy")]
+pub mod groups {
+    use crate::group_policy_bindings::exports::im::plugin::group_policy::Guest;
+    pub use crate::group_policy_bindings::exports::im::plugin::group_policy::{
+        Group, GroupAction, GroupDecision, GroupRequest, Role, RoleChange,
+    };
+    use crate::CallContext;
+
+    pub trait GroupPolicy {
+        fn decide(ctx: CallContext, request: GroupRequest) -> GroupDecision;
+    }
+
+    #[doc(hidden)]
+    pub struct Adapter<T>(core::marker::PhantomData<T>);
+
+    impl<T: GroupPolicy> Guest for Adapter<T> {
+        fn decide(ctx: CallContext, request: GroupRequest) -> GroupDecision {
+            T::decide(ctx, request)
+        }
+    }
+
+    /// Exports a type implementing [`GroupPolicy`] as this component's group policy.
+    #[macro_export]
+    macro_rules! export_group_policy {
+        ($t:ty) => {
+            const _: () = {
+                type ImPluginGroupPolicy = $crate::groups::Adapter<$t>;
+                $crate::__export_group_policy_plugin!(ImPluginGroupPolicy with_types_in $crate::group_policy_bindings);
+            };
+        };
+    }
+}
+
+/// The risk-control hook: allow, throttle or block logins and sends.
+#[cfg(feature = "risk-control")]
+pub mod risk {
+    use crate::risk_bindings::exports::im::plugin::risk_control::Guest;
+    pub use crate::risk_bindings::exports::im::plugin::risk_control::{LoginAttempt, RiskEvent, RiskVerdict, Throttle};
+    use crate::CallContext;
+
+    pub trait RiskControl {
+        fn assess(ctx: CallContext, event: RiskEvent) -> RiskVerdict;
+    }
+
+    #[doc(hidden)]
+    pub struct Adapter<T>(core::marker::PhantomData<T>);
+
+    impl<T: RiskControl> Guest for Adapter<T> {
+        fn assess(ctx: CallContext, event: RiskEvent) -> RiskVerdict {
+            T::assess(ctx, event)
+        }
+    }
+
+    /// Exports a type implementing [`RiskControl`] as this component's risk control.
+    #[macro_export]
+    macro_rules! export_risk_control {
+        ($t:ty) => {
+            const _: () = {
+                type ImPluginRiskControl = $crate::risk::Adapter<$t>;
+                $crate::__export_risk_plugin!(ImPluginRiskControl with_types_in $crate::risk_bindings);
+            };
+        };
+    }
+}

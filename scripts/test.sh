@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Runs every check and test of the project on a fresh machine: formatting, lints, unit,
-# conformance and end-to-end tests (which start real servers on loopback).
+# Runs every check and test of the project on a fresh machine: formatting, lints, the
+# plugin components, unit, conformance, runtime and end-to-end tests (which start real
+# servers on loopback).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if ! command -v cargo >/dev/null 2>&1; then
@@ -8,10 +9,24 @@ if ! command -v cargo >/dev/null 2>&1; then
     exit 1
 fi
 rustup component add rustfmt clippy >/dev/null 2>&1 || true
+rustup target add wasm32-wasip2 >/dev/null
+
+# The host workspace and the guest (wasm32-wasip2) workspaces.
+guests=(sdk/plugin plugins tests/guest)
 
 echo "== format"
 cargo fmt --all --check
+for dir in "${guests[@]}"; do (cd "$dir" && cargo fmt --all --check); done
+
 echo "== lint"
 cargo clippy --locked --workspace --all-targets -- -D warnings
+(cd sdk/plugin && cargo clippy --locked --all-features -- -D warnings)
+for dir in plugins tests/guest; do (cd "$dir" && cargo clippy --locked --release -- -D warnings); done
+
+echo "== plugin components"
+./scripts/build-plugins.sh
+# Guest unit tests run natively (they exercise plugin logic, not the Wasm imports).
+(cd plugins && cargo test --locked --lib --target "$(rustc -vV | sed -n 's/^host: //p')")
+
 echo "== tests"
 cargo test --locked --workspace

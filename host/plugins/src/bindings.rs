@@ -7,6 +7,9 @@
 wasmtime::component::bindgen!({
     path: "../../wit/im-plugin@0.1.0",
     world: "all-hooks",
+    // Calls are awaited on the server's tokio tasks: WASI's host functions are async, and
+    // their blocking (sync) variants must not run on a runtime thread.
+    exports: { default: async },
 });
 
 pub use exports::im::plugin::{authenticator, group_policy, message_filter, risk_control};

@@ -36,7 +36,7 @@ impl PluginEngine {
         config.max_wasm_stack(512 * 1024);
         let engine = Engine::new(&config).context("creating the wasm engine")?;
         let mut linker = Linker::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).context("linking WASI")?;
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker).context("linking WASI")?;
         AllHooks::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)
             .context("linking plugin imports")?;
         std::fs::create_dir_all(cache_dir)

@@ -419,7 +419,7 @@ impl PluginHost {
                 )));
             }
         }
-        tokio::task::block_in_place(|| plugin.instantiate()).map_err(|e| {
+        plugin.instantiate().await.map_err(|e| {
             PluginError::InvalidComponent(format!("it fails to instantiate: {e:#}"))
         })?;
         Ok(Arc::new(plugin))
@@ -457,7 +457,12 @@ impl PluginHost {
 
     /// Runs the authenticator chain: the first plugin that allows decides; a denial passes
     /// to the next plugin; a failing plugin denies (authentication fails closed).
-    pub fn authenticate(&self, origin: &CallOrigin, token: &str, device_id: &str) -> AuthOutcome {
+    pub async fn authenticate(
+        &self,
+        origin: &CallOrigin,
+        token: &str,
+        device_id: &str,
+    ) -> AuthOutcome {
         let generation = self.generation();
         let chain = generation.chain(Hook::Authenticator);
         if chain.is_empty() {
@@ -470,13 +475,15 @@ impl PluginHost {
         let mut last_reason = String::new();
         for plugin in chain {
             let ctx = self.context(plugin, origin);
-            let result = plugin.call(|store, exports| {
-                let guest = exports
-                    .authenticator
-                    .as_ref()
-                    .expect("chain members export their hook");
-                guest.call_authenticate(store, &ctx, &credentials)
-            });
+            let result = plugin
+                .call(async |store, exports| {
+                    let guest = exports
+                        .authenticator
+                        .as_ref()
+                        .expect("chain members export their hook");
+                    guest.call_authenticate(store, &ctx, &credentials).await
+                })
+                .await;
             match result {
                 Ok(authenticator::AuthResult::Allow(identity)) => {
                     plugin.metrics.verdict("allow");
@@ -502,19 +509,21 @@ impl PluginHost {
 
     /// Runs the message-filter chain in order: a modification feeds the next filter;
     /// reject and drop end the chain. A failing filter applies its failure policy.
-    pub fn filter(&self, origin: &CallOrigin, message: types::Message) -> FilterOutcome {
+    pub async fn filter(&self, origin: &CallOrigin, message: types::Message) -> FilterOutcome {
         let generation = self.generation();
         let mut message = message;
         let mut modified = false;
         for plugin in generation.chain(Hook::MessageFilter) {
             let ctx = self.context(plugin, origin);
-            let result = plugin.call(|store, exports| {
-                let guest = exports
-                    .message_filter
-                    .as_ref()
-                    .expect("chain members export their hook");
-                guest.call_filter(store, &ctx, &message)
-            });
+            let result = plugin
+                .call(async |store, exports| {
+                    let guest = exports
+                        .message_filter
+                        .as_ref()
+                        .expect("chain members export their hook");
+                    guest.call_filter(store, &ctx, &message).await
+                })
+                .await;
             match result {
                 Ok(message_filter::FilterVerdict::Allow) => plugin.metrics.verdict("allow"),
                 Ok(message_filter::FilterVerdict::Modify(rewrite)) => {
@@ -550,17 +559,19 @@ impl PluginHost {
 
     /// Runs the risk-control chain: the first verdict other than allow decides; a failing
     /// plugin blocks (risk control fails closed).
-    pub fn assess(&self, origin: &CallOrigin, event: risk_control::RiskEvent) -> RiskOutcome {
+    pub async fn assess(&self, origin: &CallOrigin, event: risk_control::RiskEvent) -> RiskOutcome {
         let generation = self.generation();
         for plugin in generation.chain(Hook::RiskControl) {
             let ctx = self.context(plugin, origin);
-            let result = plugin.call(|store, exports| {
-                let guest = exports
-                    .risk_control
-                    .as_ref()
-                    .expect("chain members export their hook");
-                guest.call_assess(store, &ctx, &event)
-            });
+            let result = plugin
+                .call(async |store, exports| {
+                    let guest = exports
+                        .risk_control
+                        .as_ref()
+                        .expect("chain members export their hook");
+                    guest.call_assess(store, &ctx, &event).await
+                })
+                .await;
             match result {
                 Ok(risk_control::RiskVerdict::Allow) => plugin.metrics.verdict("allow"),
                 Ok(risk_control::RiskVerdict::Throttle(t)) => {
@@ -585,7 +596,7 @@ impl PluginHost {
     }
 
     /// Runs the group-policy chain: every plugin must allow; a failing plugin denies.
-    pub fn decide_group(
+    pub async fn decide_group(
         &self,
         origin: &CallOrigin,
         request: group_policy::GroupRequest,
@@ -597,13 +608,15 @@ impl PluginHost {
         }
         for plugin in chain {
             let ctx = self.context(plugin, origin);
-            let result = plugin.call(|store, exports| {
-                let guest = exports
-                    .group_policy
-                    .as_ref()
-                    .expect("chain members export their hook");
-                guest.call_decide(store, &ctx, &request)
-            });
+            let result = plugin
+                .call(async |store, exports| {
+                    let guest = exports
+                        .group_policy
+                        .as_ref()
+                        .expect("chain members export their hook");
+                    guest.call_decide(store, &ctx, &request).await
+                })
+                .await;
             match result {
                 Ok(group_policy::GroupDecision::Allow) => plugin.metrics.verdict("allow"),
                 Ok(group_policy::GroupDecision::Deny(reason)) => {

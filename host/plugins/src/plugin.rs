@@ -194,7 +194,7 @@ impl LoadedPlugin {
     }
 
     /// Creates a fresh instance.
-    pub fn instantiate(&self) -> wasmtime::Result<Ready> {
+    pub async fn instantiate(&self) -> wasmtime::Result<Ready> {
         let mut store = Store::new(
             self.pre.engine(),
             HostState::new(self.shared.clone(), self.memory_bytes),
@@ -202,7 +202,7 @@ impl LoadedPlugin {
         store.limiter(|state| &mut state.limits);
         // Instantiation runs guest code (start functions): give it the call deadline too.
         store.set_epoch_deadline(self.deadline_ticks);
-        let instance = self.pre.instantiate(&mut store)?;
+        let instance = self.pre.instantiate_async(&mut store).await?;
         let exports = Exports {
             authenticator: self
                 .indices
@@ -246,9 +246,9 @@ impl LoadedPlugin {
     }
 
     /// Runs `f` on an instance, within the plugin's deadline and memory cap.
-    pub fn call<R>(
+    pub async fn call<R>(
         &self,
-        f: impl FnOnce(&mut Store<HostState>, &Exports) -> wasmtime::Result<R>,
+        f: impl AsyncFnOnce(&mut Store<HostState>, &Exports) -> wasmtime::Result<R>,
     ) -> Result<R, CallFailure> {
         if let Some(until) = self.breaker.lock().open_until
             && Instant::now() < until
@@ -266,13 +266,13 @@ impl LoadedPlugin {
         let ready = self.idle.lock().pop();
         let mut ready = match ready {
             Some(ready) => ready,
-            None => match self.instantiate() {
+            None => match self.instantiate().await {
                 Ok(ready) => ready,
                 Err(err) => return Err(self.failed(&err, started)),
             },
         };
         ready.store.set_epoch_deadline(self.deadline_ticks);
-        match f(&mut ready.store, &ready.exports) {
+        match f(&mut ready.store, &ready.exports).await {
             Ok(result) => {
                 self.succeeded(started);
                 let mut idle = self.idle.lock();

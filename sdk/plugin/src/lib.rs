@@ -140,9 +140,11 @@ hook_bindings!(
 /// The authenticator hook: credentials in, a user id or a denial out.
 #[cfg(feature = "authenticator")]
 pub mod auth {
-    use crate::authenticator_bindings::exports::im::plugin::authenticator::Guest;
-    pub use crate::authenticator_bindings::exports::im::plugin::authenticator::{AuthResult, Credentials, Identity};
     use crate::CallContext;
+    use crate::authenticator_bindings::exports::im::plugin::authenticator::Guest;
+    pub use crate::authenticator_bindings::exports::im::plugin::authenticator::{
+        AuthResult, Credentials, Identity,
+    };
 
     pub trait Authenticator {
         fn authenticate(ctx: CallContext, credentials: Credentials) -> AuthResult;
@@ -163,7 +165,7 @@ pub mod auth {
         ($t:ty) => {
             const _: () = {
                 type ImPluginAuthenticator = $crate::auth::Adapter<$t>;
-                $crate::__export_authenticator_plugin!(ImPluginAuthenticator with_types_in $crate::authenticator_bindings);
+                $crate::authenticator_bindings::__export_authenticator_plugin!(ImPluginAuthenticator with_types_in $crate::authenticator_bindings);
             };
         };
     }
@@ -173,7 +175,9 @@ pub mod auth {
 #[cfg(feature = "message-filter")]
 pub mod filter {
     use crate::filter_bindings::exports::im::plugin::message_filter::Guest;
-    pub use crate::filter_bindings::exports::im::plugin::message_filter::{FilterVerdict as Verdict, Rewrite};
+    pub use crate::filter_bindings::exports::im::plugin::message_filter::{
+        FilterVerdict as Verdict, Rewrite,
+    };
     use crate::{CallContext, Message};
 
     pub trait MessageFilter {
@@ -195,7 +199,7 @@ pub mod filter {
         ($t:ty) => {
             const _: () = {
                 type ImPluginMessageFilter = $crate::filter::Adapter<$t>;
-                $crate::__export_filter_plugin!(ImPluginMessageFilter with_types_in $crate::filter_bindings);
+                $crate::filter_bindings::__export_filter_plugin!(ImPluginMessageFilter with_types_in $crate::filter_bindings);
             };
         };
     }
@@ -204,11 +208,11 @@ pub mod filter {
 /// The group-policy hook: allow or deny group creation and membership changes.
 #[cfg(feature = "group-policy")]
 pub mod groups {
+    use crate::CallContext;
     use crate::group_policy_bindings::exports::im::plugin::group_policy::Guest;
     pub use crate::group_policy_bindings::exports::im::plugin::group_policy::{
         Group, GroupAction, GroupDecision, GroupRequest, Role, RoleChange,
     };
-    use crate::CallContext;
 
     pub trait GroupPolicy {
         fn decide(ctx: CallContext, request: GroupRequest) -> GroupDecision;
@@ -229,7 +233,7 @@ pub mod groups {
         ($t:ty) => {
             const _: () = {
                 type ImPluginGroupPolicy = $crate::groups::Adapter<$t>;
-                $crate::__export_group_policy_plugin!(ImPluginGroupPolicy with_types_in $crate::group_policy_bindings);
+                $crate::group_policy_bindings::__export_group_policy_plugin!(ImPluginGroupPolicy with_types_in $crate::group_policy_bindings);
             };
         };
     }
@@ -238,9 +242,11 @@ pub mod groups {
 /// The risk-control hook: allow, throttle or block logins and sends.
 #[cfg(feature = "risk-control")]
 pub mod risk {
-    use crate::risk_bindings::exports::im::plugin::risk_control::Guest;
-    pub use crate::risk_bindings::exports::im::plugin::risk_control::{LoginAttempt, RiskEvent, RiskVerdict, Throttle};
     use crate::CallContext;
+    use crate::risk_bindings::exports::im::plugin::risk_control::Guest;
+    pub use crate::risk_bindings::exports::im::plugin::risk_control::{
+        LoginAttempt, RiskEvent, RiskVerdict, Throttle,
+    };
 
     pub trait RiskControl {
         fn assess(ctx: CallContext, event: RiskEvent) -> RiskVerdict;
@@ -261,7 +267,7 @@ pub mod risk {
         ($t:ty) => {
             const _: () = {
                 type ImPluginRiskControl = $crate::risk::Adapter<$t>;
-                $crate::__export_risk_plugin!(ImPluginRiskControl with_types_in $crate::risk_bindings);
+                $crate::risk_bindings::__export_risk_plugin!(ImPluginRiskControl with_types_in $crate::risk_bindings);
             };
         };
     }

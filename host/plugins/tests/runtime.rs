@@ -1,0 +1,487 @@
+//! The plugin runtime against real components (built from `plugins/` and `tests/guest/` by
+//! `scripts/build-plugins.sh`): verdicts, chains, sandbox, limits, failure policies,
+//! circuit breaker, KV quota and persistence, and the hot lifecycle.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use im_plugins::bindings::{risk_control, types};
+use im_plugins::{
+    CallOrigin, FilterOutcome, PluginError, PluginHost, PluginHostConfig, RiskOutcome,
+};
+use im_store::Store;
+use im_store::sqlite::{SqliteOptions, SqliteStore};
+
+fn component(name: &str) -> Vec<u8> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../target/guest/wasm32-wasip2/release")
+        .join(name);
+    std::fs::read(&path).unwrap_or_else(|_| {
+        panic!(
+            "{} is missing: build the guest plugins first (scripts/build-plugins.sh)",
+            path.display()
+        )
+    })
+}
+
+fn manifest(id: &str, hooks: &str, extra: &str) -> String {
+    format!("id = \"{id}\"\nversion = \"1.0.0\"\nhooks = [{hooks}]\n{extra}\n")
+}
+
+fn filter_manifest(id: &str, extra: &str) -> String {
+    manifest(id, "\"message-filter\"", extra)
+}
+
+struct Fixture {
+    host: Arc<PluginHost>,
+    store: Arc<SqliteStore>,
+    config: PluginHostConfig,
+    _dir: tempfile::TempDir,
+}
+
+async fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(
+        SqliteStore::open(&dir.path().join("im.db"), SqliteOptions::default())
+            .await
+            .unwrap(),
+    );
+    let config = PluginHostConfig {
+        dir: dir.path().join("plugins"),
+        cache_dir: dir.path().join("cache"),
+        node_id: "test-node".into(),
+    };
+    let host = PluginHost::start(config.clone(), store.clone() as Arc<dyn Store>)
+        .await
+        .unwrap();
+    Fixture {
+        host,
+        store,
+        config,
+        _dir: dir,
+    }
+}
+
+fn origin() -> CallOrigin {
+    CallOrigin {
+        transport: "tcp".into(),
+        remote_ip: Some("127.0.0.1".into()),
+    }
+}
+
+fn message(text: &str) -> types::Message {
+    types::Message {
+        conversation_id: "u:alice:bob".into(),
+        sender: types::Principal {
+            user_id: "alice".into(),
+            device_id: "phone".into(),
+        },
+        target: types::MessageTarget::User("bob".into()),
+        client_msg_id: "c1".into(),
+        content_type: "text/plain".into(),
+        body: text.as_bytes().to_vec(),
+    }
+}
+
+fn pass(text: &str) -> FilterOutcome {
+    FilterOutcome::Pass {
+        body: text.as_bytes().to_vec(),
+        content_type: "text/plain".into(),
+        modified: false,
+    }
+}
+
+fn modified(text: &str) -> FilterOutcome {
+    FilterOutcome::Pass {
+        body: text.as_bytes().to_vec(),
+        content_type: "text/plain".into(),
+        modified: true,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyword_filter_masks_and_rejects() {
+    let f = fixture().await;
+    let config = "[config]\nwords = \"badword,诈骗\"\naction = \"mask\"";
+    f.host
+        .install(
+            &filter_manifest("keyword-filter", config),
+            component("keyword_filter.wasm"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        f.host.filter(&origin(), message("all fine")).await,
+        pass("all fine")
+    );
+    assert_eq!(
+        f.host.filter(&origin(), message("a ＢＡＤword!")).await,
+        modified("a *******!")
+    );
+    assert_eq!(
+        f.host.filter(&origin(), message("这是诈骗")).await,
+        modified("这是**")
+    );
+    let reject = "[config]\nwords = \"scam\"\naction = \"reject\"";
+    f.host
+        .install(
+            &filter_manifest("keyword-filter", reject),
+            component("keyword_filter.wasm"),
+        )
+        .await
+        .unwrap();
+    assert!(matches!(
+        f.host.filter(&origin(), message("SCAM!")).await,
+        FilterOutcome::Reject { .. }
+    ));
+    let info = &f.host.list()[0];
+    assert_eq!(info.verdicts.get("reject"), Some(&1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chains_run_in_order_and_stop_at_reject() {
+    let f = fixture().await;
+    let tag = |id: &str, order: i32, tag: &str| {
+        filter_manifest(id, &format!("order = {order}\n[config]\ntag = \"{tag}\""))
+    };
+    f.host
+        .install(&tag("second", 20, "B"), component("tag_filter.wasm"))
+        .await
+        .unwrap();
+    f.host
+        .install(&tag("first", 10, "A"), component("tag_filter.wasm"))
+        .await
+        .unwrap();
+    assert_eq!(
+        f.host.filter(&origin(), message("x")).await,
+        modified("x A B")
+    );
+    // A rejecting filter between them stops the chain: the third never runs.
+    let reject = "order = 15\n[config]\nwords = \"x\"\naction = \"reject\"";
+    f.host
+        .install(
+            &filter_manifest("censor", reject),
+            component("keyword_filter.wasm"),
+        )
+        .await
+        .unwrap();
+    assert!(matches!(
+        f.host.filter(&origin(), message("x")).await,
+        FilterOutcome::Reject { .. }
+    ));
+    let second = f
+        .host
+        .list()
+        .into_iter()
+        .find(|p| p.id == "second")
+        .unwrap();
+    assert_eq!(second.calls, 1, "the filter after a reject is not called");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_infinite_loop_is_interrupted_at_its_deadline() {
+    let f = fixture().await;
+    let limits = "failure = \"open\"\n[limits]\ndeadline_ms = 50";
+    f.host
+        .install(
+            &filter_manifest("spin", limits),
+            component("spin_filter.wasm"),
+        )
+        .await
+        .unwrap();
+    let started = Instant::now();
+    // Fail open: the message passes unchanged.
+    assert_eq!(
+        f.host.filter(&origin(), message("spin forever")).await,
+        pass("spin forever")
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "interrupted after {:?}",
+        started.elapsed()
+    );
+    // The plugin still serves other messages, from a fresh instance.
+    assert_eq!(
+        f.host.filter(&origin(), message("hello")).await,
+        pass("hello")
+    );
+    let info = &f.host.list()[0];
+    assert_eq!(info.failures["timeout"], 1);
+    // Failing closed rejects instead.
+    let closed = "failure = \"closed\"\n[limits]\ndeadline_ms = 50";
+    f.host
+        .install(
+            &filter_manifest("spin", closed),
+            component("spin_filter.wasm"),
+        )
+        .await
+        .unwrap();
+    assert!(matches!(
+        f.host.filter(&origin(), message("spin")).await,
+        FilterOutcome::Reject { .. }
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_memory_bomb_stops_at_the_cap() {
+    let f = fixture().await;
+    let limits = "[limits]\nmemory_mib = 16";
+    f.host
+        .install(
+            &filter_manifest("bomb", limits),
+            component("memory_bomb.wasm"),
+        )
+        .await
+        .unwrap();
+    assert!(matches!(
+        f.host.filter(&origin(), message("bomb")).await,
+        FilterOutcome::Reject { .. }
+    ));
+    assert_eq!(f.host.list()[0].failures["memory"], 1);
+    assert_eq!(
+        f.host.filter(&origin(), message("calm")).await,
+        pass("calm")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_is_isolated_and_repeated_failures_open_the_breaker() {
+    let f = fixture().await;
+    f.host
+        .install(
+            &filter_manifest("panics", ""),
+            component("panic_filter.wasm"),
+        )
+        .await
+        .unwrap();
+    for _ in 0..5 {
+        assert!(matches!(
+            f.host.filter(&origin(), message("panic")).await,
+            FilterOutcome::Reject { .. }
+        ));
+    }
+    let info = &f.host.list()[0];
+    assert_eq!(info.failures["trap"], 5);
+    assert!(info.breaker_open);
+    assert_eq!(info.breaker_trips, 1);
+    // While open the plugin is not called at all; the closed policy rejects.
+    let calls_before = info.calls;
+    assert!(matches!(
+        f.host.filter(&origin(), message("fine")).await,
+        FilterOutcome::Reject { .. }
+    ));
+    assert_eq!(f.host.list()[0].calls, calls_before);
+    // After the back-off a trial call succeeds and closes the breaker.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(
+        f.host.filter(&origin(), message("fine")).await,
+        pass("fine")
+    );
+    assert!(!f.host.list()[0].breaker_open);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sandbox_grants_no_files_sockets_or_environment() {
+    let f = fixture().await;
+    f.host
+        .install(
+            &filter_manifest("escape", ""),
+            component("escape_filter.wasm"),
+        )
+        .await
+        .unwrap();
+    match f.host.filter(&origin(), message("let me out")).await {
+        FilterOutcome::Reject { reason } => {
+            assert_eq!(reason, "file:denied dir:denied net:denied env:0")
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kv_quota_holds_and_data_survives_restart_and_upgrade() {
+    let f = fixture().await;
+    let limits = "[limits]\nkv_max_keys = 100\nkv_max_bytes = 1000000";
+    f.host
+        .install(&filter_manifest("hog", limits), component("kv_hog.wasm"))
+        .await
+        .unwrap();
+    match f.host.filter(&origin(), message("fill")).await {
+        // One key holds the round counter.
+        FilterOutcome::Reject { reason } => {
+            assert_eq!(reason, "stored 99 then Error::QuotaExceeded")
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    f.host.flush_kv().await;
+    assert_eq!(f.store.load_plugin_kv("hog", 0).await.unwrap().len(), 100);
+    // A byte quota stops it too, and an upgrade keeps the data.
+    let bytes = "[limits]\nkv_max_keys = 1000\nkv_max_bytes = 120000";
+    f.host
+        .install(&filter_manifest("hog", bytes), component("kv_hog.wasm"))
+        .await
+        .unwrap();
+    let stored: usize = match f.host.filter(&origin(), message("fill")).await {
+        FilterOutcome::Reject { reason } => {
+            let rest = reason.strip_prefix("stored ").expect("a report");
+            let (n, error) = rest.split_once(" then ").expect("stopped by an error");
+            assert_eq!(error, "Error::QuotaExceeded");
+            n.parse().unwrap()
+        }
+        other => panic!("unexpected {other:?}"),
+    };
+    assert!(stored > 0);
+    f.host.flush_kv().await;
+    let records = f.store.load_plugin_kv("hog", 0).await.unwrap();
+    assert_eq!(
+        records.len(),
+        100 + stored,
+        "the first round's keys were kept"
+    );
+    let used: usize = records.iter().map(|r| r.key.len() + r.value.len()).sum();
+    let next_key = format!("k{}", 1_000_000 + stored);
+    assert!(
+        used <= 120_000 && used + next_key.len() + 1024 > 120_000,
+        "{used} bytes used"
+    );
+    // A restarted host finds the plugin and its data.
+    drop(f.host);
+    let host = PluginHost::start(f.config.clone(), f.store.clone() as Arc<dyn Store>)
+        .await
+        .unwrap();
+    let info = &host.list()[0];
+    assert_eq!((info.id.as_str(), info.kv_keys), ("hog", 100 + stored));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_components_are_refused_and_the_old_version_keeps_running() {
+    let f = fixture().await;
+    f.host
+        .install(
+            &filter_manifest("guard", "[config]\ntag = \"v1\""),
+            component("tag_filter.wasm"),
+        )
+        .await
+        .unwrap();
+    let refused = [
+        (component("foreign_import.wasm"), "imports do not match"),
+        (
+            b"\0asm this is not a component".to_vec(),
+            "invalid component",
+        ),
+        (
+            component("risk_control.wasm"),
+            "does not export im:plugin/message-filter",
+        ),
+    ];
+    for (wasm, needle) in refused {
+        let err = f
+            .host
+            .install(&filter_manifest("guard", ""), wasm)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, PluginError::InvalidComponent(_)), "{err}");
+        assert!(err.to_string().contains(needle), "{err}");
+        assert_eq!(
+            f.host.filter(&origin(), message("m")).await,
+            modified("m v1")
+        );
+    }
+    let err = f
+        .host
+        .install("id = \"Guard\"", component("tag_filter.wasm"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, PluginError::InvalidManifest(_)), "{err}");
+    assert_eq!(f.host.list().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lifecycle_install_upgrade_disable_enable_uninstall_and_restart() {
+    let f = fixture().await;
+    let v = |tag: &str, version: &str| {
+        format!(
+            "id = \"tagger\"\nversion = \"{version}\"\nhooks = [\"message-filter\"]\n[config]\ntag = \"{tag}\"\n"
+        )
+    };
+    f.host
+        .install(&v("v1", "1.0.0"), component("tag_filter.wasm"))
+        .await
+        .unwrap();
+    assert_eq!(
+        f.host.filter(&origin(), message("m")).await,
+        modified("m v1")
+    );
+    let info = f
+        .host
+        .install(&v("v2", "2.0.0"), component("tag_filter.wasm"))
+        .await
+        .unwrap();
+    assert_eq!(info.version, "2.0.0");
+    assert_eq!(
+        f.host.filter(&origin(), message("m")).await,
+        modified("m v2")
+    );
+    f.host.set_enabled("tagger", false).await.unwrap();
+    assert_eq!(f.host.filter(&origin(), message("m")).await, pass("m"));
+    // Disabled state and version survive a restart.
+    let restarted = PluginHost::start(f.config.clone(), f.store.clone() as Arc<dyn Store>)
+        .await
+        .unwrap();
+    let info = &restarted.list()[0];
+    assert_eq!((info.version.as_str(), info.enabled), ("2.0.0", false));
+    f.host.set_enabled("tagger", true).await.unwrap();
+    assert_eq!(
+        f.host.filter(&origin(), message("m")).await,
+        modified("m v2")
+    );
+    f.host.uninstall("tagger", false).await.unwrap();
+    assert_eq!(f.host.filter(&origin(), message("m")).await, pass("m"));
+    assert!(matches!(
+        f.host.uninstall("tagger", false).await,
+        Err(PluginError::NotFound(_))
+    ));
+    assert!(matches!(
+        f.host.set_enabled("tagger", true).await,
+        Err(PluginError::NotFound(_))
+    ));
+    let restarted = PluginHost::start(f.config.clone(), f.store.clone() as Arc<dyn Store>)
+        .await
+        .unwrap();
+    assert!(restarted.list().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn risk_control_throttles_bursts_and_blocks_repeats() {
+    let f = fixture().await;
+    let config = "[config]\nsend_rate = \"1\"\nsend_burst = \"5\"\nrepeat_limit = \"2\"";
+    let m = manifest("risk-control", "\"risk-control\"", config);
+    f.host
+        .install(&m, component("risk_control.wasm"))
+        .await
+        .unwrap();
+    let send = async |text: &str| {
+        f.host
+            .assess(&origin(), risk_control::RiskEvent::Send(message(text)))
+            .await
+    };
+    assert_eq!(send("one").await, RiskOutcome::Allow);
+    assert_eq!(send("one").await, RiskOutcome::Allow);
+    assert!(
+        matches!(send("one").await, RiskOutcome::Block { reason } if reason.contains("3 times"))
+    );
+    assert_eq!(send("two").await, RiskOutcome::Allow);
+    assert_eq!(send("three").await, RiskOutcome::Allow);
+    // The burst of 5 is spent: the next is throttled with a retry-after of about a second.
+    match send("four").await {
+        RiskOutcome::Throttle {
+            retry_after_ms,
+            reason,
+        } => {
+            assert!((1..=1000).contains(&retry_after_ms), "{retry_after_ms}");
+            assert!(reason.contains("alice"), "{reason}");
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+}

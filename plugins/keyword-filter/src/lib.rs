@@ -1,0 +1,171 @@
+//! Keyword filter plugin: masks or rejects messages containing configured words.
+//!
+//! Matching folds case (Unicode lowercase) and width (full-width ASCII forms and the
+//! ideographic space become their half-width forms), so `ＢａｄＷｏｒｄ` matches `badword`;
+//! CJK words match as written. One Aho-Corasick automaton per instance finds every word
+//! in one pass over the text.
+
+use std::sync::OnceLock;
+
+use aho_corasick::{AhoCorasick, MatchKind};
+use im_plugin_sdk::filter::{MessageFilter, Rewrite, Verdict};
+use im_plugin_sdk::{CallContext, Message, config};
+
+/// What to do with a message that contains a word.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    Mask,
+    Reject,
+}
+
+/// The compiled word list.
+pub struct WordFilter {
+    automaton: Option<AhoCorasick>,
+    action: Action,
+    mask: char,
+}
+
+/// Folds one character: full-width ASCII variants and the ideographic space to half-width,
+/// then Unicode lowercase.
+pub fn fold_char(c: char, out: &mut String) {
+    let half = match c {
+        '\u{FF01}'..='\u{FF5E}' => char::from_u32(c as u32 - 0xFF01 + 0x21).unwrap_or(c),
+        '\u{3000}' => ' ',
+        _ => c,
+    };
+    out.extend(half.to_lowercase());
+}
+
+/// Folds a whole string.
+pub fn fold(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    text.chars().for_each(|c| fold_char(c, &mut out));
+    out
+}
+
+impl WordFilter {
+    /// Builds the filter from a comma/newline separated word list.
+    pub fn new(words: &str, action: Action, mask: char) -> Self {
+        let words: Vec<String> = words
+            .split([',', '\n'])
+            .map(|w| fold(w.trim()))
+            .filter(|w| !w.is_empty())
+            .collect();
+        let automaton = (!words.is_empty()).then(|| {
+            AhoCorasick::builder()
+                .match_kind(MatchKind::LeftmostLongest)
+                .build(&words)
+                .expect("plain word lists always build")
+        });
+        Self {
+            automaton,
+            action,
+            mask,
+        }
+    }
+
+    /// From the plugin's configuration (`words`, `action`, `mask`).
+    pub fn from_config() -> Self {
+        let action = if config::get_or("action", "mask") == "reject" {
+            Action::Reject
+        } else {
+            Action::Mask
+        };
+        let mask = config::get_or("mask", "*").chars().next().unwrap_or('*');
+        Self::new(&config::get_or("words", ""), action, mask)
+    }
+
+    /// The verdict for `text`.
+    pub fn check(&self, text: &str) -> Option<Result<String, String>> {
+        let automaton = self.automaton.as_ref()?;
+        // Fold while remembering, for each folded byte, which original character it came from.
+        let mut folded = String::with_capacity(text.len());
+        let mut origin = Vec::with_capacity(text.len());
+        for (index, c) in text.chars().enumerate() {
+            let before = folded.len();
+            fold_char(c, &mut folded);
+            origin.extend(std::iter::repeat_n(index, folded.len() - before));
+        }
+        let mut masked = vec![false; text.chars().count()];
+        let mut found = false;
+        for m in automaton.find_iter(&folded) {
+            found = true;
+            if self.action == Action::Reject {
+                return Some(Err("message contains a blocked word".to_owned()));
+            }
+            for flag in &mut masked[origin[m.start()]..=origin[m.end() - 1]] {
+                *flag = true;
+            }
+        }
+        if !found {
+            return None;
+        }
+        Some(Ok(text
+            .chars()
+            .zip(masked)
+            .map(|(c, m)| if m { self.mask } else { c })
+            .collect()))
+    }
+}
+
+fn filter() -> &'static WordFilter {
+    static FILTER: OnceLock<WordFilter> = OnceLock::new();
+    FILTER.get_or_init(WordFilter::from_config)
+}
+
+struct KeywordFilter;
+
+impl MessageFilter for KeywordFilter {
+    fn filter(_ctx: CallContext, message: Message) -> Verdict {
+        let is_text = message.content_type.is_empty() || message.content_type.starts_with("text/");
+        let Ok(text) = std::str::from_utf8(&message.body) else {
+            return Verdict::Allow;
+        };
+        if !is_text {
+            return Verdict::Allow;
+        }
+        match filter().check(text) {
+            None => Verdict::Allow,
+            Some(Err(reason)) => Verdict::Reject(reason),
+            Some(Ok(masked)) => Verdict::Modify(Rewrite {
+                body: masked.into_bytes(),
+                content_type: message.content_type,
+            }),
+        }
+    }
+}
+
+im_plugin_sdk::export_message_filter!(KeywordFilter);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn masks_case_and_width_variants_and_cjk() {
+        let f = WordFilter::new("badword, 诈骗\nscam", Action::Mask, '*');
+        assert_eq!(f.check("hello"), None);
+        assert_eq!(f.check("a BadWord here"), Some(Ok("a ******* here".into())));
+        assert_eq!(f.check("ＢＡＤｗｏｒｄ!"), Some(Ok("*******!".into())));
+        assert_eq!(f.check("这是诈骗信息"), Some(Ok("这是**信息".into())));
+        assert_eq!(f.check("scam scam"), Some(Ok("**** ****".into())));
+    }
+
+    #[test]
+    fn reject_mode_refuses() {
+        let f = WordFilter::new("scam", Action::Reject, '*');
+        assert_eq!(
+            f.check("no SCAM"),
+            Some(Err("message contains a blocked word".into()))
+        );
+        assert_eq!(f.check("fine"), None);
+    }
+
+    #[test]
+    fn empty_word_list_passes_everything() {
+        assert_eq!(
+            WordFilter::new(" , ", Action::Mask, '*').check("anything"),
+            None
+        );
+    }
+}

@@ -48,6 +48,7 @@ impl v1::Frame {
             v1::frame::Body::Error(v1::Error {
                 code: code as i32,
                 message: message.into(),
+                retry_after_ms: 0,
             }),
         )
     }

@@ -191,6 +191,26 @@ pub fn error_code(frame: &v1::Frame) -> Option<v1::ErrorCode> {
     }
 }
 
+/// A built plugin component from `target/guest` (see `scripts/build-plugins.sh`).
+pub fn component(file: &str) -> Vec<u8> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/guest/wasm32-wasip2/release")
+        .join(file);
+    std::fs::read(&path).unwrap_or_else(|_| {
+        panic!(
+            "{} is missing: run scripts/build-plugins.sh first",
+            path.display()
+        )
+    })
+}
+
+/// A response of the admin API.
+#[derive(Debug)]
+pub struct AdminResponse {
+    pub status: u16,
+    pub json: serde_json::Value,
+}
+
 /// An in-process node with a temporary data directory.
 pub struct TestServer {
     pub node: RunningNode,
@@ -231,6 +251,57 @@ impl TestServer {
             endpoints,
             _data: data,
         }
+    }
+
+    /// Calls the admin API with the node's token (or `token` when given).
+    pub async fn admin(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<serde_json::Value>,
+        token: Option<&str>,
+    ) -> AdminResponse {
+        let url = format!(
+            "http://{}{path}",
+            self.node.admin.expect("admin API enabled")
+        );
+        let client = reqwest::Client::new();
+        let mut request = client.request(method.parse().unwrap(), url);
+        let token = token.unwrap_or(&self.node.admin_token);
+        if !token.is_empty() {
+            request = request.bearer_auth(token);
+        }
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.expect("admin API answers");
+        let status = response.status().as_u16();
+        let text = response.text().await.unwrap();
+        let json = if text.is_empty() {
+            serde_json::Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap()
+        };
+        AdminResponse { status, json }
+    }
+
+    /// Installs (or upgrades) a plugin through the admin API; panics unless it succeeds.
+    pub async fn install_plugin(&self, manifest: &str, wasm_file: &str) -> serde_json::Value {
+        use base64::Engine as _;
+        let id = manifest
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("id = "))
+            .map(|v| v.trim_matches('"').to_owned())
+            .expect("manifest has an id");
+        let body = serde_json::json!({
+            "manifest": manifest,
+            "wasm_base64": base64::engine::general_purpose::STANDARD.encode(component(wasm_file)),
+        });
+        let response = self
+            .admin("PUT", &format!("/v1/plugins/{id}"), Some(body), None)
+            .await;
+        assert_eq!(response.status, 200, "install failed: {}", response.json);
+        response.json
     }
 
     /// Logged-in connections right now.

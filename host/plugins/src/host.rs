@@ -343,6 +343,11 @@ impl PluginHost {
         Ok(())
     }
 
+    /// Whether any enabled plugin serves `hook` (lets callers skip preparing a call).
+    pub fn has_hook(&self, hook: Hook) -> bool {
+        !self.generation().chain(hook).is_empty()
+    }
+
     /// Every installed plugin.
     pub fn list(&self) -> Vec<PluginInfo> {
         self.generation().installed.values().map(info).collect()

@@ -1,6 +1,9 @@
 //! Authentication seam: the [`Authenticator`] trait and the development HMAC-token implementation.
 
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
+
+use im_plugins::{AuthOutcome, CallOrigin, PluginHost};
 
 /// A successful authentication.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -13,6 +16,8 @@ pub struct Identity {
 pub struct Credentials<'a> {
     pub token: &'a str,
     pub device_id: &'a str,
+    /// Where the login comes from.
+    pub origin: &'a CallOrigin,
 }
 
 /// Decides who a connection belongs to.
@@ -50,5 +55,35 @@ impl Authenticator for DevTokenAuthenticator {
         Ok(Identity {
             user_id: claims.user_id,
         })
+    }
+}
+
+/// Authenticates through the plugin host's authenticator chain; while no authenticator
+/// plugin is enabled, development tokens are accepted (if a fallback is configured).
+pub struct PluginAuthenticator {
+    pub plugins: Arc<PluginHost>,
+    pub fallback: Option<DevTokenAuthenticator>,
+}
+
+#[async_trait::async_trait]
+impl Authenticator for PluginAuthenticator {
+    async fn authenticate(&self, credentials: Credentials<'_>) -> Result<Identity, String> {
+        match self
+            .plugins
+            .authenticate(credentials.origin, credentials.token, credentials.device_id)
+            .await
+        {
+            AuthOutcome::Allowed { user_id } if im_proto::ids::is_valid_id(&user_id) => {
+                Ok(Identity { user_id })
+            }
+            AuthOutcome::Allowed { .. } => {
+                Err("the authenticator returned an invalid user id".into())
+            }
+            AuthOutcome::Denied { reason } => Err(reason),
+            AuthOutcome::NoPlugins => match &self.fallback {
+                Some(dev) => dev.authenticate(credentials).await,
+                None => Err("no authenticator is installed".into()),
+            },
+        }
     }
 }

@@ -25,7 +25,64 @@ pub struct Config {
     pub session: SessionConfig,
     pub auth: AuthConfig,
     pub storage: StorageConfig,
+    pub plugins: PluginsConfig,
+    pub admin: AdminConfig,
     pub log: LogConfig,
+}
+
+/// The Wasm plugin platform.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PluginsConfig {
+    /// Run plugins at all.
+    pub enabled: bool,
+    /// Installed plugins; default `<data_dir>/plugins`.
+    pub dir: Option<PathBuf>,
+    /// Plugins to install at start when the plugins directory does not exist yet (a new
+    /// node); later changes go through the admin API.
+    pub bootstrap: Vec<BootstrapPlugin>,
+    /// This node's name, reported to plugins.
+    pub node_id: String,
+}
+
+/// A plugin to install on a new node.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BootstrapPlugin {
+    pub manifest: PathBuf,
+    pub wasm: PathBuf,
+}
+
+/// The local admin HTTP API (plugin lifecycle).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminConfig {
+    pub enabled: bool,
+    pub listen: SocketAddr,
+    /// Bearer token required on every request. When absent, one is generated on first
+    /// start in `<data_dir>/admin-token`.
+    pub token: Option<String>,
+}
+
+impl Default for PluginsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            dir: None,
+            bootstrap: Vec::new(),
+            node_id: "node-1".into(),
+        }
+    }
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen: "127.0.0.1:7180".parse().expect("valid default address"),
+            token: None,
+        }
+    }
 }
 
 /// One listener.
@@ -116,6 +173,8 @@ impl Default for Config {
             session: SessionConfig::default(),
             auth: AuthConfig::default(),
             storage: StorageConfig::default(),
+            plugins: PluginsConfig::default(),
+            admin: AdminConfig::default(),
             log: LogConfig::default(),
         }
     }
@@ -230,10 +289,23 @@ impl Config {
         if !(self.tcp.enabled || self.websocket.enabled || self.quic.enabled) {
             return bad("at least one of tcp, websocket and quic must be enabled");
         }
+        if let Some(token) = &self.admin.token
+            && token.len() < 16
+        {
+            return bad("admin.token must be at least 16 characters");
+        }
         if self.quic.tls {
             return bad("quic.tls is implied (QUIC always uses TLS); remove it");
         }
         Ok(())
+    }
+
+    /// The installed-plugins directory.
+    pub fn plugins_dir(&self) -> PathBuf {
+        self.plugins
+            .dir
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("plugins"))
     }
 
     /// The database file.
@@ -261,6 +333,10 @@ impl Config {
             tcp: local(false),
             websocket: local(false),
             quic: local(false),
+            admin: AdminConfig {
+                listen: "127.0.0.1:0".parse().expect("addr"),
+                ..AdminConfig::default()
+            },
             ..Self::default()
         }
     }

@@ -7,9 +7,11 @@
 //! - [`pipeline`]: group commit of sends to the store, then acks and pushes in seq order;
 //! - [`router`]: which devices are online here, with bounded per-connection queues;
 //! - [`cursors`]: batched persistence of per-device delivery cursors;
-//! - [`auth`]: the authentication seam and the development token authenticator;
+//! - [`auth`]: the authentication seam: plugin authenticators, development tokens;
+//! - [`admin`]: the local admin HTTP API (plugin lifecycle);
 //! - [`config`], [`node`], [`cli`]: configuration, wiring and the binary.
 
+pub mod admin;
 pub mod auth;
 pub mod cli;
 pub mod config;

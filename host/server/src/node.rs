@@ -15,13 +15,15 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::auth::DevTokenAuthenticator;
+use crate::admin;
+use crate::auth::{Authenticator, DevTokenAuthenticator, PluginAuthenticator};
 use crate::config::Config;
 use crate::cursors::CursorWriter;
 use crate::pipeline::Pipeline;
 use crate::router::LocalRouter;
 use crate::session::NodeContext;
 use crate::transport::{quic, tcp, tls, ws};
+use im_plugins::{PluginHost, PluginHostConfig};
 
 /// A started node.
 pub struct RunningNode {
@@ -31,6 +33,10 @@ pub struct RunningNode {
     pub websocket: Option<SocketAddr>,
     /// Bound QUIC (UDP) address, if enabled.
     pub quic: Option<SocketAddr>,
+    /// Bound admin API address, if enabled.
+    pub admin: Option<SocketAddr>,
+    /// The admin API's bearer token.
+    pub admin_token: String,
     /// Whether TCP / WebSocket serve TLS.
     pub tcp_tls: bool,
     pub websocket_tls: bool,
@@ -71,6 +77,54 @@ pub fn dev_secret(config: &Config) -> anyhow::Result<Vec<u8>> {
     }
 }
 
+/// The admin token from config, or from `<data_dir>/admin-token`, creating it.
+fn admin_token(config: &Config) -> anyhow::Result<String> {
+    if let Some(token) = &config.admin.token {
+        return Ok(token.clone());
+    }
+    let path = config.data_dir.join("admin-token");
+    match std::fs::read_to_string(&path) {
+        Ok(token) => Ok(token.trim().to_owned()),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+            let bytes: [u8; 24] = rand::random();
+            let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+            tls::write_private(&path, token.as_bytes())
+                .with_context(|| format!("writing {}", path.display()))?;
+            Ok(token)
+        }
+        Err(err) => Err(err).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+/// Starts the plugin host; on a new node, installs the configured bootstrap plugins.
+async fn start_plugins(config: &Config, store: Arc<dyn Store>) -> anyhow::Result<Arc<PluginHost>> {
+    let dir = config.plugins_dir();
+    let new_node = !dir.exists();
+    let host = PluginHost::start(
+        PluginHostConfig {
+            dir,
+            cache_dir: config.data_dir.join("plugin-cache"),
+            node_id: config.plugins.node_id.clone(),
+        },
+        store,
+    )
+    .await
+    .context("starting the plugin host")?;
+    if new_node {
+        for plugin in &config.plugins.bootstrap {
+            let manifest = std::fs::read_to_string(&plugin.manifest)
+                .with_context(|| format!("reading {}", plugin.manifest.display()))?;
+            let wasm = std::fs::read(&plugin.wasm)
+                .with_context(|| format!("reading {}", plugin.wasm.display()))?;
+            let info = host.install(&manifest, wasm).await.with_context(|| {
+                format!("installing bootstrap plugin {}", plugin.manifest.display())
+            })?;
+            tracing::info!(plugin = %info.id, version = %info.version, "installed bootstrap plugin");
+        }
+    }
+    Ok(host)
+}
+
 impl RunningNode {
     /// Starts a node: binds every enabled listener before returning.
     pub async fn start(config: Config) -> anyhow::Result<Self> {
@@ -95,14 +149,27 @@ impl RunningNode {
         let (pipeline, pipeline_task) =
             Pipeline::start(dyn_store.clone(), router.clone(), config.storage.max_batch);
         let (cursors, cursor_task) = CursorWriter::start(dyn_store.clone());
+        let plugins = if config.plugins.enabled {
+            Some(start_plugins(&config, dyn_store.clone()).await?)
+        } else {
+            None
+        };
+        let auth: Arc<dyn Authenticator> = match &plugins {
+            Some(plugins) => Arc::new(PluginAuthenticator {
+                plugins: plugins.clone(),
+                fallback: Some(DevTokenAuthenticator::new(secret.clone())),
+            }),
+            None => Arc::new(DevTokenAuthenticator::new(secret.clone())),
+        };
         let ctx = Arc::new(NodeContext::new(
             config.clone(),
             dyn_store,
             router,
             pipeline,
-            Arc::new(DevTokenAuthenticator::new(secret.clone())),
+            auth,
             cursors,
             shutdown.clone(),
+            plugins.clone(),
         ));
         let listeners = TaskTracker::new();
         let sessions = TaskTracker::new();
@@ -110,6 +177,8 @@ impl RunningNode {
             tcp: None,
             websocket: None,
             quic: None,
+            admin: None,
+            admin_token: String::new(),
             tcp_tls: config.tcp.tls,
             websocket_tls: config.websocket.tls,
             certificate: identity.chain[0].clone(),
@@ -152,6 +221,24 @@ impl RunningNode {
                 .transpose()?;
             listeners.spawn(ws::serve(listener, acceptor, ctx.clone(), sessions.clone()));
         }
+        if let (Some(plugins), true) = (&plugins, config.admin.enabled) {
+            let token = admin_token(&config)?;
+            let listener = TcpListener::bind(config.admin.listen)
+                .await
+                .with_context(|| format!("binding admin {}", config.admin.listen))?;
+            node.admin = Some(listener.local_addr()?);
+            node.admin_token = token.clone();
+            let app = admin::router(plugins.clone(), token);
+            let stop = node.shutdown.clone();
+            listeners.spawn(async move {
+                let served = axum::serve(listener, app)
+                    .with_graceful_shutdown(stop.cancelled_owned())
+                    .await;
+                if let Err(err) = served {
+                    tracing::error!(error = %err, "admin API stopped");
+                }
+            });
+        }
         if config.quic.enabled {
             let server_config = tls::quic_server_config(&identity, config.idle_timeout())?;
             let endpoint = quinn::Endpoint::server(server_config, config.quic.listen)
@@ -190,7 +277,11 @@ impl RunningNode {
             store,
             ..
         } = self;
+        let plugins = context.plugins.clone();
         drop(context);
+        if let Some(plugins) = plugins {
+            plugins.flush_kv().await;
+        }
         for task in background {
             let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
         }

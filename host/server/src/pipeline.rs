@@ -98,6 +98,7 @@ fn ack_frame(request_id: u64, m: &StoredMessage, duplicate: bool) -> bytes::Byte
             server_msg_id: m.server_msg_id.clone(),
             server_time_ms: m.server_time_ms,
             duplicate,
+            dropped: false,
         }),
     )
     .to_bytes()

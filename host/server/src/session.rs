@@ -22,6 +22,10 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use im_plugins::bindings::risk_control::{LoginAttempt, RiskEvent};
+use im_plugins::bindings::types;
+use im_plugins::{CallOrigin, FilterOutcome, Hook, PluginHost, RiskOutcome};
+
 use crate::auth::{Authenticator, Credentials};
 use crate::config::Config;
 use crate::cursors::CursorWriter;
@@ -43,6 +47,8 @@ const MAX_CONTENT_TYPE_BYTES: usize = 128;
 /// Everything sessions share.
 pub struct NodeContext {
     pub config: Config,
+    /// The plugin host, unless plugins are disabled.
+    pub plugins: Option<Arc<PluginHost>>,
     pub store: Arc<dyn Store>,
     pub router: Arc<LocalRouter>,
     pub pipeline: Pipeline,
@@ -73,9 +79,11 @@ impl NodeContext {
         auth: Arc<dyn Authenticator>,
         cursors: CursorWriter,
         shutdown: CancellationToken,
+        plugins: Option<Arc<PluginHost>>,
     ) -> Self {
         Self {
             config,
+            plugins,
             known_users: KnownUsers::new(store.clone()),
             store,
             router,
@@ -154,13 +162,17 @@ enum End {
 pub async fn run_session<C: FrameConn>(ctx: Arc<NodeContext>, mut conn: C, peer: SocketAddr) {
     ctx.stats.open.fetch_add(1, Ordering::Relaxed);
     let transport = conn.transport().as_str();
-    let end = match await_login(&ctx, &mut conn).await {
+    let origin = CallOrigin {
+        transport: transport.to_owned(),
+        remote_ip: Some(peer.ip().to_string()),
+    };
+    let end = match await_login(&ctx, &mut conn, &origin).await {
         Ok(login) => {
             tracing::debug!(%peer, transport, user = %login.handle.user_id, device = %login.handle.device_id, "logged in");
             ctx.stats.logged_in.fetch_add(1, Ordering::Relaxed);
             let user_id = login.handle.user_id.clone();
             let conn_id = login.handle.conn_id;
-            let end = LoggedIn::new(&ctx, login).run(&mut conn).await;
+            let end = LoggedIn::new(&ctx, login, origin).run(&mut conn).await;
             ctx.router.unregister(&user_id, conn_id);
             ctx.stats.logged_in.fetch_sub(1, Ordering::Relaxed);
             end
@@ -181,7 +193,11 @@ struct Login {
 }
 
 /// Serves `Ping` and waits for a valid `Login`.
-async fn await_login<C: FrameConn>(ctx: &Arc<NodeContext>, conn: &mut C) -> Result<Login, End> {
+async fn await_login<C: FrameConn>(
+    ctx: &Arc<NodeContext>,
+    conn: &mut C,
+    origin: &CallOrigin,
+) -> Result<Login, End> {
     let deadline = Instant::now() + ctx.login_timeout();
     loop {
         let received = tokio::select! {
@@ -207,7 +223,9 @@ async fn await_login<C: FrameConn>(ctx: &Arc<NodeContext>, conn: &mut C) -> Resu
         };
         let request_id = frame.request_id;
         match frame.body {
-            Some(Body::Login(login)) => return login_with(ctx, conn, request_id, login).await,
+            Some(Body::Login(login)) => {
+                return login_with(ctx, conn, origin, request_id, login).await;
+            }
             Some(Body::Ping(ping)) => reply(conn, pong(request_id, ping.nonce)).await?,
             Some(_) => {
                 reply(
@@ -230,6 +248,7 @@ async fn await_login<C: FrameConn>(ctx: &Arc<NodeContext>, conn: &mut C) -> Resu
 async fn login_with<C: FrameConn>(
     ctx: &Arc<NodeContext>,
     conn: &mut C,
+    origin: &CallOrigin,
     request_id: u64,
     login: v1::LoginRequest,
 ) -> Result<Login, End> {
@@ -251,6 +270,7 @@ async fn login_with<C: FrameConn>(
     let credentials = Credentials {
         token: &login.token,
         device_id: &login.device_id,
+        origin,
     };
     let identity =
         match tokio::time::timeout(ctx.login_timeout(), ctx.auth.authenticate(credentials)).await {
@@ -263,6 +283,25 @@ async fn login_with<C: FrameConn>(
                 ));
             }
         };
+    if let Some(plugins) = &ctx.plugins {
+        let attempt = LoginAttempt {
+            user_id: identity.user_id.clone(),
+            device_id: login.device_id.clone(),
+        };
+        match plugins.assess(origin, RiskEvent::Login(attempt)).await {
+            RiskOutcome::Allow => {}
+            RiskOutcome::Throttle {
+                retry_after_ms,
+                reason,
+            } => {
+                let message = format!("{reason}; retry after {retry_after_ms} ms");
+                return Err(End::Close(CloseReason::AuthFailed, message));
+            }
+            RiskOutcome::Block { reason } => {
+                return Err(End::Close(CloseReason::AuthFailed, reason));
+            }
+        }
+    }
     if let Err(err) = ctx.known_users.register(&identity.user_id).await {
         tracing::error!(error = %err, "recording a user failed");
         reply(
@@ -345,6 +384,7 @@ async fn reply<C: FrameConn>(conn: &mut C, frame: Bytes) -> Result<(), End> {
 /// A logged-in connection's state.
 struct LoggedIn {
     ctx: Arc<NodeContext>,
+    origin: CallOrigin,
     handle: ConnHandle,
     queue: mpsc::Receiver<Outbound>,
     pending: PendingDeliveries,
@@ -354,10 +394,11 @@ struct LoggedIn {
 }
 
 impl LoggedIn {
-    fn new(ctx: &Arc<NodeContext>, login: Login) -> Self {
+    fn new(ctx: &Arc<NodeContext>, login: Login, origin: CallOrigin) -> Self {
         let s = &ctx.config.session;
         Self {
             ctx: ctx.clone(),
+            origin,
             handle: login.handle,
             queue: login.queue,
             pending: PendingDeliveries::new(
@@ -560,14 +601,29 @@ impl LoggedIn {
                 return Ok(());
             }
         }
+        let conversation_id = ids::direct_conversation_id(&self.handle.user_id, &to);
+        let target = types::MessageTarget::User(to.clone());
+        let screened = self
+            .screen(
+                rid,
+                &conversation_id,
+                target,
+                &send.client_msg_id,
+                send.body,
+                send.content_type,
+            )
+            .await;
+        let Some((body, content_type)) = screened else {
+            return Ok(());
+        };
         let message = NewMessage {
-            conversation_id: ids::direct_conversation_id(&self.handle.user_id, &to),
+            conversation_id,
             sender_id: self.handle.user_id.to_string(),
             sender_device_id: self.handle.device_id.to_string(),
             recipient_id: to,
             client_msg_id: send.client_msg_id,
-            body: send.body,
-            content_type: send.content_type,
+            body,
+            content_type,
             server_msg_id: uuid::Uuid::now_v7().to_string(),
             server_time_ms: now_ms(),
         };
@@ -588,6 +644,91 @@ impl LoggedIn {
             }
         }
         Ok(())
+    }
+
+    /// Passes a message through the message-filter and risk-control chains. Returns the
+    /// (possibly rewritten) body and content type to store, or `None` when the request was
+    /// answered here (rejected, dropped or throttled).
+    async fn screen(
+        &mut self,
+        rid: u64,
+        conversation_id: &str,
+        target: types::MessageTarget,
+        client_msg_id: &str,
+        body: Bytes,
+        content_type: String,
+    ) -> Option<(Bytes, String)> {
+        let Some(plugins) = self.ctx.plugins.clone() else {
+            return Some((body, content_type));
+        };
+        if !plugins.has_hook(Hook::MessageFilter) && !plugins.has_hook(Hook::RiskControl) {
+            return Some((body, content_type));
+        }
+        let mut message = types::Message {
+            conversation_id: conversation_id.to_owned(),
+            sender: types::Principal {
+                user_id: self.handle.user_id.to_string(),
+                device_id: self.handle.device_id.to_string(),
+            },
+            target,
+            client_msg_id: client_msg_id.to_owned(),
+            content_type,
+            body: body.to_vec(),
+        };
+        match plugins.filter(&self.origin, message.clone()).await {
+            FilterOutcome::Pass {
+                body,
+                content_type,
+                modified,
+            } => {
+                if modified {
+                    if body.is_empty() || body.len() > self.ctx.config.limits.max_body_bytes {
+                        let reason = "a message filter produced an empty or oversized body";
+                        self.out.push(error_bytes(rid, ErrorCode::Rejected, reason));
+                        return None;
+                    }
+                    message.body = body;
+                    message.content_type = content_type;
+                }
+            }
+            FilterOutcome::Reject { reason } => {
+                self.out.push(error_bytes(rid, ErrorCode::Rejected, reason));
+                return None;
+            }
+            FilterOutcome::Drop => {
+                let ack = v1::SendAck {
+                    client_msg_id: client_msg_id.to_owned(),
+                    conversation_id: conversation_id.to_owned(),
+                    dropped: true,
+                    ..Default::default()
+                };
+                self.out.push(frame_bytes(rid, Body::SendAck(ack)));
+                return None;
+            }
+        }
+        match plugins
+            .assess(&self.origin, RiskEvent::Send(message.clone()))
+            .await
+        {
+            RiskOutcome::Allow => {}
+            RiskOutcome::Throttle {
+                retry_after_ms,
+                reason,
+            } => {
+                let error = v1::Error {
+                    code: ErrorCode::Throttled as i32,
+                    message: reason,
+                    retry_after_ms,
+                };
+                self.out.push(frame_bytes(rid, Body::Error(error)));
+                return None;
+            }
+            RiskOutcome::Block { reason } => {
+                self.out.push(error_bytes(rid, ErrorCode::Rejected, reason));
+                return None;
+            }
+        }
+        Some((Bytes::from(message.body), message.content_type))
     }
 
     /// Runs a slow request in its own task (bounded per connection); its answer is queued.

@@ -1,0 +1,337 @@
+//! Plugins seen through real client connections: filters mask and reject, risk control
+//! throttles, hostile plugins are contained while other traffic continues, the admin API
+//! guards and drives the lifecycle, and a hot upgrade loses or drops nothing.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use im_client::{Event, v1};
+use im_e2e::*;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn filter_manifest(id: &str, extra: &str) -> String {
+    format!("id = \"{id}\"\nversion = \"1.0.0\"\nhooks = [\"message-filter\"]\n{extra}\n")
+}
+
+macro_rules! on_every_transport {
+    ($($scenario:ident),* $(,)?) => {
+        mod tcp { $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $scenario() { super::$scenario(super::Transport::Tcp).await } )* }
+        mod websocket { $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $scenario() { super::$scenario(super::Transport::WebSocket).await } )* }
+        mod quic { $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $scenario() { super::$scenario(super::Transport::Quic).await } )* }
+    };
+}
+
+on_every_transport!(
+    filter_masks_and_rejects,
+    spammer_is_throttled,
+    hostile_plugins_are_contained
+);
+
+async fn filter_masks_and_rejects(t: Transport) {
+    let server = TestServer::start().await;
+    let (_bob, mut bob_events) = server.client(t, "bob", "phone").await;
+    let (alice, _) = server.client(t, "alice", "phone").await;
+    let mask = "[config]\nwords = \"darn\"\naction = \"mask\"";
+    server
+        .install_plugin(&filter_manifest("mask", mask), "keyword_filter.wasm")
+        .await;
+    let reject = "order = 200\n[config]\nwords = \"scam\"\naction = \"reject\"";
+    server
+        .install_plugin(&filter_manifest("reject", reject), "keyword_filter.wasm")
+        .await;
+
+    alice.send_text("bob", "well ＤＡＲＮ it").await.unwrap();
+    let got = receive(&mut bob_events, 1, WAIT).await;
+    assert_eq!(got[0].body, text("well **** it"));
+    // The sender's own history shows what was stored: the masked text.
+    let stored = alice.sync("u:alice:bob", 0, 10).await.unwrap();
+    assert_eq!(stored.messages[0].body, text("well **** it"));
+
+    let err = alice.send_text("bob", "a SCAM offer").await.unwrap_err();
+    assert_eq!(err.code(), Some(v1::ErrorCode::Rejected));
+    assert!(err.to_string().contains("blocked word"), "{err}");
+    assert_no_message(&mut bob_events, Duration::from_millis(300)).await;
+    // The rejected message took no seq: the next one is 2.
+    assert_eq!(alice.send_text("bob", "fine").await.unwrap().seq, 2);
+}
+
+async fn spammer_is_throttled(t: Transport) {
+    let server = TestServer::start().await;
+    let risk = "id = \"risk-control\"\nversion = \"0.1.0\"\nhooks = [\"risk-control\"]\n\
+                [config]\nsend_rate = \"1\"\nsend_burst = \"5\"\nrepeat_limit = \"100\"";
+    server.install_plugin(risk, "risk_control.wasm").await;
+    let (_bob, mut bob_events) = server.client(t, "bob", "phone").await;
+    let (spammer, _) = server.client(t, "spammer", "phone").await;
+    let (carol, _) = server.client(t, "carol", "phone").await;
+    let mut throttled = None;
+    for i in 0..10 {
+        match spammer.send_text("bob", &format!("buy now {i}")).await {
+            Ok(_) => {}
+            Err(err) => {
+                throttled = Some((i, err));
+                break;
+            }
+        }
+    }
+    let (sent, err) = throttled.expect("the spammer was throttled");
+    assert_eq!(sent, 5, "the burst of 5 went through");
+    assert_eq!(err.code(), Some(v1::ErrorCode::Throttled));
+    // Other users are not affected.
+    for i in 0..5 {
+        carol.send_text("bob", &format!("hello {i}")).await.unwrap();
+    }
+    assert_eq!(receive(&mut bob_events, 10, WAIT).await.len(), 10);
+}
+
+async fn hostile_plugins_are_contained(t: Transport) {
+    let server = TestServer::start().await;
+    let (bob, mut bob_events) = server.client(t, "bob", "phone").await;
+    let (alice, _) = server.client(t, "alice", "phone").await;
+    let (carol, mut carol_events) = server.client(t, "carol", "phone").await;
+    // Fail open: an infinite loop and a memory bomb cost a deadline, then the message passes.
+    let spin = "order = 1\nfailure = \"open\"\n[limits]\ndeadline_ms = 50";
+    server
+        .install_plugin(&filter_manifest("spin", spin), "spin_filter.wasm")
+        .await;
+    let bomb = "order = 2\nfailure = \"open\"\n[limits]\nmemory_mib = 16";
+    server
+        .install_plugin(&filter_manifest("bomb", bomb), "memory_bomb.wasm")
+        .await;
+    // Fail closed: a panicking filter rejects what it cannot judge.
+    server
+        .install_plugin(&filter_manifest("panics", "order = 3"), "panic_filter.wasm")
+        .await;
+
+    let started = Instant::now();
+    alice.send_text("bob", "spin the wheel").await.unwrap();
+    alice.send_text("bob", "bomb's away").await.unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+    let err = alice.send_text("bob", "panic now").await.unwrap_err();
+    assert_eq!(err.code(), Some(v1::ErrorCode::Rejected));
+    // Everyone else keeps chatting, in both directions.
+    for i in 0..20 {
+        carol.send_text("bob", &format!("c{i}")).await.unwrap();
+        bob.send_text("carol", &format!("b{i}")).await.unwrap();
+    }
+    assert_eq!(receive(&mut bob_events, 22, WAIT).await.len(), 22);
+    assert_eq!(receive(&mut carol_events, 20, WAIT).await.len(), 20);
+    let plugins = server.admin("GET", "/v1/plugins", None, None).await.json;
+    let failures = |id: &str, kind: &str| {
+        plugins
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["id"] == id)
+            .unwrap()["failures"][kind]
+            .as_u64()
+            .unwrap()
+    };
+    assert_eq!(failures("spin", "timeout"), 1);
+    assert_eq!(failures("bomb", "memory"), 1);
+    assert_eq!(failures("panics", "trap"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_api_requires_its_token_and_refuses_bad_input() {
+    use base64::Engine as _;
+    let server = TestServer::start().await;
+    assert_eq!(
+        server
+            .admin("GET", "/v1/plugins", None, Some(""))
+            .await
+            .status,
+        401
+    );
+    let wrong = server
+        .admin("GET", "/v1/plugins", None, Some("not-the-token"))
+        .await;
+    assert_eq!(
+        (wrong.status, wrong.json["code"].as_str()),
+        (401, Some("unauthorized"))
+    );
+    assert_eq!(
+        server.admin("GET", "/v1/plugins", None, None).await.json,
+        serde_json::json!([])
+    );
+
+    server
+        .install_plugin(
+            &filter_manifest("guard", "[config]\ntag = \"v1\""),
+            "tag_filter.wasm",
+        )
+        .await;
+    let encode = |file: &str| base64::engine::general_purpose::STANDARD.encode(component(file));
+    let cases = [
+        (serde_json::json!({"manifest": 1}), 400, "bad_request"),
+        (
+            serde_json::json!({"manifest": filter_manifest("other", ""), "wasm_base64": encode("tag_filter.wasm")}),
+            400,
+            "id_mismatch",
+        ),
+        (
+            serde_json::json!({"manifest": "id = \"guard\"", "wasm_base64": ""}),
+            400,
+            "invalid_manifest",
+        ),
+        (
+            serde_json::json!({"manifest": filter_manifest("guard", ""), "wasm_base64": "!!!"}),
+            400,
+            "bad_request",
+        ),
+        (
+            serde_json::json!({"manifest": filter_manifest("guard", ""), "wasm_base64": encode("foreign_import.wasm")}),
+            400,
+            "invalid_component",
+        ),
+    ];
+    for (body, status, code) in cases {
+        let response = server
+            .admin("PUT", "/v1/plugins/guard", Some(body), None)
+            .await;
+        assert_eq!(
+            (response.status, response.json["code"].as_str()),
+            (status, Some(code)),
+            "{}",
+            response.json
+        );
+    }
+    // Without the token nothing changes.
+    let unauthorized = server
+        .admin("DELETE", "/v1/plugins/guard", None, Some("x"))
+        .await;
+    assert_eq!(unauthorized.status, 401);
+    // The running version is untouched.
+    let (_bob, mut bob_events) = server.client(Transport::Tcp, "bob", "phone").await;
+    let (alice, _) = server.client(Transport::Tcp, "alice", "phone").await;
+    alice.send_text("bob", "m").await.unwrap();
+    assert_eq!(
+        receive(&mut bob_events, 1, WAIT).await[0].body,
+        text("m v1")
+    );
+    assert_eq!(
+        server
+            .admin("POST", "/v1/plugins/nope/enable", None, None)
+            .await
+            .status,
+        404
+    );
+    assert_eq!(
+        server
+            .admin("DELETE", "/v1/plugins/nope", None, None)
+            .await
+            .status,
+        404
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hot_upgrade_drops_no_connection_and_loses_no_message() {
+    let server = TestServer::start().await;
+    let (_bob, mut bob_events) = server.client(Transport::Tcp, "bob", "phone").await;
+    // Three senders, one per transport, sending continuously while the filter changes.
+    let mut senders = Vec::new();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for (user, t) in [
+        ("alice", Transport::Tcp),
+        ("carol", Transport::WebSocket),
+        ("dave", Transport::Quic),
+    ] {
+        let (client, mut events) = server.client(t, user, "phone").await;
+        let stop = stop.clone();
+        senders.push(tokio::spawn(async move {
+            let mut sent = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                client
+                    .send_text("bob", &format!("{user} {sent}"))
+                    .await
+                    .expect("every send is acked");
+                sent += 1;
+            }
+            // No disconnect happened on this client.
+            while let Ok(Some(event)) =
+                tokio::time::timeout(Duration::from_millis(50), events.next()).await
+            {
+                assert!(
+                    !matches!(event, Event::Disconnected { .. } | Event::Closed { .. }),
+                    "{user}: {event:?}"
+                );
+            }
+            (user, sent, client)
+        }));
+    }
+    let pause = || tokio::time::sleep(Duration::from_millis(300));
+    pause().await;
+    let tag = |v: &str| {
+        format!(
+            "id = \"tagger\"\nversion = \"{v}.0.0\"\nhooks = [\"message-filter\"]\n[config]\ntag = \"v{v}\"\n"
+        )
+    };
+    server.install_plugin(&tag("1"), "tag_filter.wasm").await;
+    pause().await;
+    server.install_plugin(&tag("2"), "tag_filter.wasm").await;
+    pause().await;
+    assert_eq!(
+        server
+            .admin("POST", "/v1/plugins/tagger/disable", None, None)
+            .await
+            .status,
+        200
+    );
+    pause().await;
+    assert_eq!(
+        server
+            .admin("POST", "/v1/plugins/tagger/enable", None, None)
+            .await
+            .status,
+        200
+    );
+    pause().await;
+    assert_eq!(
+        server
+            .admin("DELETE", "/v1/plugins/tagger", None, None)
+            .await
+            .status,
+        204
+    );
+    pause().await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut expected: HashMap<&str, u64> = HashMap::new();
+    let mut clients = Vec::new();
+    for sender in senders {
+        let (user, sent, client) = sender.await.unwrap();
+        expected.insert(user, sent);
+        clients.push(client);
+    }
+    // Every session is still the one it started as.
+    assert_eq!(server.logged_in(), 4);
+    let total: u64 = expected.values().sum();
+    let got = receive(&mut bob_events, total as usize, WAIT).await;
+    assert_no_message(&mut bob_events, Duration::from_millis(300)).await;
+    // Per sender: every message exactly once, in order; the tags show the filter changes.
+    let mut next: HashMap<String, u64> = HashMap::new();
+    let mut tags = std::collections::BTreeSet::new();
+    for m in &got {
+        let body = String::from_utf8(m.body.to_vec()).unwrap();
+        let mut words = body.split(' ');
+        let (user, n) = (
+            words.next().unwrap().to_owned(),
+            words.next().unwrap().parse::<u64>().unwrap(),
+        );
+        tags.insert(words.next().unwrap_or("untagged").to_owned());
+        let expected_n = next.entry(user.clone()).or_default();
+        assert_eq!(n, *expected_n, "{user}: in order, exactly once");
+        *expected_n += 1;
+    }
+    for (user, sent) in expected {
+        assert_eq!(next[user], sent, "{user}: all {sent} delivered");
+    }
+    assert!(
+        tags.contains("v1") && tags.contains("v2") && tags.contains("untagged"),
+        "{tags:?}"
+    );
+}

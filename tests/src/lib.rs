@@ -375,6 +375,7 @@ impl ServerProcess {
             .args(["--tcp", &format!("127.0.0.1:{tcp}")])
             .args(["--ws", &format!("127.0.0.1:{ws}")])
             .args(["--quic", &format!("127.0.0.1:{quic}")])
+            .args(["--admin", "127.0.0.1:0"])
             .env("RUST_LOG", "warn")
             .stdout(std::process::Stdio::piped())
             .spawn()

@@ -27,6 +27,9 @@ pub struct Args {
     /// QUIC (UDP) listen address.
     #[arg(long)]
     pub quic: Option<std::net::SocketAddr>,
+    /// Admin API listen address (plugin lifecycle), e.g. 127.0.0.1:7180.
+    #[arg(long)]
+    pub admin: Option<std::net::SocketAddr>,
     /// Log format: text or json.
     #[arg(long)]
     pub log_format: Option<String>,
@@ -47,6 +50,9 @@ impl Args {
         }
         if let Some(addr) = self.quic {
             config.quic.listen = addr;
+        }
+        if let Some(addr) = self.admin {
+            config.admin.listen = addr;
         }
         if let Some(format) = &self.log_format {
             config.log.format = format.clone();
@@ -108,16 +114,18 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         tcp = %show(node.tcp),
         websocket = %show(node.websocket),
         quic = %show(node.quic),
+        admin = %show(node.admin),
         data_dir = %config.data_dir.display(),
         database = %node.database_path.display(),
         "im-server listening"
     );
     // One machine-readable line on stdout, for scripts and tests that start the server.
     println!(
-        "im-server ready tcp={} ws={} quic={} data_dir={} cert={}",
+        "im-server ready tcp={} ws={} quic={} admin={} data_dir={} cert={}",
         show(node.tcp),
         show(node.websocket),
         show(node.quic),
+        show(node.admin),
         config.data_dir.display(),
         node.certificate_path.display(),
     );

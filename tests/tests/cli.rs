@@ -176,6 +176,83 @@ async fn imctl_sends_chats_tails_and_reads_history() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn imctl_manages_plugins_through_the_admin_api() {
+    let server = TestServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = dir.path().join("manifest.toml");
+    let wasm = dir.path().join("plugin.wasm");
+    std::fs::write(&wasm, component("tag_filter.wasm")).unwrap();
+    let admin = format!("http://{}", server.node.admin.unwrap());
+    let run = |args: Vec<String>| {
+        let mut command = Command::new(IMCTL);
+        command
+            .arg("plugin")
+            .args(["--admin", &admin, "--admin-token", &server.node.admin_token])
+            .args(args);
+        command
+    };
+    std::fs::write(
+        &manifest,
+        "id = \"tagger\"\nversion = \"1.0.0\"\nhooks = [\"message-filter\"]\n",
+    )
+    .unwrap();
+    let install = vec![
+        "install".into(),
+        "--manifest".into(),
+        manifest.display().to_string(),
+        "--wasm".into(),
+        wasm.display().to_string(),
+    ];
+    let installed = output(run(install.clone())).await;
+    assert!(installed.contains("\"version\": \"1.0.0\""), "{installed}");
+    std::fs::write(
+        &manifest,
+        "id = \"tagger\"\nversion = \"1.1.0\"\nhooks = [\"message-filter\"]\n",
+    )
+    .unwrap();
+    assert!(
+        output(run(install))
+            .await
+            .contains("\"version\": \"1.1.0\"")
+    );
+    assert!(
+        output(run(vec!["disable".into(), "tagger".into()]))
+            .await
+            .contains("\"enabled\": false")
+    );
+    assert!(
+        output(run(vec!["enable".into(), "tagger".into()]))
+            .await
+            .contains("\"enabled\": true")
+    );
+    let listed = output(run(vec!["list".into()])).await;
+    assert!(listed.contains("\"id\": \"tagger\""), "{listed}");
+    assert_eq!(
+        output(run(vec!["remove".into(), "tagger".into()]))
+            .await
+            .trim(),
+        "ok"
+    );
+    // Errors come back as a failing exit with the API's answer.
+    let failed = run(vec!["remove".into(), "tagger".into()])
+        .output()
+        .await
+        .unwrap();
+    assert!(!failed.status.success());
+    assert!(String::from_utf8_lossy(&failed.stderr).contains("not_found"));
+    let mut wrong = Command::new(IMCTL);
+    wrong.arg("plugin").args([
+        "--admin",
+        &admin,
+        "--admin-token",
+        "wrong-token-wrong-token",
+        "list",
+    ]);
+    let wrong = wrong.output().await.unwrap();
+    assert!(String::from_utf8_lossy(&wrong.stderr).contains("401"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_configuration_from_file_environment_and_flags() {
     let data = tempfile::tempdir().unwrap();
     let file = data.path().join("im.toml");

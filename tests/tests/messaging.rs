@@ -27,6 +27,7 @@ on_every_transport!(
     replaced_device_is_closed,
     heartbeat_timeout_closes_idle_connections,
     history_list_and_read_cursor,
+    unacknowledged_pushes_are_repeated_until_acked,
 );
 
 async fn login_and_exchange(t: Transport) {
@@ -384,4 +385,36 @@ async fn configured_certificate_is_used_for_quic_and_tls() {
         .err()
         .expect("mismatched key refused");
     assert!(format!("{err:#}").contains("do not match"), "{err:#}");
+}
+
+async fn unacknowledged_pushes_are_repeated_until_acked(t: Transport) {
+    let server = TestServer::start_with(|c| {
+        c.session.retry_initial_ms = 200;
+        c.session.retry_max_ms = 400;
+    })
+    .await;
+    let mut bob = server.raw_logged_in(t, "bob", "phone").await;
+    let (alice, _) = server.client(t, "alice", "phone").await;
+    alice.send_text("bob", "are you there?").await.unwrap();
+    let deliveries = |frame: Option<v1::Frame>| match frame.and_then(|f| f.body) {
+        Some(v1::frame::Body::Deliver(d)) => d.message.unwrap().seq,
+        other => panic!("expected a push, got {other:?}"),
+    };
+    // Not acknowledged: the same push comes again, and again.
+    assert_eq!(deliveries(bob.recv().await), 1);
+    let first_repeat = std::time::Instant::now();
+    assert_eq!(deliveries(bob.recv().await), 1);
+    assert_eq!(deliveries(bob.recv().await), 1);
+    assert!(
+        first_repeat.elapsed() >= Duration::from_millis(150),
+        "backed off"
+    );
+    // Acknowledged: no more repeats.
+    bob.send(v1::frame::Body::DeliverAck(v1::DeliverAck {
+        conversation_id: "u:alice:bob".into(),
+        seq: 1,
+    }))
+    .await;
+    let quiet = tokio::time::timeout(Duration::from_millis(1_000), bob.recv()).await;
+    assert!(quiet.is_err(), "a push came after the ack: {quiet:?}");
 }

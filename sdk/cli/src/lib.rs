@@ -80,6 +80,121 @@ enum Command {
         #[command(flatten)]
         conn: ConnArgs,
     },
+    /// Manage plugins through the server's admin API.
+    Plugin {
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[command(subcommand)]
+        action: PluginAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum PluginAction {
+    /// List installed plugins with their state and statistics.
+    List,
+    /// Install a plugin, or upgrade the installed one with the same id.
+    Install {
+        /// The plugin's manifest.toml.
+        #[arg(long)]
+        manifest: PathBuf,
+        /// The component (.wasm).
+        #[arg(long)]
+        wasm: PathBuf,
+    },
+    /// Put a plugin back into its hooks' chains.
+    Enable { id: String },
+    /// Take a plugin out of its hooks' chains (it stays installed).
+    Disable { id: String },
+    /// Uninstall a plugin.
+    Remove {
+        id: String,
+        /// Also delete the plugin's key-value data.
+        #[arg(long)]
+        purge: bool,
+    },
+}
+
+#[derive(Args)]
+struct AdminArgs {
+    /// The admin API's address.
+    #[arg(long, env = "IM_ADMIN", default_value = "http://127.0.0.1:7180")]
+    admin: String,
+    /// The admin token (default: <data-dir>/admin-token).
+    #[arg(long, env = "IM_ADMIN_TOKEN")]
+    admin_token: Option<String>,
+    /// The server's data directory, to read the admin token from.
+    #[arg(long, default_value = "data")]
+    data_dir: PathBuf,
+}
+
+impl AdminArgs {
+    fn token(&self) -> anyhow::Result<String> {
+        if let Some(token) = &self.admin_token {
+            return Ok(token.clone());
+        }
+        let path = self.data_dir.join("admin-token");
+        let token = std::fs::read_to_string(&path).with_context(|| {
+            format!(
+                "reading {} (pass --admin-token or --data-dir)",
+                path.display()
+            )
+        })?;
+        Ok(token.trim().to_owned())
+    }
+}
+
+/// Runs one admin API call and prints its JSON answer; fails on an error answer.
+async fn plugin_command(admin: AdminArgs, action: PluginAction) -> anyhow::Result<()> {
+    use base64::Engine as _;
+    let client = reqwest::Client::new();
+    let base = admin.admin.trim_end_matches('/').to_owned();
+    let request = match &action {
+        PluginAction::List => client.get(format!("{base}/v1/plugins")),
+        PluginAction::Install { manifest, wasm } => {
+            let manifest_text = std::fs::read_to_string(manifest)
+                .with_context(|| format!("reading {}", manifest.display()))?;
+            let id = manifest_text
+                .lines()
+                .find_map(|l| {
+                    l.trim()
+                        .strip_prefix("id")
+                        .map(str::trim)
+                        .and_then(|r| r.strip_prefix('='))
+                })
+                .map(|v| v.trim().trim_matches('"').to_owned())
+                .context("the manifest has no id")?;
+            let bytes =
+                std::fs::read(wasm).with_context(|| format!("reading {}", wasm.display()))?;
+            let body = serde_json::json!({
+                "manifest": manifest_text,
+                "wasm_base64": base64::engine::general_purpose::STANDARD.encode(bytes),
+            });
+            client.put(format!("{base}/v1/plugins/{id}")).json(&body)
+        }
+        PluginAction::Enable { id } => client.post(format!("{base}/v1/plugins/{id}/enable")),
+        PluginAction::Disable { id } => client.post(format!("{base}/v1/plugins/{id}/disable")),
+        PluginAction::Remove { id, purge } => {
+            client.delete(format!("{base}/v1/plugins/{id}?purge={purge}"))
+        }
+    };
+    let response = request
+        .bearer_auth(admin.token()?)
+        .send()
+        .await
+        .with_context(|| format!("calling the admin API at {base}"))?;
+    let status = response.status();
+    let text = response.text().await?;
+    if !status.is_success() {
+        bail!("admin API answered {status}: {text}");
+    }
+    if text.is_empty() {
+        println!("ok");
+    } else {
+        let json: serde_json::Value = serde_json::from_str(&text)?;
+        println!("{}", serde_json::to_string_pretty(&json)?);
+    }
+    Ok(())
 }
 
 #[derive(Args)]
@@ -259,6 +374,7 @@ async fn run_async() -> anyhow::Result<()> {
             }
         }
         Command::Chat { conn, with } => chat(conn, with).await?,
+        Command::Plugin { admin, action } => plugin_command(admin, action).await?,
         Command::History { conn, with, limit } => {
             let (client, _events) = conn.connect(Resume::Latest).await?;
             let conversation = im_client::ids::direct_conversation_id(client.user_id(), &with);

@@ -191,11 +191,15 @@ pub fn error_code(frame: &v1::Frame) -> Option<v1::ErrorCode> {
     }
 }
 
-/// A built plugin component from `target/guest` (see `scripts/build-plugins.sh`).
+/// A built plugin component from `target/guest` (see `scripts/build-plugins.sh`): a Rust
+/// component by file name, or another language's by its path under `target/guest`.
 pub fn component(file: &str) -> Vec<u8> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../target/guest/wasm32-wasip2/release")
-        .join(file);
+    let guest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/guest");
+    let path = if file.contains('/') {
+        guest.join(file)
+    } else {
+        guest.join("wasm32-wasip2/release").join(file)
+    };
     std::fs::read(&path).unwrap_or_else(|_| {
         panic!(
             "{} is missing: run scripts/build-plugins.sh first",

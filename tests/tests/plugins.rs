@@ -335,3 +335,129 @@ async fn hot_upgrade_drops_no_connection_and_loses_no_message() {
         "{tags:?}"
     );
 }
+
+/// An HS256 JWT with `claims`, signed with `secret`.
+fn jwt(secret: &str, claims: serde_json::Value) -> String {
+    use base64::Engine as _;
+    use hmac::Mac as _;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let header = b64.encode(br#"{"alg":"HS256","typ":"JWT"}"#);
+    let payload = b64.encode(claims.to_string());
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    mac.update(format!("{header}.{payload}").as_bytes());
+    format!(
+        "{header}.{payload}.{}",
+        b64.encode(mac.finalize().into_bytes())
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logins_go_through_the_auth_plugin() {
+    let server = TestServer::start().await;
+    let secret = "e2e-secret-0123456789";
+    let manifest = format!(
+        "id = \"auth-jwt\"\nversion = \"0.1.0\"\nhooks = [\"authenticator\"]\n\
+         [config]\nhs256_secret = \"{secret}\"\naudience = \"im\"\nleeway_s = \"0\""
+    );
+    server.install_plugin(&manifest, "auth_jwt.wasm").await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let connect = async |t: Transport, device: &str, token: String| {
+        let mut config = server.client_config(t, "ignored", device);
+        config.token = token;
+        im_client::Client::connect(config).await
+    };
+    for t in ALL_TRANSPORTS {
+        let good = jwt(
+            secret,
+            serde_json::json!({"sub": "alice", "aud": "im", "exp": now + 3600}),
+        );
+        let (client, _) = connect(t, "phone", good).await.unwrap();
+        assert_eq!(client.user_id(), "alice");
+        client.close().await;
+    }
+    let refused = [
+        (
+            "expired",
+            jwt(
+                secret,
+                serde_json::json!({"sub": "alice", "aud": "im", "exp": now - 60}),
+            ),
+        ),
+        (
+            "audience",
+            jwt(
+                secret,
+                serde_json::json!({"sub": "alice", "aud": "other", "exp": now + 3600}),
+            ),
+        ),
+        (
+            "secret",
+            jwt(
+                "another-secret-0123456789",
+                serde_json::json!({"sub": "alice", "aud": "im", "exp": now + 3600}),
+            ),
+        ),
+        (
+            "device",
+            jwt(
+                secret,
+                serde_json::json!({"sub": "alice", "aud": "im", "exp": now + 3600, "dev": "tablet"}),
+            ),
+        ),
+        ("dev token", server.token("alice")),
+        ("garbage", "not.a.jwt".to_owned()),
+    ];
+    for (case, token) in refused {
+        match connect(Transport::Tcp, "phone", token).await {
+            Err(im_client::ClientError::Closed { reason, .. }) => {
+                assert_eq!(reason, v1::CloseReason::AuthFailed, "{case}")
+            }
+            Err(other) => panic!("{case}: unexpected {other}"),
+            Ok(_) => panic!("{case}: logged in"),
+        }
+    }
+    let bound = jwt(
+        secret,
+        serde_json::json!({"sub": "bob", "aud": "im", "exp": now + 3600, "dev": "tablet"}),
+    );
+    assert_eq!(
+        connect(Transport::Quic, "tablet", bound)
+            .await
+            .unwrap()
+            .0
+            .user_id(),
+        "bob"
+    );
+    // With the plugin disabled, the development tokens work again.
+    assert_eq!(
+        server
+            .admin("POST", "/v1/plugins/auth-jwt/disable", None, None)
+            .await
+            .status,
+        200
+    );
+    let (dev, _) = server.client(Transport::Tcp, "carol", "phone").await;
+    assert_eq!(dev.user_id(), "carol");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_python_plugin_filters_through_the_same_contract() {
+    let server = TestServer::start().await;
+    let manifest = filter_manifest(
+        "python-filter",
+        "[limits]\nmemory_mib = 256\ndeadline_ms = 2000\n[config]\nreplacement = \"🐍\"",
+    );
+    server
+        .install_plugin(&manifest, "python/python_filter.wasm")
+        .await;
+    let (_bob, mut bob_events) = server.client(Transport::Tcp, "bob", "phone").await;
+    let (alice, _) = server.client(Transport::WebSocket, "alice", "phone").await;
+    alice.send_text("bob", "I like python").await.unwrap();
+    alice.send_text("bob", "me too").await.unwrap();
+    let got = receive(&mut bob_events, 2, WAIT).await;
+    assert_eq!(got[0].body, text("I like 🐍 (checked by python #1)"));
+    assert_eq!(got[1].body, text("me too (checked by python #2)"));
+}

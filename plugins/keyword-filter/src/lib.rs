@@ -54,6 +54,8 @@ impl WordFilter {
         let automaton = (!words.is_empty()).then(|| {
             AhoCorasick::builder()
                 .match_kind(MatchKind::LeftmostLongest)
+                // ASCII text is searched as it is, without a folded copy.
+                .ascii_case_insensitive(true)
                 .build(&words)
                 .expect("plain word lists always build")
         });
@@ -75,9 +77,13 @@ impl WordFilter {
         Self::new(&config::get_or("words", ""), action, mask)
     }
 
-    /// The verdict for `text`.
+    /// The verdict for `text`: `None` when no word occurs, else the masked text or a
+    /// rejection reason.
     pub fn check(&self, text: &str) -> Option<Result<String, String>> {
         let automaton = self.automaton.as_ref()?;
+        if text.is_ascii() {
+            return self.check_ascii(automaton, text);
+        }
         // Fold while remembering, for each folded byte, which original character it came from.
         let mut folded = String::with_capacity(text.len());
         let mut origin = Vec::with_capacity(text.len());
@@ -105,6 +111,23 @@ impl WordFilter {
             .zip(masked)
             .map(|(c, m)| if m { self.mask } else { c })
             .collect()))
+    }
+}
+
+impl WordFilter {
+    /// ASCII text needs no folding (the automaton ignores ASCII case): search it in place,
+    /// and mask bytes, which are characters here.
+    fn check_ascii(&self, automaton: &AhoCorasick, text: &str) -> Option<Result<String, String>> {
+        let mut matches = automaton.find_iter(text).peekable();
+        matches.peek()?;
+        if self.action == Action::Reject {
+            return Some(Err("message contains a blocked word".to_owned()));
+        }
+        let mut masked: Vec<char> = text.chars().collect();
+        for m in matches {
+            masked[m.start()..m.end()].fill(self.mask);
+        }
+        Some(Ok(masked.into_iter().collect()))
     }
 }
 

@@ -1,0 +1,113 @@
+//! Measures the cost of plugin hook calls with reused instances: a no-op filter, the
+//! keyword filter on 100 B, 1 KiB and 16 KiB bodies, and a chain of three filters.
+//!
+//! Run (after `scripts/build-plugins.sh`):
+//!   cargo run --release -p im-plugins --example hook_bench [iterations]
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use im_plugins::bindings::types;
+use im_plugins::{CallOrigin, FilterOutcome, PluginHost, PluginHostConfig};
+use im_store::Store;
+use im_store::sqlite::{SqliteOptions, SqliteStore};
+
+fn component(name: &str) -> Vec<u8> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../target/guest/wasm32-wasip2/release")
+        .join(name);
+    std::fs::read(&path)
+        .unwrap_or_else(|_| panic!("{} missing: run scripts/build-plugins.sh", path.display()))
+}
+
+fn manifest(id: &str, order: i32) -> String {
+    format!(
+        "id = \"{id}\"\nversion = \"1.0.0\"\nhooks = [\"message-filter\"]\norder = {order}\n\
+         [config]\nwords = \"badword,scam,诈骗\"\naction = \"mask\"\n"
+    )
+}
+
+fn message(len: usize) -> types::Message {
+    // Text without blocked words, so the keyword filter scans it all and allows it.
+    let body: Vec<u8> = "the quick brown fox jumps over the lazy dog "
+        .bytes()
+        .cycle()
+        .take(len)
+        .collect();
+    types::Message {
+        conversation_id: "u:alice:bob".into(),
+        sender: types::Principal {
+            user_id: "alice".into(),
+            device_id: "phone".into(),
+        },
+        target: types::MessageTarget::User("bob".into()),
+        client_msg_id: "c1".into(),
+        content_type: "text/plain".into(),
+        body,
+    }
+}
+
+async fn measure(host: &PluginHost, label: &str, len: usize, iterations: u32) {
+    let origin = CallOrigin {
+        transport: "tcp".into(),
+        remote_ip: None,
+    };
+    let msg = message(len);
+    for _ in 0..1000 {
+        let _ = host.filter(&origin, msg.clone()).await;
+    }
+    let start = Instant::now();
+    for _ in 0..iterations {
+        let outcome = host.filter(&origin, msg.clone()).await;
+        assert!(matches!(outcome, FilterOutcome::Pass { .. }), "{outcome:?}");
+    }
+    let per_call = start.elapsed().as_nanos() as f64 / f64::from(iterations);
+    println!("| {label} | {len} B | {per_call:.0} ns |");
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 1)]
+async fn main() -> anyhow::Result<()> {
+    let iterations: u32 = std::env::args()
+        .nth(1)
+        .map(|a| a.parse())
+        .transpose()?
+        .unwrap_or(100_000);
+    let dir = tempfile::tempdir()?;
+    let store: Arc<dyn Store> =
+        Arc::new(SqliteStore::open(&dir.path().join("im.db"), SqliteOptions::default()).await?);
+    let config = |name: &str| PluginHostConfig {
+        dir: dir.path().join(name),
+        cache_dir: dir.path().join("cache"),
+        node_id: "bench".into(),
+    };
+    println!("| chain | body | per message |");
+    println!("|---|---|---|");
+
+    let empty = PluginHost::start(config("empty"), store.clone()).await?;
+    measure(&empty, "no plugins", 100, iterations).await;
+
+    let noop = PluginHost::start(config("noop"), store.clone()).await?;
+    noop.install(&manifest("noop", 1), component("noop_filter.wasm"))
+        .await?;
+    for len in [100, 16 * 1024] {
+        measure(&noop, "no-op filter", len, iterations).await;
+    }
+
+    let keyword = PluginHost::start(config("keyword"), store.clone()).await?;
+    keyword
+        .install(&manifest("keyword", 1), component("keyword_filter.wasm"))
+        .await?;
+    for len in [100, 1024, 16 * 1024] {
+        measure(&keyword, "keyword filter", len, iterations).await;
+    }
+
+    let chain = PluginHost::start(config("chain"), store.clone()).await?;
+    for (i, id) in ["k1", "k2", "k3"].iter().enumerate() {
+        chain
+            .install(&manifest(id, i as i32), component("keyword_filter.wasm"))
+            .await?;
+    }
+    measure(&chain, "3 keyword filters", 100, iterations).await;
+    Ok(())
+}

@@ -485,3 +485,85 @@ async fn risk_control_throttles_bursts_and_blocks_repeats() {
         other => panic!("unexpected {other:?}"),
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_policy_decides_through_the_component() {
+    use im_plugins::GroupOutcome;
+    use im_plugins::bindings::group_policy::{Group, GroupAction, GroupRequest, Role};
+    let f = fixture().await;
+    assert_eq!(
+        f.host
+            .decide_group(
+                &origin(),
+                GroupRequest {
+                    actor: types::Principal {
+                        user_id: "olga".into(),
+                        device_id: "d".into()
+                    },
+                    actor_role: None,
+                    group: None,
+                    action: GroupAction::Create(("team".into(), vec![])),
+                }
+            )
+            .await,
+        GroupOutcome::NoPlugins
+    );
+    let m = manifest(
+        "group-policy",
+        "\"group-policy\"",
+        "[config]\nmax_members = \"3\"",
+    );
+    f.host
+        .install(&m, component("group_policy.wasm"))
+        .await
+        .unwrap();
+    let request =
+        |actor: &str, role: Option<Role>, members: u32, action: GroupAction| GroupRequest {
+            actor: types::Principal {
+                user_id: actor.into(),
+                device_id: "d".into(),
+            },
+            actor_role: role,
+            group: Some(Group {
+                group_id: "g".into(),
+                name: "team".into(),
+                owner: "olga".into(),
+                member_count: members,
+            }),
+            action,
+        };
+    let invite = GroupAction::Invite(vec!["x".into()]);
+    assert_eq!(
+        f.host
+            .decide_group(
+                &origin(),
+                request("olga", Some(Role::Owner), 2, invite.clone())
+            )
+            .await,
+        GroupOutcome::Allow
+    );
+    match f
+        .host
+        .decide_group(&origin(), request("olga", Some(Role::Owner), 3, invite))
+        .await
+    {
+        GroupOutcome::Deny { reason } => assert!(reason.contains("exceed 3"), "{reason}"),
+        other => panic!("unexpected {other:?}"),
+    }
+    match f
+        .host
+        .decide_group(
+            &origin(),
+            request(
+                "m",
+                Some(Role::Member),
+                2,
+                GroupAction::Kick(vec!["x".into()]),
+            ),
+        )
+        .await
+    {
+        GroupOutcome::Deny { reason } => assert!(reason.contains("owner and admins"), "{reason}"),
+        other => panic!("unexpected {other:?}"),
+    }
+}

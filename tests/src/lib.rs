@@ -23,6 +23,17 @@ pub enum Transport {
 
 pub const ALL_TRANSPORTS: [Transport; 3] = [Transport::Tcp, Transport::WebSocket, Transport::Quic];
 
+/// Generates one test per transport (modules `tcp`, `websocket`, `quic`) for each listed
+/// scenario, an `async fn(Transport)` in the calling file.
+#[macro_export]
+macro_rules! on_every_transport {
+    ($($scenario:ident),* $(,)?) => {
+        mod tcp { $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $scenario() { super::$scenario($crate::Transport::Tcp).await } )* }
+        mod websocket { $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $scenario() { super::$scenario($crate::Transport::WebSocket).await } )* }
+        mod quic { $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $scenario() { super::$scenario($crate::Transport::Quic).await } )* }
+    };
+}
+
 /// Addresses and secrets of a running server, however it was started.
 #[derive(Clone, Debug)]
 pub struct Endpoints {

@@ -9,14 +9,6 @@ use v1::frame::Body;
 
 const WAIT: Duration = Duration::from_secs(30);
 
-macro_rules! on_every_transport {
-    ($($scenario:ident),* $(,)?) => {
-        mod tcp { $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $scenario() { super::$scenario(super::Transport::Tcp).await } )* }
-        mod websocket { $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $scenario() { super::$scenario(super::Transport::WebSocket).await } )* }
-        mod quic { $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $scenario() { super::$scenario(super::Transport::Quic).await } )* }
-    };
-}
-
 on_every_transport!(
     malformed_protobuf_gets_bad_frame,
     unknown_frame_kind_gets_bad_frame,

@@ -9,15 +9,6 @@ use im_e2e::*;
 
 const WAIT: Duration = Duration::from_secs(30);
 
-/// Generates one test per transport for each listed scenario.
-macro_rules! on_every_transport {
-    ($($scenario:ident),* $(,)?) => {
-        mod tcp { $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $scenario() { super::$scenario(super::Transport::Tcp).await } )* }
-        mod websocket { $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $scenario() { super::$scenario(super::Transport::WebSocket).await } )* }
-        mod quic { $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $scenario() { super::$scenario(super::Transport::Quic).await } )* }
-    };
-}
-
 on_every_transport!(
     login_and_exchange,
     rapid_sends_arrive_in_order,

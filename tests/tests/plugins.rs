@@ -14,14 +14,6 @@ fn filter_manifest(id: &str, extra: &str) -> String {
     format!("id = \"{id}\"\nversion = \"1.0.0\"\nhooks = [\"message-filter\"]\n{extra}\n")
 }
 
-macro_rules! on_every_transport {
-    ($($scenario:ident),* $(,)?) => {
-        mod tcp { $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $scenario() { super::$scenario(super::Transport::Tcp).await } )* }
-        mod websocket { $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $scenario() { super::$scenario(super::Transport::WebSocket).await } )* }
-        mod quic { $( #[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn $scenario() { super::$scenario(super::Transport::Quic).await } )* }
-    };
-}
-
 on_every_transport!(
     filter_masks_and_rejects,
     spammer_is_throttled,

@@ -152,14 +152,7 @@ impl KvStore {
 
     pub fn delete(&self, key: &str, now_ms: i64) -> bool {
         let mut inner = self.inner.lock();
-        match inner.entries.remove(key) {
-            Some(old) => {
-                inner.bytes -= cost(key, &old.value);
-                inner.dirty.insert(key.to_owned(), None);
-                old.live(now_ms)
-            }
-            None => false,
-        }
+        remove(&mut inner, key).is_some_and(|old| old.live(now_ms))
     }
 
     pub fn increment(
@@ -217,10 +210,7 @@ impl KvStore {
                 now_ms,
             )?,
             None => {
-                if let Some(old) = inner.entries.remove(key) {
-                    inner.bytes -= cost(key, &old.value);
-                    inner.dirty.insert(key.to_owned(), None);
-                }
+                remove(&mut inner, key);
             }
         }
         Ok(true)
@@ -278,6 +268,14 @@ impl KvStore {
     }
 }
 
+/// Removes `key`, keeping the byte count and the change log right.
+fn remove(inner: &mut Inner, key: &str) -> Option<Entry> {
+    let old = inner.entries.remove(key)?;
+    inner.bytes -= cost(key, &old.value);
+    inner.dirty.insert(key.to_owned(), None);
+    Some(old)
+}
+
 fn sweep_expired(inner: &mut Inner, now_ms: i64) {
     let expired: Vec<String> = inner
         .entries
@@ -286,10 +284,7 @@ fn sweep_expired(inner: &mut Inner, now_ms: i64) {
         .map(|(k, _)| k.clone())
         .collect();
     for key in expired {
-        if let Some(old) = inner.entries.remove(&key) {
-            inner.bytes -= cost(&key, &old.value);
-            inner.dirty.insert(key, None);
-        }
+        remove(inner, &key);
     }
 }
 

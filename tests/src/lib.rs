@@ -303,11 +303,9 @@ impl TestServer {
     /// Installs (or upgrades) a plugin through the admin API; panics unless it succeeds.
     pub async fn install_plugin(&self, manifest: &str, wasm_file: &str) -> serde_json::Value {
         use base64::Engine as _;
-        let id = manifest
-            .lines()
-            .find_map(|l| l.trim().strip_prefix("id = "))
-            .map(|v| v.trim_matches('"').to_owned())
-            .expect("manifest has an id");
+        let id = im_plugins::Manifest::from_toml(manifest)
+            .expect("a valid manifest")
+            .id;
         let body = serde_json::json!({
             "manifest": manifest,
             "wasm_base64": base64::engine::general_purpose::STANDARD.encode(component(wasm_file)),

@@ -398,7 +398,6 @@ impl PluginHost {
         let kv = self.kv_for(&manifest).await?;
         let shared = Arc::new(PluginShared {
             id: manifest.id.clone(),
-            version: manifest.version.clone(),
             config: manifest.config.clone(),
             kv,
         });

@@ -20,7 +20,6 @@ const MAX_LOG_BYTES: usize = 4096;
 /// What all instances of one plugin share.
 pub struct PluginShared {
     pub id: String,
-    pub version: String,
     pub config: BTreeMap<String, String>,
     pub kv: Arc<KvStore>,
 }

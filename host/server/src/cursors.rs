@@ -6,7 +6,6 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use im_store::Store;
 use tokio::sync::mpsc;
@@ -30,7 +29,6 @@ struct CursorUpdate {
 #[derive(Clone)]
 pub struct CursorWriter {
     updates: mpsc::Sender<CursorUpdate>,
-    dropped: Arc<AtomicU64>,
 }
 
 impl CursorWriter {
@@ -38,13 +36,7 @@ impl CursorWriter {
     pub fn start(store: Arc<dyn Store>) -> (Self, tokio::task::JoinHandle<()>) {
         let (updates, rx) = mpsc::channel(QUEUE);
         let task = tokio::spawn(run(rx, store));
-        (
-            Self {
-                updates,
-                dropped: Arc::default(),
-            },
-            task,
-        )
+        (Self { updates }, task)
     }
 
     /// Records that `device` holds `conversation_id` up to `seq`.
@@ -56,13 +48,8 @@ impl CursorWriter {
             seq,
         };
         if self.updates.try_send(update).is_err() {
-            self.dropped.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(user = %device.user_id, "delivery cursor writer behind; ack not persisted");
         }
-    }
-
-    /// Acks dropped because the writer fell behind.
-    pub fn dropped(&self) -> u64 {
-        self.dropped.load(Ordering::Relaxed)
     }
 }
 

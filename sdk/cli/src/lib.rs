@@ -154,16 +154,13 @@ async fn plugin_command(admin: AdminArgs, action: PluginAction) -> anyhow::Resul
         PluginAction::Install { manifest, wasm } => {
             let manifest_text = std::fs::read_to_string(manifest)
                 .with_context(|| format!("reading {}", manifest.display()))?;
-            let id = manifest_text
-                .lines()
-                .find_map(|l| {
-                    l.trim()
-                        .strip_prefix("id")
-                        .map(str::trim)
-                        .and_then(|r| r.strip_prefix('='))
-                })
-                .map(|v| v.trim().trim_matches('"').to_owned())
-                .context("the manifest has no id")?;
+            let parsed: toml::Table = toml::from_str(&manifest_text)
+                .with_context(|| format!("parsing {}", manifest.display()))?;
+            let id = parsed
+                .get("id")
+                .and_then(toml::Value::as_str)
+                .context("the manifest has no id")?
+                .to_owned();
             let bytes =
                 std::fs::read(wasm).with_context(|| format!("reading {}", wasm.display()))?;
             let body = serde_json::json!({

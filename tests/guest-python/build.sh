@@ -10,5 +10,5 @@ if [ ! -x "$venv/bin/componentize-py" ]; then
 fi
 out=target/guest/python
 mkdir -p "$out"
-"$venv/bin/componentize-py" -d wit/im-plugin@0.1.0 -w filter-plugin componentize \
+"$venv/bin/componentize-py" -d wit/im-plugin@0.2.0 -w filter-plugin componentize \
     -p tests/guest-python/python_filter app -o "$out/python_filter.wasm"

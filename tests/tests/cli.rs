@@ -79,11 +79,20 @@ async fn imctl_sends_chats_tails_and_reads_history() {
     let mut stdin = chat.stdin.take().unwrap();
     let mut stdout = BufReader::new(chat.stdout.take().unwrap()).lines();
     // The chat first shows recent history.
-    let first = tokio::time::timeout(WAIT, stdout.next_line())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let first = match tokio::time::timeout(WAIT, stdout.next_line()).await {
+        Ok(line) => line.unwrap().unwrap(),
+        Err(_) => {
+            // Say what the chat was doing: its stderr tells how far it got.
+            chat.start_kill().unwrap();
+            let mut said = String::new();
+            let _ = tokio::io::AsyncReadExt::read_to_string(
+                &mut chat.stderr.take().unwrap(),
+                &mut said,
+            )
+            .await;
+            panic!("the chat printed no history within {WAIT:?}; its stderr: {said}");
+        }
+    };
     assert_eq!(first, "[u:alice:bob #1] bob: hi alice");
     stdin.write_all(b"typed in chat\n").await.unwrap();
     assert_eq!(

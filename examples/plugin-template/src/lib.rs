@@ -16,15 +16,17 @@ pub fn is_shouting(text: &str, min_letters: usize) -> bool {
 struct NoShouting;
 
 impl MessageFilter for NoShouting {
-    fn filter(ctx: CallContext, message: Message) -> Verdict {
+    fn filter(ctx: &CallContext, message: &Message) -> Verdict {
         let min_letters = config::get_or("min_letters", "6").parse().unwrap_or(6);
-        let Ok(text) = std::str::from_utf8(&message.body) else {
+        let body = message.body();
+        let Ok(text) = std::str::from_utf8(&body) else {
             return Verdict::Allow;
         };
         if is_shouting(text, min_letters) {
             log::info(&format!(
                 "refused shouting from {} on {}",
-                message.sender.user_id, ctx.transport
+                message.sender().user_id,
+                ctx.transport()
             ));
             return Verdict::Reject("please do not shout".into());
         }

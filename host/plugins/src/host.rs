@@ -14,12 +14,12 @@ use arc_swap::ArcSwap;
 use im_store::Store;
 use parking_lot::Mutex;
 
-use crate::bindings::{authenticator, group_policy, message_filter, risk_control, types};
+use crate::bindings::{authenticator, group_policy, message_filter, risk_control};
 use crate::engine::PluginEngine;
 use crate::kv::KvStore;
 use crate::manifest::{FailurePolicy, Hook, Manifest};
 use crate::plugin::{CallFailure, LoadedPlugin};
-use crate::state::{PluginShared, now_ms};
+use crate::state::{CallOrigin, PluginMessage, PluginShared, now_ms};
 
 const MANIFEST_FILE: &str = "manifest.toml";
 const COMPONENT_FILE: &str = "plugin.wasm";
@@ -62,18 +62,19 @@ struct Installed {
 #[derive(Default)]
 pub struct Generation {
     installed: BTreeMap<String, Installed>,
-    chains: HashMap<Hook, Vec<Arc<LoadedPlugin>>>,
+    /// Indexed by `Hook as usize`: looked up on every hook call.
+    chains: [Vec<Arc<LoadedPlugin>>; Hook::ALL.len()],
 }
 
 impl Generation {
     fn new(installed: BTreeMap<String, Installed>) -> Self {
-        let mut chains: HashMap<Hook, Vec<Arc<LoadedPlugin>>> = HashMap::new();
+        let mut chains: [Vec<Arc<LoadedPlugin>>; Hook::ALL.len()] = Default::default();
         for entry in installed.values().filter(|e| e.enabled) {
             for hook in &entry.plugin.manifest.hooks {
-                chains.entry(*hook).or_default().push(entry.plugin.clone());
+                chains[*hook as usize].push(entry.plugin.clone());
             }
         }
-        for chain in chains.values_mut() {
+        for chain in &mut chains {
             chain.sort_by(|a, b| (a.manifest.order, a.id()).cmp(&(b.manifest.order, b.id())));
         }
         Self { installed, chains }
@@ -81,7 +82,7 @@ impl Generation {
 
     /// The plugins on `hook`, in calling order.
     pub fn chain(&self, hook: Hook) -> &[Arc<LoadedPlugin>] {
-        self.chains.get(&hook).map_or(&[], Vec::as_slice)
+        &self.chains[hook as usize]
     }
 }
 
@@ -130,7 +131,7 @@ fn info(entry: &Installed) -> PluginInfo {
         digest: p.digest.clone(),
         calls,
         failures,
-        verdicts: m.verdicts.lock().clone(),
+        verdicts: m.verdicts(),
         mean_call_ns: m.total_ns.load(Relaxed).checked_div(calls).unwrap_or(0),
         max_call_ns: m.max_ns.load(Relaxed),
         breaker_open: p.breaker_open(),
@@ -155,10 +156,8 @@ pub enum AuthOutcome {
 /// The result of the message-filter chain.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FilterOutcome {
-    /// Store the message, with this body and content type (changed if a filter modified it).
+    /// Store the message (its body and content type were rewritten if `modified`).
     Pass {
-        body: Vec<u8>,
-        content_type: String,
         modified: bool,
     },
     Reject {
@@ -181,13 +180,6 @@ pub enum GroupOutcome {
     NoPlugins,
     Allow,
     Deny { reason: String },
-}
-
-/// Where a call comes from.
-#[derive(Debug, Clone, Default)]
-pub struct CallOrigin {
-    pub transport: String,
-    pub remote_ip: Option<String>,
 }
 
 /// All plugins of a node.
@@ -398,6 +390,7 @@ impl PluginHost {
         let kv = self.kv_for(&manifest).await?;
         let shared = Arc::new(PluginShared {
             id: manifest.id.clone(),
+            node_id: self.config.node_id.as_str().into(),
             config: manifest.config.clone(),
             kv,
         });
@@ -410,14 +403,15 @@ impl PluginHost {
             .instantiate_pre(&component)
             .map_err(|e| {
                 PluginError::InvalidComponent(format!(
-                    "its imports do not match the im:plugin@0.1.0 contract: {e:#}"
+                    "its imports do not match the {} contract served here: {e:#}",
+                    crate::bindings::CONTRACT
                 ))
             })?;
         let plugin = LoadedPlugin::new(manifest, digest, shared, pre);
         for hook in &plugin.manifest.hooks {
             if !plugin.exports(*hook) {
                 return Err(PluginError::InvalidComponent(format!(
-                    "the manifest attaches it to {} but the component does not export im:plugin/{}@0.1.0",
+                    "the manifest attaches it to {} but the component does not export im:plugin/{}@0.2.0",
                     hook.as_str(),
                     hook.as_str()
                 )));
@@ -450,15 +444,6 @@ impl PluginHost {
             .clone())
     }
 
-    fn context(&self, plugin: &LoadedPlugin, origin: &CallOrigin) -> types::CallContext {
-        types::CallContext {
-            plugin_id: plugin.id().to_owned(),
-            node_id: self.config.node_id.clone(),
-            transport: origin.transport.clone(),
-            remote_ip: origin.remote_ip.clone(),
-        }
-    }
-
     /// Runs the authenticator chain: the first plugin that allows decides; a denial passes
     /// to the next plugin; a failing plugin denies (authentication fails closed).
     pub async fn authenticate(
@@ -478,14 +463,15 @@ impl PluginHost {
         };
         let mut last_reason = String::new();
         for plugin in chain {
-            let ctx = self.context(plugin, origin);
             let result = plugin
-                .call(async |store, exports| {
+                .call(origin, async |store, exports, handles| {
                     let guest = exports
                         .authenticator
                         .as_ref()
                         .expect("chain members export their hook");
-                    guest.call_authenticate(store, &ctx, &credentials).await
+                    guest
+                        .call_authenticate(store, handles.context, &credentials)
+                        .await
                 })
                 .await;
             match result {
@@ -511,28 +497,34 @@ impl PluginHost {
         }
     }
 
-    /// Runs the message-filter chain in order: a modification feeds the next filter;
-    /// reject and drop end the chain. A failing filter applies its failure policy.
-    pub async fn filter(&self, origin: &CallOrigin, message: types::Message) -> FilterOutcome {
+    /// Runs the message-filter chain in order: a modification rewrites `message` and feeds
+    /// the next filter; reject and drop end the chain. A failing filter applies its
+    /// failure policy.
+    pub async fn filter(&self, origin: &CallOrigin, message: &mut PluginMessage) -> FilterOutcome {
         let generation = self.generation();
-        let mut message = message;
         let mut modified = false;
         for plugin in generation.chain(Hook::MessageFilter) {
-            let ctx = self.context(plugin, origin);
             let result = plugin
-                .call(async |store, exports| {
+                .call(origin, async |store, exports, handles| {
                     let guest = exports
                         .message_filter
                         .as_ref()
                         .expect("chain members export their hook");
-                    guest.call_filter(store, &ctx, &message).await
+                    std::mem::swap(&mut store.data_mut().message, message);
+                    let result = guest
+                        .call_filter(&mut *store, handles.context, handles.message)
+                        .await;
+                    // Taken back whether or not the call succeeded: a failing filter
+                    // may be skipped by policy.
+                    std::mem::swap(&mut store.data_mut().message, message);
+                    result
                 })
                 .await;
             match result {
                 Ok(message_filter::FilterVerdict::Allow) => plugin.metrics.verdict("allow"),
                 Ok(message_filter::FilterVerdict::Modify(rewrite)) => {
                     plugin.metrics.verdict("modify");
-                    message.body = rewrite.body;
+                    message.body = rewrite.body.into();
                     message.content_type = rewrite.content_type;
                     modified = true;
                 }
@@ -554,26 +546,58 @@ impl PluginHost {
                 },
             }
         }
-        FilterOutcome::Pass {
-            body: message.body,
-            content_type: message.content_type,
-            modified,
-        }
+        FilterOutcome::Pass { modified }
+    }
+
+    /// Assesses a successful login with the risk-control chain.
+    pub async fn assess_login(
+        &self,
+        origin: &CallOrigin,
+        user_id: &str,
+        device_id: &str,
+    ) -> RiskOutcome {
+        let attempt = risk_control::LoginAttempt {
+            user_id: user_id.to_owned(),
+            device_id: device_id.to_owned(),
+        };
+        self.assess(origin, RiskSubject::Login(attempt)).await
+    }
+
+    /// Assesses a message about to be stored with the risk-control chain.
+    pub async fn assess_send(
+        &self,
+        origin: &CallOrigin,
+        message: &mut PluginMessage,
+    ) -> RiskOutcome {
+        self.assess(origin, RiskSubject::Send(message)).await
     }
 
     /// Runs the risk-control chain: the first verdict other than allow decides; a failing
     /// plugin blocks (risk control fails closed).
-    pub async fn assess(&self, origin: &CallOrigin, event: risk_control::RiskEvent) -> RiskOutcome {
+    async fn assess(&self, origin: &CallOrigin, mut subject: RiskSubject<'_>) -> RiskOutcome {
         let generation = self.generation();
         for plugin in generation.chain(Hook::RiskControl) {
-            let ctx = self.context(plugin, origin);
             let result = plugin
-                .call(async |store, exports| {
+                .call(origin, async |store, exports, handles| {
                     let guest = exports
                         .risk_control
                         .as_ref()
                         .expect("chain members export their hook");
-                    guest.call_assess(store, &ctx, &event).await
+                    match &mut subject {
+                        RiskSubject::Login(attempt) => {
+                            let event = risk_control::RiskEvent::Login(attempt.clone());
+                            guest.call_assess(store, handles.context, &event).await
+                        }
+                        RiskSubject::Send(message) => {
+                            std::mem::swap(&mut store.data_mut().message, message);
+                            let event = risk_control::RiskEvent::Send(handles.message);
+                            let result = guest
+                                .call_assess(&mut *store, handles.context, &event)
+                                .await;
+                            std::mem::swap(&mut store.data_mut().message, message);
+                            result
+                        }
+                    }
                 })
                 .await;
             match result {
@@ -611,14 +635,13 @@ impl PluginHost {
             return GroupOutcome::NoPlugins;
         }
         for plugin in chain {
-            let ctx = self.context(plugin, origin);
             let result = plugin
-                .call(async |store, exports| {
+                .call(origin, async |store, exports, handles| {
                     let guest = exports
                         .group_policy
                         .as_ref()
                         .expect("chain members export their hook");
-                    guest.call_decide(store, &ctx, &request).await
+                    guest.call_decide(store, handles.context, &request).await
                 })
                 .await;
             match result {
@@ -636,6 +659,12 @@ impl PluginHost {
         }
         GroupOutcome::Allow
     }
+}
+
+/// What the risk-control chain assesses.
+enum RiskSubject<'a> {
+    Login(risk_control::LoginAttempt),
+    Send(&'a mut PluginMessage),
 }
 
 fn unavailable(plugin: &LoadedPlugin, failure: &CallFailure) -> String {

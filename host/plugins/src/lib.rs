@@ -1,7 +1,7 @@
-//! The Wasm plugin runtime: business logic as sandboxed components behind the `im:plugin@0.1.0` WIT contract.
+//! The Wasm plugin runtime: business logic as sandboxed components behind the `im:plugin@0.2.0` WIT contract.
 //!
 //! Layout:
-//! - [`bindings`]: the one `bindgen!` site (host view of `wit/im-plugin@0.1.0`);
+//! - [`bindings`]: the one `bindgen!` site (host view of `wit/im-plugin@0.2.0`);
 //! - [`engine`]: engine configuration, epoch ticker, linker, compiled-component cache;
 //! - [`state`]: per-instance host state and the imports (log, config, kv, clock);
 //! - [`kv`]: the per-plugin key-value store with quotas and TTLs;
@@ -18,7 +18,8 @@ pub mod plugin;
 pub mod state;
 
 pub use host::{
-    AuthOutcome, CallOrigin, FilterOutcome, GroupOutcome, PluginError, PluginHost,
-    PluginHostConfig, PluginInfo, RiskOutcome,
+    AuthOutcome, FilterOutcome, GroupOutcome, PluginError, PluginHost, PluginHostConfig,
+    PluginInfo, RiskOutcome,
 };
 pub use manifest::{FailurePolicy, Hook, Manifest};
+pub use state::{CallOrigin, PluginMessage};

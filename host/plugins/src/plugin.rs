@@ -9,11 +9,11 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use wasmtime::Store;
-use wasmtime::component::InstancePre;
+use wasmtime::component::{InstancePre, Resource};
 
 use crate::bindings::{authenticator, group_policy, message_filter, risk_control};
 use crate::manifest::{Hook, Manifest};
-use crate::state::{HostState, PluginShared};
+use crate::state::{CallContextData, CallOrigin, HostState, MessageSlot, PluginShared};
 
 /// How a call failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -64,6 +64,16 @@ pub struct Exports {
 pub struct Ready {
     pub store: Store<HostState>,
     pub exports: Exports,
+    /// The instance's call-context handle, lent (borrowed) to every call.
+    context: Resource<CallContextData>,
+    /// The instance's message handle: it names whatever message the call in progress lends.
+    message: Resource<MessageSlot>,
+}
+
+/// The handles a call may lend to the guest (as borrows).
+pub struct Handles {
+    pub context: Resource<CallContextData>,
+    pub message: Resource<MessageSlot>,
 }
 
 /// Indices of the hook interfaces the component exports.
@@ -94,6 +104,11 @@ impl HookIndices {
     }
 }
 
+/// Every verdict a hook can give.
+pub const VERDICTS: [&str; 7] = [
+    "allow", "modify", "reject", "drop", "deny", "throttle", "block",
+];
+
 /// Per-plugin counters.
 #[derive(Default)]
 pub struct Metrics {
@@ -102,8 +117,8 @@ pub struct Metrics {
     pub failures_memory: AtomicU64,
     pub failures_trap: AtomicU64,
     pub failures_unavailable: AtomicU64,
-    /// Verdicts by name ("allow", "modify", "reject", "drop", "deny", "throttle", "block").
-    pub verdicts: Mutex<std::collections::BTreeMap<&'static str, u64>>,
+    /// Verdicts by name, indexed like [`VERDICTS`].
+    verdicts: [AtomicU64; VERDICTS.len()],
     /// Sum of call durations, nanoseconds.
     pub total_ns: AtomicU64,
     /// Longest call, nanoseconds.
@@ -120,8 +135,21 @@ impl Metrics {
         }
     }
 
+    /// Counts one verdict; `name` is one of [`VERDICTS`].
     pub fn verdict(&self, name: &'static str) {
-        *self.verdicts.lock().entry(name).or_default() += 1;
+        if let Some(i) = VERDICTS.iter().position(|v| *v == name) {
+            self.verdicts[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The verdicts given so far, by name (only those given at least once).
+    pub fn verdicts(&self) -> std::collections::BTreeMap<&'static str, u64> {
+        VERDICTS
+            .iter()
+            .zip(&self.verdicts)
+            .map(|(name, count)| (*name, count.load(Ordering::Relaxed)))
+            .filter(|(_, count)| *count > 0)
+            .collect()
     }
 }
 
@@ -146,8 +174,12 @@ pub struct LoadedPlugin {
     pub shared: Arc<PluginShared>,
     pre: InstancePre<HostState>,
     indices: HookIndices,
-    idle: Mutex<Vec<Ready>>,
+    // Boxed: an instance moves out of and back into the pool on every call.
+    #[allow(clippy::vec_box)]
+    idle: Mutex<Vec<Box<Ready>>>,
     breaker: Mutex<Breaker>,
+    /// Whether the breaker has counted failures or is open: while false, calls skip its lock.
+    breaker_engaged: std::sync::atomic::AtomicBool,
     pub metrics: Metrics,
     memory_bytes: usize,
     deadline_ticks: u64,
@@ -179,6 +211,7 @@ impl LoadedPlugin {
                 backoff: INITIAL_BACKOFF,
                 trips: 0,
             }),
+            breaker_engaged: std::sync::atomic::AtomicBool::new(false),
             metrics: Metrics::default(),
             memory_bytes,
             deadline_ticks,
@@ -194,7 +227,7 @@ impl LoadedPlugin {
     }
 
     /// Creates a fresh instance.
-    pub async fn instantiate(&self) -> wasmtime::Result<Ready> {
+    pub async fn instantiate(&self) -> wasmtime::Result<Box<Ready>> {
         let mut store = Store::new(
             self.pre.engine(),
             HostState::new(self.shared.clone(), self.memory_bytes),
@@ -229,7 +262,14 @@ impl LoadedPlugin {
                 .map(|i| i.load(&mut store, &instance))
                 .transpose()?,
         };
-        Ok(Ready { store, exports })
+        let context = store.data_mut().new_call_context()?;
+        let message = store.data_mut().new_message_slot()?;
+        Ok(Box::new(Ready {
+            store,
+            exports,
+            context,
+            message,
+        }))
     }
 
     /// Times the breaker tripped.
@@ -245,12 +285,15 @@ impl LoadedPlugin {
             .is_some_and(|until| Instant::now() < until)
     }
 
-    /// Runs `f` on an instance, within the plugin's deadline and memory cap.
+    /// Runs `f` on an instance, within the plugin's deadline and memory cap. `f` gets the
+    /// call-context handle to pass to the hook, describing `origin`.
     pub async fn call<R>(
         &self,
-        f: impl AsyncFnOnce(&mut Store<HostState>, &Exports) -> wasmtime::Result<R>,
+        origin: &CallOrigin,
+        f: impl AsyncFnOnce(&mut Store<HostState>, &Exports, Handles) -> wasmtime::Result<R>,
     ) -> Result<R, CallFailure> {
-        if let Some(until) = self.breaker.lock().open_until
+        if self.breaker_engaged.load(Ordering::Acquire)
+            && let Some(until) = self.breaker.lock().open_until
             && Instant::now() < until
         {
             self.metrics
@@ -272,7 +315,12 @@ impl LoadedPlugin {
             },
         };
         ready.store.set_epoch_deadline(self.deadline_ticks);
-        match f(&mut ready.store, &ready.exports).await {
+        ready.store.data_mut().origin = origin.clone();
+        let handles = Handles {
+            context: Resource::new_borrow(ready.context.rep()),
+            message: Resource::new_borrow(ready.message.rep()),
+        };
+        match f(&mut ready.store, &ready.exports, handles).await {
             Ok(result) => {
                 self.succeeded(started);
                 let mut idle = self.idle.lock();
@@ -290,7 +338,11 @@ impl LoadedPlugin {
         let ns = started.elapsed().as_nanos() as u64;
         self.metrics.total_ns.fetch_add(ns, Ordering::Relaxed);
         self.metrics.max_ns.fetch_max(ns, Ordering::Relaxed);
+        if !self.breaker_engaged.load(Ordering::Acquire) {
+            return;
+        }
         let mut breaker = self.breaker.lock();
+        self.breaker_engaged.store(false, Ordering::Release);
         if breaker.consecutive_failures > 0 || breaker.open_until.is_some() {
             if breaker.open_until.is_some() {
                 tracing::info!(
@@ -313,6 +365,7 @@ impl LoadedPlugin {
         self.metrics.max_ns.fetch_max(ns, Ordering::Relaxed);
         tracing::warn!(plugin = self.id(), kind = kind.as_str(), error = %detail, "plugin call failed");
         let mut breaker = self.breaker.lock();
+        self.breaker_engaged.store(true, Ordering::Release);
         breaker.consecutive_failures += 1;
         let half_open_trial_failed = breaker.open_until.is_some();
         if breaker.consecutive_failures >= THRESHOLD || half_open_trial_failed {

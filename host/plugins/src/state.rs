@@ -1,4 +1,5 @@
-//! Per-instance host state and the host side of the plugin imports: log, config, kv, clock.
+//! Per-instance host state and the host side of the plugin imports: log, config, kv, clock,
+//! and the call-context and message resources lent to a hook call.
 //!
 //! WASI is linked (a `wasm32-wasip2` guest imports it even when unused) but grants nothing:
 //! no preopened directories, no environment, no sockets, no inherited stdio.
@@ -7,8 +8,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use bytes::Bytes;
 use wasmtime::StoreLimits;
-use wasmtime::component::ResourceTable;
+use wasmtime::component::{Resource, ResourceTable};
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 use crate::bindings::{clock, config, kv, log, types};
@@ -20,8 +22,54 @@ const MAX_LOG_BYTES: usize = 4096;
 /// What all instances of one plugin share.
 pub struct PluginShared {
     pub id: String,
+    pub node_id: Arc<str>,
     pub config: BTreeMap<String, String>,
     pub kv: Arc<KvStore>,
+}
+
+/// Where a call comes from: the connection's transport and address.
+#[derive(Debug, Clone, Default)]
+pub struct CallOrigin {
+    /// "tcp", "tcp+tls", "ws", "wss", "quic" or "api".
+    pub transport: Arc<str>,
+    pub remote_ip: Option<Arc<str>>,
+}
+
+/// The host side of the `call-context` resource. Each instance holds one for its whole
+/// life; the origin of the call in progress lives in [`HostState::origin`], so a call
+/// costs no allocation for its context.
+pub struct CallContextData;
+
+/// The host side of the `message` resource. Each instance holds one handle for its whole
+/// life; it names the message the call in progress lends ([`HostState::message`]), so
+/// lending costs no allocation.
+pub struct MessageSlot;
+
+/// A message lent to a hook call. Fields are copied into the plugin only when it reads them.
+#[derive(Debug, Clone)]
+pub struct PluginMessage {
+    pub conversation_id: String,
+    pub sender: types::Principal,
+    pub target: types::MessageTarget,
+    pub client_msg_id: String,
+    pub content_type: String,
+    pub body: Bytes,
+}
+
+impl Default for PluginMessage {
+    fn default() -> Self {
+        Self {
+            conversation_id: String::new(),
+            sender: types::Principal {
+                user_id: String::new(),
+                device_id: String::new(),
+            },
+            target: types::MessageTarget::User(String::new()),
+            client_msg_id: String::new(),
+            content_type: String::new(),
+            body: Bytes::new(),
+        }
+    }
 }
 
 /// The data of one instance's `Store`.
@@ -30,6 +78,10 @@ pub struct HostState {
     table: ResourceTable,
     pub limits: StoreLimits,
     pub plugin: Arc<PluginShared>,
+    /// The origin of the call in progress.
+    pub origin: CallOrigin,
+    /// The message lent to the call in progress.
+    pub message: PluginMessage,
 }
 
 impl HostState {
@@ -46,7 +98,19 @@ impl HostState {
             table: ResourceTable::new(),
             limits,
             plugin,
+            origin: CallOrigin::default(),
+            message: PluginMessage::default(),
         }
+    }
+
+    /// Creates the instance's call-context handle.
+    pub fn new_call_context(&mut self) -> wasmtime::Result<Resource<CallContextData>> {
+        Ok(self.table.push(CallContextData)?)
+    }
+
+    /// Creates the instance's message handle.
+    pub fn new_message_slot(&mut self) -> wasmtime::Result<Resource<MessageSlot>> {
+        Ok(self.table.push(MessageSlot)?)
     }
 }
 
@@ -67,6 +131,66 @@ pub fn now_ms() -> i64 {
 }
 
 impl types::Host for HostState {}
+
+impl types::HostCallContext for HostState {
+    fn plugin_id(&mut self, _: Resource<CallContextData>) -> String {
+        self.plugin.id.clone()
+    }
+
+    fn node_id(&mut self, _: Resource<CallContextData>) -> String {
+        self.plugin.node_id.to_string()
+    }
+
+    fn transport(&mut self, _: Resource<CallContextData>) -> String {
+        self.origin.transport.to_string()
+    }
+
+    fn remote_ip(&mut self, _: Resource<CallContextData>) -> Option<String> {
+        self.origin.remote_ip.as_deref().map(str::to_owned)
+    }
+
+    fn drop(&mut self, handle: Resource<CallContextData>) -> wasmtime::Result<()> {
+        self.table.delete(handle)?;
+        Ok(())
+    }
+}
+
+impl types::HostMessage for HostState {
+    // The guest can name the message only through a borrow lent for the call in progress
+    // (the component model checks borrows), so `self.message` is the message it means.
+    fn conversation_id(&mut self, _: Resource<MessageSlot>) -> String {
+        self.message.conversation_id.clone()
+    }
+
+    fn sender(&mut self, _: Resource<MessageSlot>) -> types::Principal {
+        self.message.sender.clone()
+    }
+
+    fn target(&mut self, _: Resource<MessageSlot>) -> types::MessageTarget {
+        self.message.target.clone()
+    }
+
+    fn client_msg_id(&mut self, _: Resource<MessageSlot>) -> String {
+        self.message.client_msg_id.clone()
+    }
+
+    fn content_type(&mut self, _: Resource<MessageSlot>) -> String {
+        self.message.content_type.clone()
+    }
+
+    fn body(&mut self, _: Resource<MessageSlot>) -> Vec<u8> {
+        self.message.body.to_vec()
+    }
+
+    fn body_len(&mut self, _: Resource<MessageSlot>) -> u32 {
+        self.message.body.len() as u32
+    }
+
+    fn drop(&mut self, handle: Resource<MessageSlot>) -> wasmtime::Result<()> {
+        self.table.delete(handle)?;
+        Ok(())
+    }
+}
 
 impl log::Host for HostState {
     fn log(&mut self, level: log::Level, message: String) {

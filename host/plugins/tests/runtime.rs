@@ -6,9 +6,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use im_plugins::bindings::{risk_control, types};
+use im_plugins::bindings::types;
 use im_plugins::{
-    CallOrigin, FilterOutcome, PluginError, PluginHost, PluginHostConfig, RiskOutcome,
+    CallOrigin, FilterOutcome, PluginError, PluginHost, PluginHostConfig, PluginMessage,
+    RiskOutcome,
 };
 use im_store::Store;
 use im_store::sqlite::{SqliteOptions, SqliteStore};
@@ -70,8 +71,8 @@ fn origin() -> CallOrigin {
     }
 }
 
-fn message(text: &str) -> types::Message {
-    types::Message {
+fn message(text: &str) -> PluginMessage {
+    PluginMessage {
         conversation_id: "u:alice:bob".into(),
         sender: types::Principal {
             user_id: "alice".into(),
@@ -80,20 +81,48 @@ fn message(text: &str) -> types::Message {
         target: types::MessageTarget::User("bob".into()),
         client_msg_id: "c1".into(),
         content_type: "text/plain".into(),
-        body: text.as_bytes().to_vec(),
+        body: text.as_bytes().to_vec().into(),
     }
 }
 
-fn pass(text: &str) -> FilterOutcome {
-    FilterOutcome::Pass {
+/// What the filter chain made of a message.
+#[derive(Debug, PartialEq)]
+enum Filtered {
+    Pass {
+        body: Vec<u8>,
+        content_type: String,
+        modified: bool,
+    },
+    Reject {
+        reason: String,
+    },
+    Drop,
+}
+
+/// Runs the filter chain on a text message from alice to bob.
+async fn filter(host: &PluginHost, text: &str) -> Filtered {
+    let mut message = message(text);
+    match host.filter(&origin(), &mut message).await {
+        FilterOutcome::Pass { modified } => Filtered::Pass {
+            body: message.body.to_vec(),
+            content_type: message.content_type,
+            modified,
+        },
+        FilterOutcome::Reject { reason } => Filtered::Reject { reason },
+        FilterOutcome::Drop => Filtered::Drop,
+    }
+}
+
+fn pass(text: &str) -> Filtered {
+    Filtered::Pass {
         body: text.as_bytes().to_vec(),
         content_type: "text/plain".into(),
         modified: false,
     }
 }
 
-fn modified(text: &str) -> FilterOutcome {
-    FilterOutcome::Pass {
+fn modified(text: &str) -> Filtered {
+    Filtered::Pass {
         body: text.as_bytes().to_vec(),
         content_type: "text/plain".into(),
         modified: true,
@@ -111,18 +140,12 @@ async fn keyword_filter_masks_and_rejects() {
         )
         .await
         .unwrap();
+    assert_eq!(filter(&f.host, "all fine").await, pass("all fine"));
     assert_eq!(
-        f.host.filter(&origin(), message("all fine")).await,
-        pass("all fine")
-    );
-    assert_eq!(
-        f.host.filter(&origin(), message("a ＢＡＤword!")).await,
+        filter(&f.host, "a ＢＡＤword!").await,
         modified("a *******!")
     );
-    assert_eq!(
-        f.host.filter(&origin(), message("这是诈骗")).await,
-        modified("这是**")
-    );
+    assert_eq!(filter(&f.host, "这是诈骗").await, modified("这是**"));
     let reject = "[config]\nwords = \"scam\"\naction = \"reject\"";
     f.host
         .install(
@@ -132,8 +155,8 @@ async fn keyword_filter_masks_and_rejects() {
         .await
         .unwrap();
     assert!(matches!(
-        f.host.filter(&origin(), message("SCAM!")).await,
-        FilterOutcome::Reject { .. }
+        filter(&f.host, "SCAM!").await,
+        Filtered::Reject { .. }
     ));
     let info = &f.host.list()[0];
     assert_eq!(info.verdicts.get("reject"), Some(&1));
@@ -153,10 +176,7 @@ async fn chains_run_in_order_and_stop_at_reject() {
         .install(&tag("first", 10, "A"), component("tag_filter.wasm"))
         .await
         .unwrap();
-    assert_eq!(
-        f.host.filter(&origin(), message("x")).await,
-        modified("x A B")
-    );
+    assert_eq!(filter(&f.host, "x").await, modified("x A B"));
     // A rejecting filter between them stops the chain: the third never runs.
     let reject = "order = 15\n[config]\nwords = \"x\"\naction = \"reject\"";
     f.host
@@ -167,8 +187,8 @@ async fn chains_run_in_order_and_stop_at_reject() {
         .await
         .unwrap();
     assert!(matches!(
-        f.host.filter(&origin(), message("x")).await,
-        FilterOutcome::Reject { .. }
+        filter(&f.host, "x").await,
+        Filtered::Reject { .. }
     ));
     let second = f
         .host
@@ -192,20 +212,14 @@ async fn an_infinite_loop_is_interrupted_at_its_deadline() {
         .unwrap();
     let started = Instant::now();
     // Fail open: the message passes unchanged.
-    assert_eq!(
-        f.host.filter(&origin(), message("spin forever")).await,
-        pass("spin forever")
-    );
+    assert_eq!(filter(&f.host, "spin forever").await, pass("spin forever"));
     assert!(
         started.elapsed() < Duration::from_secs(2),
         "interrupted after {:?}",
         started.elapsed()
     );
     // The plugin still serves other messages, from a fresh instance.
-    assert_eq!(
-        f.host.filter(&origin(), message("hello")).await,
-        pass("hello")
-    );
+    assert_eq!(filter(&f.host, "hello").await, pass("hello"));
     let info = &f.host.list()[0];
     assert_eq!(info.failures["timeout"], 1);
     // Failing closed rejects instead.
@@ -218,8 +232,8 @@ async fn an_infinite_loop_is_interrupted_at_its_deadline() {
         .await
         .unwrap();
     assert!(matches!(
-        f.host.filter(&origin(), message("spin")).await,
-        FilterOutcome::Reject { .. }
+        filter(&f.host, "spin").await,
+        Filtered::Reject { .. }
     ));
 }
 
@@ -235,14 +249,11 @@ async fn a_memory_bomb_stops_at_the_cap() {
         .await
         .unwrap();
     assert!(matches!(
-        f.host.filter(&origin(), message("bomb")).await,
-        FilterOutcome::Reject { .. }
+        filter(&f.host, "bomb").await,
+        Filtered::Reject { .. }
     ));
     assert_eq!(f.host.list()[0].failures["memory"], 1);
-    assert_eq!(
-        f.host.filter(&origin(), message("calm")).await,
-        pass("calm")
-    );
+    assert_eq!(filter(&f.host, "calm").await, pass("calm"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -257,8 +268,8 @@ async fn a_panic_is_isolated_and_repeated_failures_open_the_breaker() {
         .unwrap();
     for _ in 0..5 {
         assert!(matches!(
-            f.host.filter(&origin(), message("panic")).await,
-            FilterOutcome::Reject { .. }
+            filter(&f.host, "panic").await,
+            Filtered::Reject { .. }
         ));
     }
     let info = &f.host.list()[0];
@@ -268,16 +279,13 @@ async fn a_panic_is_isolated_and_repeated_failures_open_the_breaker() {
     // While open the plugin is not called at all; the closed policy rejects.
     let calls_before = info.calls;
     assert!(matches!(
-        f.host.filter(&origin(), message("fine")).await,
-        FilterOutcome::Reject { .. }
+        filter(&f.host, "fine").await,
+        Filtered::Reject { .. }
     ));
     assert_eq!(f.host.list()[0].calls, calls_before);
     // After the back-off a trial call succeeds and closes the breaker.
     tokio::time::sleep(Duration::from_millis(600)).await;
-    assert_eq!(
-        f.host.filter(&origin(), message("fine")).await,
-        pass("fine")
-    );
+    assert_eq!(filter(&f.host, "fine").await, pass("fine"));
     assert!(!f.host.list()[0].breaker_open);
 }
 
@@ -291,8 +299,8 @@ async fn the_sandbox_grants_no_files_sockets_or_environment() {
         )
         .await
         .unwrap();
-    match f.host.filter(&origin(), message("let me out")).await {
-        FilterOutcome::Reject { reason } => {
+    match filter(&f.host, "let me out").await {
+        Filtered::Reject { reason } => {
             assert_eq!(reason, "file:denied dir:denied net:denied env:0")
         }
         other => panic!("unexpected {other:?}"),
@@ -307,9 +315,9 @@ async fn kv_quota_holds_and_data_survives_restart_and_upgrade() {
         .install(&filter_manifest("hog", limits), component("kv_hog.wasm"))
         .await
         .unwrap();
-    match f.host.filter(&origin(), message("fill")).await {
+    match filter(&f.host, "fill").await {
         // One key holds the round counter.
-        FilterOutcome::Reject { reason } => {
+        Filtered::Reject { reason } => {
             assert_eq!(reason, "stored 99 then Error::QuotaExceeded")
         }
         other => panic!("unexpected {other:?}"),
@@ -322,8 +330,8 @@ async fn kv_quota_holds_and_data_survives_restart_and_upgrade() {
         .install(&filter_manifest("hog", bytes), component("kv_hog.wasm"))
         .await
         .unwrap();
-    let stored: usize = match f.host.filter(&origin(), message("fill")).await {
-        FilterOutcome::Reject { reason } => {
+    let stored: usize = match filter(&f.host, "fill").await {
+        Filtered::Reject { reason } => {
             let rest = reason.strip_prefix("stored ").expect("a report");
             let (n, error) = rest.split_once(" then ").expect("stopped by an error");
             assert_eq!(error, "Error::QuotaExceeded");
@@ -383,10 +391,7 @@ async fn bad_components_are_refused_and_the_old_version_keeps_running() {
             .unwrap_err();
         assert!(matches!(err, PluginError::InvalidComponent(_)), "{err}");
         assert!(err.to_string().contains(needle), "{err}");
-        assert_eq!(
-            f.host.filter(&origin(), message("m")).await,
-            modified("m v1")
-        );
+        assert_eq!(filter(&f.host, "m").await, modified("m v1"));
     }
     let err = f
         .host
@@ -409,22 +414,16 @@ async fn lifecycle_install_upgrade_disable_enable_uninstall_and_restart() {
         .install(&v("v1", "1.0.0"), component("tag_filter.wasm"))
         .await
         .unwrap();
-    assert_eq!(
-        f.host.filter(&origin(), message("m")).await,
-        modified("m v1")
-    );
+    assert_eq!(filter(&f.host, "m").await, modified("m v1"));
     let info = f
         .host
         .install(&v("v2", "2.0.0"), component("tag_filter.wasm"))
         .await
         .unwrap();
     assert_eq!(info.version, "2.0.0");
-    assert_eq!(
-        f.host.filter(&origin(), message("m")).await,
-        modified("m v2")
-    );
+    assert_eq!(filter(&f.host, "m").await, modified("m v2"));
     f.host.set_enabled("tagger", false).await.unwrap();
-    assert_eq!(f.host.filter(&origin(), message("m")).await, pass("m"));
+    assert_eq!(filter(&f.host, "m").await, pass("m"));
     // Disabled state and version survive a restart.
     let restarted = PluginHost::start(f.config.clone(), f.store.clone() as Arc<dyn Store>)
         .await
@@ -432,12 +431,9 @@ async fn lifecycle_install_upgrade_disable_enable_uninstall_and_restart() {
     let info = &restarted.list()[0];
     assert_eq!((info.version.as_str(), info.enabled), ("2.0.0", false));
     f.host.set_enabled("tagger", true).await.unwrap();
-    assert_eq!(
-        f.host.filter(&origin(), message("m")).await,
-        modified("m v2")
-    );
+    assert_eq!(filter(&f.host, "m").await, modified("m v2"));
     f.host.uninstall("tagger", false).await.unwrap();
-    assert_eq!(f.host.filter(&origin(), message("m")).await, pass("m"));
+    assert_eq!(filter(&f.host, "m").await, pass("m"));
     assert!(matches!(
         f.host.uninstall("tagger", false).await,
         Err(PluginError::NotFound(_))
@@ -461,11 +457,7 @@ async fn risk_control_throttles_bursts_and_blocks_repeats() {
         .install(&m, component("risk_control.wasm"))
         .await
         .unwrap();
-    let send = async |text: &str| {
-        f.host
-            .assess(&origin(), risk_control::RiskEvent::Send(message(text)))
-            .await
-    };
+    let send = async |text: &str| f.host.assess_send(&origin(), &mut message(text)).await;
     assert_eq!(send("one").await, RiskOutcome::Allow);
     assert_eq!(send("one").await, RiskOutcome::Allow);
     assert!(

@@ -22,9 +22,8 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use im_plugins::bindings::risk_control::{LoginAttempt, RiskEvent};
 use im_plugins::bindings::types;
-use im_plugins::{CallOrigin, FilterOutcome, Hook, PluginHost, RiskOutcome};
+use im_plugins::{CallOrigin, FilterOutcome, Hook, PluginHost, PluginMessage, RiskOutcome};
 
 use crate::auth::{Authenticator, Credentials};
 use crate::config::Config;
@@ -163,8 +162,8 @@ pub async fn run_session<C: FrameConn>(ctx: Arc<NodeContext>, mut conn: C, peer:
     ctx.stats.open.fetch_add(1, Ordering::Relaxed);
     let transport = conn.transport().as_str();
     let origin = CallOrigin {
-        transport: transport.to_owned(),
-        remote_ip: Some(peer.ip().to_string()),
+        transport: transport.into(),
+        remote_ip: Some(peer.ip().to_string().into()),
     };
     let end = match await_login(&ctx, &mut conn, &origin).await {
         Ok(login) => {
@@ -284,11 +283,10 @@ async fn login_with<C: FrameConn>(
             }
         };
     if let Some(plugins) = &ctx.plugins {
-        let attempt = LoginAttempt {
-            user_id: identity.user_id.clone(),
-            device_id: login.device_id.clone(),
-        };
-        match plugins.assess(origin, RiskEvent::Login(attempt)).await {
+        match plugins
+            .assess_login(origin, &identity.user_id, &login.device_id)
+            .await
+        {
             RiskOutcome::Allow => {}
             RiskOutcome::Throttle {
                 retry_after_ms,
@@ -664,7 +662,7 @@ impl LoggedIn {
         if !plugins.has_hook(Hook::MessageFilter) && !plugins.has_hook(Hook::RiskControl) {
             return Some((body, content_type));
         }
-        let mut message = types::Message {
+        let mut message = PluginMessage {
             conversation_id: conversation_id.to_owned(),
             sender: types::Principal {
                 user_id: self.handle.user_id.to_string(),
@@ -673,22 +671,17 @@ impl LoggedIn {
             target,
             client_msg_id: client_msg_id.to_owned(),
             content_type,
-            body: body.to_vec(),
+            body,
         };
-        match plugins.filter(&self.origin, message.clone()).await {
-            FilterOutcome::Pass {
-                body,
-                content_type,
-                modified,
-            } => {
-                if modified {
-                    if body.is_empty() || body.len() > self.ctx.config.limits.max_body_bytes {
-                        let reason = "a message filter produced an empty or oversized body";
-                        self.out.push(error_bytes(rid, ErrorCode::Rejected, reason));
-                        return None;
-                    }
-                    message.body = body;
-                    message.content_type = content_type;
+        match plugins.filter(&self.origin, &mut message).await {
+            FilterOutcome::Pass { modified } => {
+                if modified
+                    && (message.body.is_empty()
+                        || message.body.len() > self.ctx.config.limits.max_body_bytes)
+                {
+                    let reason = "a message filter produced an empty or oversized body";
+                    self.out.push(error_bytes(rid, ErrorCode::Rejected, reason));
+                    return None;
                 }
             }
             FilterOutcome::Reject { reason } => {
@@ -706,10 +699,7 @@ impl LoggedIn {
                 return None;
             }
         }
-        match plugins
-            .assess(&self.origin, RiskEvent::Send(message.clone()))
-            .await
-        {
+        match plugins.assess_send(&self.origin, &mut message).await {
             RiskOutcome::Allow => {}
             RiskOutcome::Throttle {
                 retry_after_ms,
@@ -728,7 +718,7 @@ impl LoggedIn {
                 return None;
             }
         }
-        Some((Bytes::from(message.body), message.content_type))
+        Some((message.body, message.content_type))
     }
 
     /// Runs a slow request in its own task (bounded per connection); its answer is queued.

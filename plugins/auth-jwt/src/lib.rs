@@ -108,7 +108,7 @@ fn verifier() -> &'static Result<Verifier, String> {
 struct JwtAuth;
 
 impl Authenticator for JwtAuth {
-    fn authenticate(_ctx: CallContext, credentials: Credentials) -> AuthResult {
+    fn authenticate(_ctx: &CallContext, credentials: Credentials) -> AuthResult {
         match verifier() {
             Err(config_error) => {
                 AuthResult::Deny(format!("auth-jwt is misconfigured: {config_error}"))

@@ -130,7 +130,7 @@ impl Rules {
 struct Policy;
 
 impl GroupPolicy for Policy {
-    fn decide(_ctx: CallContext, request: GroupRequest) -> GroupDecision {
+    fn decide(_ctx: &CallContext, request: GroupRequest) -> GroupDecision {
         match Rules::from_config().decide(&request) {
             Ok(()) => GroupDecision::Allow,
             Err(reason) => GroupDecision::Deny(reason),

@@ -139,20 +139,21 @@ fn filter() -> &'static WordFilter {
 struct KeywordFilter;
 
 impl MessageFilter for KeywordFilter {
-    fn filter(_ctx: CallContext, message: Message) -> Verdict {
-        let is_text = message.content_type.is_empty() || message.content_type.starts_with("text/");
-        let Ok(text) = std::str::from_utf8(&message.body) else {
-            return Verdict::Allow;
-        };
-        if !is_text {
+    fn filter(_ctx: &CallContext, message: &Message) -> Verdict {
+        let content_type = message.content_type();
+        if !(content_type.is_empty() || content_type.starts_with("text/")) {
             return Verdict::Allow;
         }
+        let body = message.body();
+        let Ok(text) = std::str::from_utf8(&body) else {
+            return Verdict::Allow;
+        };
         match filter().check(text) {
             None => Verdict::Allow,
             Some(Err(reason)) => Verdict::Reject(reason),
             Some(Ok(masked)) => Verdict::Modify(Rewrite {
                 body: masked.into_bytes(),
-                content_type: message.content_type,
+                content_type,
             }),
         }
     }

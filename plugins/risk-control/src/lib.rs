@@ -70,10 +70,11 @@ pub fn fingerprint(bytes: &[u8]) -> u64 {
 struct Limits;
 
 impl RiskControl for Limits {
-    fn assess(ctx: CallContext, event: RiskEvent) -> RiskVerdict {
+    fn assess(ctx: &CallContext, event: RiskEvent<'_>) -> RiskVerdict {
         match event {
             RiskEvent::Send(message) => {
-                let user = &message.sender.user_id;
+                let sender = message.sender();
+                let user = &sender.user_id;
                 let limit = bucket("send_rate", "send_burst", "20", "40");
                 if let Err(retry_after_ms) = take_from_kv(&format!("send:{user}"), limit) {
                     return RiskVerdict::Throttle(Throttle {
@@ -85,7 +86,7 @@ impl RiskControl for Limits {
                 let window: u64 = config::get_or("repeat_window_ms", "60000")
                     .parse()
                     .unwrap_or(60_000);
-                let key = format!("repeat:{user}:{:016x}", fingerprint(&message.body));
+                let key = format!("repeat:{user}:{:016x}", fingerprint(&message.body()));
                 match kv::increment(&key, 1, Some(window)) {
                     Ok(count) if count > repeat_limit => RiskVerdict::Block(format!(
                         "the same message was sent {count} times within {} s",
@@ -95,7 +96,7 @@ impl RiskControl for Limits {
                 }
             }
             RiskEvent::Login(attempt) => {
-                let Some(ip) = ctx.remote_ip else {
+                let Some(ip) = ctx.remote_ip() else {
                     return RiskVerdict::Allow;
                 };
                 let limit = bucket("login_rate", "login_burst", "5", "20");

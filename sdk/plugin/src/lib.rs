@@ -10,8 +10,9 @@
 //! struct NoShouting;
 //!
 //! impl MessageFilter for NoShouting {
-//!     fn filter(_ctx: CallContext, message: Message) -> Verdict {
-//!         let text = String::from_utf8_lossy(&message.body);
+//!     fn filter(_ctx: &CallContext, message: &Message) -> Verdict {
+//!         let body = message.body();
+//!         let text = String::from_utf8_lossy(&body);
 //!         if text.len() > 3 && text.chars().all(|c| !c.is_lowercase()) {
 //!             return Verdict::Reject("please do not shout".into());
 //!         }
@@ -21,6 +22,9 @@
 //!
 //! im_plugin_sdk::export_message_filter!(NoShouting);
 //! ```
+//!
+//! The call context and the message are handles lent by the host for the call: reading a
+//! field (`message.body()`, `ctx.transport()`) copies just that field into the plugin.
 //!
 //! Host services are plain functions: [`log`], [`config`], [`kv`], [`clock`]. Build with
 //! `cargo build --release --target wasm32-wasip2`; the `.wasm` file is the component to
@@ -37,7 +41,7 @@ pub mod __wit_bindgen {
 #[doc(hidden)]
 pub mod base {
     wit_bindgen::generate!({
-        path: "../../wit/im-plugin@0.1.0",
+        path: "../../wit/im-plugin@0.2.0",
         world: "host-api",
         runtime_path: "im_plugin_sdk::__wit_bindgen::rt",
         type_section_suffix: "im-plugin-sdk-host-api",
@@ -90,14 +94,14 @@ macro_rules! hook_bindings {
         #[doc(hidden)]
         pub mod $module {
             wit_bindgen::generate!({
-                path: "../../wit/im-plugin@0.1.0",
+                path: "../../wit/im-plugin@0.2.0",
                 world: $world,
                 with: {
-                    "im:plugin/types@0.1.0": crate::base::im::plugin::types,
-                    "im:plugin/log@0.1.0": crate::base::im::plugin::log,
-                    "im:plugin/config@0.1.0": crate::base::im::plugin::config,
-                    "im:plugin/kv@0.1.0": crate::base::im::plugin::kv,
-                    "im:plugin/clock@0.1.0": crate::base::im::plugin::clock,
+                    "im:plugin/types@0.2.0": crate::base::im::plugin::types,
+                    "im:plugin/log@0.2.0": crate::base::im::plugin::log,
+                    "im:plugin/config@0.2.0": crate::base::im::plugin::config,
+                    "im:plugin/kv@0.2.0": crate::base::im::plugin::kv,
+                    "im:plugin/clock@0.2.0": crate::base::im::plugin::clock,
                 },
                 pub_export_macro: true,
                 export_macro_name: $macro_name,
@@ -147,14 +151,14 @@ pub mod auth {
     };
 
     pub trait Authenticator {
-        fn authenticate(ctx: CallContext, credentials: Credentials) -> AuthResult;
+        fn authenticate(ctx: &CallContext, credentials: Credentials) -> AuthResult;
     }
 
     #[doc(hidden)]
     pub struct Adapter<T>(core::marker::PhantomData<T>);
 
     impl<T: Authenticator> Guest for Adapter<T> {
-        fn authenticate(ctx: CallContext, credentials: Credentials) -> AuthResult {
+        fn authenticate(ctx: &CallContext, credentials: Credentials) -> AuthResult {
             T::authenticate(ctx, credentials)
         }
     }
@@ -181,14 +185,14 @@ pub mod filter {
     use crate::{CallContext, Message};
 
     pub trait MessageFilter {
-        fn filter(ctx: CallContext, message: Message) -> Verdict;
+        fn filter(ctx: &CallContext, message: &Message) -> Verdict;
     }
 
     #[doc(hidden)]
     pub struct Adapter<T>(core::marker::PhantomData<T>);
 
     impl<T: MessageFilter> Guest for Adapter<T> {
-        fn filter(ctx: CallContext, message: Message) -> Verdict {
+        fn filter(ctx: &CallContext, message: &Message) -> Verdict {
             T::filter(ctx, message)
         }
     }
@@ -215,14 +219,14 @@ pub mod groups {
     };
 
     pub trait GroupPolicy {
-        fn decide(ctx: CallContext, request: GroupRequest) -> GroupDecision;
+        fn decide(ctx: &CallContext, request: GroupRequest) -> GroupDecision;
     }
 
     #[doc(hidden)]
     pub struct Adapter<T>(core::marker::PhantomData<T>);
 
     impl<T: GroupPolicy> Guest for Adapter<T> {
-        fn decide(ctx: CallContext, request: GroupRequest) -> GroupDecision {
+        fn decide(ctx: &CallContext, request: GroupRequest) -> GroupDecision {
             T::decide(ctx, request)
         }
     }
@@ -249,14 +253,14 @@ pub mod risk {
     };
 
     pub trait RiskControl {
-        fn assess(ctx: CallContext, event: RiskEvent) -> RiskVerdict;
+        fn assess(ctx: &CallContext, event: RiskEvent<'_>) -> RiskVerdict;
     }
 
     #[doc(hidden)]
     pub struct Adapter<T>(core::marker::PhantomData<T>);
 
     impl<T: RiskControl> Guest for Adapter<T> {
-        fn assess(ctx: CallContext, event: RiskEvent) -> RiskVerdict {
+        fn assess(ctx: &CallContext, event: RiskEvent<'_>) -> RiskVerdict {
             T::assess(ctx, event)
         }
     }

@@ -13,13 +13,13 @@ from wit_world.imports import config, kv, log
 class MessageFilter(exports.MessageFilter):
     def filter(self, ctx, message):
         try:
-            text = bytes(message.body).decode("utf-8")
+            text = bytes(message.body()).decode("utf-8")
         except UnicodeDecodeError:
             return message_filter.FilterVerdict_Allow()
         replacement = config.get("replacement") or "snake"
         count = kv.increment("seen", 1, None)
-        log.log(log.Level.DEBUG, f"python filter saw message {count} on {ctx.transport}")
+        log.log(log.Level.DEBUG, f"python filter saw message {count} on {ctx.transport()}")
         rewritten = f"{text.replace('python', replacement)} (checked by python #{count})"
         return message_filter.FilterVerdict_Modify(
-            message_filter.Rewrite(body=rewritten.encode("utf-8"), content_type=message.content_type)
+            message_filter.Rewrite(body=rewritten.encode("utf-8"), content_type=message.content_type())
         )

@@ -10,7 +10,7 @@ fn outcome<T, E>(r: Result<T, E>) -> &'static str {
 }
 
 impl MessageFilter for Escape {
-    fn filter(_ctx: CallContext, _message: Message) -> Verdict {
+    fn filter(_ctx: &CallContext, _message: &Message) -> Verdict {
         let file = outcome(std::fs::read("/etc/passwd"));
         let dir = outcome(std::fs::read_dir("/"));
         let net = outcome(std::net::TcpStream::connect("127.0.0.1:7100"));

@@ -6,7 +6,7 @@ use im_plugin_sdk::{CallContext, Message, kv};
 struct Hog;
 
 impl MessageFilter for Hog {
-    fn filter(_ctx: CallContext, _message: Message) -> Verdict {
+    fn filter(_ctx: &CallContext, _message: &Message) -> Verdict {
         let value = vec![7u8; 1024];
         let start = kv::increment("round", 1, None).unwrap_or(0) * 1_000_000;
         for n in 0..1_000_000 {

@@ -5,8 +5,8 @@ use im_plugin_sdk::{CallContext, Message};
 struct Bomb;
 
 impl MessageFilter for Bomb {
-    fn filter(_ctx: CallContext, message: Message) -> Verdict {
-        if message.body.starts_with(b"bomb") {
+    fn filter(_ctx: &CallContext, message: &Message) -> Verdict {
+        if message.body().starts_with(b"bomb") {
             let mut hoard: Vec<Vec<u8>> = Vec::new();
             loop {
                 hoard.push(vec![1u8; 1 << 20]);

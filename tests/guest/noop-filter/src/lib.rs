@@ -5,7 +5,7 @@ use im_plugin_sdk::{CallContext, Message};
 struct Noop;
 
 impl MessageFilter for Noop {
-    fn filter(_ctx: CallContext, _message: Message) -> Verdict {
+    fn filter(_ctx: &CallContext, _message: &Message) -> Verdict {
         Verdict::Allow
     }
 }

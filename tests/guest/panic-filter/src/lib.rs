@@ -5,8 +5,8 @@ use im_plugin_sdk::{CallContext, Message};
 struct Panics;
 
 impl MessageFilter for Panics {
-    fn filter(_ctx: CallContext, message: Message) -> Verdict {
-        if message.body.starts_with(b"panic") {
+    fn filter(_ctx: &CallContext, message: &Message) -> Verdict {
+        if message.body().starts_with(b"panic") {
             panic!("deliberate panic in a test plugin");
         }
         Verdict::Allow

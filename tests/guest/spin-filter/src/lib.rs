@@ -5,8 +5,8 @@ use im_plugin_sdk::{CallContext, Message};
 struct Spin;
 
 impl MessageFilter for Spin {
-    fn filter(_ctx: CallContext, message: Message) -> Verdict {
-        if message.body.starts_with(b"spin") {
+    fn filter(_ctx: &CallContext, message: &Message) -> Verdict {
+        if message.body().starts_with(b"spin") {
             let mut n: u64 = 0;
             loop {
                 n = std::hint::black_box(n.wrapping_add(1));

@@ -5,12 +5,12 @@ use im_plugin_sdk::{CallContext, Message, config};
 struct Tag;
 
 impl MessageFilter for Tag {
-    fn filter(_ctx: CallContext, message: Message) -> Verdict {
-        let mut body = message.body;
+    fn filter(_ctx: &CallContext, message: &Message) -> Verdict {
+        let mut body = message.body();
         body.extend_from_slice(format!(" {}", config::get_or("tag", "[tagged]")).as_bytes());
         Verdict::Modify(Rewrite {
             body,
-            content_type: message.content_type,
+            content_type: message.content_type(),
         })
     }
 }

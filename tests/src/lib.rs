@@ -369,6 +369,14 @@ pub async fn assert_no_message(events: &mut Events, quiet: Duration) {
     }
 }
 
+/// The repository's root directory.
+pub fn repository_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the tests crate sits in the repository")
+        .to_owned()
+}
+
 /// The server binary run as a child process, for tests that kill it.
 pub struct ServerProcess {
     child: std::process::Child,
@@ -380,9 +388,26 @@ impl ServerProcess {
     /// Starts the server binary `binary` on `data_dir`; `ports` reuses earlier ports (tcp,
     /// ws, quic). Integration tests pass `env!("CARGO_BIN_EXE_im-e2e-server")`.
     pub fn start(binary: &str, data_dir: &Path, ports: Option<(u16, u16, u16)>) -> Self {
+        Self::start_configured(binary, data_dir, ports, None)
+    }
+
+    /// Like [`Self::start`], with the configuration file `config` (the addresses and data
+    /// directory still come from the flags). The server runs in the repository root, where
+    /// configuration files name their paths from.
+    pub fn start_configured(
+        binary: &str,
+        data_dir: &Path,
+        ports: Option<(u16, u16, u16)>,
+        config: Option<&Path>,
+    ) -> Self {
         use std::io::BufRead;
         let (tcp, ws, quic) = ports.unwrap_or((0, 0, 0));
-        let mut child = std::process::Command::new(binary)
+        let mut command = std::process::Command::new(binary);
+        if let Some(config) = config {
+            command.arg("--config").arg(config);
+        }
+        let mut child = command
+            .current_dir(repository_root())
             .arg("--data-dir")
             .arg(data_dir)
             .args(["--tcp", &format!("127.0.0.1:{tcp}")])

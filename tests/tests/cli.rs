@@ -317,3 +317,63 @@ async fn server_configuration_from_file_environment_and_flags() {
         assert!(stderr.contains(expected), "{contents}: {stderr}");
     }
 }
+
+/// The configuration `scripts/serve.sh` starts with authenticates through the auth-jwt
+/// plugin, whose secret the first start generates into the data directory (not the
+/// manifest), and `imctl` mints tokens the plugin accepts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_served_configuration_authenticates_with_jwts() {
+    let data = tempfile::tempdir().unwrap();
+    let config = repository_root().join("examples/server.toml");
+    let server = ServerProcess::start_configured(SERVER, data.path(), None, Some(&config));
+    let secret = std::fs::read_to_string(data.path().join("jwt-secret")).unwrap();
+    assert_eq!(secret.trim().len(), 64, "a fresh random secret: {secret:?}");
+    let installed =
+        std::fs::read_to_string(data.path().join("plugins/auth-jwt/manifest.toml")).unwrap();
+    assert!(installed.contains(secret.trim()), "{installed}");
+    let shipped =
+        std::fs::read_to_string(repository_root().join("plugins/auth-jwt/manifest.toml")).unwrap();
+    assert!(!shipped.contains(secret.trim()));
+
+    let connect = async |token: &str| {
+        let mut config = server
+            .endpoints
+            .client_config(Transport::Tcp, "alice", "phone");
+        config.token = token.to_owned();
+        im_client::Client::connect(config).await
+    };
+    // `imctl token` mints a JWT (three parts) that the plugin accepts.
+    let jwt = output(imctl(&server, &["token", "--user", "alice"])).await;
+    assert_eq!(jwt.trim().split('.').count(), 3, "{jwt}");
+    let (alice, _events) = connect(jwt.trim()).await.unwrap();
+    assert_eq!(alice.user_id(), "alice");
+    // A development token is no longer accepted.
+    let dev = output(imctl(
+        &server,
+        &["token", "--token-kind", "dev", "--user", "alice"],
+    ))
+    .await;
+    match connect(dev.trim()).await {
+        Err(im_client::ClientError::Closed { reason, message }) => {
+            assert_eq!(reason, im_proto::v1::CloseReason::AuthFailed);
+            assert!(message.contains("invalid token"), "{message}");
+        }
+        other => panic!("a development token logged in: {:?}", other.map(|_| ())),
+    }
+    // Other commands mint JWTs on their own.
+    let sent = output(imctl(
+        &server,
+        &[
+            "send",
+            "--server",
+            &server.endpoints.url(Transport::Tcp),
+            "--user",
+            "bob",
+            "--to",
+            "alice",
+            "hi",
+        ],
+    ))
+    .await;
+    assert!(sent.starts_with("sent u:alice:bob seq=1 "), "{sent}");
+}

@@ -51,6 +51,14 @@ pub struct PluginsConfig {
 pub struct BootstrapPlugin {
     pub manifest: PathBuf,
     pub wasm: PathBuf,
+    /// Values set in (or added to) the manifest's `[config]` table.
+    #[serde(default)]
+    pub config: std::collections::BTreeMap<String, String>,
+    /// `[config]` keys whose values are read from files (relative paths are under
+    /// `data_dir`), so secrets stay out of manifests. A missing file is created holding a
+    /// fresh random secret (64 hex characters, readable by the owner only).
+    #[serde(default)]
+    pub secrets: std::collections::BTreeMap<String, PathBuf>,
 }
 
 /// The local admin HTTP API (plugin lifecycle).

@@ -17,7 +17,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::admin;
 use crate::auth::{Authenticator, DevTokenAuthenticator, PluginAuthenticator};
-use crate::config::Config;
+use crate::config::{BootstrapPlugin, Config};
 use crate::cursors::CursorWriter;
 use crate::pipeline::Pipeline;
 use crate::router::LocalRouter;
@@ -63,15 +63,20 @@ pub fn dev_secret(config: &Config) -> anyhow::Result<Vec<u8>> {
         );
         return Ok(secret.as_bytes().to_vec());
     }
-    let path = config.data_dir.join("dev-secret");
-    match std::fs::read_to_string(&path) {
-        Ok(secret) => Ok(secret.trim().as_bytes().to_vec()),
+    Ok(read_or_create_secret(&config.data_dir.join("dev-secret"))?.into_bytes())
+}
+
+/// Reads the secret in `path`, or creates the file with a fresh random secret (32 random
+/// bytes as hex, readable by the owner only).
+pub fn read_or_create_secret(path: &std::path::Path) -> anyhow::Result<String> {
+    match std::fs::read_to_string(path) {
+        Ok(secret) => Ok(secret.trim().to_owned()),
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
             let bytes: [u8; 32] = rand::random();
             let secret: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-            tls::write_private(&path, secret.as_bytes())
+            tls::write_private(path, secret.as_bytes())
                 .with_context(|| format!("writing {}", path.display()))?;
-            Ok(secret.into_bytes())
+            Ok(secret)
         }
         Err(err) => Err(err).with_context(|| format!("reading {}", path.display())),
     }
@@ -82,18 +87,32 @@ fn admin_token(config: &Config) -> anyhow::Result<String> {
     if let Some(token) = &config.admin.token {
         return Ok(token.clone());
     }
-    let path = config.data_dir.join("admin-token");
-    match std::fs::read_to_string(&path) {
-        Ok(token) => Ok(token.trim().to_owned()),
-        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
-            let bytes: [u8; 24] = rand::random();
-            let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-            tls::write_private(&path, token.as_bytes())
-                .with_context(|| format!("writing {}", path.display()))?;
-            Ok(token)
-        }
-        Err(err) => Err(err).with_context(|| format!("reading {}", path.display())),
+    read_or_create_secret(&config.data_dir.join("admin-token"))
+}
+
+/// The manifest of a bootstrap plugin with its configured `config` values and secrets
+/// written into its `[config]` table.
+fn bootstrap_manifest(config: &Config, plugin: &BootstrapPlugin) -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(&plugin.manifest)
+        .with_context(|| format!("reading {}", plugin.manifest.display()))?;
+    if plugin.config.is_empty() && plugin.secrets.is_empty() {
+        return Ok(text);
     }
+    let mut manifest: toml::Table =
+        toml::from_str(&text).with_context(|| format!("parsing {}", plugin.manifest.display()))?;
+    let table = manifest
+        .entry("config")
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+        .as_table_mut()
+        .with_context(|| format!("{}: `config` is not a table", plugin.manifest.display()))?;
+    for (key, value) in &plugin.config {
+        table.insert(key.clone(), toml::Value::String(value.clone()));
+    }
+    for (key, file) in &plugin.secrets {
+        let secret = read_or_create_secret(&config.data_dir.join(file))?;
+        table.insert(key.clone(), toml::Value::String(secret));
+    }
+    Ok(toml::to_string(&manifest)?)
 }
 
 /// Starts the plugin host; on a new node, installs the configured bootstrap plugins.
@@ -112,8 +131,7 @@ async fn start_plugins(config: &Config, store: Arc<dyn Store>) -> anyhow::Result
     .context("starting the plugin host")?;
     if new_node {
         for plugin in &config.plugins.bootstrap {
-            let manifest = std::fs::read_to_string(&plugin.manifest)
-                .with_context(|| format!("reading {}", plugin.manifest.display()))?;
+            let manifest = bootstrap_manifest(config, plugin)?;
             let wasm = std::fs::read(&plugin.wasm)
                 .with_context(|| format!("reading {}", plugin.wasm.display()))?;
             let info = host.install(&manifest, wasm).await.with_context(|| {

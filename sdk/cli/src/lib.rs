@@ -23,7 +23,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Mint a development login token (HMAC, verified by the server's development authenticator).
+    /// Mint a login token: a JWT for the auth-jwt plugin, or a development token.
     Token {
         #[command(flatten)]
         secret: SecretArgs,
@@ -194,25 +194,103 @@ async fn plugin_command(admin: AdminArgs, action: PluginAction) -> anyhow::Resul
     Ok(())
 }
 
+/// Which kind of login token to mint.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum TokenKind {
+    /// `jwt` when a JWT secret is available (--jwt-secret, IM_JWT_SECRET or
+    /// <data-dir>/jwt-secret), else `dev`.
+    Auto,
+    /// An HS256 JWT, verified by the auth-jwt plugin.
+    Jwt,
+    /// A development token, accepted while no authenticator plugin is enabled.
+    Dev,
+}
+
 #[derive(Args)]
 struct SecretArgs {
-    /// The server's development secret.
+    /// The kind of token to mint.
+    #[arg(long, value_enum, default_value = "auto")]
+    token_kind: TokenKind,
+    /// The server's development secret (default: <data-dir>/dev-secret).
     #[arg(long, env = "IM_DEV_SECRET")]
     secret: Option<String>,
-    /// Read the secret from <data-dir>/dev-secret (the server's data directory).
+    /// The auth-jwt plugin's HS256 secret (default: <data-dir>/jwt-secret).
+    #[arg(long, env = "IM_JWT_SECRET")]
+    jwt_secret: Option<String>,
+    /// The `aud` claim of minted JWTs (the plugin's `audience`).
+    #[arg(long, default_value = "im")]
+    audience: String,
+    /// The server's data directory, to read secrets from.
     #[arg(long, default_value = "data")]
     data_dir: PathBuf,
 }
 
+/// The claims of a JWT minted for the auth-jwt plugin.
+#[derive(serde::Serialize)]
+struct JwtClaims<'a> {
+    sub: &'a str,
+    aud: &'a str,
+    iat: u64,
+    exp: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dev: Option<&'a str>,
+}
+
 impl SecretArgs {
-    fn secret(&self) -> anyhow::Result<Vec<u8>> {
-        if let Some(s) = &self.secret {
-            return Ok(s.as_bytes().to_vec());
+    fn read(&self, given: &Option<String>, file: &str) -> anyhow::Result<Option<String>> {
+        if let Some(secret) = given {
+            return Ok(Some(secret.clone()));
         }
-        let path = self.data_dir.join("dev-secret");
-        let secret = std::fs::read_to_string(&path)
-            .with_context(|| format!("reading {} (pass --secret or --data-dir)", path.display()))?;
-        Ok(secret.trim().as_bytes().to_vec())
+        let path = self.data_dir.join(file);
+        match std::fs::read_to_string(&path) {
+            Ok(secret) => Ok(Some(secret.trim().to_owned())),
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(err) => Err(err).with_context(|| format!("reading {}", path.display())),
+        }
+    }
+
+    /// Mints a token for `user` (bound to `device` if given) valid for `ttl` seconds.
+    fn mint(&self, user: &str, device: Option<&str>, ttl: u64) -> anyhow::Result<String> {
+        let jwt_secret = match self.token_kind {
+            TokenKind::Dev => None,
+            TokenKind::Auto => self.read(&self.jwt_secret, "jwt-secret")?,
+            TokenKind::Jwt => Some(self.read(&self.jwt_secret, "jwt-secret")?.with_context(
+                || {
+                    format!(
+                        "no JWT secret: pass --jwt-secret or --data-dir (reading {})",
+                        self.data_dir.join("jwt-secret").display()
+                    )
+                },
+            )?),
+        };
+        let now = now();
+        if let Some(secret) = jwt_secret {
+            let claims = JwtClaims {
+                sub: user,
+                aud: &self.audience,
+                iat: now,
+                exp: now + ttl,
+                dev: device,
+            };
+            let key = jsonwebtoken::EncodingKey::from_secret(secret.as_bytes());
+            return Ok(jsonwebtoken::encode(
+                &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+                &claims,
+                &key,
+            )?);
+        }
+        let secret = self.read(&self.secret, "dev-secret")?.with_context(|| {
+            format!(
+                "no development secret: pass --secret or --data-dir (reading {})",
+                self.data_dir.join("dev-secret").display()
+            )
+        })?;
+        let claims = im_token::Claims {
+            user_id: user.to_owned(),
+            device_id: device.map(str::to_owned),
+            expires_at: now + ttl,
+        };
+        Ok(im_token::mint(secret.as_bytes(), &claims))
     }
 }
 
@@ -221,7 +299,7 @@ struct ConnArgs {
     /// Server URL: tcp://, tls://, ws://, wss:// or quic://host:port.
     #[arg(long, env = "IM_SERVER", default_value = "tcp://127.0.0.1:7100")]
     server: String,
-    /// Login token; without it one is minted for --user from the development secret.
+    /// Login token; without it one is minted for --user (see `imctl token --help`).
     #[arg(long, env = "IM_TOKEN")]
     token: Option<String>,
     /// User to log in as when minting a token.
@@ -252,15 +330,8 @@ impl ConnArgs {
     fn config(&self, resume: Resume) -> anyhow::Result<ClientConfig> {
         let token = match (&self.token, &self.user) {
             (Some(token), _) => token.clone(),
-            (None, Some(user)) => im_token::mint(
-                &self.secret.secret()?,
-                &im_token::Claims {
-                    user_id: user.clone(),
-                    device_id: None,
-                    expires_at: now() + 3600,
-                },
-            ),
-            (None, None) => bail!("pass --token, or --user to mint a development token"),
+            (None, Some(user)) => self.secret.mint(user, None, 3600)?,
+            (None, None) => bail!("pass --token, or --user to mint a token"),
         };
         let mut config = ClientConfig::new(&self.server, token, &self.device)?;
         config.resume = resume;
@@ -317,12 +388,7 @@ async fn run_async() -> anyhow::Result<()> {
             device,
             ttl,
         } => {
-            let claims = im_token::Claims {
-                user_id: user,
-                device_id: device,
-                expires_at: now() + ttl,
-            };
-            println!("{}", im_token::mint(&secret.secret()?, &claims));
+            println!("{}", secret.mint(&user, device.as_deref(), ttl)?);
         }
         Command::Send { conn, to, text } => {
             let (client, _events) = conn.connect(Resume::Latest).await?;

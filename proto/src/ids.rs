@@ -42,6 +42,18 @@ pub fn direct_peer<'a>(conversation_id: &'a str, user: &str) -> Option<&'a str> 
     }
 }
 
+/// The conversation id of group `group_id`.
+pub fn group_conversation_id(group_id: &str) -> String {
+    format!("g:{group_id}")
+}
+
+/// The group of a group conversation id, or `None` if it is not one.
+pub fn conversation_group(conversation_id: &str) -> Option<&str> {
+    conversation_id
+        .strip_prefix("g:")
+        .filter(|group| is_valid_id(group))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -124,6 +124,10 @@ pub struct LimitsConfig {
     pub outbound_queue: usize,
     /// A write to a client that takes longer than this closes the connection.
     pub write_timeout_ms: u64,
+    /// Most members a group may have (group-policy plugins may set lower limits).
+    pub max_group_members: usize,
+    /// Most users one group request may list (create, invite, kick).
+    pub max_group_batch: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -205,6 +209,8 @@ impl Default for LimitsConfig {
             max_body_bytes: 32 * 1024,
             outbound_queue: 1024,
             write_timeout_ms: 10_000,
+            max_group_members: 10_000,
+            max_group_batch: 1_000,
         }
     }
 }

@@ -4,7 +4,8 @@
 //! - [`transport`]: TCP, WebSocket and QUIC listeners turning connections into frame streams;
 //! - [`session`]: one task per connection: login, heartbeat, requests, the delivery loop;
 //! - [`delivery`]: sans-IO tracking and re-push schedule of unacknowledged deliveries;
-//! - [`pipeline`]: group commit of sends to the store, then acks and pushes in seq order;
+//! - [`groups`]: group requests (checks, policy, announcements) and the membership cache;
+//! - [`pipeline`]: group commit of sends and group changes, then acks and pushes in seq order;
 //! - [`router`]: which devices are online here, with bounded per-connection queues;
 //! - [`cursors`]: batched persistence of per-device delivery cursors;
 //! - [`auth`]: the authentication seam: plugin authenticators, development tokens;
@@ -17,6 +18,7 @@ pub mod cli;
 pub mod config;
 pub mod cursors;
 pub mod delivery;
+pub mod groups;
 pub mod node;
 pub mod pipeline;
 pub mod router;

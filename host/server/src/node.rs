@@ -19,6 +19,7 @@ use crate::admin;
 use crate::auth::{Authenticator, DevTokenAuthenticator, PluginAuthenticator};
 use crate::config::{BootstrapPlugin, Config};
 use crate::cursors::CursorWriter;
+use crate::groups::GroupDirectory;
 use crate::pipeline::Pipeline;
 use crate::router::LocalRouter;
 use crate::session::NodeContext;
@@ -164,8 +165,13 @@ impl RunningNode {
         let secret = dev_secret(&config)?;
         let shutdown = CancellationToken::new();
         let router = Arc::new(LocalRouter::default());
-        let (pipeline, pipeline_task) =
-            Pipeline::start(dyn_store.clone(), router.clone(), config.storage.max_batch);
+        let groups = Arc::new(GroupDirectory::new(dyn_store.clone()));
+        let (pipeline, pipeline_task) = Pipeline::start(
+            dyn_store.clone(),
+            router.clone(),
+            groups.clone(),
+            config.storage.max_batch,
+        );
         let (cursors, cursor_task) = CursorWriter::start(dyn_store.clone());
         let plugins = if config.plugins.enabled {
             Some(start_plugins(&config, dyn_store.clone()).await?)
@@ -184,6 +190,7 @@ impl RunningNode {
             dyn_store,
             router,
             pipeline,
+            groups,
             auth,
             cursors,
             shutdown.clone(),

@@ -1,16 +1,20 @@
 //! The send pipeline: group-commits messages to the store, then acks senders and pushes to devices in seq order.
 //!
 //! One task owns the pipeline. While one batch is being committed, new sends queue up and
-//! form the next batch, so durability costs one commit per batch, not per message.
+//! form the next batch, so durability costs one commit per batch, not per message. Group
+//! changes go through the same task, in arrival order between the batches, because their
+//! announcements take seqs in the group's conversation too.
 //! Architecture invariant: acks and pushes are issued only after the commit returned, and
 //! in commit order, so every device sees each conversation's pushes in seq order.
 
 use std::sync::Arc;
 
+use im_proto::ids;
 use im_proto::v1::{self, frame::Body};
-use im_store::{Appended, NewMessage, Store, StoredMessage};
+use im_store::{Appended, NewMessage, Store, StoreError, StoredMessage};
 use tokio::sync::mpsc;
 
+use crate::groups::{GroupDirectory, PreparedChange, group_to_proto};
 use crate::router::{ConnHandle, DeliverPush, LocalRouter, Outbound};
 
 /// One send waiting for its commit.
@@ -21,10 +25,24 @@ pub struct SendJob {
     pub sender: ConnHandle,
 }
 
+/// One group change waiting for its commit.
+pub struct GroupJob {
+    pub request_id: u64,
+    pub prepared: PreparedChange,
+    /// The requesting connection: gets the `GroupResponse`.
+    pub sender: ConnHandle,
+}
+
+/// What the pipeline stores.
+pub enum Job {
+    Send(SendJob),
+    Group(GroupJob),
+}
+
 /// Handle for submitting sends.
 #[derive(Clone)]
 pub struct Pipeline {
-    jobs: mpsc::Sender<SendJob>,
+    jobs: mpsc::Sender<Job>,
 }
 
 impl Pipeline {
@@ -32,30 +50,65 @@ impl Pipeline {
     pub fn start(
         store: Arc<dyn Store>,
         router: Arc<LocalRouter>,
+        directory: Arc<GroupDirectory>,
         max_batch: usize,
     ) -> (Self, tokio::task::JoinHandle<()>) {
         let (jobs, rx) = mpsc::channel(max_batch.saturating_mul(4).max(64));
-        let task = tokio::spawn(run(rx, store, router, max_batch));
+        let worker = Worker {
+            store,
+            router,
+            directory,
+        };
+        let task = tokio::spawn(worker.run(rx, max_batch));
         (Self { jobs }, task)
     }
 
     /// Queues a send; waits while the pipeline is full (back-pressure on the sender).
     pub async fn submit(&self, job: SendJob) -> Result<(), SendJob> {
-        self.jobs.send(job).await.map_err(|e| e.0)
+        self.jobs.send(Job::Send(job)).await.map_err(|e| match e.0 {
+            Job::Send(job) => job,
+            Job::Group(_) => unreachable!("a send was submitted"),
+        })
+    }
+
+    /// Queues a group change; fails only when the pipeline has stopped.
+    pub async fn submit_group(&self, job: GroupJob) -> Result<(), ()> {
+        self.jobs.send(Job::Group(job)).await.map_err(|_| ())
     }
 }
 
-async fn run(
-    mut rx: mpsc::Receiver<SendJob>,
+/// The pipeline task's state.
+struct Worker {
     store: Arc<dyn Store>,
     router: Arc<LocalRouter>,
-    max_batch: usize,
-) {
-    let mut jobs = Vec::with_capacity(max_batch);
-    let mut messages = Vec::with_capacity(max_batch);
-    while rx.recv_many(&mut jobs, max_batch).await > 0 {
-        messages.extend(jobs.iter().map(|j| j.message.clone()));
-        match store.append_messages(&messages).await {
+    directory: Arc<GroupDirectory>,
+}
+
+impl Worker {
+    async fn run(self, mut rx: mpsc::Receiver<Job>, max_batch: usize) {
+        let mut jobs = Vec::with_capacity(max_batch);
+        let mut sends = Vec::with_capacity(max_batch);
+        while rx.recv_many(&mut jobs, max_batch).await > 0 {
+            for job in jobs.drain(..) {
+                match job {
+                    Job::Send(send) => sends.push(send),
+                    Job::Group(group) => {
+                        // Keep arrival order: the sends queued before it commit first.
+                        self.commit_sends(&mut sends).await;
+                        self.commit_group(group).await;
+                    }
+                }
+            }
+            self.commit_sends(&mut sends).await;
+        }
+    }
+
+    async fn commit_sends(&self, jobs: &mut Vec<SendJob>) {
+        if jobs.is_empty() {
+            return;
+        }
+        let messages: Vec<NewMessage> = jobs.iter().map(|j| j.message.clone()).collect();
+        match self.store.append_messages(&messages).await {
             Ok(outcomes) => {
                 for (job, outcome) in jobs.drain(..).zip(outcomes) {
                     let duplicate = matches!(outcome, Appended::Duplicate(_));
@@ -68,7 +121,7 @@ async fn run(
                         duplicate,
                     )));
                     if !duplicate {
-                        dispatch(&router, &stored, job.sender.conn_id);
+                        self.dispatch(&stored, job.sender.conn_id, &[]).await;
                     }
                 }
             }
@@ -84,7 +137,95 @@ async fn run(
                 }
             }
         }
-        messages.clear();
+    }
+
+    async fn commit_group(&self, job: GroupJob) {
+        let PreparedChange {
+            group_id,
+            change,
+            announcement,
+            removed,
+        } = job.prepared;
+        let frame = match self
+            .store
+            .apply_group_change(&group_id, &change, &announcement)
+            .await
+        {
+            Ok((group, event)) => {
+                if let Err(err) = self.directory.refresh(&group_id).await {
+                    tracing::warn!(error = %err, group = %group_id, "re-reading group members failed");
+                }
+                let response = v1::Frame::new(
+                    job.request_id,
+                    Body::GroupResult(v1::GroupResponse {
+                        group: Some(group_to_proto(&group)),
+                        event: Some(to_proto(&event)),
+                    }),
+                );
+                job.sender.offer(Outbound::Frame(response.to_bytes()));
+                self.dispatch(&event, job.sender.conn_id, &removed).await;
+                return;
+            }
+            Err(StoreError::UnknownConversation) => {
+                v1::Frame::error(job.request_id, v1::ErrorCode::UnknownGroup, "no such group")
+            }
+            Err(StoreError::Conflict(why)) => {
+                v1::Frame::error(job.request_id, v1::ErrorCode::Conflict, why)
+            }
+            Err(err) => {
+                tracing::error!(error = %err, group = %group_id, "storing a group change failed");
+                v1::Frame::error(
+                    job.request_id,
+                    v1::ErrorCode::Internal,
+                    "the change could not be stored; retry",
+                )
+            }
+        };
+        job.sender.offer(Outbound::Frame(frame.to_bytes()));
+    }
+
+    /// Pushes a newly stored message to its audience: for 1:1, the recipient's devices and
+    /// the sender's other devices; for a group, every member's devices (and `also`, users a
+    /// change just removed). The sending connection gets its ack instead.
+    async fn dispatch(&self, m: &StoredMessage, sending_conn: u64, also: &[String]) {
+        let push = Arc::new(DeliverPush {
+            conversation_id: m.conversation_id.as_str().into(),
+            seq: m.seq,
+            frame: v1::Frame::new(
+                0,
+                Body::Deliver(v1::Deliver {
+                    message: Some(to_proto(m)),
+                }),
+            )
+            .to_bytes(),
+        });
+        let mut offer = |device: &ConnHandle| {
+            if device.conn_id != sending_conn {
+                device.offer(Outbound::Deliver(push.clone()));
+            }
+        };
+        if let Some(group_id) = ids::conversation_group(&m.conversation_id) {
+            match self.directory.members(group_id).await {
+                Ok(Some(members)) => {
+                    for member in members.iter() {
+                        self.router.for_each_device(member, &mut offer);
+                    }
+                }
+                Ok(None) => {}
+                // Members sync the gap on their next pull.
+                Err(err) => {
+                    tracing::warn!(error = %err, group = group_id, "reading group members for a push failed")
+                }
+            }
+            for user in also {
+                self.router.for_each_device(user, &mut offer);
+            }
+            return;
+        }
+        self.router.for_each_device(&m.recipient_id, &mut offer);
+        if m.recipient_id != m.sender_id {
+            self.router.for_each_device(&m.sender_id, &mut offer);
+        }
     }
 }
 
@@ -117,30 +258,6 @@ pub fn to_proto(m: &StoredMessage) -> v1::Message {
         body: m.body.clone(),
         content_type: m.content_type.clone(),
         server_time_ms: m.server_time_ms,
-    }
-}
-
-/// Pushes a newly stored message to the recipient's devices and the sender's other devices.
-fn dispatch(router: &LocalRouter, m: &StoredMessage, sending_conn: u64) {
-    let push = Arc::new(DeliverPush {
-        conversation_id: m.conversation_id.as_str().into(),
-        seq: m.seq,
-        frame: v1::Frame::new(
-            0,
-            Body::Deliver(v1::Deliver {
-                message: Some(to_proto(m)),
-            }),
-        )
-        .to_bytes(),
-    });
-    let mut offer = |device: &ConnHandle| {
-        if device.conn_id != sending_conn {
-            device.offer(Outbound::Deliver(push.clone()));
-        }
-    };
-    router.for_each_device(&m.recipient_id, &mut offer);
-    if m.recipient_id != m.sender_id {
-        router.for_each_device(&m.sender_id, &mut offer);
     }
 }
 
@@ -220,6 +337,35 @@ mod tests {
         async fn ack_delivered(&self, u: &str, d: &str, acks: &[(String, u64)]) -> StoreResult<()> {
             self.inner.ack_delivered(u, d, acks).await
         }
+        async fn apply_group_change(
+            &self,
+            g: &str,
+            change: &im_store::GroupChange,
+            announcement: &NewMessage,
+        ) -> StoreResult<(im_store::GroupInfo, StoredMessage)> {
+            self.inner.apply_group_change(g, change, announcement).await
+        }
+        async fn group(&self, g: &str) -> StoreResult<Option<im_store::GroupInfo>> {
+            self.inner.group(g).await
+        }
+        async fn group_member(
+            &self,
+            g: &str,
+            u: &str,
+        ) -> StoreResult<Option<im_store::GroupMember>> {
+            self.inner.group_member(g, u).await
+        }
+        async fn group_members(
+            &self,
+            g: &str,
+            after: Option<&str>,
+            limit: u32,
+        ) -> StoreResult<Vec<im_store::GroupMember>> {
+            self.inner.group_members(g, after, limit).await
+        }
+        async fn user_groups(&self, u: &str) -> StoreResult<Vec<im_store::GroupInfo>> {
+            self.inner.user_groups(u).await
+        }
     }
 
     fn device(conn_id: u64, user: &str, capacity: usize) -> (ConnHandle, mpsc::Receiver<Outbound>) {
@@ -255,7 +401,8 @@ mod tests {
         let router = Arc::new(LocalRouter::default());
         let (recipient, mut pushes) = device(2, "bob", 4096);
         router.register(recipient);
-        let (pipeline, task) = Pipeline::start(store.clone(), router, 512);
+        let directory = Arc::new(GroupDirectory::new(store.clone()));
+        let (pipeline, task) = Pipeline::start(store.clone(), router, directory, 512);
         let (sender, mut acks) = device(1, "alice", 4096);
         const SENDS: u64 = 2000;
         for i in 0..SENDS {

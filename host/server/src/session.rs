@@ -29,7 +29,8 @@ use crate::auth::{Authenticator, Credentials};
 use crate::config::Config;
 use crate::cursors::CursorWriter;
 use crate::delivery::PendingDeliveries;
-use crate::pipeline::{Pipeline, SendJob, to_proto};
+use crate::groups::{self, GroupDirectory};
+use crate::pipeline::{GroupJob, Pipeline, SendJob, to_proto};
 use crate::router::{CloseSignal, ConnHandle, LocalRouter, Outbound};
 use crate::transport::{FrameConn, RecvError};
 
@@ -51,6 +52,7 @@ pub struct NodeContext {
     pub store: Arc<dyn Store>,
     pub router: Arc<LocalRouter>,
     pub pipeline: Pipeline,
+    pub groups: Arc<GroupDirectory>,
     pub auth: Arc<dyn Authenticator>,
     pub cursors: CursorWriter,
     pub shutdown: CancellationToken,
@@ -75,6 +77,7 @@ impl NodeContext {
         store: Arc<dyn Store>,
         router: Arc<LocalRouter>,
         pipeline: Pipeline,
+        groups: Arc<GroupDirectory>,
         auth: Arc<dyn Authenticator>,
         cursors: CursorWriter,
         shutdown: CancellationToken,
@@ -87,6 +90,7 @@ impl NodeContext {
             store,
             router,
             pipeline,
+            groups,
             auth,
             cursors,
             shutdown,
@@ -505,7 +509,7 @@ impl LoggedIn {
             Body::Ping(ping) => self.out.push(pong(rid, ping.nonce)),
             Body::Send(send) => self.send(rid, send).await?,
             Body::DeliverAck(ack) => {
-                if ids::direct_peer(&ack.conversation_id, &self.handle.user_id).is_some() {
+                if self.takes_part(&ack.conversation_id).await {
                     self.pending.acked(&ack.conversation_id, ack.seq);
                     self.ctx.cursors.record(
                         &self.handle,
@@ -530,6 +534,16 @@ impl LoggedIn {
                 self.spawn_request(rid, String::new(), Request::List(req))
                     .await
             }
+            Body::Group(req) => self.group_request(rid, req).await?,
+            Body::ListGroupMembers(req) => {
+                let conversation_id = ids::group_conversation_id(&req.group_id);
+                self.spawn_request(rid, conversation_id, Request::Members(req))
+                    .await
+            }
+            Body::ListGroups(_) => {
+                self.spawn_request(rid, String::new(), Request::Groups)
+                    .await
+            }
             Body::Login(_) => self.out.push(error_bytes(
                 rid,
                 ErrorCode::AlreadyLoggedIn,
@@ -544,7 +558,7 @@ impl LoggedIn {
         Ok(())
     }
 
-    async fn send(&mut self, rid: u64, send: v1::SendRequest) -> Result<(), End> {
+    async fn send(&mut self, rid: u64, mut send: v1::SendRequest) -> Result<(), End> {
         let limits = &self.ctx.config.limits;
         let invalid = |msg: &str| error_bytes(rid, ErrorCode::InvalidArgument, msg);
         if !ids::is_valid_client_msg_id(&send.client_msg_id) {
@@ -571,9 +585,15 @@ impl LoggedIn {
             self.out.push(invalid("content_type exceeds 128 bytes"));
             return Ok(());
         }
-        let Some(v1::send_request::Target::ToUser(to)) = send.target else {
-            self.out.push(invalid("no target"));
-            return Ok(());
+        let to = match send.target.take() {
+            Some(v1::send_request::Target::ToUser(to)) => to,
+            Some(v1::send_request::Target::ToGroup(group)) => {
+                return self.send_to_group(rid, group, send).await;
+            }
+            None => {
+                self.out.push(invalid("no target"));
+                return Ok(());
+            }
         };
         if !ids::is_valid_id(&to) {
             self.out.push(invalid("to_user is not a valid user id"));
@@ -601,6 +621,84 @@ impl LoggedIn {
         }
         let conversation_id = ids::direct_conversation_id(&self.handle.user_id, &to);
         let target = types::MessageTarget::User(to.clone());
+        self.screen_and_submit(rid, conversation_id, target, to, send)
+            .await
+    }
+
+    /// Whether this user takes part in `conversation_id`: one of its two users, or a member
+    /// of its group.
+    async fn takes_part(&self, conversation_id: &str) -> bool {
+        if ids::direct_peer(conversation_id, &self.handle.user_id).is_some() {
+            return true;
+        }
+        match ids::conversation_group(conversation_id) {
+            Some(group) => self
+                .ctx
+                .groups
+                .is_member(group, &self.handle.user_id)
+                .await
+                .unwrap_or(false),
+            None => false,
+        }
+    }
+
+    /// A send to a group: the sender must be a member; stored once in `g:<group>`.
+    async fn send_to_group(
+        &mut self,
+        rid: u64,
+        group: String,
+        send: v1::SendRequest,
+    ) -> Result<(), End> {
+        if !ids::is_valid_id(&group) {
+            self.out.push(error_bytes(
+                rid,
+                ErrorCode::InvalidArgument,
+                "to_group is not a valid group id",
+            ));
+            return Ok(());
+        }
+        match self.ctx.groups.members(&group).await {
+            Ok(None) => {
+                let message = format!("no group {group:?}");
+                self.out
+                    .push(error_bytes(rid, ErrorCode::UnknownGroup, message));
+                return Ok(());
+            }
+            Ok(Some(members)) => {
+                let user: &str = &self.handle.user_id;
+                if members.binary_search_by(|m| (**m).cmp(user)).is_err() {
+                    let message = "you are not a member of this group";
+                    self.out
+                        .push(error_bytes(rid, ErrorCode::NotAMember, message));
+                    return Ok(());
+                }
+            }
+            Err(err) => {
+                tracing::error!(error = %err, "looking up a group failed");
+                self.out.push(error_bytes(
+                    rid,
+                    ErrorCode::Internal,
+                    "lookup failed; retry",
+                ));
+                return Ok(());
+            }
+        }
+        let conversation_id = ids::group_conversation_id(&group);
+        let target = types::MessageTarget::Group(group.clone());
+        self.screen_and_submit(rid, conversation_id, target, group, send)
+            .await
+    }
+
+    /// Passes a checked send through the plugins and hands what they let through to the
+    /// pipeline, which acks it once stored.
+    async fn screen_and_submit(
+        &mut self,
+        rid: u64,
+        conversation_id: String,
+        target: types::MessageTarget,
+        recipient_id: String,
+        send: v1::SendRequest,
+    ) -> Result<(), End> {
         let screened = self
             .screen(
                 rid,
@@ -618,13 +716,41 @@ impl LoggedIn {
             conversation_id,
             sender_id: self.handle.user_id.to_string(),
             sender_device_id: self.handle.device_id.to_string(),
-            recipient_id: to,
+            recipient_id,
             client_msg_id: send.client_msg_id,
             body,
             content_type,
             server_msg_id: uuid::Uuid::now_v7().to_string(),
             server_time_ms: now_ms(),
         };
+        self.submit(rid, message).await
+    }
+
+    /// A group change: checked and decided here, stored and announced by the pipeline.
+    async fn group_request(&mut self, rid: u64, request: v1::GroupRequest) -> Result<(), End> {
+        match groups::prepare(&self.ctx, &self.handle, &self.origin, request).await {
+            Ok(prepared) => {
+                let job = GroupJob {
+                    request_id: rid,
+                    prepared,
+                    sender: self.handle.clone(),
+                };
+                if self.ctx.pipeline.submit_group(job).await.is_err() {
+                    return Err(End::Close(
+                        CloseReason::ServerShutdown,
+                        "server shutting down".into(),
+                    ));
+                }
+            }
+            Err(refusal) => self
+                .out
+                .push(error_bytes(rid, refusal.code, refusal.message)),
+        }
+        Ok(())
+    }
+
+    /// Hands a checked message to the pipeline, which acks it once stored.
+    async fn submit(&mut self, rid: u64, message: NewMessage) -> Result<(), End> {
         let job = SendJob {
             request_id: rid,
             message,
@@ -723,15 +849,18 @@ impl LoggedIn {
 
     /// Runs a slow request in its own task (bounded per connection); its answer is queued.
     async fn spawn_request(&mut self, rid: u64, conversation_id: String, request: Request) {
-        let user = self.handle.user_id.clone();
-        if !matches!(request, Request::List(_))
-            && ids::direct_peer(&conversation_id, &user).is_none()
+        if !matches!(request, Request::List(_) | Request::Groups)
+            && !self.takes_part(&conversation_id).await
         {
-            self.out.push(error_bytes(
-                rid,
-                ErrorCode::UnknownConversation,
-                "no such conversation for this user",
-            ));
+            let (code, message) = if ids::conversation_group(&conversation_id).is_some() {
+                (ErrorCode::NotAMember, "you are not a member of this group")
+            } else {
+                (
+                    ErrorCode::UnknownConversation,
+                    "no such conversation for this user",
+                )
+            };
+            self.out.push(error_bytes(rid, code, message));
             return;
         }
         let Ok(permit) = self.requests.clone().acquire_owned().await else {
@@ -763,6 +892,8 @@ enum Request {
     History(v1::HistoryRequest),
     MarkRead(v1::MarkReadRequest),
     List(v1::ListConversationsRequest),
+    Members(v1::ListGroupMembersRequest),
+    Groups,
 }
 
 fn page_size(limit: u32) -> u32 {
@@ -886,6 +1017,31 @@ async fn answer(
             Body::Conversations(v1::ListConversationsResponse {
                 conversations,
                 has_more,
+            })
+        }
+        Request::Members(req) => {
+            let limit = page_size(req.limit);
+            let after = (!req.after_user_id.is_empty()).then_some(req.after_user_id.as_str());
+            let mut members = store.group_members(&req.group_id, after, limit + 1).await?;
+            let has_more = members.len() > limit as usize;
+            members.truncate(limit as usize);
+            Body::GroupMembers(v1::ListGroupMembersResponse {
+                group_id: req.group_id,
+                members: members
+                    .into_iter()
+                    .map(|m| v1::GroupMember {
+                        user_id: m.user_id,
+                        role: groups::role_to_proto(m.role) as i32,
+                        joined_ms: m.joined_ms,
+                    })
+                    .collect(),
+                has_more,
+            })
+        }
+        Request::Groups => {
+            let list = store.user_groups(&handle.user_id).await?;
+            Body::Groups(v1::ListGroupsResponse {
+                groups: list.iter().map(groups::group_to_proto).collect(),
             })
         }
     };

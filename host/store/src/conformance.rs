@@ -5,7 +5,10 @@
 
 use bytes::Bytes;
 
-use crate::{Appended, KvRecord, ListPosition, NewMessage, ReadState, Store, StoreError};
+use crate::{
+    Appended, ConversationSummary, GroupChange, GroupInfo, GroupMember, GroupRole, KvRecord,
+    ListPosition, NewMessage, ReadState, Store, StoreError, StoredMessage,
+};
 
 /// `count` messages from `from` to `to`, client ids `<tag>-<n>`, bodies `<tag> <n>`.
 pub fn direct_batch(from: &str, to: &str, tag: &str, count: usize) -> Vec<NewMessage> {
@@ -41,6 +44,14 @@ pub async fn run_all(store: &dyn Store) {
     delivery_cursors_only_move_forward(store).await;
     concurrent_appends_stay_gapless(store).await;
     plugin_kv_persists_per_plugin(store).await;
+    groups_are_created_and_read_back(store).await;
+    group_announcements_take_consecutive_seqs(store).await;
+    group_members_see_the_conversation_with_unread_counts(store).await;
+    group_membership_and_roles_change(store).await;
+    refused_group_changes_store_nothing(store).await;
+    group_members_page_by_user_id(store).await;
+    user_groups_are_ordered_by_group_id(store).await;
+    group_messages_create_no_membership(store).await;
 }
 
 async fn plugin_kv_persists_per_plugin(store: &dyn Store) {
@@ -404,4 +415,672 @@ async fn futures_join_all(store: &dyn Store, batches: &[Vec<NewMessage>]) -> Vec
     })
     .await;
     results.into_iter().map(Option::unwrap).collect()
+}
+
+fn group_conversation(group_id: &str) -> String {
+    format!("g:{group_id}")
+}
+
+/// A group announcement by `actor` in group `group_id`; `tag` makes its client id unique.
+fn announcement(group_id: &str, actor: &str, tag: &str, time_ms: i64) -> NewMessage {
+    NewMessage {
+        conversation_id: group_conversation(group_id),
+        sender_id: actor.to_owned(),
+        sender_device_id: "dev1".to_owned(),
+        recipient_id: group_id.to_owned(),
+        client_msg_id: format!("{group_id}-{tag}"),
+        body: Bytes::from(format!("{group_id} {tag}")),
+        content_type: "application/vnd.im.group-event+json".to_owned(),
+        server_msg_id: format!("srv-{group_id}-{tag}"),
+        server_time_ms: time_ms,
+    }
+}
+
+/// A chat message from `sender` to group `group_id`.
+fn group_message(group_id: &str, sender: &str, tag: &str, time_ms: i64) -> NewMessage {
+    NewMessage {
+        content_type: "text/plain".to_owned(),
+        ..announcement(group_id, sender, tag, time_ms)
+    }
+}
+
+fn create(owner_id: &str, members: &[&str]) -> GroupChange {
+    GroupChange::Create {
+        name: "a group".to_owned(),
+        owner_id: owner_id.to_owned(),
+        members: users(members),
+    }
+}
+
+fn users(ids: &[&str]) -> Vec<String> {
+    ids.iter().map(|&id| id.to_owned()).collect()
+}
+
+/// Applies a change that must succeed.
+async fn change(
+    store: &dyn Store,
+    group_id: &str,
+    change: GroupChange,
+    msg: NewMessage,
+) -> (GroupInfo, StoredMessage) {
+    store
+        .apply_group_change(group_id, &change, &msg)
+        .await
+        .unwrap_or_else(|e| panic!("{change:?} on {group_id}: {e}"))
+}
+
+/// All members as (user id, role), ordered by user id.
+async fn roles(store: &dyn Store, group_id: &str) -> Vec<(String, GroupRole)> {
+    store
+        .group_members(group_id, None, 1_000)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| (m.user_id, m.role))
+        .collect()
+}
+
+async fn group_entry(store: &dyn Store, user_id: &str, group_id: &str) -> ConversationSummary {
+    let conversation_id = group_conversation(group_id);
+    store
+        .list_conversations(user_id, "phone", None, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|c| c.conversation_id == conversation_id)
+        .unwrap_or_else(|| panic!("{user_id} does not list {conversation_id}"))
+}
+
+async fn groups_are_created_and_read_back(store: &dyn Store) {
+    // The owner and a repeated member in the list count once.
+    let (group, event) = change(
+        store,
+        "grp-new",
+        create("gn-owner", &["gn-b", "gn-a", "gn-b", "gn-owner"]),
+        announcement("grp-new", "gn-owner", "create", 5_000),
+    )
+    .await;
+    let expected = GroupInfo {
+        group_id: "grp-new".to_owned(),
+        name: "a group".to_owned(),
+        owner_id: "gn-owner".to_owned(),
+        member_count: 3,
+        created_ms: 5_000,
+    };
+    assert_eq!(group, expected);
+    assert_eq!(store.group("grp-new").await.unwrap(), Some(expected));
+    assert_eq!(event.conversation_id, "g:grp-new");
+    assert_eq!(event.seq, 1);
+    assert_eq!(event.recipient_id, "grp-new");
+    assert_eq!(
+        store.group_member("grp-new", "gn-owner").await.unwrap(),
+        Some(GroupMember {
+            user_id: "gn-owner".to_owned(),
+            role: GroupRole::Owner,
+            joined_ms: 5_000,
+        })
+    );
+    assert_eq!(
+        roles(store, "grp-new").await,
+        vec![
+            ("gn-a".to_owned(), GroupRole::Member),
+            ("gn-b".to_owned(), GroupRole::Member),
+            ("gn-owner".to_owned(), GroupRole::Owner),
+        ]
+    );
+    for user in ["gn-a", "gn-b", "gn-owner"] {
+        assert!(store.is_member(user, "g:grp-new").await.unwrap());
+    }
+    assert_eq!(store.group_member("grp-new", "gn-x").await.unwrap(), None);
+    assert_eq!(store.group("grp-none").await.unwrap(), None);
+    assert!(
+        store
+            .group_members("grp-none", None, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+async fn group_announcements_take_consecutive_seqs(store: &dyn Store) {
+    let g = "grp-seq";
+    let changes = [
+        create("gs-owner", &["gs-a"]),
+        GroupChange::Add {
+            user_ids: users(&["gs-b"]),
+        },
+        GroupChange::SetRole {
+            user_id: "gs-a".to_owned(),
+            role: GroupRole::Admin,
+        },
+        GroupChange::Remove {
+            user_ids: users(&["gs-b"]),
+        },
+        GroupChange::TransferOwnership {
+            to: "gs-a".to_owned(),
+        },
+    ];
+    for (n, c) in changes.into_iter().enumerate() {
+        let (_, event) = change(
+            store,
+            g,
+            c,
+            announcement(g, "gs-owner", &n.to_string(), 6_000 + n as i64),
+        )
+        .await;
+        assert_eq!(event.seq, n as u64 + 1);
+    }
+    let conv = group_conversation(g);
+    assert_eq!(store.last_seq(&conv).await.unwrap(), 5);
+    let timeline = store.messages_after(&conv, 0, 100).await.unwrap();
+    assert_eq!(
+        timeline.iter().map(|m| m.seq).collect::<Vec<_>>(),
+        vec![1, 2, 3, 4, 5]
+    );
+    assert_eq!(timeline[0].body, Bytes::from_static(b"grp-seq 0"));
+    assert_eq!(timeline[4].body, Bytes::from_static(b"grp-seq 4"));
+    assert_eq!(store.messages_after(&conv, 3, 100).await.unwrap().len(), 2);
+}
+
+async fn group_members_see_the_conversation_with_unread_counts(store: &dyn Store) {
+    let g = "grp-unread";
+    change(
+        store,
+        g,
+        create("gu-owner", &["gu-a"]),
+        announcement(g, "gu-owner", "create", 7_000),
+    )
+    .await;
+    // Everyone starts at the announcement that added them: nothing unread.
+    let a = group_entry(store, "gu-a", g).await;
+    assert_eq!(a.peer_id, g);
+    assert_eq!((a.last_seq, a.read_seq, a.unread_count), (1, 1, 0));
+    assert_eq!(a.last_time_ms, 7_000);
+    // Two messages from the owner (seqs 2, 3) are unread for a, read for the owner.
+    store
+        .append_messages(&[
+            group_message(g, "gu-owner", "m1", 7_001),
+            group_message(g, "gu-owner", "m2", 7_002),
+        ])
+        .await
+        .unwrap();
+    let a = group_entry(store, "gu-a", g).await;
+    assert_eq!((a.last_seq, a.read_seq, a.unread_count), (3, 1, 2));
+    let owner = group_entry(store, "gu-owner", g).await;
+    assert_eq!((owner.read_seq, owner.unread_count), (3, 0));
+    // A member added later (seq 4) has nothing unread from before.
+    change(
+        store,
+        g,
+        GroupChange::Add {
+            user_ids: users(&["gu-late"]),
+        },
+        announcement(g, "gu-a", "add-late", 7_003),
+    )
+    .await;
+    let late = group_entry(store, "gu-late", g).await;
+    assert_eq!((late.last_seq, late.read_seq, late.unread_count), (4, 4, 0));
+    // The inviting member has read its own announcement.
+    let a = group_entry(store, "gu-a", g).await;
+    assert_eq!((a.read_seq, a.unread_count), (4, 0));
+    // A message from another member after joining counts; the sender's own does not.
+    store
+        .append_messages(&[group_message(g, "gu-a", "m3", 7_004)])
+        .await
+        .unwrap();
+    let late = group_entry(store, "gu-late", g).await;
+    assert_eq!((late.last_seq, late.read_seq, late.unread_count), (5, 4, 1));
+    assert_eq!(
+        late.last_message.as_ref().unwrap().body,
+        Bytes::from_static(b"grp-unread m3")
+    );
+    let owner = group_entry(store, "gu-owner", g).await;
+    assert_eq!((owner.read_seq, owner.unread_count), (3, 2));
+    let a = group_entry(store, "gu-a", g).await;
+    assert_eq!((a.read_seq, a.unread_count), (5, 0));
+    let read = store
+        .mark_read("gu-late", &group_conversation(g), 5)
+        .await
+        .unwrap();
+    assert_eq!(
+        read,
+        ReadState {
+            read_seq: 5,
+            unread_count: 0
+        }
+    );
+}
+
+async fn group_membership_and_roles_change(store: &dyn Store) {
+    let g = "grp-roles";
+    let conv = group_conversation(g);
+    change(
+        store,
+        g,
+        create("gr-owner", &["gr-a"]),
+        announcement(g, "gr-owner", "create", 8_000),
+    )
+    .await;
+    // Adding skips members and repeats.
+    let (group, _) = change(
+        store,
+        g,
+        GroupChange::Add {
+            user_ids: users(&["gr-b", "gr-a", "gr-c", "gr-b", "gr-owner"]),
+        },
+        announcement(g, "gr-owner", "add", 8_001),
+    )
+    .await;
+    assert_eq!(group.member_count, 4);
+    let b = store.group_member(g, "gr-b").await.unwrap().unwrap();
+    assert_eq!((b.role, b.joined_ms), (GroupRole::Member, 8_001));
+    // The earlier member keeps its join time.
+    let a = store.group_member(g, "gr-a").await.unwrap().unwrap();
+    assert_eq!(a.joined_ms, 8_000);
+    // Removing skips non-members and repeats; the removed leave the conversation.
+    let (group, _) = change(
+        store,
+        g,
+        GroupChange::Remove {
+            user_ids: users(&["gr-c", "gr-x", "gr-c"]),
+        },
+        announcement(g, "gr-owner", "remove", 8_002),
+    )
+    .await;
+    assert_eq!(group.member_count, 3);
+    assert_eq!(store.group_member(g, "gr-c").await.unwrap(), None);
+    assert!(!store.is_member("gr-c", &conv).await.unwrap());
+    assert!(
+        store
+            .list_conversations("gr-c", "phone", None, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(store.user_groups("gr-c").await.unwrap().is_empty());
+    assert!(matches!(
+        store.mark_read("gr-c", &conv, 1).await,
+        Err(StoreError::UnknownConversation)
+    ));
+    // Roles: admin and back.
+    change(
+        store,
+        g,
+        GroupChange::SetRole {
+            user_id: "gr-a".to_owned(),
+            role: GroupRole::Admin,
+        },
+        announcement(g, "gr-owner", "admin-a", 8_003),
+    )
+    .await;
+    change(
+        store,
+        g,
+        GroupChange::SetRole {
+            user_id: "gr-b".to_owned(),
+            role: GroupRole::Admin,
+        },
+        announcement(g, "gr-owner", "admin-b", 8_004),
+    )
+    .await;
+    change(
+        store,
+        g,
+        GroupChange::SetRole {
+            user_id: "gr-b".to_owned(),
+            role: GroupRole::Member,
+        },
+        announcement(g, "gr-owner", "member-b", 8_005),
+    )
+    .await;
+    assert_eq!(
+        roles(store, g).await,
+        vec![
+            ("gr-a".to_owned(), GroupRole::Admin),
+            ("gr-b".to_owned(), GroupRole::Member),
+            ("gr-owner".to_owned(), GroupRole::Owner),
+        ]
+    );
+    // Transfer: the old owner becomes an admin, and can then be removed.
+    let (group, _) = change(
+        store,
+        g,
+        GroupChange::TransferOwnership {
+            to: "gr-b".to_owned(),
+        },
+        announcement(g, "gr-owner", "transfer", 8_006),
+    )
+    .await;
+    assert_eq!((group.owner_id.as_str(), group.member_count), ("gr-b", 3));
+    assert_eq!(
+        roles(store, g).await,
+        vec![
+            ("gr-a".to_owned(), GroupRole::Admin),
+            ("gr-b".to_owned(), GroupRole::Owner),
+            ("gr-owner".to_owned(), GroupRole::Admin),
+        ]
+    );
+    let (group, _) = change(
+        store,
+        g,
+        GroupChange::Remove {
+            user_ids: users(&["gr-owner"]),
+        },
+        announcement(g, "gr-b", "remove-old-owner", 8_007),
+    )
+    .await;
+    assert_eq!(group.member_count, 2);
+    // A removed user who comes back starts at the announcement that re-added them.
+    let (group, event) = change(
+        store,
+        g,
+        GroupChange::Add {
+            user_ids: users(&["gr-c"]),
+        },
+        announcement(g, "gr-b", "readd-c", 8_008),
+    )
+    .await;
+    assert_eq!(group.member_count, 3);
+    let c = group_entry(store, "gr-c", g).await;
+    assert_eq!((c.read_seq, c.unread_count), (event.seq, 0));
+    assert_eq!(
+        store
+            .group_member(g, "gr-c")
+            .await
+            .unwrap()
+            .unwrap()
+            .joined_ms,
+        8_008
+    );
+    assert_eq!(store.group(g).await.unwrap(), Some(group));
+}
+
+/// What a refused change must leave untouched.
+#[derive(Debug, PartialEq, Eq)]
+struct GroupSnapshot {
+    group: Option<GroupInfo>,
+    members: Vec<GroupMember>,
+    last_seq: u64,
+    conversation_members: Vec<String>,
+}
+
+async fn snapshot(store: &dyn Store, group_id: &str, users: &[&str]) -> GroupSnapshot {
+    let conv = group_conversation(group_id);
+    let mut conversation_members = Vec::new();
+    for &user in users {
+        if store.is_member(user, &conv).await.unwrap() {
+            conversation_members.push(user.to_owned());
+        }
+    }
+    GroupSnapshot {
+        group: store.group(group_id).await.unwrap(),
+        members: store.group_members(group_id, None, 1_000).await.unwrap(),
+        last_seq: store.last_seq(&conv).await.unwrap(),
+        conversation_members,
+    }
+}
+
+async fn refused_group_changes_store_nothing(store: &dyn Store) {
+    let g = "grp-refuse";
+    let everyone = ["gf-owner", "gf-a", "gf-admin", "gf-x"];
+    change(
+        store,
+        g,
+        create("gf-owner", &["gf-a", "gf-admin"]),
+        announcement(g, "gf-owner", "create", 9_000),
+    )
+    .await;
+    change(
+        store,
+        g,
+        GroupChange::SetRole {
+            user_id: "gf-admin".to_owned(),
+            role: GroupRole::Admin,
+        },
+        announcement(g, "gf-owner", "admin", 9_001),
+    )
+    .await;
+    let before = snapshot(store, g, &everyone).await;
+    assert_eq!(before.last_seq, 2);
+    let conflicts = [
+        ("create-again", create("gf-x", &["gf-a"])),
+        (
+            // The owner with a removable member: the member stays too.
+            "remove-owner",
+            GroupChange::Remove {
+                user_ids: users(&["gf-a", "gf-owner"]),
+            },
+        ),
+        (
+            "role-owner",
+            GroupChange::SetRole {
+                user_id: "gf-a".to_owned(),
+                role: GroupRole::Owner,
+            },
+        ),
+        (
+            "role-of-owner",
+            GroupChange::SetRole {
+                user_id: "gf-owner".to_owned(),
+                role: GroupRole::Member,
+            },
+        ),
+        (
+            "role-non-member",
+            GroupChange::SetRole {
+                user_id: "gf-x".to_owned(),
+                role: GroupRole::Admin,
+            },
+        ),
+        (
+            "transfer-non-member",
+            GroupChange::TransferOwnership {
+                to: "gf-x".to_owned(),
+            },
+        ),
+        (
+            "transfer-to-owner",
+            GroupChange::TransferOwnership {
+                to: "gf-owner".to_owned(),
+            },
+        ),
+    ];
+    for (tag, c) in &conflicts {
+        let result = store
+            .apply_group_change(g, c, &announcement(g, "gf-owner", tag, 9_100))
+            .await;
+        assert!(
+            matches!(result, Err(StoreError::Conflict(_))),
+            "{tag}: {result:?}"
+        );
+        assert_eq!(snapshot(store, g, &everyone).await, before, "{tag}");
+    }
+    // An announcement already stored, or one outside the group's conversation.
+    let add_x = GroupChange::Add {
+        user_ids: users(&["gf-x"]),
+    };
+    let mut misplaced = announcement(g, "gf-owner", "misplaced", 9_100);
+    misplaced.conversation_id = group_conversation("grp-elsewhere");
+    for (tag, msg) in [
+        ("repeat", announcement(g, "gf-owner", "admin", 9_100)),
+        ("misplaced", misplaced),
+    ] {
+        let result = store.apply_group_change(g, &add_x, &msg).await;
+        assert!(
+            matches!(result, Err(StoreError::Conflict(_))),
+            "{tag}: {result:?}"
+        );
+        assert_eq!(snapshot(store, g, &everyone).await, before, "{tag}");
+    }
+    assert_eq!(store.last_seq("g:grp-elsewhere").await.unwrap(), 0);
+    // Anything but Create on a missing group.
+    let missing = "grp-missing";
+    let on_missing = [
+        GroupChange::Add {
+            user_ids: users(&["gf-a"]),
+        },
+        GroupChange::Remove {
+            user_ids: users(&["gf-a"]),
+        },
+        GroupChange::SetRole {
+            user_id: "gf-a".to_owned(),
+            role: GroupRole::Admin,
+        },
+        GroupChange::TransferOwnership {
+            to: "gf-a".to_owned(),
+        },
+    ];
+    for (n, c) in on_missing.iter().enumerate() {
+        let result = store
+            .apply_group_change(
+                missing,
+                c,
+                &announcement(missing, "gf-a", &n.to_string(), 9_200),
+            )
+            .await;
+        assert!(
+            matches!(result, Err(StoreError::UnknownConversation)),
+            "{c:?}: {result:?}"
+        );
+        assert_eq!(
+            snapshot(store, missing, &everyone).await,
+            GroupSnapshot {
+                group: None,
+                members: Vec::new(),
+                last_seq: 0,
+                conversation_members: Vec::new(),
+            }
+        );
+    }
+    assert!(store.user_groups("gf-x").await.unwrap().is_empty());
+}
+
+async fn group_members_page_by_user_id(store: &dyn Store) {
+    let g = "grp-page";
+    let others = ["gp-f", "gp-b", "gp-e", "gp-a", "gp-d", "gp-c"];
+    change(
+        store,
+        g,
+        create("gp-owner", &others),
+        announcement(g, "gp-owner", "create", 10_000),
+    )
+    .await;
+    let mut seen = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let page = store.group_members(g, after.as_deref(), 2).await.unwrap();
+        if page.is_empty() {
+            break;
+        }
+        assert!(page.len() <= 2);
+        after = Some(page.last().unwrap().user_id.clone());
+        seen.extend(page.into_iter().map(|m| m.user_id));
+    }
+    assert_eq!(
+        seen,
+        vec!["gp-a", "gp-b", "gp-c", "gp-d", "gp-e", "gp-f", "gp-owner"]
+    );
+    let tail = store.group_members(g, Some("gp-d"), 100).await.unwrap();
+    assert_eq!(
+        tail.iter().map(|m| m.user_id.as_str()).collect::<Vec<_>>(),
+        vec!["gp-e", "gp-f", "gp-owner"]
+    );
+    assert_eq!(store.group_members(g, None, 3).await.unwrap().len(), 3);
+}
+
+async fn user_groups_are_ordered_by_group_id(store: &dyn Store) {
+    for (g, owner, members) in [
+        ("grp-ug-c", "ug-user", vec![]),
+        ("grp-ug-a", "ug-other", vec!["ug-user"]),
+        ("grp-ug-d", "ug-other", vec![]),
+        ("grp-ug-b", "ug-other", vec!["ug-user"]),
+    ] {
+        change(
+            store,
+            g,
+            create(owner, &members),
+            announcement(g, owner, "create", 11_000),
+        )
+        .await;
+    }
+    let ids = |groups: Vec<GroupInfo>| {
+        groups
+            .into_iter()
+            .map(|g| g.group_id)
+            .collect::<Vec<String>>()
+    };
+    assert_eq!(
+        ids(store.user_groups("ug-user").await.unwrap()),
+        vec!["grp-ug-a", "grp-ug-b", "grp-ug-c"]
+    );
+    let listed = store.user_groups("ug-user").await.unwrap();
+    assert_eq!(
+        Some(&listed[0]),
+        store.group("grp-ug-a").await.unwrap().as_ref()
+    );
+    assert_eq!(listed[0].member_count, 2);
+    change(
+        store,
+        "grp-ug-b",
+        GroupChange::Remove {
+            user_ids: users(&["ug-user"]),
+        },
+        announcement("grp-ug-b", "ug-user", "leave", 11_001),
+    )
+    .await;
+    assert_eq!(
+        ids(store.user_groups("ug-user").await.unwrap()),
+        vec!["grp-ug-a", "grp-ug-c"]
+    );
+    assert!(store.user_groups("ug-nobody").await.unwrap().is_empty());
+}
+
+async fn group_messages_create_no_membership(store: &dyn Store) {
+    let g = "grp-msg";
+    let conv = group_conversation(g);
+    change(
+        store,
+        g,
+        create("gm-owner", &["gm-a"]),
+        announcement(g, "gm-owner", "create", 12_000),
+    )
+    .await;
+    change(
+        store,
+        g,
+        GroupChange::Add {
+            user_ids: users(&["gm-b"]),
+        },
+        announcement(g, "gm-owner", "add", 12_001),
+    )
+    .await;
+    let out = store
+        .append_messages(&[group_message(g, "gm-a", "hello", 12_002)])
+        .await
+        .unwrap();
+    let Appended::New(sent) = &out[0] else {
+        panic!("new: {out:?}")
+    };
+    assert_eq!(sent.seq, 3);
+    assert_eq!(store.last_seq(&conv).await.unwrap(), 3);
+    // No 1:1-style row for the group id as a peer user; members are unchanged.
+    assert!(!store.is_member(g, &conv).await.unwrap());
+    assert!(
+        store
+            .list_conversations(g, "phone", None, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(store.group(g).await.unwrap().unwrap().member_count, 3);
+    // Even a first message in a group conversation creates no membership.
+    let fresh = "grp-msg-fresh";
+    let out = store
+        .append_messages(&[group_message(fresh, "gm-a", "first", 12_003)])
+        .await
+        .unwrap();
+    assert_eq!(out[0].message().seq, 1);
+    let fresh_conv = group_conversation(fresh);
+    assert!(!store.is_member("gm-a", &fresh_conv).await.unwrap());
+    assert!(!store.is_member(fresh, &fresh_conv).await.unwrap());
 }

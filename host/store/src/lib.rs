@@ -102,12 +102,82 @@ pub struct KvRecord {
     pub expires_at_ms: Option<i64>,
 }
 
+/// A group member's role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum GroupRole {
+    Owner,
+    Admin,
+    Member,
+}
+
+impl GroupRole {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GroupRole::Owner => "owner",
+            GroupRole::Admin => "admin",
+            GroupRole::Member => "member",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "owner" => Some(GroupRole::Owner),
+            "admin" => Some(GroupRole::Admin),
+            "member" => Some(GroupRole::Member),
+            _ => None,
+        }
+    }
+}
+
+/// A group as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupInfo {
+    pub group_id: String,
+    pub name: String,
+    pub owner_id: String,
+    pub member_count: u32,
+    pub created_ms: i64,
+}
+
+/// One member of a group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupMember {
+    pub user_id: String,
+    pub role: GroupRole,
+    pub joined_ms: i64,
+}
+
+/// A change to a group, stored atomically with its announcement in the group's timeline.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GroupChange {
+    /// Creates the group: `owner_id` becomes its owner, `members` (without the owner)
+    /// members.
+    Create {
+        name: String,
+        owner_id: String,
+        members: Vec<String>,
+    },
+    /// Adds users as members (a join or an invitation); users already in are skipped.
+    Add { user_ids: Vec<String> },
+    /// Removes members (a leave or a kick); users not in are skipped. Removing the owner
+    /// is refused: ownership is transferred first.
+    Remove { user_ids: Vec<String> },
+    /// Sets a member's role to admin or member (not owner: see `TransferOwnership`).
+    SetRole { user_id: String, role: GroupRole },
+    /// Makes member `to` the owner; the old owner becomes an admin.
+    TransferOwnership { to: String },
+}
+
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// The conversation does not exist or the user is not a member.
     #[error("unknown conversation")]
     UnknownConversation,
+    /// The change contradicts the stored state (a group id taken, a target who is not a
+    /// member, the owner removed); the message says which.
+    #[error("conflict: {0}")]
+    Conflict(String),
     /// The backend failed; the operation may be retried.
     #[error("storage backend failed: {0}")]
     Backend(String),
@@ -128,7 +198,8 @@ pub trait Store: Send + Sync + 'static {
     ///
     /// Each new message gets its conversation's next seq; a message whose (sender, client
     /// message id) is already stored yields [`Appended::Duplicate`] with the original and
-    /// stores nothing. Conversation membership is created with the first message, and the
+    /// stores nothing. A 1:1 conversation's membership is created with its first message
+    /// (a group conversation's membership is the group's, never created here), and the
     /// sender's read cursor advances to the new message. The call returns only after the
     /// transaction committed (durable); on error nothing of the batch is stored.
     async fn append_messages(&self, batch: &[NewMessage]) -> StoreResult<Vec<Appended>>;
@@ -184,6 +255,40 @@ pub trait Store: Send + Sync + 'static {
         upserts: &[KvRecord],
         deletes: &[String],
     ) -> StoreResult<()>;
+
+    /// Applies `change` to group `group_id` and appends `announcement` (a message in the
+    /// group's conversation `g:<group_id>`, which gets the next seq) in one transaction.
+    /// Returns the group after the change and the stored announcement.
+    ///
+    /// Members are also members of the group's conversation (it is in their conversation
+    /// list, with a read cursor starting at the announcement that added them); removed
+    /// members leave it. Fails with [`StoreError::UnknownConversation`] when the group does
+    /// not exist (except for `Create`) and [`StoreError::Conflict`] when the change does
+    /// not fit the stored state; on any error nothing is stored.
+    async fn apply_group_change(
+        &self,
+        group_id: &str,
+        change: &GroupChange,
+        announcement: &NewMessage,
+    ) -> StoreResult<(GroupInfo, StoredMessage)>;
+
+    /// The group, if it exists.
+    async fn group(&self, group_id: &str) -> StoreResult<Option<GroupInfo>>;
+
+    /// A member of a group, if `user_id` is one.
+    async fn group_member(&self, group_id: &str, user_id: &str)
+    -> StoreResult<Option<GroupMember>>;
+
+    /// A group's members ordered by user id, after `after_user_id` when given, at most `limit`.
+    async fn group_members(
+        &self,
+        group_id: &str,
+        after_user_id: Option<&str>,
+        limit: u32,
+    ) -> StoreResult<Vec<GroupMember>>;
+
+    /// The groups `user_id` is a member of, ordered by group id.
+    async fn user_groups(&self, user_id: &str) -> StoreResult<Vec<GroupInfo>>;
 
     /// Moves a device's delivery cursors forward (never backwards), one entry per
     /// (conversation, seq); applied in one transaction.

@@ -15,8 +15,8 @@ use sqlx::sqlite::{
 use sqlx::{Row, SqlitePool};
 
 use crate::{
-    Appended, ConversationSummary, KvRecord, ListPosition, NewMessage, ReadState, Store,
-    StoreError, StoreResult, StoredMessage,
+    Appended, ConversationSummary, GroupChange, GroupInfo, GroupMember, GroupRole, KvRecord,
+    ListPosition, NewMessage, ReadState, Store, StoreError, StoreResult, StoredMessage,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -128,6 +128,291 @@ async fn unread_count(
     Ok(count as u64)
 }
 
+/// Stores `msg` with its conversation's next seq, or returns the original when its
+/// (sender, client message id) is already stored. Membership and read cursors are the
+/// caller's: they differ between 1:1 messages and group announcements.
+async fn append_one(conn: &mut sqlx::SqliteConnection, msg: &NewMessage) -> StoreResult<Appended> {
+    let original = sqlx::query(&format!(
+        "SELECT {MESSAGE_COLUMNS} FROM messages WHERE sender_id = ? AND client_msg_id = ?"
+    ))
+    .bind(&msg.sender_id)
+    .bind(&msg.client_msg_id)
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(backend)?;
+    if let Some(row) = original {
+        return Ok(Appended::Duplicate(message_from_row(&row)));
+    }
+    let seq: i64 = sqlx::query_scalar(
+        "INSERT INTO conversations (conversation_id, last_seq, last_time_ms) VALUES (?, 1, ?) \
+         ON CONFLICT (conversation_id) DO UPDATE \
+         SET last_seq = last_seq + 1, last_time_ms = excluded.last_time_ms \
+         RETURNING last_seq",
+    )
+    .bind(&msg.conversation_id)
+    .bind(msg.server_time_ms)
+    .fetch_one(&mut *conn)
+    .await
+    .map_err(backend)?;
+    sqlx::query(
+        "INSERT INTO messages (conversation_id, seq, server_msg_id, sender_id, sender_device_id, \
+         recipient_id, client_msg_id, body, content_type, server_time_ms) \
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(&msg.conversation_id)
+    .bind(seq)
+    .bind(&msg.server_msg_id)
+    .bind(&msg.sender_id)
+    .bind(&msg.sender_device_id)
+    .bind(&msg.recipient_id)
+    .bind(&msg.client_msg_id)
+    .bind(msg.body.as_ref())
+    .bind(&msg.content_type)
+    .bind(msg.server_time_ms)
+    .execute(&mut *conn)
+    .await
+    .map_err(backend)?;
+    Ok(Appended::New(StoredMessage {
+        conversation_id: msg.conversation_id.clone(),
+        seq: seq as u64,
+        server_msg_id: msg.server_msg_id.clone(),
+        sender_id: msg.sender_id.clone(),
+        sender_device_id: msg.sender_device_id.clone(),
+        recipient_id: msg.recipient_id.clone(),
+        client_msg_id: msg.client_msg_id.clone(),
+        body: msg.body.clone(),
+        content_type: msg.content_type.clone(),
+        server_time_ms: msg.server_time_ms,
+    }))
+}
+
+/// Moves a member's read cursor forward to `seq` (a sender has read its own message);
+/// no-op for a non-member.
+async fn advance_read_cursor(
+    conn: &mut sqlx::SqliteConnection,
+    user_id: &str,
+    conversation_id: &str,
+    seq: u64,
+) -> StoreResult<()> {
+    sqlx::query(
+        "UPDATE conversation_members SET read_seq = MAX(read_seq, ?) \
+         WHERE user_id = ? AND conversation_id = ?",
+    )
+    .bind(seq as i64)
+    .bind(user_id)
+    .bind(conversation_id)
+    .execute(&mut *conn)
+    .await
+    .map_err(backend)?;
+    Ok(())
+}
+
+/// Group conversations are `g:<group_id>`; their membership follows the group's.
+const GROUP_CONVERSATION_PREFIX: &str = "g:";
+
+fn is_group_conversation(conversation_id: &str) -> bool {
+    conversation_id.starts_with(GROUP_CONVERSATION_PREFIX)
+}
+
+const GROUP_COLUMNS: &str = "group_id, name, owner_id, member_count, created_ms";
+
+fn group_from_row(row: &SqliteRow) -> GroupInfo {
+    GroupInfo {
+        group_id: row.get("group_id"),
+        name: row.get("name"),
+        owner_id: row.get("owner_id"),
+        member_count: row.get::<i64, _>("member_count") as u32,
+        created_ms: row.get("created_ms"),
+    }
+}
+
+fn member_from_row(row: &SqliteRow) -> StoreResult<GroupMember> {
+    let role: String = row.get("role");
+    Ok(GroupMember {
+        user_id: row.get("user_id"),
+        role: GroupRole::parse(&role)
+            .ok_or_else(|| StoreError::Backend(format!("unknown group role {role:?}")))?,
+        joined_ms: row.get("joined_ms"),
+    })
+}
+
+async fn load_group(
+    conn: &mut sqlx::SqliteConnection,
+    group_id: &str,
+) -> StoreResult<Option<GroupInfo>> {
+    let row = sqlx::query(&format!(
+        "SELECT {GROUP_COLUMNS} FROM groups WHERE group_id = ?"
+    ))
+    .bind(group_id)
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(backend)?;
+    Ok(row.as_ref().map(group_from_row))
+}
+
+/// Adds a member unless already one; returns whether it was added.
+async fn insert_group_member(
+    conn: &mut sqlx::SqliteConnection,
+    group_id: &str,
+    user_id: &str,
+    role: GroupRole,
+    joined_ms: i64,
+) -> StoreResult<bool> {
+    let done = sqlx::query(
+        "INSERT INTO group_members (group_id, user_id, role, joined_ms) VALUES (?, ?, ?, ?) \
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(group_id)
+    .bind(user_id)
+    .bind(role.as_str())
+    .bind(joined_ms)
+    .execute(&mut *conn)
+    .await
+    .map_err(backend)?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Sets a member's role; returns whether `user_id` is a member.
+async fn set_group_role(
+    conn: &mut sqlx::SqliteConnection,
+    group_id: &str,
+    user_id: &str,
+    role: GroupRole,
+) -> StoreResult<bool> {
+    let done = sqlx::query("UPDATE group_members SET role = ? WHERE group_id = ? AND user_id = ?")
+        .bind(role.as_str())
+        .bind(group_id)
+        .bind(user_id)
+        .execute(&mut *conn)
+        .await
+        .map_err(backend)?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// The users a group change added and removed, to mirror into the group conversation.
+#[derive(Default)]
+struct MembershipDelta {
+    added: Vec<String>,
+    removed: Vec<String>,
+}
+
+/// Applies `change` to the group tables (not its conversation), checking it against the
+/// stored group. Duplicate user ids in a list fall out of the per-row outcomes.
+async fn change_group(
+    conn: &mut sqlx::SqliteConnection,
+    group_id: &str,
+    change: &GroupChange,
+    now_ms: i64,
+) -> StoreResult<MembershipDelta> {
+    let mut delta = MembershipDelta::default();
+    let group = load_group(conn, group_id).await?;
+    match (change, group) {
+        (
+            GroupChange::Create {
+                name,
+                owner_id,
+                members,
+            },
+            None,
+        ) => {
+            sqlx::query(
+                "INSERT INTO groups (group_id, name, owner_id, member_count, created_ms) \
+                 VALUES (?, ?, ?, 0, ?)",
+            )
+            .bind(group_id)
+            .bind(name)
+            .bind(owner_id)
+            .bind(now_ms)
+            .execute(&mut *conn)
+            .await
+            .map_err(backend)?;
+            // The owner goes first, so an owner also listed in `members` stays the owner.
+            insert_group_member(conn, group_id, owner_id, GroupRole::Owner, now_ms).await?;
+            delta.added.push(owner_id.clone());
+            for user_id in members {
+                if insert_group_member(conn, group_id, user_id, GroupRole::Member, now_ms).await? {
+                    delta.added.push(user_id.clone());
+                }
+            }
+        }
+        (GroupChange::Create { .. }, Some(_)) => {
+            return Err(StoreError::Conflict(format!(
+                "group {group_id} already exists"
+            )));
+        }
+        (_, None) => return Err(StoreError::UnknownConversation),
+        (GroupChange::Add { user_ids }, Some(_)) => {
+            for user_id in user_ids {
+                if insert_group_member(conn, group_id, user_id, GroupRole::Member, now_ms).await? {
+                    delta.added.push(user_id.clone());
+                }
+            }
+        }
+        (GroupChange::Remove { user_ids }, Some(group)) => {
+            if user_ids.contains(&group.owner_id) {
+                return Err(StoreError::Conflict(format!(
+                    "{} owns group {group_id}: transfer ownership first",
+                    group.owner_id
+                )));
+            }
+            for user_id in user_ids {
+                let done =
+                    sqlx::query("DELETE FROM group_members WHERE group_id = ? AND user_id = ?")
+                        .bind(group_id)
+                        .bind(user_id)
+                        .execute(&mut *conn)
+                        .await
+                        .map_err(backend)?;
+                if done.rows_affected() == 1 {
+                    delta.removed.push(user_id.clone());
+                }
+            }
+        }
+        (GroupChange::SetRole { user_id, role }, Some(group)) => {
+            // Either would leave the group without exactly one owner.
+            if *role == GroupRole::Owner || *user_id == group.owner_id {
+                return Err(StoreError::Conflict(format!(
+                    "ownership of group {group_id} changes only by transfer"
+                )));
+            }
+            if !set_group_role(conn, group_id, user_id, *role).await? {
+                return Err(StoreError::Conflict(format!(
+                    "{user_id} is not a member of group {group_id}"
+                )));
+            }
+        }
+        (GroupChange::TransferOwnership { to }, Some(group)) => {
+            if *to == group.owner_id {
+                return Err(StoreError::Conflict(format!(
+                    "{to} already owns group {group_id}"
+                )));
+            }
+            if !set_group_role(conn, group_id, to, GroupRole::Owner).await? {
+                return Err(StoreError::Conflict(format!(
+                    "{to} is not a member of group {group_id}"
+                )));
+            }
+            set_group_role(conn, group_id, &group.owner_id, GroupRole::Admin).await?;
+            sqlx::query("UPDATE groups SET owner_id = ? WHERE group_id = ?")
+                .bind(to)
+                .bind(group_id)
+                .execute(&mut *conn)
+                .await
+                .map_err(backend)?;
+        }
+    }
+    let net = delta.added.len() as i64 - delta.removed.len() as i64;
+    if net != 0 {
+        sqlx::query("UPDATE groups SET member_count = member_count + ? WHERE group_id = ?")
+            .bind(net)
+            .bind(group_id)
+            .execute(&mut *conn)
+            .await
+            .map_err(backend)?;
+    }
+    Ok(delta)
+}
+
 #[async_trait::async_trait]
 impl Store for SqliteStore {
     async fn upsert_user(&self, user_id: &str, now_ms: i64) -> StoreResult<()> {
@@ -152,86 +437,28 @@ impl Store for SqliteStore {
     async fn append_messages(&self, batch: &[NewMessage]) -> StoreResult<Vec<Appended>> {
         let mut tx = self.writer.begin().await.map_err(backend)?;
         let mut outcomes = Vec::with_capacity(batch.len());
-        let select_original = format!(
-            "SELECT {MESSAGE_COLUMNS} FROM messages WHERE sender_id = ? AND client_msg_id = ?"
-        );
         for msg in batch {
-            let original = sqlx::query(&select_original)
-                .bind(&msg.sender_id)
-                .bind(&msg.client_msg_id)
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(backend)?;
-            if let Some(row) = original {
-                outcomes.push(Appended::Duplicate(message_from_row(&row)));
-                continue;
+            let appended = append_one(&mut tx, msg).await?;
+            if let Appended::New(stored) = &appended {
+                if stored.seq == 1 && !is_group_conversation(&stored.conversation_id) {
+                    sqlx::query(
+                        "INSERT INTO conversation_members (user_id, conversation_id, peer_id) \
+                         VALUES (?, ?, ?), (?, ?, ?) ON CONFLICT DO NOTHING",
+                    )
+                    .bind(&msg.sender_id)
+                    .bind(&msg.conversation_id)
+                    .bind(&msg.recipient_id)
+                    .bind(&msg.recipient_id)
+                    .bind(&msg.conversation_id)
+                    .bind(&msg.sender_id)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(backend)?;
+                }
+                advance_read_cursor(&mut tx, &msg.sender_id, &msg.conversation_id, stored.seq)
+                    .await?;
             }
-            let seq: i64 = sqlx::query_scalar(
-                "INSERT INTO conversations (conversation_id, last_seq, last_time_ms) VALUES (?, 1, ?) \
-                 ON CONFLICT (conversation_id) DO UPDATE \
-                 SET last_seq = last_seq + 1, last_time_ms = excluded.last_time_ms \
-                 RETURNING last_seq",
-            )
-            .bind(&msg.conversation_id)
-            .bind(msg.server_time_ms)
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(backend)?;
-            sqlx::query(
-                "INSERT INTO messages (conversation_id, seq, server_msg_id, sender_id, sender_device_id, \
-                 recipient_id, client_msg_id, body, content_type, server_time_ms) \
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            )
-            .bind(&msg.conversation_id)
-            .bind(seq)
-            .bind(&msg.server_msg_id)
-            .bind(&msg.sender_id)
-            .bind(&msg.sender_device_id)
-            .bind(&msg.recipient_id)
-            .bind(&msg.client_msg_id)
-            .bind(msg.body.as_ref())
-            .bind(&msg.content_type)
-            .bind(msg.server_time_ms)
-            .execute(&mut *tx)
-            .await
-            .map_err(backend)?;
-            if seq == 1 {
-                sqlx::query(
-                    "INSERT INTO conversation_members (user_id, conversation_id, peer_id) \
-                     VALUES (?, ?, ?), (?, ?, ?) ON CONFLICT DO NOTHING",
-                )
-                .bind(&msg.sender_id)
-                .bind(&msg.conversation_id)
-                .bind(&msg.recipient_id)
-                .bind(&msg.recipient_id)
-                .bind(&msg.conversation_id)
-                .bind(&msg.sender_id)
-                .execute(&mut *tx)
-                .await
-                .map_err(backend)?;
-            }
-            sqlx::query(
-                "UPDATE conversation_members SET read_seq = MAX(read_seq, ?) \
-                 WHERE user_id = ? AND conversation_id = ?",
-            )
-            .bind(seq)
-            .bind(&msg.sender_id)
-            .bind(&msg.conversation_id)
-            .execute(&mut *tx)
-            .await
-            .map_err(backend)?;
-            outcomes.push(Appended::New(StoredMessage {
-                conversation_id: msg.conversation_id.clone(),
-                seq: seq as u64,
-                server_msg_id: msg.server_msg_id.clone(),
-                sender_id: msg.sender_id.clone(),
-                sender_device_id: msg.sender_device_id.clone(),
-                recipient_id: msg.recipient_id.clone(),
-                client_msg_id: msg.client_msg_id.clone(),
-                body: msg.body.clone(),
-                content_type: msg.content_type.clone(),
-                server_time_ms: msg.server_time_ms,
-            }));
+            outcomes.push(appended);
         }
         tx.commit().await.map_err(backend)?;
         Ok(outcomes)
@@ -443,6 +670,115 @@ impl Store for SqliteStore {
         }
         tx.commit().await.map_err(backend)?;
         Ok(())
+    }
+
+    async fn apply_group_change(
+        &self,
+        group_id: &str,
+        change: &GroupChange,
+        announcement: &NewMessage,
+    ) -> StoreResult<(GroupInfo, StoredMessage)> {
+        let conversation_id = format!("{GROUP_CONVERSATION_PREFIX}{group_id}");
+        if announcement.conversation_id != conversation_id {
+            return Err(StoreError::Conflict(format!(
+                "the announcement of group {group_id} belongs in {conversation_id}, not {}",
+                announcement.conversation_id
+            )));
+        }
+        // Dropping the transaction on any error rolls the whole change back.
+        let mut tx = self.writer.begin().await.map_err(backend)?;
+        let delta = change_group(&mut tx, group_id, change, announcement.server_time_ms).await?;
+        let Appended::New(stored) = append_one(&mut tx, announcement).await? else {
+            return Err(StoreError::Conflict(format!(
+                "announcement {} of {} is already stored",
+                announcement.client_msg_id, announcement.sender_id
+            )));
+        };
+        // New members start having read everything up to the announcement that added them.
+        for user_id in &delta.added {
+            sqlx::query(
+                "INSERT INTO conversation_members (user_id, conversation_id, peer_id, read_seq) \
+                 VALUES (?, ?, ?, ?) ON CONFLICT (user_id, conversation_id) DO UPDATE \
+                 SET peer_id = excluded.peer_id, read_seq = MAX(read_seq, excluded.read_seq)",
+            )
+            .bind(user_id)
+            .bind(&conversation_id)
+            .bind(group_id)
+            .bind(stored.seq as i64)
+            .execute(&mut *tx)
+            .await
+            .map_err(backend)?;
+        }
+        for user_id in &delta.removed {
+            sqlx::query(
+                "DELETE FROM conversation_members WHERE user_id = ? AND conversation_id = ?",
+            )
+            .bind(user_id)
+            .bind(&conversation_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(backend)?;
+        }
+        advance_read_cursor(&mut tx, &stored.sender_id, &conversation_id, stored.seq).await?;
+        let group = load_group(&mut tx, group_id)
+            .await?
+            .ok_or_else(|| StoreError::Backend(format!("group {group_id} vanished")))?;
+        tx.commit().await.map_err(backend)?;
+        Ok((group, stored))
+    }
+
+    async fn group(&self, group_id: &str) -> StoreResult<Option<GroupInfo>> {
+        let mut conn = self.readers.acquire().await.map_err(backend)?;
+        load_group(&mut conn, group_id).await
+    }
+
+    async fn group_member(
+        &self,
+        group_id: &str,
+        user_id: &str,
+    ) -> StoreResult<Option<GroupMember>> {
+        let row = sqlx::query(
+            "SELECT user_id, role, joined_ms FROM group_members WHERE group_id = ? AND user_id = ?",
+        )
+        .bind(group_id)
+        .bind(user_id)
+        .fetch_optional(&self.readers)
+        .await
+        .map_err(backend)?;
+        row.as_ref().map(member_from_row).transpose()
+    }
+
+    async fn group_members(
+        &self,
+        group_id: &str,
+        after_user_id: Option<&str>,
+        limit: u32,
+    ) -> StoreResult<Vec<GroupMember>> {
+        // Every user id sorts after the empty string.
+        let rows = sqlx::query(
+            "SELECT user_id, role, joined_ms FROM group_members \
+             WHERE group_id = ? AND user_id > ? ORDER BY user_id LIMIT ?",
+        )
+        .bind(group_id)
+        .bind(after_user_id.unwrap_or(""))
+        .bind(clamp_limit(limit))
+        .fetch_all(&self.readers)
+        .await
+        .map_err(backend)?;
+        rows.iter().map(member_from_row).collect()
+    }
+
+    async fn user_groups(&self, user_id: &str) -> StoreResult<Vec<GroupInfo>> {
+        let rows = sqlx::query(
+            "SELECT g.group_id, g.name, g.owner_id, g.member_count, g.created_ms \
+             FROM group_members m JOIN groups g ON g.group_id = m.group_id \
+             WHERE m.user_id = ? ORDER BY m.group_id",
+        )
+        .bind(user_id)
+        .fetch_all(&self.readers)
+        .await
+        .map_err(backend)?;
+        Ok(rows.iter().map(group_from_row).collect())
     }
 
     async fn ack_delivered(

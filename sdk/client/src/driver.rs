@@ -258,12 +258,12 @@ impl Driver {
         match command {
             Command::Send {
                 client_msg_id,
-                to,
+                target,
                 body,
                 content_type,
                 reply,
             } => {
-                self.queue_send(client_msg_id, to, body, content_type, reply);
+                self.queue_send(client_msg_id, target, body, content_type, reply);
             }
             Command::Request { reply, .. } => {
                 let _ = reply.send(Err(ClientError::Disconnected));
@@ -283,7 +283,7 @@ impl Driver {
     fn queue_send(
         &mut self,
         client_msg_id: String,
-        to: String,
+        target: v1::send_request::Target,
         body: Bytes,
         content_type: String,
         reply: oneshot::Sender<Result<v1::SendAck, ClientError>>,
@@ -291,7 +291,7 @@ impl Driver {
         let id = self.request_id();
         let request = v1::SendRequest {
             client_msg_id,
-            target: Some(v1::send_request::Target::ToUser(to)),
+            target: Some(target),
             body,
             content_type,
         };
@@ -470,12 +470,12 @@ impl Driver {
         match command {
             Command::Send {
                 client_msg_id,
-                to,
+                target,
                 body,
                 content_type,
                 reply,
             } => {
-                self.queue_send(client_msg_id, to, body, content_type, reply);
+                self.queue_send(client_msg_id, target, body, content_type, reply);
                 self.write_due_sends(Instant::now());
             }
             Command::Request { body, reply } => {

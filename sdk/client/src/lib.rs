@@ -192,7 +192,7 @@ pub(crate) type Reply = oneshot::Sender<Result<Body, ClientError>>;
 pub(crate) enum Command {
     Send {
         client_msg_id: String,
-        to: String,
+        target: v1::send_request::Target,
         body: Bytes,
         content_type: String,
         reply: oneshot::Sender<Result<v1::SendAck, ClientError>>,
@@ -344,10 +344,36 @@ impl Client {
         body: Bytes,
         content_type: &str,
     ) -> Result<PendingAck, ClientError> {
+        let target = v1::send_request::Target::ToUser(to.to_owned());
+        self.queue_send_to(target, client_msg_id, body, content_type)
+            .await
+    }
+
+    /// Sends a message to a group the user is a member of; resolves once it is stored.
+    pub async fn send_to_group(
+        &self,
+        group_id: &str,
+        body: Bytes,
+        content_type: &str,
+    ) -> Result<v1::SendAck, ClientError> {
+        let target = v1::send_request::Target::ToGroup(group_id.to_owned());
+        self.queue_send_to(target, &self.new_client_msg_id(), body, content_type)
+            .await?
+            .await
+    }
+
+    /// Queues a send to a user or a group (see [`Client::queue_send`]).
+    pub async fn queue_send_to(
+        &self,
+        target: v1::send_request::Target,
+        client_msg_id: &str,
+        body: Bytes,
+        content_type: &str,
+    ) -> Result<PendingAck, ClientError> {
         let (reply, answer) = oneshot::channel();
         let command = Command::Send {
             client_msg_id: client_msg_id.to_owned(),
-            to: to.to_owned(),
+            target,
             body,
             content_type: content_type.to_owned(),
             reply,
@@ -430,6 +456,66 @@ impl Client {
         });
         match self.request(body).await? {
             Body::MarkReadOk(r) => Ok(r),
+            _ => Err(ClientError::UnexpectedAnswer),
+        }
+    }
+
+    /// Asks for a group change (create, join, invite, leave, kick, role change, ownership
+    /// transfer); answers with the group after it and the announcement stored in its
+    /// timeline.
+    pub async fn group_request(
+        &self,
+        request: v1::GroupRequest,
+    ) -> Result<v1::GroupResponse, ClientError> {
+        match self.request(Body::Group(request)).await? {
+            Body::GroupResult(r) => Ok(r),
+            _ => Err(ClientError::UnexpectedAnswer),
+        }
+    }
+
+    /// Creates a group named `name` with this user as owner and `members` as members;
+    /// `group_id` empty lets the server choose the id.
+    pub async fn create_group(
+        &self,
+        group_id: &str,
+        name: &str,
+        members: &[&str],
+    ) -> Result<v1::GroupResponse, ClientError> {
+        self.group_request(v1::GroupRequest {
+            group_id: group_id.to_owned(),
+            action: Some(v1::group_request::Action::Create(v1::CreateGroup {
+                name: name.to_owned(),
+                members: members.iter().map(|m| (*m).to_owned()).collect(),
+            })),
+        })
+        .await
+    }
+
+    /// One page of a group's members, ordered by user id, after `after_user_id`.
+    pub async fn group_members(
+        &self,
+        group_id: &str,
+        after_user_id: &str,
+        limit: u32,
+    ) -> Result<v1::ListGroupMembersResponse, ClientError> {
+        let body = Body::ListGroupMembers(v1::ListGroupMembersRequest {
+            group_id: group_id.to_owned(),
+            after_user_id: after_user_id.to_owned(),
+            limit,
+        });
+        match self.request(body).await? {
+            Body::GroupMembers(r) => Ok(r),
+            _ => Err(ClientError::UnexpectedAnswer),
+        }
+    }
+
+    /// The groups this user is a member of.
+    pub async fn groups(&self) -> Result<Vec<v1::Group>, ClientError> {
+        match self
+            .request(Body::ListGroups(v1::ListGroupsRequest {}))
+            .await?
+        {
+            Body::Groups(r) => Ok(r.groups),
             _ => Err(ClientError::UnexpectedAnswer),
         }
     }

@@ -1,0 +1,435 @@
+//! Groups: the membership cache behind fan-out and access checks, and group requests from
+//! validation through the decision (group-policy plugins, else the built-in rules) to the
+//! change and its announcement that the pipeline stores.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use im_plugins::bindings::group_policy;
+use im_plugins::bindings::types::Principal;
+use im_plugins::{CallOrigin, GroupOutcome};
+use im_proto::ids;
+use im_proto::v1::{self, ErrorCode, group_request::Action};
+use im_store::{GroupChange, GroupInfo, GroupRole, NewMessage, Store, StoreResult};
+use parking_lot::Mutex;
+
+use crate::router::ConnHandle;
+use crate::session::{NodeContext, now_ms};
+
+/// Content type of the announcements of group changes in a group's timeline.
+pub const GROUP_EVENT_CONTENT_TYPE: &str = "application/vnd.im.group-event+json";
+/// Longest group name, in bytes.
+const MAX_GROUP_NAME_BYTES: usize = 128;
+/// Members read from the store per page when filling the cache.
+const MEMBER_PAGE: u32 = 1000;
+
+/// A group's members (user ids, sorted), shared by every reader.
+pub type Members = Arc<[Arc<str>]>;
+
+/// Group memberships, read through from the store and cached per group. The pipeline
+/// replaces a group's entry after each change it stores, so the cache never misses a
+/// change made on this node.
+pub struct GroupDirectory {
+    store: Arc<dyn Store>,
+    members: Mutex<HashMap<String, Members>>,
+}
+
+impl GroupDirectory {
+    pub fn new(store: Arc<dyn Store>) -> Self {
+        Self {
+            store,
+            members: Mutex::default(),
+        }
+    }
+
+    /// The members of `group_id`, or `None` when the group does not exist.
+    pub async fn members(&self, group_id: &str) -> StoreResult<Option<Members>> {
+        if let Some(members) = self.members.lock().get(group_id) {
+            return Ok(Some(members.clone()));
+        }
+        let Some(loaded) = self.load(group_id).await? else {
+            return Ok(None);
+        };
+        self.members
+            .lock()
+            .insert(group_id.to_owned(), loaded.clone());
+        Ok(Some(loaded))
+    }
+
+    /// Whether `user_id` is a member of `group_id` (false when the group does not exist).
+    pub async fn is_member(&self, group_id: &str, user_id: &str) -> StoreResult<bool> {
+        Ok(self
+            .members(group_id)
+            .await?
+            .is_some_and(|m| m.binary_search_by(|u| (**u).cmp(user_id)).is_ok()))
+    }
+
+    /// Re-reads a group's members after a change.
+    pub async fn refresh(&self, group_id: &str) -> StoreResult<Option<Members>> {
+        self.members.lock().remove(group_id);
+        self.members(group_id).await
+    }
+
+    async fn load(&self, group_id: &str) -> StoreResult<Option<Members>> {
+        if self.store.group(group_id).await?.is_none() {
+            return Ok(None);
+        }
+        let mut all: Vec<Arc<str>> = Vec::new();
+        loop {
+            let after = all.last().map(|u| u.to_string());
+            let page = self
+                .store
+                .group_members(group_id, after.as_deref(), MEMBER_PAGE)
+                .await?;
+            let done = page.len() < MEMBER_PAGE as usize;
+            all.extend(page.into_iter().map(|m| Arc::from(m.user_id)));
+            if done {
+                break;
+            }
+        }
+        Ok(Some(all.into()))
+    }
+}
+
+/// A decided group change, ready for the pipeline to store and announce.
+pub struct PreparedChange {
+    pub group_id: String,
+    pub change: GroupChange,
+    pub announcement: NewMessage,
+    /// Users the change removes: they get the announcement too.
+    pub removed: Vec<String>,
+}
+
+/// Why a group request was refused.
+pub struct Refusal {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+fn refuse(code: ErrorCode, message: impl Into<String>) -> Refusal {
+    Refusal {
+        code,
+        message: message.into(),
+    }
+}
+
+fn internal(err: im_store::StoreError) -> Refusal {
+    tracing::error!(error = %err, "a group lookup failed");
+    refuse(ErrorCode::Internal, "lookup failed; retry")
+}
+
+pub fn role_to_proto(role: GroupRole) -> v1::GroupRole {
+    match role {
+        GroupRole::Owner => v1::GroupRole::Owner,
+        GroupRole::Admin => v1::GroupRole::Admin,
+        GroupRole::Member => v1::GroupRole::Member,
+    }
+}
+
+pub fn group_to_proto(group: &GroupInfo) -> v1::Group {
+    v1::Group {
+        group_id: group.group_id.clone(),
+        name: group.name.clone(),
+        owner_id: group.owner_id.clone(),
+        member_count: group.member_count,
+        created_ms: group.created_ms,
+    }
+}
+
+fn policy_role(role: GroupRole) -> group_policy::Role {
+    match role {
+        GroupRole::Owner => group_policy::Role::Owner,
+        GroupRole::Admin => group_policy::Role::Admin,
+        GroupRole::Member => group_policy::Role::Member,
+    }
+}
+
+/// Checks, decides and prepares a group request from `actor`.
+pub async fn prepare(
+    ctx: &NodeContext,
+    actor: &ConnHandle,
+    origin: &CallOrigin,
+    request: v1::GroupRequest,
+) -> Result<PreparedChange, Refusal> {
+    let limits = &ctx.config.limits;
+    let store = &ctx.store;
+    let Some(action) = request.action else {
+        return Err(refuse(ErrorCode::InvalidArgument, "no action"));
+    };
+    let creating = matches!(action, Action::Create(_));
+    let group_id = if creating && request.group_id.is_empty() {
+        uuid::Uuid::now_v7().simple().to_string()
+    } else {
+        request.group_id
+    };
+    if !ids::is_valid_id(&group_id) {
+        return Err(refuse(
+            ErrorCode::InvalidArgument,
+            "group_id is not a valid id",
+        ));
+    }
+    let group = store.group(&group_id).await.map_err(internal)?;
+    let actor_role = match &group {
+        Some(_) => store
+            .group_member(&group_id, &actor.user_id)
+            .await
+            .map_err(internal)?
+            .map(|m| m.role),
+        None => None,
+    };
+    match (&group, creating) {
+        (Some(_), true) => {
+            return Err(refuse(
+                ErrorCode::Conflict,
+                format!("group {group_id:?} exists"),
+            ));
+        }
+        (None, false) => {
+            return Err(refuse(
+                ErrorCode::UnknownGroup,
+                format!("no group {group_id:?}"),
+            ));
+        }
+        _ => {}
+    }
+    let users = |list: &[String], what: &str| -> Result<Vec<String>, Refusal> {
+        if list.is_empty() {
+            return Err(refuse(
+                ErrorCode::InvalidArgument,
+                format!("{what} lists no users"),
+            ));
+        }
+        if list.len() > limits.max_group_batch {
+            return Err(refuse(
+                ErrorCode::InvalidArgument,
+                format!(
+                    "{what} lists {} users; at most {}",
+                    list.len(),
+                    limits.max_group_batch
+                ),
+            ));
+        }
+        if let Some(bad) = list.iter().find(|u| !ids::is_valid_id(u)) {
+            return Err(refuse(
+                ErrorCode::InvalidArgument,
+                format!("{bad:?} is not a valid user id"),
+            ));
+        }
+        let mut list = list.to_vec();
+        list.sort();
+        list.dedup();
+        Ok(list)
+    };
+    let (change, policy_action, event) = match action {
+        Action::Create(create) => {
+            if create.name.is_empty() || create.name.len() > MAX_GROUP_NAME_BYTES {
+                return Err(refuse(
+                    ErrorCode::InvalidArgument,
+                    "name must be 1-128 bytes",
+                ));
+            }
+            let mut members = if create.members.is_empty() {
+                Vec::new()
+            } else {
+                users(&create.members, "create")?
+            };
+            members.retain(|u| **u != *actor.user_id);
+            (
+                GroupChange::Create {
+                    name: create.name.clone(),
+                    owner_id: actor.user_id.to_string(),
+                    members: members.clone(),
+                },
+                group_policy::GroupAction::Create((create.name.clone(), members.clone())),
+                serde_json::json!({"event": "create", "name": create.name, "users": members}),
+            )
+        }
+        Action::Join(_) => (
+            GroupChange::Add {
+                user_ids: vec![actor.user_id.to_string()],
+            },
+            group_policy::GroupAction::Join,
+            serde_json::json!({"event": "join", "users": [actor.user_id.as_ref()]}),
+        ),
+        Action::Invite(list) => {
+            let list = users(&list.user_ids, "invite")?;
+            (
+                GroupChange::Add {
+                    user_ids: list.clone(),
+                },
+                group_policy::GroupAction::Invite(list.clone()),
+                serde_json::json!({"event": "invite", "users": list}),
+            )
+        }
+        Action::Leave(_) => (
+            GroupChange::Remove {
+                user_ids: vec![actor.user_id.to_string()],
+            },
+            group_policy::GroupAction::Leave,
+            serde_json::json!({"event": "leave", "users": [actor.user_id.as_ref()]}),
+        ),
+        Action::Kick(list) => {
+            let list = users(&list.user_ids, "kick")?;
+            (
+                GroupChange::Remove {
+                    user_ids: list.clone(),
+                },
+                group_policy::GroupAction::Kick(list.clone()),
+                serde_json::json!({"event": "kick", "users": list}),
+            )
+        }
+        Action::SetRole(change) => {
+            let role = match v1::GroupRole::try_from(change.role) {
+                Ok(v1::GroupRole::Admin) => GroupRole::Admin,
+                Ok(v1::GroupRole::Member) => GroupRole::Member,
+                _ => {
+                    return Err(refuse(
+                        ErrorCode::InvalidArgument,
+                        "role must be GROUP_ROLE_ADMIN or GROUP_ROLE_MEMBER (ownership is transferred)",
+                    ));
+                }
+            };
+            if !ids::is_valid_id(&change.user_id) {
+                return Err(refuse(
+                    ErrorCode::InvalidArgument,
+                    "user_id is not a valid id",
+                ));
+            }
+            (
+                GroupChange::SetRole {
+                    user_id: change.user_id.clone(),
+                    role,
+                },
+                group_policy::GroupAction::SetRole(group_policy::RoleChange {
+                    user_id: change.user_id.clone(),
+                    role: policy_role(role),
+                }),
+                serde_json::json!({"event": "set_role", "users": [change.user_id], "role": role.as_str()}),
+            )
+        }
+        Action::TransferTo(to) => {
+            if !ids::is_valid_id(&to) {
+                return Err(refuse(
+                    ErrorCode::InvalidArgument,
+                    "transfer_to is not a valid id",
+                ));
+            }
+            (
+                GroupChange::TransferOwnership { to: to.clone() },
+                group_policy::GroupAction::TransferOwnership(to.clone()),
+                serde_json::json!({"event": "transfer", "users": [to]}),
+            )
+        }
+    };
+
+    // Structural checks the host always makes, whatever the policy says.
+    let joining = matches!(policy_action, group_policy::GroupAction::Join);
+    if joining && actor_role.is_some() {
+        return Err(refuse(ErrorCode::Conflict, "you are already a member"));
+    }
+    if !creating && !joining && actor_role.is_none() {
+        return Err(refuse(
+            ErrorCode::NotAMember,
+            "you are not a member of this group",
+        ));
+    }
+    let added: Vec<String> = match &change {
+        GroupChange::Create { members, .. } => members.clone(),
+        GroupChange::Add { user_ids } => user_ids.clone(),
+        _ => Vec::new(),
+    };
+    for user in &added {
+        match ctx.known_users.exists(user).await {
+            Ok(true) => {}
+            Ok(false) => return Err(refuse(ErrorCode::UnknownUser, format!("no user {user:?}"))),
+            Err(err) => return Err(internal(err)),
+        }
+    }
+    let current = group.as_ref().map_or(0, |g| g.member_count as usize);
+    let new_size = match &change {
+        GroupChange::Create { members, .. } => members.len() + 1,
+        GroupChange::Add { user_ids } => current + user_ids.len(),
+        _ => current,
+    };
+    if new_size > limits.max_group_members {
+        return Err(refuse(
+            ErrorCode::Conflict,
+            format!(
+                "the group would have more than {} members",
+                limits.max_group_members
+            ),
+        ));
+    }
+
+    // The decision: the group-policy chain, or the built-in rules without one.
+    let policy_request = group_policy::GroupRequest {
+        actor: Principal {
+            user_id: actor.user_id.to_string(),
+            device_id: actor.device_id.to_string(),
+        },
+        actor_role: actor_role.map(policy_role),
+        group: group.as_ref().map(|g| group_policy::Group {
+            group_id: g.group_id.clone(),
+            name: g.name.clone(),
+            owner: g.owner_id.clone(),
+            member_count: g.member_count,
+        }),
+        action: policy_action,
+    };
+    let outcome = match &ctx.plugins {
+        Some(plugins) => plugins.decide_group(origin, policy_request).await,
+        None => GroupOutcome::NoPlugins,
+    };
+    match outcome {
+        GroupOutcome::Allow => {}
+        GroupOutcome::Deny { reason } => return Err(refuse(ErrorCode::Rejected, reason)),
+        GroupOutcome::NoPlugins => {
+            if let Err(reason) = built_in_rule(&actor.user_id, actor_role, &change) {
+                return Err(refuse(ErrorCode::Rejected, reason));
+            }
+        }
+    }
+
+    let removed = match &change {
+        GroupChange::Remove { user_ids } => user_ids.clone(),
+        _ => Vec::new(),
+    };
+    let server_msg_id = uuid::Uuid::now_v7().to_string();
+    let mut event = event;
+    event["actor"] = serde_json::Value::String(actor.user_id.to_string());
+    let announcement = NewMessage {
+        conversation_id: ids::group_conversation_id(&group_id),
+        sender_id: actor.user_id.to_string(),
+        sender_device_id: actor.device_id.to_string(),
+        recipient_id: group_id.clone(),
+        client_msg_id: format!("group-event:{server_msg_id}"),
+        body: event.to_string().into(),
+        content_type: GROUP_EVENT_CONTENT_TYPE.into(),
+        server_msg_id,
+        server_time_ms: now_ms(),
+    };
+    Ok(PreparedChange {
+        group_id,
+        change,
+        announcement,
+        removed,
+    })
+}
+
+/// The rules applied while no group-policy plugin is enabled: anyone creates and joins
+/// (groups are open), members invite and leave, the owner and admins remove members, and
+/// only the owner changes roles and transfers ownership.
+fn built_in_rule(actor: &str, role: Option<GroupRole>, change: &GroupChange) -> Result<(), String> {
+    match change {
+        GroupChange::Create { .. } | GroupChange::Add { .. } => Ok(()),
+        GroupChange::Remove { user_ids } if user_ids.len() == 1 && user_ids[0] == actor => Ok(()),
+        GroupChange::Remove { .. } => match role {
+            Some(GroupRole::Owner) | Some(GroupRole::Admin) => Ok(()),
+            _ => Err("only the owner and admins remove members".into()),
+        },
+        GroupChange::SetRole { .. } | GroupChange::TransferOwnership { .. } => match role {
+            Some(GroupRole::Owner) => Ok(()),
+            _ => Err("only the owner changes roles and ownership".into()),
+        },
+    }
+}

@@ -227,6 +227,7 @@ async fn refusals_leave_the_group_untouched(t: Transport) {
     let server = TestServer::start_with(|config| config.limits.max_group_batch = 3).await;
     let (alice, _e) = server.client(t, "alice", "phone").await;
     let (_bob, _be) = server.client(t, "bob", "phone").await;
+    let (_carol, _ce) = server.client(t, "carol", "phone").await;
     alice.create_group("club", "Club", &["bob"]).await.unwrap();
 
     // Unknown group, unknown user, oversized list, taken id, owner leaving, bad input.
@@ -264,6 +265,14 @@ async fn refusals_leave_the_group_untouched(t: Transport) {
     );
     assert_eq!(
         code(act(&alice, "club", Action::Join(v1::JoinGroup {})).await),
+        v1::ErrorCode::Conflict
+    );
+    assert_eq!(
+        code(act(&alice, "club", Action::Invite(users(&["bob"]))).await),
+        v1::ErrorCode::Conflict
+    );
+    assert_eq!(
+        code(act(&alice, "club", Action::Kick(users(&["carol"]))).await),
         v1::ErrorCode::Conflict
     );
     // Nothing of that reached the group's timeline.

@@ -210,7 +210,8 @@ impl Default for LimitsConfig {
             outbound_queue: 1024,
             write_timeout_ms: 10_000,
             max_group_members: 10_000,
-            max_group_batch: 1_000,
+            // 500 ids of up to 64 bytes keep an announcement within one frame.
+            max_group_batch: 500,
         }
     }
 }

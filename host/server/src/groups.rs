@@ -50,10 +50,14 @@ impl GroupDirectory {
         let Some(loaded) = self.load(group_id).await? else {
             return Ok(None);
         };
-        self.members
+        // A load that raced with a change's refresh must not replace the fresher list.
+        let members = self
+            .members
             .lock()
-            .insert(group_id.to_owned(), loaded.clone());
-        Ok(Some(loaded))
+            .entry(group_id.to_owned())
+            .or_insert(loaded)
+            .clone();
+        Ok(Some(members))
     }
 
     /// Whether `user_id` is a member of `group_id` (false when the group does not exist).
@@ -66,8 +70,13 @@ impl GroupDirectory {
 
     /// Re-reads a group's members after a change.
     pub async fn refresh(&self, group_id: &str) -> StoreResult<Option<Members>> {
-        self.members.lock().remove(group_id);
-        self.members(group_id).await
+        let loaded = self.load(group_id).await?;
+        let mut cache = self.members.lock();
+        match &loaded {
+            Some(members) => cache.insert(group_id.to_owned(), members.clone()),
+            None => cache.remove(group_id),
+        };
+        Ok(loaded)
     }
 
     async fn load(&self, group_id: &str) -> StoreResult<Option<Members>> {
@@ -343,6 +352,36 @@ pub async fn prepare(
             Ok(true) => {}
             Ok(false) => return Err(refuse(ErrorCode::UnknownUser, format!("no user {user:?}"))),
             Err(err) => return Err(internal(err)),
+        }
+    }
+    // Invitations and kicks must change something for each user they name, so the
+    // announcement says what really happened.
+    if !creating && !joining {
+        let must_be_member = match &change {
+            GroupChange::Add { .. } => Some(false),
+            GroupChange::Remove { .. } => Some(true),
+            _ => None,
+        };
+        if let (
+            Some(must_be_member),
+            GroupChange::Add { user_ids } | GroupChange::Remove { user_ids },
+        ) = (must_be_member, &change)
+        {
+            for user in user_ids {
+                let member = store
+                    .group_member(&group_id, user)
+                    .await
+                    .map_err(internal)?
+                    .is_some();
+                if member != must_be_member {
+                    let state = if member {
+                        "already a member"
+                    } else {
+                        "not a member"
+                    };
+                    return Err(refuse(ErrorCode::Conflict, format!("{user:?} is {state}")));
+                }
+            }
         }
     }
     let current = group.as_ref().map_or(0, |g| g.member_count as usize);

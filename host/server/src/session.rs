@@ -509,8 +509,10 @@ impl LoggedIn {
             Body::Ping(ping) => self.out.push(pong(rid, ping.nonce)),
             Body::Send(send) => self.send(rid, send).await?,
             Body::DeliverAck(ack) => {
+                // Always settles this connection's own pushes: a user just removed from
+                // a group acks the announcement of the removal.
+                self.pending.acked(&ack.conversation_id, ack.seq);
                 if self.takes_part(&ack.conversation_id).await {
-                    self.pending.acked(&ack.conversation_id, ack.seq);
                     self.ctx.cursors.record(
                         &self.handle,
                         ack.conversation_id.as_str().into(),

@@ -267,30 +267,15 @@ async fn hot_upgrade_drops_no_connection_and_loses_no_message() {
     pause().await;
     server.install_plugin(&tag("2"), "tag_filter.wasm").await;
     pause().await;
-    assert_eq!(
-        server
-            .admin("POST", "/v1/plugins/tagger/disable", None, None)
-            .await
-            .status,
-        200
-    );
-    pause().await;
-    assert_eq!(
-        server
-            .admin("POST", "/v1/plugins/tagger/enable", None, None)
-            .await
-            .status,
-        200
-    );
-    pause().await;
-    assert_eq!(
-        server
-            .admin("DELETE", "/v1/plugins/tagger", None, None)
-            .await
-            .status,
-        204
-    );
-    pause().await;
+    for (method, path, status) in [
+        ("POST", "/v1/plugins/tagger/disable", 200),
+        ("POST", "/v1/plugins/tagger/enable", 200),
+        ("DELETE", "/v1/plugins/tagger", 204),
+    ] {
+        let answer = server.admin(method, path, None, None).await;
+        assert_eq!(answer.status, status, "{method} {path}");
+        pause().await;
+    }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let mut expected: HashMap<&str, u64> = HashMap::new();
     let mut clients = Vec::new();

@@ -105,9 +105,40 @@ impl HookIndices {
 }
 
 /// Every verdict a hook can give.
-pub const VERDICTS: [&str; 7] = [
-    "allow", "modify", "reject", "drop", "deny", "throttle", "block",
-];
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Allow,
+    Modify,
+    Reject,
+    Drop,
+    Deny,
+    Throttle,
+    Block,
+}
+
+impl Verdict {
+    pub const ALL: [Verdict; 7] = [
+        Verdict::Allow,
+        Verdict::Modify,
+        Verdict::Reject,
+        Verdict::Drop,
+        Verdict::Deny,
+        Verdict::Throttle,
+        Verdict::Block,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Allow => "allow",
+            Verdict::Modify => "modify",
+            Verdict::Reject => "reject",
+            Verdict::Drop => "drop",
+            Verdict::Deny => "deny",
+            Verdict::Throttle => "throttle",
+            Verdict::Block => "block",
+        }
+    }
+}
 
 /// Per-plugin counters.
 #[derive(Default)]
@@ -117,8 +148,8 @@ pub struct Metrics {
     pub failures_memory: AtomicU64,
     pub failures_trap: AtomicU64,
     pub failures_unavailable: AtomicU64,
-    /// Verdicts by name, indexed like [`VERDICTS`].
-    verdicts: [AtomicU64; VERDICTS.len()],
+    /// Verdicts given, indexed by `Verdict as usize`.
+    verdicts: [AtomicU64; Verdict::ALL.len()],
     /// Sum of call durations, nanoseconds.
     pub total_ns: AtomicU64,
     /// Longest call, nanoseconds.
@@ -135,19 +166,17 @@ impl Metrics {
         }
     }
 
-    /// Counts one verdict; `name` is one of [`VERDICTS`].
-    pub fn verdict(&self, name: &'static str) {
-        if let Some(i) = VERDICTS.iter().position(|v| *v == name) {
-            self.verdicts[i].fetch_add(1, Ordering::Relaxed);
-        }
+    /// Counts one verdict.
+    pub fn verdict(&self, verdict: Verdict) {
+        self.verdicts[verdict as usize].fetch_add(1, Ordering::Relaxed);
     }
 
     /// The verdicts given so far, by name (only those given at least once).
     pub fn verdicts(&self) -> std::collections::BTreeMap<&'static str, u64> {
-        VERDICTS
+        Verdict::ALL
             .iter()
             .zip(&self.verdicts)
-            .map(|(name, count)| (*name, count.load(Ordering::Relaxed)))
+            .map(|(verdict, count)| (verdict.as_str(), count.load(Ordering::Relaxed)))
             .filter(|(_, count)| *count > 0)
             .collect()
     }

@@ -26,6 +26,11 @@ const MEMBER_PAGE: u32 = 1000;
 /// A group's members (user ids, sorted), shared by every reader.
 pub type Members = Arc<[Arc<str>]>;
 
+/// Whether `user_id` is among `members`.
+pub fn contains(members: &[Arc<str>], user_id: &str) -> bool {
+    members.binary_search_by(|u| (**u).cmp(user_id)).is_ok()
+}
+
 /// Group memberships, read through from the store and cached per group. The pipeline
 /// replaces a group's entry after each change it stores, so the cache never misses a
 /// change made on this node.
@@ -65,7 +70,7 @@ impl GroupDirectory {
         Ok(self
             .members(group_id)
             .await?
-            .is_some_and(|m| m.binary_search_by(|u| (**u).cmp(user_id)).is_ok()))
+            .is_some_and(|m| contains(&m, user_id)))
     }
 
     /// Re-reads a group's members after a change.

@@ -88,27 +88,30 @@ impl Worker {
     async fn run(self, mut rx: mpsc::Receiver<Job>, max_batch: usize) {
         let mut jobs = Vec::with_capacity(max_batch);
         let mut sends = Vec::with_capacity(max_batch);
+        let mut messages = Vec::with_capacity(max_batch);
         while rx.recv_many(&mut jobs, max_batch).await > 0 {
             for job in jobs.drain(..) {
                 match job {
                     Job::Send(send) => sends.push(send),
                     Job::Group(group) => {
                         // Keep arrival order: the sends queued before it commit first.
-                        self.commit_sends(&mut sends).await;
+                        self.commit_sends(&mut sends, &mut messages).await;
                         self.commit_group(group).await;
                     }
                 }
             }
-            self.commit_sends(&mut sends).await;
+            self.commit_sends(&mut sends, &mut messages).await;
         }
     }
 
-    async fn commit_sends(&self, jobs: &mut Vec<SendJob>) {
+    /// Commits the queued sends in one transaction; `messages` is a reused buffer.
+    async fn commit_sends(&self, jobs: &mut Vec<SendJob>, messages: &mut Vec<NewMessage>) {
         if jobs.is_empty() {
             return;
         }
-        let messages: Vec<NewMessage> = jobs.iter().map(|j| j.message.clone()).collect();
-        match self.store.append_messages(&messages).await {
+        messages.clear();
+        messages.extend(jobs.iter().map(|j| j.message.clone()));
+        match self.store.append_messages(messages).await {
             Ok(outcomes) => {
                 for (job, outcome) in jobs.drain(..).zip(outcomes) {
                     let duplicate = matches!(outcome, Appended::Duplicate(_));

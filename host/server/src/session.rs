@@ -668,7 +668,7 @@ impl LoggedIn {
             }
             Ok(Some(members)) => {
                 let user: &str = &self.handle.user_id;
-                if members.binary_search_by(|m| (**m).cmp(user)).is_err() {
+                if !groups::contains(&members, user) {
                     let message = "you are not a member of this group";
                     self.out
                         .push(error_bytes(rid, ErrorCode::NotAMember, message));

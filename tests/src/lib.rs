@@ -317,6 +317,24 @@ impl TestServer {
         response.json
     }
 
+    /// Calls the HTTP API with the node's first key.
+    pub async fn api(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> ApiResponse {
+        let key = &self.node.api_keys[0].1;
+        api_call(
+            self.node.api.expect("HTTP API enabled"),
+            method,
+            path,
+            body.as_ref(),
+            Some(key),
+        )
+        .await
+    }
+
     /// Logged-in connections right now.
     pub fn logged_in(&self) -> usize {
         self.node
@@ -360,6 +378,70 @@ pub async fn receive(events: &mut Events, count: usize, within: Duration) -> Vec
         }
     }
     got
+}
+
+/// The first event `pick` maps to a value, skipping the others; fails after `within`.
+pub async fn next_event<T>(
+    events: &mut Events,
+    within: Duration,
+    what: &str,
+    mut pick: impl FnMut(im_client::Event) -> Option<T>,
+) -> T {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline, events.next()).await {
+            Ok(Some(event)) => {
+                if let Some(value) = pick(event) {
+                    return value;
+                }
+            }
+            Ok(None) => panic!("client closed while waiting for {what}"),
+            Err(_) => panic!("timed out waiting for {what}"),
+        }
+    }
+}
+
+/// Asserts no event `pick` selects arrives within `quiet`.
+pub async fn assert_no_event(
+    events: &mut Events,
+    quiet: Duration,
+    mut pick: impl FnMut(&im_client::Event) -> bool,
+) {
+    let deadline = tokio::time::Instant::now() + quiet;
+    while let Ok(Some(event)) = tokio::time::timeout_at(deadline, events.next()).await {
+        assert!(!pick(&event), "unexpected event {event:?}");
+    }
+}
+
+/// A response of the HTTP API.
+#[derive(Debug, Clone)]
+pub struct ApiResponse {
+    pub status: u16,
+    pub json: serde_json::Value,
+    pub text: String,
+}
+
+/// Calls a node's HTTP API at `base` with `key` (none: no Authorization header).
+pub async fn api_call(
+    base: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&serde_json::Value>,
+    key: Option<&str>,
+) -> ApiResponse {
+    let mut request =
+        reqwest::Client::new().request(method.parse().unwrap(), format!("http://{base}{path}"));
+    if let Some(key) = key {
+        request = request.bearer_auth(key);
+    }
+    if let Some(body) = body {
+        request = request.json(body);
+    }
+    let response = request.send().await.expect("the HTTP API answers");
+    let status = response.status().as_u16();
+    let text = response.text().await.unwrap();
+    let json = serde_json::from_str(&text).unwrap_or(serde_json::Value::Null);
+    ApiResponse { status, json, text }
 }
 
 /// Asserts no further message arrives within `quiet`.
@@ -414,6 +496,7 @@ impl ServerProcess {
             .args(["--ws", &format!("127.0.0.1:{ws}")])
             .args(["--quic", &format!("127.0.0.1:{quic}")])
             .args(["--admin", "127.0.0.1:0"])
+            .args(["--api", "127.0.0.1:0"])
             .env("RUST_LOG", "warn")
             .stdout(std::process::Stdio::piped())
             .spawn()

@@ -277,7 +277,14 @@ async fn server_configuration_from_file_environment_and_flags() {
         .arg(&file)
         .arg("--data-dir")
         .arg(data.path())
-        .args(["--quic", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+        .args([
+            "--quic",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--api",
+            "127.0.0.1:0",
+        ])
         .env("IM_TCP__LISTEN", "127.0.0.1:0")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())

@@ -30,6 +30,9 @@ pub struct Args {
     /// Admin API listen address (plugin lifecycle), e.g. 127.0.0.1:7180.
     #[arg(long)]
     pub admin: Option<std::net::SocketAddr>,
+    /// HTTP API listen address (business back-ends, health, metrics), e.g. 127.0.0.1:7181.
+    #[arg(long)]
+    pub api: Option<std::net::SocketAddr>,
     /// Log format: text or json.
     #[arg(long)]
     pub log_format: Option<String>,
@@ -53,6 +56,9 @@ impl Args {
         }
         if let Some(addr) = self.admin {
             config.admin.listen = addr;
+        }
+        if let Some(addr) = self.api {
+            config.api.listen = addr;
         }
         if let Some(format) = &self.log_format {
             config.log.format = format.clone();
@@ -115,17 +121,19 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         websocket = %show(node.websocket),
         quic = %show(node.quic),
         admin = %show(node.admin),
+        api = %show(node.api),
         data_dir = %config.data_dir.display(),
         database = %node.database_path.display(),
         "im-server listening"
     );
     // One machine-readable line on stdout, for scripts and tests that start the server.
     println!(
-        "im-server ready tcp={} ws={} quic={} admin={} data_dir={} cert={}",
+        "im-server ready tcp={} ws={} quic={} admin={} api={} data_dir={} cert={}",
         show(node.tcp),
         show(node.websocket),
         show(node.quic),
         show(node.admin),
+        show(node.api),
         config.data_dir.display(),
         node.certificate_path.display(),
     );

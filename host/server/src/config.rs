@@ -27,7 +27,47 @@ pub struct Config {
     pub storage: StorageConfig,
     pub plugins: PluginsConfig,
     pub admin: AdminConfig,
+    pub api: ApiConfig,
     pub log: LogConfig,
+}
+
+/// The HTTP API for business back-ends (push, users, groups, history, presence), plus
+/// `/healthz`, `/readyz`, `/metrics` and `/openapi.json`, which need no key.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApiConfig {
+    pub enabled: bool,
+    pub listen: SocketAddr,
+    /// The keys accepted as `Authorization: Bearer <key>`. Each has a name (logged, and
+    /// the sender of announcements it makes: `api@<name>`) and either the key itself or a
+    /// file holding it (relative paths are under `data_dir`; a missing file is created with
+    /// a fresh random key, readable by the owner only).
+    pub keys: Vec<ApiKeyConfig>,
+}
+
+/// One API key.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeyConfig {
+    pub name: String,
+    #[serde(default)]
+    pub key: Option<String>,
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen: "127.0.0.1:7181".parse().expect("valid default address"),
+            keys: vec![ApiKeyConfig {
+                name: "default".into(),
+                key: None,
+                key_file: Some(PathBuf::from("api-key")),
+            }],
+        }
+    }
 }
 
 /// The Wasm plugin platform.
@@ -128,6 +168,10 @@ pub struct LimitsConfig {
     pub max_group_members: usize,
     /// Most users one group request may list (create, invite, kick).
     pub max_group_batch: usize,
+    /// Most users one connection may watch the presence of.
+    pub max_presence_watch: usize,
+    /// Most live rooms one connection may be in.
+    pub max_rooms_per_connection: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -187,6 +231,7 @@ impl Default for Config {
             storage: StorageConfig::default(),
             plugins: PluginsConfig::default(),
             admin: AdminConfig::default(),
+            api: ApiConfig::default(),
             log: LogConfig::default(),
         }
     }
@@ -212,6 +257,8 @@ impl Default for LimitsConfig {
             max_group_members: 10_000,
             // 500 ids of up to 64 bytes keep an announcement within one frame.
             max_group_batch: 500,
+            max_presence_watch: 1000,
+            max_rooms_per_connection: 64,
         }
     }
 }
@@ -312,6 +359,21 @@ impl Config {
         if self.quic.tls {
             return bad("quic.tls is implied (QUIC always uses TLS); remove it");
         }
+        let mut names = std::collections::HashSet::new();
+        for key in &self.api.keys {
+            if !im_proto::ids::is_valid_id(&key.name) || key.name.len() > 60 {
+                return bad("api.keys: a name is 1-60 of [A-Za-z0-9_.@-]");
+            }
+            if !names.insert(key.name.as_str()) {
+                return bad("api.keys: names must be unique");
+            }
+            match (&key.key, &key.key_file) {
+                (Some(k), None) if k.len() >= 16 => {}
+                (Some(_), None) => return bad("api.keys: a key must be at least 16 characters"),
+                (None, Some(_)) => {}
+                _ => return bad("api.keys: give each key exactly one of `key` and `key_file`"),
+            }
+        }
         Ok(())
     }
 
@@ -351,6 +413,10 @@ impl Config {
             admin: AdminConfig {
                 listen: "127.0.0.1:0".parse().expect("addr"),
                 ..AdminConfig::default()
+            },
+            api: ApiConfig {
+                listen: "127.0.0.1:0".parse().expect("addr"),
+                ..ApiConfig::default()
             },
             ..Self::default()
         }

@@ -151,6 +151,7 @@ mod tests {
         Arc::new(DeliverPush {
             conversation_id: conv.into(),
             seq,
+            committed_at: std::time::Instant::now(),
             frame: Bytes::new(),
         })
     }

@@ -158,11 +158,47 @@ fn policy_role(role: GroupRole) -> group_policy::Role {
     }
 }
 
+/// Who asks for a group change.
+#[derive(Clone, Copy)]
+pub enum Actor<'a> {
+    /// A user over the client protocol: must be a member (but to create or join), and the
+    /// group-policy plugins (else the built-in rules) decide.
+    User {
+        handle: &'a ConnHandle,
+        origin: &'a CallOrigin,
+    },
+    /// A business back-end through the HTTP API, named by its API key: trusted, so no
+    /// policy is asked, but the structural checks and limits still apply. It creates
+    /// groups for `owner`, and invites and kicks rather than joining or leaving.
+    Operator {
+        key_name: &'a str,
+        owner: Option<&'a str>,
+    },
+}
+
+impl Actor<'_> {
+    /// The user the change is made as (for an operator, the owner of a group it creates).
+    fn user_id(&self) -> &str {
+        match self {
+            Actor::User { handle, .. } => &handle.user_id,
+            Actor::Operator { owner, .. } => owner.unwrap_or_default(),
+        }
+    }
+
+    fn is_user(&self) -> bool {
+        matches!(self, Actor::User { .. })
+    }
+}
+
+/// The sender id of announcements made through the HTTP API with key `key_name`.
+pub fn operator_sender_id(key_name: &str) -> String {
+    format!("api@{key_name}")
+}
+
 /// Checks, decides and prepares a group request from `actor`.
 pub async fn prepare(
     ctx: &NodeContext,
-    actor: &ConnHandle,
-    origin: &CallOrigin,
+    actor: Actor<'_>,
     request: v1::GroupRequest,
 ) -> Result<PreparedChange, Refusal> {
     let limits = &ctx.config.limits;
@@ -171,6 +207,21 @@ pub async fn prepare(
         return Err(refuse(ErrorCode::InvalidArgument, "no action"));
     };
     let creating = matches!(action, Action::Create(_));
+    if let Actor::Operator { owner, .. } = actor {
+        if matches!(action, Action::Join(_) | Action::Leave(_)) {
+            return Err(refuse(
+                ErrorCode::InvalidArgument,
+                "an operator invites and kicks; it does not join or leave",
+            ));
+        }
+        if creating && !owner.is_some_and(ids::is_valid_id) {
+            return Err(refuse(
+                ErrorCode::InvalidArgument,
+                "owner_id is not a valid user id",
+            ));
+        }
+    }
+    let acting_user = actor.user_id().to_owned();
     let group_id = if creating && request.group_id.is_empty() {
         uuid::Uuid::now_v7().simple().to_string()
     } else {
@@ -184,12 +235,12 @@ pub async fn prepare(
     }
     let group = store.group(&group_id).await.map_err(internal)?;
     let actor_role = match &group {
-        Some(_) => store
-            .group_member(&group_id, &actor.user_id)
+        Some(_) if actor.is_user() => store
+            .group_member(&group_id, &acting_user)
             .await
             .map_err(internal)?
             .map(|m| m.role),
-        None => None,
+        _ => None,
     };
     match (&group, creating) {
         (Some(_), true) => {
@@ -247,11 +298,11 @@ pub async fn prepare(
             } else {
                 users(&create.members, "create")?
             };
-            members.retain(|u| **u != *actor.user_id);
+            members.retain(|u| *u != acting_user);
             (
                 GroupChange::Create {
                     name: create.name.clone(),
-                    owner_id: actor.user_id.to_string(),
+                    owner_id: acting_user.clone(),
                     members: members.clone(),
                 },
                 group_policy::GroupAction::Create((create.name.clone(), members.clone())),
@@ -260,10 +311,10 @@ pub async fn prepare(
         }
         Action::Join(_) => (
             GroupChange::Add {
-                user_ids: vec![actor.user_id.to_string()],
+                user_ids: vec![acting_user.clone()],
             },
             group_policy::GroupAction::Join,
-            serde_json::json!({"event": "join", "users": [actor.user_id.as_ref()]}),
+            serde_json::json!({"event": "join", "users": [acting_user]}),
         ),
         Action::Invite(list) => {
             let list = users(&list.user_ids, "invite")?;
@@ -277,10 +328,10 @@ pub async fn prepare(
         }
         Action::Leave(_) => (
             GroupChange::Remove {
-                user_ids: vec![actor.user_id.to_string()],
+                user_ids: vec![acting_user.clone()],
             },
             group_policy::GroupAction::Leave,
-            serde_json::json!({"event": "leave", "users": [actor.user_id.as_ref()]}),
+            serde_json::json!({"event": "leave", "users": [acting_user]}),
         ),
         Action::Kick(list) => {
             let list = users(&list.user_ids, "kick")?;
@@ -341,17 +392,21 @@ pub async fn prepare(
     if joining && actor_role.is_some() {
         return Err(refuse(ErrorCode::Conflict, "you are already a member"));
     }
-    if !creating && !joining && actor_role.is_none() {
+    if actor.is_user() && !creating && !joining && actor_role.is_none() {
         return Err(refuse(
             ErrorCode::NotAMember,
             "you are not a member of this group",
         ));
     }
-    let added: Vec<String> = match &change {
+    let mut added: Vec<String> = match &change {
         GroupChange::Create { members, .. } => members.clone(),
         GroupChange::Add { user_ids } => user_ids.clone(),
         _ => Vec::new(),
     };
+    if creating && !actor.is_user() {
+        // An operator's owner must exist like any member; a user's own login proves it.
+        added.push(acting_user.clone());
+    }
     for user in &added {
         match ctx.known_users.exists(user).await {
             Ok(true) => {}
@@ -405,31 +460,34 @@ pub async fn prepare(
         ));
     }
 
-    // The decision: the group-policy chain, or the built-in rules without one.
-    let policy_request = group_policy::GroupRequest {
-        actor: Principal {
-            user_id: actor.user_id.to_string(),
-            device_id: actor.device_id.to_string(),
-        },
-        actor_role: actor_role.map(policy_role),
-        group: group.as_ref().map(|g| group_policy::Group {
-            group_id: g.group_id.clone(),
-            name: g.name.clone(),
-            owner: g.owner_id.clone(),
-            member_count: g.member_count,
-        }),
-        action: policy_action,
-    };
-    let outcome = match &ctx.plugins {
-        Some(plugins) => plugins.decide_group(origin, policy_request).await,
-        None => GroupOutcome::NoPlugins,
-    };
-    match outcome {
-        GroupOutcome::Allow => {}
-        GroupOutcome::Deny { reason } => return Err(refuse(ErrorCode::Rejected, reason)),
-        GroupOutcome::NoPlugins => {
-            if let Err(reason) = built_in_rule(&actor.user_id, actor_role, &change) {
-                return Err(refuse(ErrorCode::Rejected, reason));
+    // The decision: the group-policy chain, or the built-in rules without one. An
+    // operator's change is decided by the operator.
+    if let Actor::User { handle, origin } = actor {
+        let policy_request = group_policy::GroupRequest {
+            actor: Principal {
+                user_id: handle.user_id.to_string(),
+                device_id: handle.device_id.to_string(),
+            },
+            actor_role: actor_role.map(policy_role),
+            group: group.as_ref().map(|g| group_policy::Group {
+                group_id: g.group_id.clone(),
+                name: g.name.clone(),
+                owner: g.owner_id.clone(),
+                member_count: g.member_count,
+            }),
+            action: policy_action,
+        };
+        let outcome = match &ctx.plugins {
+            Some(plugins) => plugins.decide_group(origin, policy_request).await,
+            None => GroupOutcome::NoPlugins,
+        };
+        match outcome {
+            GroupOutcome::Allow => {}
+            GroupOutcome::Deny { reason } => return Err(refuse(ErrorCode::Rejected, reason)),
+            GroupOutcome::NoPlugins => {
+                if let Err(reason) = built_in_rule(&acting_user, actor_role, &change) {
+                    return Err(refuse(ErrorCode::Rejected, reason));
+                }
             }
         }
     }
@@ -439,12 +497,16 @@ pub async fn prepare(
         _ => Vec::new(),
     };
     let server_msg_id = uuid::Uuid::now_v7().to_string();
+    let (sender_id, sender_device_id) = match actor {
+        Actor::User { handle, .. } => (handle.user_id.to_string(), handle.device_id.to_string()),
+        Actor::Operator { key_name, .. } => (operator_sender_id(key_name), "api".to_owned()),
+    };
     let mut event = event;
-    event["actor"] = serde_json::Value::String(actor.user_id.to_string());
+    event["actor"] = serde_json::Value::String(sender_id.clone());
     let announcement = NewMessage {
         conversation_id: ids::group_conversation_id(&group_id),
-        sender_id: actor.user_id.to_string(),
-        sender_device_id: actor.device_id.to_string(),
+        sender_id,
+        sender_device_id,
         recipient_id: group_id.clone(),
         client_msg_id: format!("group-event:{server_msg_id}"),
         body: event.to_string().into(),

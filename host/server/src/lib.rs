@@ -9,18 +9,26 @@
 //! - [`router`]: which devices are online here, with bounded per-connection queues;
 //! - [`cursors`]: batched persistence of per-device delivery cursors;
 //! - [`auth`]: the authentication seam: plugin authenticators, development tokens;
+//! - [`presence`]: who watches whose online state (kept inside the router's lock);
+//! - [`rooms`]: live rooms and their (never stored) fan-out;
+//! - [`api`]: the HTTP API for business back-ends, health, readiness, metrics, OpenAPI;
+//! - [`metrics`]: the node's Prometheus recorder;
 //! - [`admin`]: the local admin HTTP API (plugin lifecycle);
 //! - [`config`], [`node`], [`cli`]: configuration, wiring and the binary.
 
 pub mod admin;
+pub mod api;
 pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod cursors;
 pub mod delivery;
 pub mod groups;
+pub mod metrics;
 pub mod node;
 pub mod pipeline;
+pub mod presence;
+pub mod rooms;
 pub mod router;
 pub mod session;
 pub mod transport;

@@ -16,10 +16,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admin;
+use crate::api;
 use crate::auth::{Authenticator, DevTokenAuthenticator, PluginAuthenticator};
 use crate::config::{BootstrapPlugin, Config};
 use crate::cursors::CursorWriter;
 use crate::groups::GroupDirectory;
+use crate::metrics::NodeMetrics;
 use crate::pipeline::Pipeline;
 use crate::router::LocalRouter;
 use crate::session::NodeContext;
@@ -38,6 +40,10 @@ pub struct RunningNode {
     pub admin: Option<SocketAddr>,
     /// The admin API's bearer token.
     pub admin_token: String,
+    /// Bound address of the HTTP API for business back-ends, if enabled.
+    pub api: Option<SocketAddr>,
+    /// The API keys accepted, by name.
+    pub api_keys: Vec<(String, String)>,
     /// Whether TCP / WebSocket serve TLS.
     pub tcp_tls: bool,
     pub websocket_tls: bool,
@@ -89,6 +95,31 @@ fn admin_token(config: &Config) -> anyhow::Result<String> {
         return Ok(token.clone());
     }
     read_or_create_secret(&config.data_dir.join("admin-token"))
+}
+
+/// The API keys of the configuration, reading (or creating) the key files.
+fn api_keys(config: &Config) -> anyhow::Result<Vec<api::ApiKey>> {
+    config
+        .api
+        .keys
+        .iter()
+        .map(|k| {
+            let key = match (&k.key, &k.key_file) {
+                (Some(key), _) => key.clone(),
+                (None, Some(file)) => read_or_create_secret(&config.data_dir.join(file))?,
+                (None, None) => anyhow::bail!("api key {:?} has neither key nor key_file", k.name),
+            };
+            anyhow::ensure!(
+                key.len() >= 16,
+                "api key {:?} must be at least 16 characters",
+                k.name
+            );
+            Ok(api::ApiKey {
+                name: k.name.clone(),
+                key,
+            })
+        })
+        .collect()
 }
 
 /// The manifest of a bootstrap plugin with its configured `config` values and secrets
@@ -166,10 +197,12 @@ impl RunningNode {
         let shutdown = CancellationToken::new();
         let router = Arc::new(LocalRouter::default());
         let groups = Arc::new(GroupDirectory::new(dyn_store.clone()));
+        let metrics = Arc::new(NodeMetrics::new());
         let (pipeline, pipeline_task) = Pipeline::start(
             dyn_store.clone(),
             router.clone(),
             groups.clone(),
+            metrics.clone(),
             config.storage.max_batch,
         );
         let (cursors, cursor_task) = CursorWriter::start(dyn_store.clone());
@@ -195,6 +228,7 @@ impl RunningNode {
             cursors,
             shutdown.clone(),
             plugins.clone(),
+            metrics,
         ));
         let listeners = TaskTracker::new();
         let sessions = TaskTracker::new();
@@ -204,6 +238,8 @@ impl RunningNode {
             quic: None,
             admin: None,
             admin_token: String::new(),
+            api: None,
+            api_keys: Vec::new(),
             tcp_tls: config.tcp.tls,
             websocket_tls: config.websocket.tls,
             certificate: identity.chain[0].clone(),
@@ -261,6 +297,27 @@ impl RunningNode {
                     .await;
                 if let Err(err) = served {
                     tracing::error!(error = %err, "admin API stopped");
+                }
+            });
+        }
+        if config.api.enabled {
+            let keys = api_keys(&config)?;
+            let listener = TcpListener::bind(config.api.listen)
+                .await
+                .with_context(|| format!("binding api {}", config.api.listen))?;
+            node.api = Some(listener.local_addr()?);
+            node.api_keys = keys
+                .iter()
+                .map(|k| (k.name.clone(), k.key.clone()))
+                .collect();
+            let app = api::router(ctx.clone(), keys);
+            let stop = node.shutdown.clone();
+            listeners.spawn(async move {
+                let served = axum::serve(listener, app)
+                    .with_graceful_shutdown(stop.cancelled_owned())
+                    .await;
+                if let Err(err) = served {
+                    tracing::error!(error = %err, "HTTP API stopped");
                 }
             });
         }

@@ -8,29 +8,45 @@
 //! in commit order, so every device sees each conversation's pushes in seq order.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use im_proto::ids;
 use im_proto::v1::{self, frame::Body};
-use im_store::{Appended, NewMessage, Store, StoreError, StoredMessage};
-use tokio::sync::mpsc;
+use im_store::{Appended, GroupInfo, NewMessage, Store, StoreError, StoreResult, StoredMessage};
+use tokio::sync::{mpsc, oneshot};
 
 use crate::groups::{GroupDirectory, PreparedChange, group_to_proto};
+use crate::metrics::{MessageKind, NodeMetrics};
 use crate::router::{ConnHandle, DeliverPush, LocalRouter, Outbound};
+
+/// Who gets the answer to a job.
+pub enum ReplyTo<T> {
+    /// A client connection: answered with a frame for `request_id`; it gets no push of
+    /// what it stored itself.
+    Connection { handle: ConnHandle, request_id: u64 },
+    /// An in-process caller (the HTTP API).
+    Caller(oneshot::Sender<StoreResult<T>>),
+}
+
+impl<T> ReplyTo<T> {
+    fn connection_id(&self) -> Option<u64> {
+        match self {
+            ReplyTo::Connection { handle, .. } => Some(handle.conn_id),
+            ReplyTo::Caller(_) => None,
+        }
+    }
+}
 
 /// One send waiting for its commit.
 pub struct SendJob {
-    pub request_id: u64,
     pub message: NewMessage,
-    /// The sending connection: gets the ack and no push.
-    pub sender: ConnHandle,
+    pub reply: ReplyTo<Appended>,
 }
 
 /// One group change waiting for its commit.
 pub struct GroupJob {
-    pub request_id: u64,
     pub prepared: PreparedChange,
-    /// The requesting connection: gets the `GroupResponse`.
-    pub sender: ConnHandle,
+    pub reply: ReplyTo<(GroupInfo, StoredMessage)>,
 }
 
 /// What the pipeline stores.
@@ -51,6 +67,7 @@ impl Pipeline {
         store: Arc<dyn Store>,
         router: Arc<LocalRouter>,
         directory: Arc<GroupDirectory>,
+        metrics: Arc<NodeMetrics>,
         max_batch: usize,
     ) -> (Self, tokio::task::JoinHandle<()>) {
         let (jobs, rx) = mpsc::channel(max_batch.saturating_mul(4).max(64));
@@ -58,6 +75,7 @@ impl Pipeline {
             store,
             router,
             directory,
+            metrics,
         };
         let task = tokio::spawn(worker.run(rx, max_batch));
         (Self { jobs }, task)
@@ -82,6 +100,7 @@ struct Worker {
     store: Arc<dyn Store>,
     router: Arc<LocalRouter>,
     directory: Arc<GroupDirectory>,
+    metrics: Arc<NodeMetrics>,
 }
 
 impl Worker {
@@ -111,32 +130,58 @@ impl Worker {
         }
         messages.clear();
         messages.extend(jobs.iter().map(|j| j.message.clone()));
-        match self.store.append_messages(messages).await {
+        let started = Instant::now();
+        let result = self.store.append_messages(messages).await;
+        self.metrics.store_commit(started.elapsed());
+        match result {
             Ok(outcomes) => {
                 for (job, outcome) in jobs.drain(..).zip(outcomes) {
                     let duplicate = matches!(outcome, Appended::Duplicate(_));
-                    let stored = match outcome {
-                        Appended::New(m) | Appended::Duplicate(m) => m,
-                    };
-                    job.sender.offer(Outbound::Frame(ack_frame(
-                        job.request_id,
-                        &stored,
-                        duplicate,
-                    )));
+                    let sending_conn = job.reply.connection_id();
                     if !duplicate {
-                        self.dispatch(&stored, job.sender.conn_id, &[]).await;
+                        let kind = if ids::conversation_group(&outcome.message().conversation_id)
+                            .is_some()
+                        {
+                            MessageKind::Group
+                        } else {
+                            MessageKind::Direct
+                        };
+                        self.metrics.message_in(kind, 1);
+                    }
+                    let pushed = (!duplicate).then(|| outcome.message().clone());
+                    match job.reply {
+                        ReplyTo::Connection { handle, request_id } => {
+                            handle.offer(Outbound::Frame(ack_frame(
+                                request_id,
+                                outcome.message(),
+                                duplicate,
+                            )));
+                        }
+                        ReplyTo::Caller(answer) => {
+                            let _ = answer.send(Ok(outcome));
+                        }
+                    }
+                    if let Some(stored) = pushed {
+                        self.dispatch(&stored, sending_conn, &[]).await;
                     }
                 }
             }
             Err(err) => {
                 tracing::error!(error = %err, batch = jobs.len(), "storing a batch of messages failed");
                 for job in jobs.drain(..) {
-                    let frame = v1::Frame::error(
-                        job.request_id,
-                        v1::ErrorCode::Internal,
-                        "message could not be stored; retry",
-                    );
-                    job.sender.offer(Outbound::Frame(frame.to_bytes()));
+                    match job.reply {
+                        ReplyTo::Connection { handle, request_id } => {
+                            let frame = v1::Frame::error(
+                                request_id,
+                                v1::ErrorCode::Internal,
+                                "message could not be stored; retry",
+                            );
+                            handle.offer(Outbound::Frame(frame.to_bytes()));
+                        }
+                        ReplyTo::Caller(answer) => {
+                            let _ = answer.send(Err(StoreError::Backend(err.to_string())));
+                        }
+                    }
                 }
             }
         }
@@ -149,51 +194,61 @@ impl Worker {
             announcement,
             removed,
         } = job.prepared;
-        let frame = match self
+        let result = self
             .store
             .apply_group_change(&group_id, &change, &announcement)
-            .await
+            .await;
+        if result.is_ok()
+            && let Err(err) = self.directory.refresh(&group_id).await
         {
-            Ok((group, event)) => {
-                if let Err(err) = self.directory.refresh(&group_id).await {
-                    tracing::warn!(error = %err, group = %group_id, "re-reading group members failed");
-                }
-                let response = v1::Frame::new(
-                    job.request_id,
-                    Body::GroupResult(v1::GroupResponse {
-                        group: Some(group_to_proto(&group)),
-                        event: Some(to_proto(&event)),
-                    }),
-                );
-                job.sender.offer(Outbound::Frame(response.to_bytes()));
-                self.dispatch(&event, job.sender.conn_id, &removed).await;
-                return;
+            tracing::warn!(error = %err, group = %group_id, "re-reading group members failed");
+        }
+        let sending_conn = job.reply.connection_id();
+        let event = result.as_ref().ok().map(|(_, event)| event.clone());
+        match job.reply {
+            ReplyTo::Connection { handle, request_id } => {
+                let frame = match &result {
+                    Ok((group, event)) => v1::Frame::new(
+                        request_id,
+                        Body::GroupResult(v1::GroupResponse {
+                            group: Some(group_to_proto(group)),
+                            event: Some(to_proto(event)),
+                        }),
+                    ),
+                    Err(StoreError::UnknownConversation) => {
+                        v1::Frame::error(request_id, v1::ErrorCode::UnknownGroup, "no such group")
+                    }
+                    Err(StoreError::Conflict(why)) => {
+                        v1::Frame::error(request_id, v1::ErrorCode::Conflict, why.clone())
+                    }
+                    Err(err) => {
+                        tracing::error!(error = %err, group = %group_id, "storing a group change failed");
+                        v1::Frame::error(
+                            request_id,
+                            v1::ErrorCode::Internal,
+                            "the change could not be stored; retry",
+                        )
+                    }
+                };
+                handle.offer(Outbound::Frame(frame.to_bytes()));
             }
-            Err(StoreError::UnknownConversation) => {
-                v1::Frame::error(job.request_id, v1::ErrorCode::UnknownGroup, "no such group")
+            ReplyTo::Caller(answer) => {
+                let _ = answer.send(result);
             }
-            Err(StoreError::Conflict(why)) => {
-                v1::Frame::error(job.request_id, v1::ErrorCode::Conflict, why)
-            }
-            Err(err) => {
-                tracing::error!(error = %err, group = %group_id, "storing a group change failed");
-                v1::Frame::error(
-                    job.request_id,
-                    v1::ErrorCode::Internal,
-                    "the change could not be stored; retry",
-                )
-            }
-        };
-        job.sender.offer(Outbound::Frame(frame.to_bytes()));
+        }
+        if let Some(event) = event {
+            self.dispatch(&event, sending_conn, &removed).await;
+        }
     }
 
     /// Pushes a newly stored message to its audience: for 1:1, the recipient's devices and
     /// the sender's other devices; for a group, every member's devices (and `also`, users a
     /// change just removed). The sending connection gets its ack instead.
-    async fn dispatch(&self, m: &StoredMessage, sending_conn: u64, also: &[String]) {
+    async fn dispatch(&self, m: &StoredMessage, sending_conn: Option<u64>, also: &[String]) {
         let push = Arc::new(DeliverPush {
             conversation_id: m.conversation_id.as_str().into(),
             seq: m.seq,
+            committed_at: Instant::now(),
             frame: v1::Frame::new(
                 0,
                 Body::Deliver(v1::Deliver {
@@ -203,7 +258,7 @@ impl Worker {
             .to_bytes(),
         });
         let mut offer = |device: &ConnHandle| {
-            if device.conn_id != sending_conn {
+            if Some(device.conn_id) != sending_conn {
                 device.offer(Outbound::Deliver(push.clone()));
             }
         };
@@ -287,6 +342,13 @@ mod tests {
         }
         async fn user_exists(&self, user_id: &str) -> StoreResult<bool> {
             self.inner.user_exists(user_id).await
+        }
+        async fn list_users(
+            &self,
+            after: Option<&str>,
+            limit: u32,
+        ) -> StoreResult<Vec<im_store::UserRecord>> {
+            self.inner.list_users(after, limit).await
         }
         async fn append_messages(&self, batch: &[NewMessage]) -> StoreResult<Vec<Appended>> {
             self.appends.fetch_add(1, Ordering::Relaxed);
@@ -377,6 +439,7 @@ mod tests {
             conn_id,
             user_id: user.into(),
             device_id: "d".into(),
+            transport: "tcp",
             queue,
             close: Arc::new(CloseSignal::default()),
         };
@@ -403,9 +466,15 @@ mod tests {
         });
         let router = Arc::new(LocalRouter::default());
         let (recipient, mut pushes) = device(2, "bob", 4096);
-        router.register(recipient);
+        router.register(recipient, 0);
         let directory = Arc::new(GroupDirectory::new(store.clone()));
-        let (pipeline, task) = Pipeline::start(store.clone(), router, directory, 512);
+        let (pipeline, task) = Pipeline::start(
+            store.clone(),
+            router,
+            directory,
+            Arc::new(NodeMetrics::new()),
+            512,
+        );
         let (sender, mut acks) = device(1, "alice", 4096);
         const SENDS: u64 = 2000;
         for i in 0..SENDS {
@@ -421,9 +490,11 @@ mod tests {
                 server_time_ms: 1,
             };
             let job = SendJob {
-                request_id: i + 1,
                 message,
-                sender: sender.clone(),
+                reply: ReplyTo::Connection {
+                    handle: sender.clone(),
+                    request_id: i + 1,
+                },
             };
             assert!(pipeline.submit(job).await.is_ok());
         }

@@ -1,4 +1,4 @@
-//! In-process routing: which devices of which user are connected here, and handing frames to them.
+//! In-process routing: which devices of which user are connected here, handing frames to them, and presence.
 //!
 //! Architecture invariant: the router never blocks and never awaits. Frames go into each
 //! connection's bounded queue with `try_send`; a full queue marks the connection a slow
@@ -8,15 +8,20 @@ use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
+use im_proto::v1;
 use im_proto::v1::CloseReason;
 use parking_lot::RwLock;
 use tokio::sync::{Notify, mpsc};
+
+use crate::presence::PresenceBook;
 
 /// A message push shared by every device it goes to: encoded once.
 #[derive(Debug)]
 pub struct DeliverPush {
     pub conversation_id: Arc<str>,
     pub seq: u64,
+    /// When the message's commit returned (delivery latency is measured from here).
+    pub committed_at: std::time::Instant,
     /// The encoded `Frame{deliver}` (without a length prefix).
     pub frame: Bytes,
 }
@@ -63,6 +68,8 @@ pub struct ConnHandle {
     pub conn_id: u64,
     pub user_id: Arc<str>,
     pub device_id: Arc<str>,
+    /// The transport's name (`tcp`, `ws`, `quic`, ...), for listings and metrics.
+    pub transport: &'static str,
     pub queue: mpsc::Sender<Outbound>,
     pub close: Arc<CloseSignal>,
 }
@@ -83,56 +90,171 @@ impl ConnHandle {
     }
 }
 
-/// Online devices on this node.
+/// Online devices on this node, and who watches their presence.
 #[derive(Default)]
 pub struct LocalRouter {
-    users: RwLock<HashMap<Arc<str>, Vec<ConnHandle>>>,
+    state: RwLock<RouterState>,
+}
+
+#[derive(Default)]
+struct RouterState {
+    users: HashMap<Arc<str>, Vec<ConnHandle>>,
+    presence: PresenceBook,
+    connections: usize,
+}
+
+/// One online user, as listed for operators.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OnlineUser {
+    pub user_id: String,
+    /// (device id, transport) of each connected device.
+    pub devices: Vec<(String, &'static str)>,
 }
 
 impl LocalRouter {
     /// Registers a logged-in connection; returns the connection it replaces (same user and
-    /// device), which the caller must close.
-    pub fn register(&self, handle: ConnHandle) -> Option<ConnHandle> {
-        let mut users = self.users.write();
-        let devices = users.entry(handle.user_id.clone()).or_default();
+    /// device), which the caller must close. A user's first device announces it online.
+    pub fn register(&self, handle: ConnHandle, now_ms: i64) -> Option<ConnHandle> {
+        let mut state = self.state.write();
+        let state = &mut *state;
+        let devices = state.users.entry(handle.user_id.clone()).or_default();
         let replaced = devices
             .iter()
             .position(|d| d.device_id == handle.device_id)
             .map(|i| devices.swap_remove(i));
+        let came_online = devices.is_empty() && replaced.is_none();
+        let user = handle.user_id.clone();
         devices.push(handle);
+        let count = devices.len();
+        if replaced.is_none() {
+            state.connections += 1;
+        }
+        if came_online {
+            state.presence.changed(&user, count, now_ms);
+        }
         replaced
     }
 
-    /// Removes a connection if it is still the registered one for its device.
-    pub fn unregister(&self, user_id: &str, conn_id: u64) {
-        let mut users = self.users.write();
-        if let Some(devices) = users.get_mut(user_id) {
-            devices.retain(|d| d.conn_id != conn_id);
-            if devices.is_empty() {
-                users.remove(user_id);
-            }
+    /// Removes a connection if it is still the registered one for its device. A user's
+    /// last device leaving announces it offline.
+    pub fn unregister(&self, user_id: &str, conn_id: u64, now_ms: i64) {
+        let mut state = self.state.write();
+        let state = &mut *state;
+        let Some(devices) = state.users.get_mut(user_id) else {
+            return;
+        };
+        let Some(index) = devices.iter().position(|d| d.conn_id == conn_id) else {
+            return;
+        };
+        let gone = devices.swap_remove(index);
+        state.connections -= 1;
+        if devices.is_empty() {
+            state.users.remove(user_id);
+            state.presence.changed(&gone.user_id, 0, now_ms);
         }
     }
 
     /// Calls `f` for every online device of `user_id`.
     pub fn for_each_device(&self, user_id: &str, mut f: impl FnMut(&ConnHandle)) {
-        if let Some(devices) = self.users.read().get(user_id) {
+        if let Some(devices) = self.state.read().users.get(user_id) {
+            devices.iter().for_each(&mut f);
+        }
+    }
+
+    /// Calls `f` for every logged-in connection of this node.
+    pub fn for_each_connection(&self, mut f: impl FnMut(&ConnHandle)) {
+        for devices in self.state.read().users.values() {
             devices.iter().for_each(&mut f);
         }
     }
 
     /// Number of online devices of `user_id`.
     pub fn device_count(&self, user_id: &str) -> usize {
-        self.users.read().get(user_id).map_or(0, Vec::len)
+        self.state.read().users.get(user_id).map_or(0, Vec::len)
+    }
+
+    /// Online users and logged-in connections.
+    pub fn counts(&self) -> (usize, usize) {
+        let state = self.state.read();
+        (state.users.len(), state.connections)
+    }
+
+    /// The presence of `user_id` now.
+    pub fn presence(&self, user_id: &str) -> v1::PresenceState {
+        let state = self.state.read();
+        let devices = state.users.get(user_id).map_or(0, Vec::len);
+        state.presence.state(user_id, devices)
+    }
+
+    /// Starts `watcher` watching the users in `add` and stops it watching those in
+    /// `remove`; returns the current state of each user in `add`. Done under the router's
+    /// lock, so no change between the answer and the first push is lost.
+    pub fn watch_presence(
+        &self,
+        watcher: &ConnHandle,
+        add: &[Arc<str>],
+        remove: &[String],
+    ) -> Vec<v1::PresenceState> {
+        let mut state = self.state.write();
+        let state = &mut *state;
+        for user in remove {
+            state.presence.unwatch(user, watcher.conn_id);
+        }
+        add.iter()
+            .map(|user| {
+                state.presence.watch(user.clone(), watcher);
+                let devices = state.users.get(user).map_or(0, Vec::len);
+                state.presence.state(user, devices)
+            })
+            .collect()
+    }
+
+    /// Stops `conn_id` watching any of `users` (a closing connection).
+    pub fn unwatch_all<'a>(&self, conn_id: u64, users: impl IntoIterator<Item = &'a Arc<str>>) {
+        let mut state = self.state.write();
+        for user in users {
+            state.presence.unwatch(user, conn_id);
+        }
+    }
+
+    /// Up to `limit` online users whose ids sort after `after`, in id order.
+    pub fn online_users(&self, after: Option<&str>, limit: usize) -> Vec<OnlineUser> {
+        let state = self.state.read();
+        let mut ids: Vec<&Arc<str>> = state
+            .users
+            .keys()
+            .filter(|u| after.is_none_or(|after| &***u > after))
+            .collect();
+        let limit = limit.min(ids.len());
+        if limit < ids.len() {
+            ids.select_nth_unstable(limit);
+            ids.truncate(limit);
+        }
+        ids.sort_unstable();
+        ids.into_iter()
+            .map(|user| OnlineUser {
+                user_id: user.to_string(),
+                devices: state.users[user]
+                    .iter()
+                    .map(|d| (d.device_id.to_string(), d.transport))
+                    .collect(),
+            })
+            .collect()
+    }
+
+    /// Closes every connection of `user_id` with `reason`; returns how many.
+    pub fn close_user(&self, user_id: &str, reason: CloseReason, message: &str) -> usize {
+        let mut closed = 0;
+        self.for_each_device(user_id, |d| {
+            d.close.close(reason, message);
+            closed += 1;
+        });
+        closed
     }
 
     /// Closes every connection with `reason` (shutdown).
     pub fn close_all(&self, reason: CloseReason, message: &str) {
-        for devices in self.users.read().values() {
-            for d in devices {
-                d.close.close(reason, message);
-            }
-        }
+        self.for_each_connection(|d| d.close.close(reason, message));
     }
 }
 
@@ -151,6 +273,7 @@ mod tests {
             conn_id,
             user_id: user.into(),
             device_id: device.into(),
+            transport: "tcp",
             queue,
             close: Arc::default(),
         };
@@ -163,16 +286,18 @@ mod tests {
         let (phone1, _r1) = handle(1, "alice", "phone", 4);
         let (laptop, _r2) = handle(2, "alice", "laptop", 4);
         let (phone2, _r3) = handle(3, "alice", "phone", 4);
-        assert!(router.register(phone1).is_none());
-        assert!(router.register(laptop).is_none());
-        assert_eq!(router.register(phone2).unwrap().conn_id, 1);
+        assert!(router.register(phone1, 1).is_none());
+        assert!(router.register(laptop, 1).is_none());
+        assert_eq!(router.register(phone2, 1).unwrap().conn_id, 1);
         assert_eq!(router.device_count("alice"), 2);
+        assert_eq!(router.counts(), (1, 2));
         // The replaced connection unregistering later must not remove its successor.
-        router.unregister("alice", 1);
+        router.unregister("alice", 1, 2);
         assert_eq!(router.device_count("alice"), 2);
-        router.unregister("alice", 3);
-        router.unregister("alice", 2);
+        router.unregister("alice", 3, 2);
+        router.unregister("alice", 2, 2);
         assert_eq!(router.device_count("alice"), 0);
+        assert_eq!(router.counts(), (0, 0));
     }
 
     #[tokio::test]
@@ -181,5 +306,54 @@ mod tests {
         assert!(h.offer(Outbound::Frame(Bytes::from_static(b"1"))));
         assert!(!h.offer(Outbound::Frame(Bytes::from_static(b"2"))));
         assert_eq!(h.close.requested().await.0, CloseReason::SlowConsumer);
+    }
+
+    #[test]
+    fn presence_changes_only_on_first_and_last_device() {
+        let router = LocalRouter::default();
+        let (watcher, mut pushes) = handle(9, "carol", "phone", 16);
+        router.register(watcher.clone(), 1);
+        let states = router.watch_presence(&watcher, &["alice".into()], &[]);
+        assert!(!states[0].online);
+        let (phone, _r1) = handle(1, "alice", "phone", 4);
+        let (laptop, _r2) = handle(2, "alice", "laptop", 4);
+        router.register(phone, 10);
+        router.register(laptop, 11);
+        router.unregister("alice", 1, 12);
+        router.unregister("alice", 2, 13);
+        let mut seen = Vec::new();
+        while let Ok(Outbound::Frame(bytes)) = pushes.try_recv() {
+            if let Some(v1::frame::Body::Presence(event)) =
+                v1::Frame::from_bytes(&bytes).unwrap().body
+            {
+                let state = event.state.unwrap();
+                seen.push((state.online, state.changed_ms));
+            }
+        }
+        assert_eq!(seen, vec![(true, 10), (false, 13)]);
+        assert_eq!(router.presence("alice").changed_ms, 13);
+    }
+
+    #[test]
+    fn online_users_page_in_id_order() {
+        let router = LocalRouter::default();
+        let mut keep = Vec::new();
+        for (i, user) in ["dave", "bob", "erin", "alice", "carol"].iter().enumerate() {
+            let (h, rx) = handle(i as u64 + 1, user, "d", 4);
+            keep.push(rx);
+            router.register(h, 1);
+        }
+        let first: Vec<_> = router
+            .online_users(None, 2)
+            .into_iter()
+            .map(|u| u.user_id)
+            .collect();
+        assert_eq!(first, ["alice", "bob"]);
+        let rest: Vec<_> = router
+            .online_users(Some("bob"), 10)
+            .into_iter()
+            .map(|u| u.user_id)
+            .collect();
+        assert_eq!(rest, ["carol", "dave", "erin"]);
     }
 }

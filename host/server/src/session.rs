@@ -29,8 +29,10 @@ use crate::auth::{Authenticator, Credentials};
 use crate::config::Config;
 use crate::cursors::CursorWriter;
 use crate::delivery::PendingDeliveries;
-use crate::groups::{self, GroupDirectory};
-use crate::pipeline::{GroupJob, Pipeline, SendJob, to_proto};
+use crate::groups::{self, Actor, GroupDirectory};
+use crate::metrics::{MessageKind, NodeMetrics};
+use crate::pipeline::{GroupJob, Pipeline, ReplyTo, SendJob, to_proto};
+use crate::rooms::Rooms;
 use crate::router::{CloseSignal, ConnHandle, LocalRouter, Outbound};
 use crate::transport::{FrameConn, RecvError};
 
@@ -58,6 +60,8 @@ pub struct NodeContext {
     pub shutdown: CancellationToken,
     pub known_users: KnownUsers,
     pub stats: SessionStats,
+    pub rooms: Rooms,
+    pub metrics: Arc<NodeMetrics>,
     next_conn_id: AtomicU64,
 }
 
@@ -82,8 +86,11 @@ impl NodeContext {
         cursors: CursorWriter,
         shutdown: CancellationToken,
         plugins: Option<Arc<PluginHost>>,
+        metrics: Arc<NodeMetrics>,
     ) -> Self {
         Self {
+            rooms: Rooms::default(),
+            metrics,
             config,
             plugins,
             known_users: KnownUsers::new(store.clone()),
@@ -173,11 +180,18 @@ pub async fn run_session<C: FrameConn>(ctx: Arc<NodeContext>, mut conn: C, peer:
         Ok(login) => {
             tracing::debug!(%peer, transport, user = %login.handle.user_id, device = %login.handle.device_id, "logged in");
             ctx.stats.logged_in.fetch_add(1, Ordering::Relaxed);
+            ctx.metrics.connection(transport, 1.0);
             let user_id = login.handle.user_id.clone();
             let conn_id = login.handle.conn_id;
-            let end = LoggedIn::new(&ctx, login, origin).run(&mut conn).await;
-            ctx.router.unregister(&user_id, conn_id);
+            let mut session = LoggedIn::new(&ctx, login, origin);
+            let end = session.run(&mut conn).await;
+            session.leave_everything();
+            ctx.router.unregister(&user_id, conn_id, now_ms());
+            ctx.metrics.connection(transport, -1.0);
             ctx.stats.logged_in.fetch_sub(1, Ordering::Relaxed);
+            if matches!(&end, End::Close(CloseReason::SlowConsumer, _)) {
+                ctx.metrics.slow_consumer();
+            }
             end
         }
         Err(end) => end,
@@ -322,6 +336,7 @@ async fn login_with<C: FrameConn>(
         conn_id: ctx.next_conn_id.fetch_add(1, Ordering::Relaxed),
         user_id: identity.user_id.as_str().into(),
         device_id: login.device_id.as_str().into(),
+        transport: conn.transport().as_str(),
         queue: queue_tx,
         close: Arc::new(CloseSignal::default()),
     };
@@ -337,14 +352,15 @@ async fn login_with<C: FrameConn>(
         }),
     );
     // Register before answering, so a message sent right after the answer reaches this device.
-    if let Some(replaced) = ctx.router.register(handle.clone()) {
+    if let Some(replaced) = ctx.router.register(handle.clone(), now_ms()) {
         replaced.close.close(
             CloseReason::Replaced,
             "another connection logged in with this device id",
         );
     }
     if let Err(end) = reply(conn, ok).await {
-        ctx.router.unregister(&handle.user_id, handle.conn_id);
+        ctx.router
+            .unregister(&handle.user_id, handle.conn_id, now_ms());
         return Err(end);
     }
     Ok(Login { handle, queue })
@@ -393,6 +409,12 @@ struct LoggedIn {
     requests: Arc<Semaphore>,
     /// Frames to write at the end of the current loop turn.
     out: Vec<Bytes>,
+    /// Commit times of the first pushes in `out`, for the delivery-latency metric.
+    first_pushes: Vec<std::time::Instant>,
+    /// Users whose presence this connection watches.
+    watching: HashSet<Arc<str>>,
+    /// Rooms this connection is in.
+    rooms: HashSet<Arc<str>>,
 }
 
 impl LoggedIn {
@@ -410,10 +432,24 @@ impl LoggedIn {
             ),
             requests: Arc::new(Semaphore::new(MAX_REQUESTS_IN_FLIGHT)),
             out: Vec::new(),
+            first_pushes: Vec::new(),
+            watching: HashSet::new(),
+            rooms: HashSet::new(),
         }
     }
 
-    async fn run<C: FrameConn>(mut self, conn: &mut C) -> End {
+    /// Leaves every room and stops every presence watch (the connection is closing).
+    fn leave_everything(&mut self) {
+        for room in self.rooms.drain() {
+            self.ctx.rooms.leave(&room, self.handle.conn_id);
+        }
+        self.ctx
+            .router
+            .unwatch_all(self.handle.conn_id, self.watching.iter());
+        self.watching.clear();
+    }
+
+    async fn run<C: FrameConn>(&mut self, conn: &mut C) -> End {
         let idle_timeout = self.ctx.config.idle_timeout();
         let write_timeout = Duration::from_millis(self.ctx.config.limits.write_timeout_ms);
         let mut last_received = Instant::now();
@@ -458,7 +494,12 @@ impl LoggedIn {
             }
             if !self.out.is_empty() {
                 match tokio::time::timeout(write_timeout, conn.send(&self.out)).await {
-                    Ok(Ok(())) => self.out.clear(),
+                    Ok(Ok(())) => {
+                        self.out.clear();
+                        for committed in self.first_pushes.drain(..) {
+                            self.ctx.metrics.delivery(committed.elapsed());
+                        }
+                    }
                     Ok(Err(_)) => return End::Gone,
                     Err(_) => {
                         return End::Close(CloseReason::SlowConsumer, "write timed out".into());
@@ -477,6 +518,13 @@ impl LoggedIn {
             Outbound::Frame(frame) => self.out.push(frame),
             Outbound::Deliver(push) => {
                 self.out.push(push.frame.clone());
+                self.first_pushes.push(push.committed_at);
+                let kind = if ids::conversation_group(&push.conversation_id).is_some() {
+                    MessageKind::Group
+                } else {
+                    MessageKind::Direct
+                };
+                self.ctx.metrics.message_out(kind, 1);
                 self.pending.pushed(push, Instant::now().into_std());
             }
         }
@@ -546,6 +594,9 @@ impl LoggedIn {
                 self.spawn_request(rid, String::new(), Request::Groups)
                     .await
             }
+            Body::PresenceSubscribe(req) => self.presence_subscribe(rid, req),
+            Body::Room(req) => self.room_request(rid, req),
+            Body::RoomSend(req) => self.room_send(rid, req).await,
             Body::Login(_) => self.out.push(error_bytes(
                 rid,
                 ErrorCode::AlreadyLoggedIn,
@@ -569,22 +620,8 @@ impl LoggedIn {
             ));
             return Ok(());
         }
-        if send.body.is_empty() {
-            self.out.push(invalid("body is empty"));
-            return Ok(());
-        }
-        if send.body.len() > limits.max_body_bytes {
-            let msg = format!(
-                "body of {} bytes exceeds {}",
-                send.body.len(),
-                limits.max_body_bytes
-            );
-            self.out
-                .push(error_bytes(rid, ErrorCode::BodyTooLarge, msg));
-            return Ok(());
-        }
-        if send.content_type.len() > MAX_CONTENT_TYPE_BYTES {
-            self.out.push(invalid("content_type exceeds 128 bytes"));
+        if let Err((code, message)) = check_content(limits, &send.body, &send.content_type) {
+            self.out.push(error_bytes(rid, code, message));
             return Ok(());
         }
         let to = match send.target.take() {
@@ -625,6 +662,148 @@ impl LoggedIn {
         let target = types::MessageTarget::User(to.clone());
         self.screen_and_submit(rid, conversation_id, target, to, send)
             .await
+    }
+
+    /// Changes the set of users this connection watches and answers their states.
+    fn presence_subscribe(&mut self, rid: u64, req: v1::PresenceSubscribeRequest) {
+        let cap = self.ctx.config.limits.max_presence_watch;
+        if let Some(bad) = req
+            .add
+            .iter()
+            .chain(&req.remove)
+            .find(|u| !ids::is_valid_id(u))
+        {
+            let message = format!("{bad:?} is not a valid user id");
+            self.out
+                .push(error_bytes(rid, ErrorCode::InvalidArgument, message));
+            return;
+        }
+        let mut after: HashSet<&str> = self.watching.iter().map(|u| &**u).collect();
+        for user in &req.remove {
+            after.remove(user.as_str());
+        }
+        after.extend(req.add.iter().map(String::as_str));
+        if after.len() > cap {
+            let message = format!("a connection watches at most {cap} users");
+            self.out
+                .push(error_bytes(rid, ErrorCode::InvalidArgument, message));
+            return;
+        }
+        let add: Vec<Arc<str>> = req.add.iter().map(|u| Arc::from(u.as_str())).collect();
+        let states = self
+            .ctx
+            .router
+            .watch_presence(&self.handle, &add, &req.remove);
+        for user in &req.remove {
+            self.watching.remove(user.as_str());
+        }
+        self.watching.extend(add);
+        let answer = v1::PresenceSubscribeResponse {
+            states,
+            watching: self.watching.len() as u32,
+        };
+        self.out
+            .push(frame_bytes(rid, Body::PresenceStates(answer)));
+    }
+
+    /// Joins or leaves a live room.
+    fn room_request(&mut self, rid: u64, req: v1::RoomRequest) {
+        if !ids::is_valid_id(&req.room_id) {
+            let message = "room_id must be 1-64 of [A-Za-z0-9_.@-]";
+            self.out
+                .push(error_bytes(rid, ErrorCode::InvalidArgument, message));
+            return;
+        }
+        let room: Arc<str> = req.room_id.as_str().into();
+        let (members, joined) = match req.action {
+            Some(v1::room_request::Action::Join(_)) => {
+                let cap = self.ctx.config.limits.max_rooms_per_connection;
+                if !self.rooms.contains(&room) && self.rooms.len() >= cap {
+                    let message = format!("a connection is in at most {cap} rooms");
+                    self.out
+                        .push(error_bytes(rid, ErrorCode::InvalidArgument, message));
+                    return;
+                }
+                self.rooms.insert(room.clone());
+                (self.ctx.rooms.join(&room, &self.handle), true)
+            }
+            Some(v1::room_request::Action::Leave(_)) => {
+                if !self.rooms.remove(&room) {
+                    self.out.push(error_bytes(
+                        rid,
+                        ErrorCode::NotInRoom,
+                        "this connection is not in the room",
+                    ));
+                    return;
+                }
+                let left = self.ctx.rooms.leave(&room, self.handle.conn_id);
+                (left.unwrap_or(0), false)
+            }
+            None => {
+                self.out
+                    .push(error_bytes(rid, ErrorCode::InvalidArgument, "no action"));
+                return;
+            }
+        };
+        let answer = v1::RoomResponse {
+            room_id: req.room_id,
+            members: members as u32,
+            joined,
+        };
+        self.out.push(frame_bytes(rid, Body::RoomResult(answer)));
+    }
+
+    /// A message to a room this connection is in: screened like any message, then handed
+    /// to the room's other connections; never stored.
+    async fn room_send(&mut self, rid: u64, req: v1::RoomSendRequest) {
+        if !self.rooms.contains(req.room_id.as_str()) {
+            self.out.push(error_bytes(
+                rid,
+                ErrorCode::NotInRoom,
+                "join the room before sending to it",
+            ));
+            return;
+        }
+        if let Err((code, message)) =
+            check_content(&self.ctx.config.limits, &req.body, &req.content_type)
+        {
+            self.out.push(error_bytes(rid, code, message));
+            return;
+        }
+        let conversation_id = format!("r:{}", req.room_id);
+        let target = types::MessageTarget::Group(req.room_id.clone());
+        let screened = self
+            .screen(
+                rid,
+                &conversation_id,
+                target,
+                "",
+                req.body,
+                req.content_type,
+                Some(&req.room_id),
+            )
+            .await;
+        let Some((body, content_type)) = screened else {
+            return;
+        };
+        let sender = (&*self.handle.user_id, &*self.handle.device_id);
+        let delivered = self
+            .ctx
+            .rooms
+            .publish(&req.room_id, Some(self.handle.conn_id), |seq| {
+                room_push(&req.room_id, sender, body, content_type, seq)
+            })
+            .unwrap_or(0);
+        self.ctx.metrics.message_in(MessageKind::Room, 1);
+        self.ctx
+            .metrics
+            .message_out(MessageKind::Room, delivered as u64);
+        let answer = v1::RoomSendAck {
+            room_id: req.room_id,
+            delivered: delivered as u32,
+            dropped: false,
+        };
+        self.out.push(frame_bytes(rid, Body::RoomSendAck(answer)));
     }
 
     /// Whether this user takes part in `conversation_id`: one of its two users, or a member
@@ -709,6 +888,7 @@ impl LoggedIn {
                 &send.client_msg_id,
                 send.body,
                 send.content_type,
+                None,
             )
             .await;
         let Some((body, content_type)) = screened else {
@@ -730,12 +910,18 @@ impl LoggedIn {
 
     /// A group change: checked and decided here, stored and announced by the pipeline.
     async fn group_request(&mut self, rid: u64, request: v1::GroupRequest) -> Result<(), End> {
-        match groups::prepare(&self.ctx, &self.handle, &self.origin, request).await {
+        let actor = Actor::User {
+            handle: &self.handle,
+            origin: &self.origin,
+        };
+        match groups::prepare(&self.ctx, actor, request).await {
             Ok(prepared) => {
                 let job = GroupJob {
-                    request_id: rid,
                     prepared,
-                    sender: self.handle.clone(),
+                    reply: ReplyTo::Connection {
+                        handle: self.handle.clone(),
+                        request_id: rid,
+                    },
                 };
                 if self.ctx.pipeline.submit_group(job).await.is_err() {
                     return Err(End::Close(
@@ -754,9 +940,11 @@ impl LoggedIn {
     /// Hands a checked message to the pipeline, which acks it once stored.
     async fn submit(&mut self, rid: u64, message: NewMessage) -> Result<(), End> {
         let job = SendJob {
-            request_id: rid,
             message,
-            sender: self.handle.clone(),
+            reply: ReplyTo::Connection {
+                handle: self.handle.clone(),
+                request_id: rid,
+            },
         };
         // Waiting here is the back-pressure: a full pipeline slows this client's reads.
         tokio::select! {
@@ -774,7 +962,9 @@ impl LoggedIn {
 
     /// Passes a message through the message-filter and risk-control chains. Returns the
     /// (possibly rewritten) body and content type to store, or `None` when the request was
-    /// answered here (rejected, dropped or throttled).
+    /// answered here (rejected, dropped or throttled). `room` names the room of a room
+    /// message, whose dropped answer is a `RoomSendAck`.
+    #[allow(clippy::too_many_arguments)]
     async fn screen(
         &mut self,
         rid: u64,
@@ -783,6 +973,7 @@ impl LoggedIn {
         client_msg_id: &str,
         body: Bytes,
         content_type: String,
+        room: Option<&str>,
     ) -> Option<(Bytes, String)> {
         let Some(plugins) = self.ctx.plugins.clone() else {
             return Some((body, content_type));
@@ -817,13 +1008,20 @@ impl LoggedIn {
                 return None;
             }
             FilterOutcome::Drop => {
-                let ack = v1::SendAck {
-                    client_msg_id: client_msg_id.to_owned(),
-                    conversation_id: conversation_id.to_owned(),
-                    dropped: true,
-                    ..Default::default()
+                let ack = match room {
+                    Some(room_id) => Body::RoomSendAck(v1::RoomSendAck {
+                        room_id: room_id.to_owned(),
+                        delivered: 0,
+                        dropped: true,
+                    }),
+                    None => Body::SendAck(v1::SendAck {
+                        client_msg_id: client_msg_id.to_owned(),
+                        conversation_id: conversation_id.to_owned(),
+                        dropped: true,
+                        ..Default::default()
+                    }),
                 };
-                self.out.push(frame_bytes(rid, Body::SendAck(ack)));
+                self.out.push(frame_bytes(rid, ack));
                 return None;
             }
         }
@@ -887,6 +1085,54 @@ impl LoggedIn {
             drop(permit);
         });
     }
+}
+
+/// Checks a message body and content type against the limits.
+pub fn check_content(
+    limits: &crate::config::LimitsConfig,
+    body: &[u8],
+    content_type: &str,
+) -> Result<(), (ErrorCode, String)> {
+    if body.is_empty() {
+        return Err((ErrorCode::InvalidArgument, "body is empty".into()));
+    }
+    if body.len() > limits.max_body_bytes {
+        let message = format!(
+            "body of {} bytes exceeds {}",
+            body.len(),
+            limits.max_body_bytes
+        );
+        return Err((ErrorCode::BodyTooLarge, message));
+    }
+    if content_type.len() > MAX_CONTENT_TYPE_BYTES {
+        return Err((
+            ErrorCode::InvalidArgument,
+            "content_type exceeds 128 bytes".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// The encoded push of a room message.
+pub fn room_push(
+    room_id: &str,
+    sender: (&str, &str),
+    body: Bytes,
+    content_type: String,
+    room_seq: u64,
+) -> Bytes {
+    frame_bytes(
+        0,
+        Body::RoomMessage(v1::RoomMessage {
+            room_id: room_id.to_owned(),
+            sender_id: sender.0.to_owned(),
+            sender_device_id: sender.1.to_owned(),
+            body,
+            content_type,
+            server_time_ms: now_ms(),
+            room_seq,
+        }),
+    )
 }
 
 enum Request {

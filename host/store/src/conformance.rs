@@ -110,6 +110,22 @@ async fn users_are_recorded(store: &dyn Store) {
     store.upsert_user("conf-user", 1).await.unwrap();
     store.upsert_user("conf-user", 2).await.unwrap();
     assert!(store.user_exists("conf-user").await.unwrap());
+    for (i, user) in ["conf-list-c", "conf-list-a", "conf-list-b"]
+        .iter()
+        .enumerate()
+    {
+        store.upsert_user(user, 10 + i as i64).await.unwrap();
+    }
+    let page = store.list_users(Some("conf-list-"), 2).await.unwrap();
+    let ids: Vec<&str> = page.iter().map(|u| u.user_id.as_str()).collect();
+    assert_eq!(ids, ["conf-list-a", "conf-list-b"]);
+    assert_eq!(page[0].created_ms, 11, "the first record's time is kept");
+    let rest = store.list_users(Some("conf-list-b"), 100).await.unwrap();
+    assert_eq!(rest[0].user_id, "conf-list-c");
+    assert!(rest.iter().all(|u| u.user_id.as_str() > "conf-list-b"));
+    let all = store.list_users(None, 10_000).await.unwrap();
+    assert!(all.windows(2).all(|w| w[0].user_id < w[1].user_id));
+    assert!(all.iter().any(|u| u.user_id == "conf-user"));
 }
 
 async fn seqs_are_gapless_per_conversation(store: &dyn Store) {

@@ -64,6 +64,13 @@ impl Appended {
     }
 }
 
+/// A known user.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserRecord {
+    pub user_id: String,
+    pub created_ms: i64,
+}
+
 /// One entry of a user's conversation list.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConversationSummary {
@@ -193,6 +200,14 @@ pub trait Store: Send + Sync + 'static {
 
     /// Whether `user_id` exists.
     async fn user_exists(&self, user_id: &str) -> StoreResult<bool>;
+
+    /// Known users whose ids sort after `after_user_id` (all when `None`), in id order, at
+    /// most `limit`, with the time each was first recorded.
+    async fn list_users(
+        &self,
+        after_user_id: Option<&str>,
+        limit: u32,
+    ) -> StoreResult<Vec<UserRecord>>;
 
     /// Stores a batch in one transaction, in order, and returns one outcome per message.
     ///

@@ -16,7 +16,7 @@ use sqlx::{Row, SqlitePool};
 
 use crate::{
     Appended, ConversationSummary, GroupChange, GroupInfo, GroupMember, GroupRole, KvRecord,
-    ListPosition, NewMessage, ReadState, Store, StoreError, StoreResult, StoredMessage,
+    ListPosition, NewMessage, ReadState, Store, StoreError, StoreResult, StoredMessage, UserRecord,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -432,6 +432,28 @@ impl Store for SqliteStore {
             .await
             .map_err(backend)?;
         Ok(found.is_some())
+    }
+
+    async fn list_users(
+        &self,
+        after_user_id: Option<&str>,
+        limit: u32,
+    ) -> StoreResult<Vec<UserRecord>> {
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT user_id, created_ms FROM users WHERE user_id > ? ORDER BY user_id LIMIT ?",
+        )
+        .bind(after_user_id.unwrap_or(""))
+        .bind(i64::from(limit))
+        .fetch_all(&self.readers)
+        .await
+        .map_err(backend)?;
+        Ok(rows
+            .into_iter()
+            .map(|(user_id, created_ms)| UserRecord {
+                user_id,
+                created_ms,
+            })
+            .collect())
     }
 
     async fn append_messages(&self, batch: &[NewMessage]) -> StoreResult<Vec<Appended>> {

@@ -1,4 +1,4 @@
-//! `imctl`: mint development tokens, send a message, tail conversations, chat interactively, read history.
+//! `imctl`: mint tokens, send, tail, chat, history; groups, presence, live rooms; the HTTP API and the plugin admin API.
 //!
 //! The binary's whole logic lives here, so the end-to-end tests can build the same CLI.
 
@@ -80,12 +80,107 @@ enum Command {
         #[command(flatten)]
         conn: ConnArgs,
     },
+    /// Groups: create, join, invite, leave, kick, roles, ownership, members, send.
+    Group {
+        #[command(flatten)]
+        conn: ConnArgs,
+        #[command(subcommand)]
+        action: GroupAction,
+    },
+    /// Watch users come online and go offline (until interrupted).
+    Presence {
+        #[command(flatten)]
+        conn: ConnArgs,
+        /// The users to watch.
+        #[arg(required = true)]
+        users: Vec<String>,
+    },
+    /// Join a live room: each line typed is sent to it; its messages are printed.
+    Room {
+        #[command(flatten)]
+        conn: ConnArgs,
+        /// The room.
+        #[arg(long)]
+        room: String,
+    },
+    /// Call the HTTP API for business back-ends and print its JSON answer, e.g.
+    /// `imctl api GET /v1/online` or `imctl api POST /v1/messages/broadcast '{"text":"hi"}'`.
+    Api {
+        /// The API's address.
+        #[arg(long, env = "IM_API", default_value = "http://127.0.0.1:7181")]
+        api: String,
+        /// The API key (default: <data-dir>/api-key).
+        #[arg(long, env = "IM_API_KEY")]
+        api_key: Option<String>,
+        /// The server's data directory, to read the API key from.
+        #[arg(long, default_value = "data")]
+        data_dir: PathBuf,
+        /// GET, POST, PUT or DELETE.
+        method: String,
+        /// The path, e.g. /v1/users/alice.
+        path: String,
+        /// A JSON request body.
+        body: Option<String>,
+    },
     /// Manage plugins through the server's admin API.
     Plugin {
         #[command(flatten)]
         admin: AdminArgs,
         #[command(subcommand)]
         action: PluginAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum GroupAction {
+    /// Create a group owned by you and print its id.
+    Create {
+        #[arg(long)]
+        name: String,
+        /// The group id (default: chosen by the server).
+        #[arg(long, default_value = "")]
+        id: String,
+        /// Initial members.
+        members: Vec<String>,
+    },
+    Join {
+        group: String,
+    },
+    Leave {
+        group: String,
+    },
+    Invite {
+        group: String,
+        #[arg(required = true)]
+        users: Vec<String>,
+    },
+    Kick {
+        group: String,
+        #[arg(required = true)]
+        users: Vec<String>,
+    },
+    /// Make a member an admin or a plain member.
+    Role {
+        group: String,
+        user: String,
+        #[arg(value_parser = ["admin", "member"])]
+        role: String,
+    },
+    /// Hand ownership to a member.
+    Transfer {
+        group: String,
+        to: String,
+    },
+    /// List a group's members.
+    Members {
+        group: String,
+    },
+    /// List your groups.
+    List,
+    /// Send a message to a group.
+    Send {
+        group: String,
+        text: String,
     },
 }
 
@@ -433,10 +528,22 @@ async fn run_async() -> anyhow::Result<()> {
                     Event::Closed { reason, message } => {
                         bail!("closed by server: {}: {message}", reason.as_str_name())
                     }
+                    other => print_event(&other),
                 }
             }
         }
         Command::Chat { conn, with } => chat(conn, with).await?,
+        Command::Group { conn, action } => group_command(conn, action).await?,
+        Command::Presence { conn, users } => presence_command(conn, users).await?,
+        Command::Room { conn, room } => room_command(conn, room).await?,
+        Command::Api {
+            api,
+            api_key,
+            data_dir,
+            method,
+            path,
+            body,
+        } => api_command(api, api_key, data_dir, method, path, body).await?,
         Command::Plugin { admin, action } => plugin_command(admin, action).await?,
         Command::History { conn, with, limit } => {
             let (client, _events) = conn.connect(Resume::Latest).await?;
@@ -495,10 +602,210 @@ async fn chat(conn: ConnArgs, with: String) -> anyhow::Result<()> {
                 Some(Event::Connected { resumed: true, .. }) => eprintln!("# reconnected"),
                 Some(Event::Connected { .. }) => {}
                 Some(Event::Closed { reason, message }) => bail!("closed by server: {}: {message}", reason.as_str_name()),
+                Some(other) => print_event(&other),
                 None => break,
             },
         }
     }
     client.close().await;
+    Ok(())
+}
+
+/// Prints a presence change, room message or broadcast.
+fn print_event(event: &Event) {
+    match event {
+        Event::Presence(state) => println!(
+            "[presence] {} {} ({} devices)",
+            state.user_id,
+            if state.online { "online" } else { "offline" },
+            state.devices
+        ),
+        Event::RoomMessage(m) => println!(
+            "[room {} #{}] {}: {}",
+            m.room_id,
+            m.room_seq,
+            m.sender_id,
+            String::from_utf8_lossy(&m.body)
+        ),
+        Event::Broadcast(b) => println!("[broadcast] {}", String::from_utf8_lossy(&b.body)),
+        Event::Message(m) => print_message(m),
+        Event::Connected { .. } | Event::Disconnected { .. } | Event::Closed { .. } => {}
+    }
+}
+
+async fn group_command(conn: ConnArgs, action: GroupAction) -> anyhow::Result<()> {
+    use v1::group_request::Action;
+    let (client, _events) = conn.connect(Resume::Latest).await?;
+    let users = |list: Vec<String>| v1::GroupUsers { user_ids: list };
+    let change = |group_id: String, action: Action| v1::GroupRequest {
+        group_id,
+        action: Some(action),
+    };
+    let request = match action {
+        GroupAction::Create { name, id, members } => {
+            change(id, Action::Create(v1::CreateGroup { name, members }))
+        }
+        GroupAction::Join { group } => change(group, Action::Join(v1::JoinGroup {})),
+        GroupAction::Leave { group } => change(group, Action::Leave(v1::LeaveGroup {})),
+        GroupAction::Invite { group, users: list } => change(group, Action::Invite(users(list))),
+        GroupAction::Kick { group, users: list } => change(group, Action::Kick(users(list))),
+        GroupAction::Role { group, user, role } => {
+            let role = if role == "admin" {
+                v1::GroupRole::Admin
+            } else {
+                v1::GroupRole::Member
+            };
+            change(
+                group,
+                Action::SetRole(v1::RoleChange {
+                    user_id: user,
+                    role: role as i32,
+                }),
+            )
+        }
+        GroupAction::Transfer { group, to } => change(group, Action::TransferTo(to)),
+        GroupAction::Members { group } => {
+            let mut after = String::new();
+            loop {
+                let page = client.group_members(&group, &after, 500).await?;
+                for m in &page.members {
+                    println!("{}	{}", m.user_id, m.role().as_str_name());
+                }
+                match page.members.last() {
+                    Some(last) if page.has_more => after = last.user_id.clone(),
+                    _ => break,
+                }
+            }
+            client.close().await;
+            return Ok(());
+        }
+        GroupAction::List => {
+            for g in client.groups().await? {
+                println!(
+                    "{}	{}	owner={}	members={}",
+                    g.group_id, g.name, g.owner_id, g.member_count
+                );
+            }
+            client.close().await;
+            return Ok(());
+        }
+        GroupAction::Send { group, text } => {
+            let ack = client
+                .send_to_group(&group, text.into_bytes().into(), "text/plain")
+                .await?;
+            println!("sent {} seq={}", ack.conversation_id, ack.seq);
+            client.close().await;
+            return Ok(());
+        }
+    };
+    let answer = client.group_request(request).await?;
+    if let Some(g) = answer.group {
+        println!(
+            "{}	{}	owner={}	members={}",
+            g.group_id, g.name, g.owner_id, g.member_count
+        );
+    }
+    client.close().await;
+    Ok(())
+}
+
+async fn presence_command(conn: ConnArgs, users: Vec<String>) -> anyhow::Result<()> {
+    let (client, mut events) = conn.connect(Resume::Latest).await?;
+    let watched: Vec<&str> = users.iter().map(String::as_str).collect();
+    let answer = client.watch_presence(&watched, &[]).await?;
+    for state in answer.states {
+        print_event(&Event::Presence(state));
+    }
+    while let Some(event) = events.next().await {
+        match event {
+            Event::Presence(_) => print_event(&event),
+            Event::Closed { reason, message } => {
+                bail!("closed by server: {}: {message}", reason.as_str_name())
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+async fn room_command(conn: ConnArgs, room: String) -> anyhow::Result<()> {
+    let (client, mut events) = conn.connect(Resume::Latest).await?;
+    let joined = client.join_room(&room).await?;
+    eprintln!(
+        "# in room {room} with {} connections; type a line to send",
+        joined.members
+    );
+    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    loop {
+        tokio::select! {
+            line = lines.next_line() => {
+                let Some(line) = line? else { break };
+                if line.trim().is_empty() {
+                    continue;
+                }
+                match client.send_to_room(&room, line.into_bytes().into(), "text/plain").await {
+                    Ok(ack) => eprintln!("# handed to {}", ack.delivered),
+                    Err(e) => eprintln!("# not sent: {e}"),
+                }
+            }
+            event = events.next() => match event {
+                Some(Event::Closed { reason, message }) => bail!("closed by server: {}: {message}", reason.as_str_name()),
+                Some(event @ (Event::RoomMessage(_) | Event::Broadcast(_))) => print_event(&event),
+                Some(_) => {}
+                None => break,
+            },
+        }
+    }
+    client.close().await;
+    Ok(())
+}
+
+async fn api_command(
+    api: String,
+    key: Option<String>,
+    data_dir: PathBuf,
+    method: String,
+    path: String,
+    body: Option<String>,
+) -> anyhow::Result<()> {
+    let key = match key {
+        Some(key) => key,
+        None => {
+            let file = data_dir.join("api-key");
+            std::fs::read_to_string(&file)
+                .with_context(|| {
+                    format!("reading {} (pass --api-key or --data-dir)", file.display())
+                })?
+                .trim()
+                .to_owned()
+        }
+    };
+    let method: reqwest::Method = method
+        .to_uppercase()
+        .parse()
+        .with_context(|| format!("{method:?} is not an HTTP method"))?;
+    let url = format!("{}{path}", api.trim_end_matches('/'));
+    let mut request = reqwest::Client::new()
+        .request(method, &url)
+        .bearer_auth(key);
+    if let Some(body) = body {
+        let json: serde_json::Value =
+            serde_json::from_str(&body).context("the body is not JSON")?;
+        request = request.json(&json);
+    }
+    let response = request
+        .send()
+        .await
+        .with_context(|| format!("calling {url}"))?;
+    let status = response.status();
+    let text = response.text().await?;
+    let shown = match serde_json::from_str::<serde_json::Value>(&text) {
+        Ok(json) => serde_json::to_string_pretty(&json)?,
+        Err(_) => text,
+    };
+    if !status.is_success() {
+        bail!("API answered {status}: {shown}");
+    }
+    println!("{shown}");
     Ok(())
 }

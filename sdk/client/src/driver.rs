@@ -1,6 +1,6 @@
 //! The client's background task: owns the connection, matches answers to requests, resends, reconnects and resumes.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -88,6 +88,27 @@ enum Internal {
     Sync(String),
     List,
     Heartbeat,
+    /// Re-establishing presence watches and room memberships after a reconnect.
+    Restore,
+}
+
+/// What a presence or room request changes once the server accepts it; kept so a
+/// reconnect restores it.
+enum Intent {
+    Watch {
+        add: Vec<String>,
+        remove: Vec<String>,
+    },
+    Join(String),
+    Leave(String),
+}
+
+/// The terminal close reasons: reconnecting would not help.
+fn is_terminal(reason: CloseReason) -> bool {
+    matches!(
+        reason,
+        CloseReason::AuthFailed | CloseReason::Replaced | CloseReason::Kicked
+    )
 }
 
 /// Why the connected phase ended.
@@ -118,6 +139,11 @@ pub(crate) struct Driver {
     /// Pushes held while the conversation list of a (re)connect is being read, so that
     /// cursors are known before they are ordered.
     held: Option<Vec<v1::Message>>,
+    /// Presence requests and room requests in flight, by request id.
+    intents: HashMap<u64, Intent>,
+    /// Users watched and rooms joined (as the server accepted), restored on reconnect.
+    watched: BTreeSet<String>,
+    rooms: BTreeSet<String>,
 }
 
 impl Driver {
@@ -143,6 +169,9 @@ impl Driver {
             unacked: HashMap::new(),
             first_resume_done: false,
             held: None,
+            intents: HashMap::new(),
+            watched: BTreeSet::new(),
+            rooms: BTreeSet::new(),
         }
     }
 
@@ -243,9 +272,7 @@ impl Driver {
             self.expire(Instant::now());
             match establish(&self.config).await {
                 Ok(c) => return Ok(c),
-                Err(ClientError::Closed { reason, message })
-                    if matches!(reason, CloseReason::AuthFailed | CloseReason::Replaced) =>
-                {
+                Err(ClientError::Closed { reason, message }) if is_terminal(reason) => {
                     return Err(Outcome::Closed(reason, message));
                 }
                 Err(err) => tracing::debug!(error = %err, "reconnect failed"),
@@ -314,6 +341,7 @@ impl Driver {
         for (_, (reply, _)) in self.requests.drain() {
             let _ = reply.send(Err(ClientError::Disconnected));
         }
+        self.intents.clear();
         for (_, internal) in self.internal.drain() {
             if let Internal::Sync(conversation) = internal {
                 self.timelines.sync_abandoned(&conversation);
@@ -344,6 +372,7 @@ impl Driver {
             .collect();
         for id in expired {
             if let Some((reply, _)) = self.requests.remove(&id) {
+                self.intents.remove(&id);
                 let _ = reply.send(Err(ClientError::Timeout));
             }
         }
@@ -378,6 +407,7 @@ impl Driver {
         // Learn the server's conversations before ordering pushes, then resend what is unacked.
         self.held = Some(Vec::new());
         self.list_page(None);
+        self.restore_watches_and_rooms();
         self.write_due_sends(Instant::now());
         let mut last_received = Instant::now();
         let mut next_ping = Instant::now() + heartbeat;
@@ -466,6 +496,62 @@ impl Driver {
         }
     }
 
+    /// Asks the new connection for the presence watches and rooms of the last one.
+    fn restore_watches_and_rooms(&mut self) {
+        if !self.watched.is_empty() {
+            let id = self.request_id();
+            self.internal.insert(id, Internal::Restore);
+            let body = Body::PresenceSubscribe(v1::PresenceSubscribeRequest {
+                add: self.watched.iter().cloned().collect(),
+                remove: Vec::new(),
+            });
+            self.out.push(v1::Frame::new(id, body).to_bytes());
+        }
+        for room in self.rooms.clone() {
+            let id = self.request_id();
+            self.internal.insert(id, Internal::Restore);
+            let body = Body::Room(v1::RoomRequest {
+                room_id: room,
+                action: Some(v1::room_request::Action::Join(v1::RoomJoin {})),
+            });
+            self.out.push(v1::Frame::new(id, body).to_bytes());
+        }
+    }
+
+    fn intent_of(body: &Body) -> Option<Intent> {
+        match body {
+            Body::PresenceSubscribe(req) => Some(Intent::Watch {
+                add: req.add.clone(),
+                remove: req.remove.clone(),
+            }),
+            Body::Room(req) => match req.action {
+                Some(v1::room_request::Action::Join(_)) => Some(Intent::Join(req.room_id.clone())),
+                Some(v1::room_request::Action::Leave(_)) => {
+                    Some(Intent::Leave(req.room_id.clone()))
+                }
+                None => None,
+            },
+            _ => None,
+        }
+    }
+
+    fn apply_intent(&mut self, intent: Intent) {
+        match intent {
+            Intent::Watch { add, remove } => {
+                for user in remove {
+                    self.watched.remove(&user);
+                }
+                self.watched.extend(add);
+            }
+            Intent::Join(room) => {
+                self.rooms.insert(room);
+            }
+            Intent::Leave(room) => {
+                self.rooms.remove(&room);
+            }
+        }
+    }
+
     fn command_online(&mut self, command: Command) {
         match command {
             Command::Send {
@@ -480,6 +566,9 @@ impl Driver {
             }
             Command::Request { body, reply } => {
                 let id = self.request_id();
+                if let Some(intent) = Self::intent_of(&body) {
+                    self.intents.insert(id, intent);
+                }
                 self.requests
                     .insert(id, (reply, Instant::now() + self.config.request_timeout));
                 self.out.push(v1::Frame::new(id, body).to_bytes());
@@ -524,11 +613,16 @@ impl Driver {
                     }
                 }
             }
+            Body::Presence(event) => {
+                if let Some(state) = event.state {
+                    self.emit(Event::Presence(state)).await;
+                }
+            }
+            Body::RoomMessage(message) => self.emit(Event::RoomMessage(message)).await,
+            Body::Broadcast(broadcast) => self.emit(Event::Broadcast(broadcast)).await,
             Body::Close(close) => {
                 return Some(match close.reason() {
-                    CloseReason::AuthFailed | CloseReason::Replaced => {
-                        Outcome::Closed(close.reason(), close.message)
-                    }
+                    reason if is_terminal(reason) => Outcome::Closed(reason, close.message),
                     reason => Outcome::Lost(format!(
                         "server closed: {}: {}",
                         reason.as_str_name(),
@@ -547,6 +641,7 @@ impl Driver {
                         tracing::debug!(client_msg_id = %send.request.client_msg_id, "send failed on the server; will resend");
                     }
                 } else if let Some((reply, _)) = self.requests.remove(&id) {
+                    self.intents.remove(&id);
                     let _ = reply.send(Err(server_error(&error)));
                 } else if let Some(Internal::Sync(conversation)) = self.internal.remove(&id) {
                     tracing::warn!(%conversation, message = %error.message, "sync refused");
@@ -559,6 +654,9 @@ impl Driver {
                 if let Some(internal) = self.internal.remove(&id) {
                     self.on_internal(internal, body).await;
                 } else if let Some((reply, _)) = self.requests.remove(&id) {
+                    if let Some(intent) = self.intents.remove(&id) {
+                        self.apply_intent(intent);
+                    }
                     let _ = reply.send(Ok(body));
                 }
             }
@@ -573,6 +671,12 @@ impl Driver {
                     self.timelines
                         .on_sync_page(&conversation, page.messages, page.has_more);
                 self.apply(progress).await;
+            }
+            (Internal::Restore, Body::PresenceStates(answer)) => {
+                // States may have changed while this client was away.
+                for state in answer.states {
+                    self.emit(Event::Presence(state)).await;
+                }
             }
             (Internal::List, Body::Conversations(list)) => {
                 for c in &list.conversations {

@@ -128,6 +128,13 @@ pub enum Event {
     Connected { user_id: String, resumed: bool },
     /// The connection was lost; the client is reconnecting if configured to.
     Disconnected { reason: String },
+    /// A watched user came online or went offline (see [`Client::watch_presence`]); after a
+    /// reconnect, the current state of every watched user.
+    Presence(v1::PresenceState),
+    /// A message in a live room this client is in (not stored: nothing is re-sent).
+    RoomMessage(v1::RoomMessage),
+    /// A system broadcast to everyone online (not stored).
+    Broadcast(v1::Broadcast),
     /// The server closed the session for good (for example `REPLACED`); no more events.
     Closed {
         reason: v1::CloseReason,
@@ -516,6 +523,71 @@ impl Client {
             .await?
         {
             Body::Groups(r) => Ok(r.groups),
+            _ => Err(ClientError::UnexpectedAnswer),
+        }
+    }
+
+    /// Starts watching the presence of `add` and stops watching `remove`; answers the
+    /// current state of each user in `add`. Changes arrive as [`Event::Presence`]; the
+    /// watches survive reconnects.
+    pub async fn watch_presence(
+        &self,
+        add: &[&str],
+        remove: &[&str],
+    ) -> Result<v1::PresenceSubscribeResponse, ClientError> {
+        let body = Body::PresenceSubscribe(v1::PresenceSubscribeRequest {
+            add: add.iter().map(|u| (*u).to_owned()).collect(),
+            remove: remove.iter().map(|u| (*u).to_owned()).collect(),
+        });
+        match self.request(body).await? {
+            Body::PresenceStates(r) => Ok(r),
+            _ => Err(ClientError::UnexpectedAnswer),
+        }
+    }
+
+    /// Joins a live room; its messages arrive as [`Event::RoomMessage`] until
+    /// [`Client::leave_room`]. The client rejoins after a reconnect.
+    pub async fn join_room(&self, room_id: &str) -> Result<v1::RoomResponse, ClientError> {
+        self.room_request(room_id, v1::room_request::Action::Join(v1::RoomJoin {}))
+            .await
+    }
+
+    /// Leaves a live room.
+    pub async fn leave_room(&self, room_id: &str) -> Result<v1::RoomResponse, ClientError> {
+        self.room_request(room_id, v1::room_request::Action::Leave(v1::RoomLeave {}))
+            .await
+    }
+
+    async fn room_request(
+        &self,
+        room_id: &str,
+        action: v1::room_request::Action,
+    ) -> Result<v1::RoomResponse, ClientError> {
+        let body = Body::Room(v1::RoomRequest {
+            room_id: room_id.to_owned(),
+            action: Some(action),
+        });
+        match self.request(body).await? {
+            Body::RoomResult(r) => Ok(r),
+            _ => Err(ClientError::UnexpectedAnswer),
+        }
+    }
+
+    /// Sends to a live room this client is in: handed to whoever is in it now, not stored,
+    /// not retried.
+    pub async fn send_to_room(
+        &self,
+        room_id: &str,
+        body: Bytes,
+        content_type: &str,
+    ) -> Result<v1::RoomSendAck, ClientError> {
+        let body = Body::RoomSend(v1::RoomSendRequest {
+            room_id: room_id.to_owned(),
+            body,
+            content_type: content_type.to_owned(),
+        });
+        match self.request(body).await? {
+            Body::RoomSendAck(r) => Ok(r),
             _ => Err(ClientError::UnexpectedAnswer),
         }
     }

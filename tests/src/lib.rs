@@ -464,6 +464,8 @@ pub struct ServerProcess {
     child: std::process::Child,
     pub endpoints: Endpoints,
     pub data_dir: PathBuf,
+    /// The HTTP API's address.
+    pub api: SocketAddr,
 }
 
 impl ServerProcess {
@@ -529,6 +531,7 @@ impl ServerProcess {
             child,
             endpoints,
             data_dir: data_dir.to_owned(),
+            api: addr("api"),
         }
     }
 

@@ -384,3 +384,111 @@ async fn the_served_configuration_authenticates_with_jwts() {
     .await;
     assert!(sent.starts_with("sent u:alice:bob seq=1 "), "{sent}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn imctl_manages_groups_watches_presence_and_calls_the_http_api() {
+    let data = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(SERVER, data.path(), None);
+    let tcp = server.endpoints.url(Transport::Tcp);
+    let api = format!("http://{}", server.api);
+    let dir = server.data_dir.to_str().unwrap().to_owned();
+    let api_call = |args: &[&str]| {
+        let mut command = Command::new(IMCTL);
+        command
+            .args(["api", "--api", &api, "--data-dir", &dir])
+            .args(args);
+        command
+    };
+    let group_cmd = |user: &str, args: &[&str]| {
+        let mut command = Command::new(IMCTL);
+        command
+            .args([
+                "group",
+                "--data-dir",
+                &dir,
+                "--server",
+                &tcp,
+                "--user",
+                user,
+            ])
+            .args(args)
+            .env_remove("IM_SERVER")
+            .env_remove("IM_TOKEN");
+        command
+    };
+
+    // Users made through the HTTP API (the key is read from the data directory).
+    for user in ["alice", "bob"] {
+        let made = output(api_call(&["PUT", &format!("/v1/users/{user}")])).await;
+        let made: serde_json::Value = serde_json::from_str(&made).unwrap();
+        assert_eq!(made["user_id"], user);
+    }
+    let missing = api_call(&["GET", "/v1/users/nobody"])
+        .output()
+        .await
+        .unwrap();
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("unknown_user"));
+
+    // A group made, written to and listed from the command line.
+    let created = output(group_cmd(
+        "alice",
+        &["create", "--name", "Team", "--id", "team", "bob"],
+    ))
+    .await;
+    assert_eq!(created.trim(), "team\tTeam\towner=alice\tmembers=2");
+    let sent = output(group_cmd("alice", &["send", "team", "hello team"])).await;
+    assert_eq!(sent.trim(), "sent g:team seq=2");
+    let members = output(group_cmd("bob", &["members", "team"])).await;
+    assert_eq!(
+        members.lines().collect::<Vec<_>>(),
+        ["alice\tGROUP_ROLE_OWNER", "bob\tGROUP_ROLE_MEMBER"]
+    );
+    let mine = output(group_cmd("bob", &["list"])).await;
+    assert!(
+        mine.starts_with("team\tTeam\towner=alice\tmembers=2"),
+        "{mine}"
+    );
+    let history = output(api_call(&["GET", "/v1/conversations/g:team/messages"])).await;
+    let history: serde_json::Value = serde_json::from_str(&history).unwrap();
+    assert_eq!(history["messages"][0]["text"], "hello team");
+    let refused = group_cmd("bob", &["kick", "team", "alice"])
+        .output()
+        .await
+        .unwrap();
+    assert!(!refused.status.success(), "a member cannot kick the owner");
+
+    // Presence: the watcher prints bob's state, then his coming online.
+    let mut watcher = Command::new(IMCTL)
+        .args([
+            "presence",
+            "--data-dir",
+            &dir,
+            "--server",
+            &tcp,
+            "--user",
+            "alice",
+            "bob",
+        ])
+        .env_remove("IM_SERVER")
+        .env_remove("IM_TOKEN")
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(watcher.stdout.take().unwrap()).lines();
+    let mut next_line = async || {
+        tokio::time::timeout(WAIT, lines.next_line())
+            .await
+            .expect("imctl printed in time")
+            .unwrap()
+            .expect("imctl still runs")
+    };
+    assert_eq!(next_line().await, "[presence] bob offline (0 devices)");
+    let (_bob, _events) = server
+        .endpoints
+        .client(Transport::Tcp, "bob", "phone")
+        .await;
+    assert_eq!(next_line().await, "[presence] bob online (1 devices)");
+    watcher.kill().await.unwrap();
+}

@@ -84,6 +84,16 @@ impl<'a> Recorder<'a> {
     }
 }
 
+/// The seqs of a message page, in its order.
+fn seqs_of(page: &Value) -> Vec<u64> {
+    page["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["seq"].as_u64().unwrap())
+        .collect()
+}
+
 fn message(event: Event) -> Option<v1::Message> {
     match event {
         Event::Message(m) => Some(m),
@@ -579,12 +589,7 @@ async fn every_endpoint_works_and_matches_the_served_openapi_document() {
             None,
         )
         .await;
-    let seqs: Vec<u64> = newest["messages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["seq"].as_u64().unwrap())
-        .collect();
+    let seqs = seqs_of(&newest);
     assert_eq!(
         (
             seqs,
@@ -601,12 +606,7 @@ async fn every_endpoint_works_and_matches_the_served_openapi_document() {
             None,
         )
         .await;
-    let seqs: Vec<u64> = oldest["messages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["seq"].as_u64().unwrap())
-        .collect();
+    let seqs = seqs_of(&oldest);
     assert_eq!(seqs, [5, 6]);
     assert_eq!(oldest["messages"][1]["text"], "deploy done");
     api.fails(

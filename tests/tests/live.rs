@@ -16,6 +16,7 @@ on_every_transport!(
     rooms_deliver_to_whoever_is_in_them,
     room_requests_are_checked,
     broadcasts_reach_every_online_connection,
+    message_filters_screen_room_messages,
 );
 
 fn presence(event: Event) -> Option<v1::PresenceState> {
@@ -261,4 +262,48 @@ async fn broadcasts_reach_every_online_connection(t: Transport) {
     // Broadcasts are not stored.
     let list = clients[0].0.list_conversations(100, None).await.unwrap();
     assert!(list.conversations.is_empty());
+}
+
+async fn message_filters_screen_room_messages(t: Transport) {
+    let server = TestServer::start().await;
+    let filter = |id: &str, extra: &str| {
+        format!("id = \"{id}\"\nversion = \"1.0.0\"\nhooks = [\"message-filter\"]\n{extra}\n")
+    };
+    server
+        .install_plugin(
+            &filter("mask", "[config]\nwords = \"darn\"\naction = \"mask\""),
+            "keyword_filter.wasm",
+        )
+        .await;
+    server
+        .install_plugin(
+            &filter(
+                "reject",
+                "order = 200\n[config]\nwords = \"scam\"\naction = \"reject\"",
+            ),
+            "keyword_filter.wasm",
+        )
+        .await;
+    let (alice, _alice_events) = server.client(t, "alice", "phone").await;
+    let (bob, mut bob_events) = server.client(t, "bob", "phone").await;
+    alice.join_room("stage").await.unwrap();
+    bob.join_room("stage").await.unwrap();
+    alice
+        .send_to_room("stage", text("oh darn"), "text/plain")
+        .await
+        .unwrap();
+    let m = next_event(&mut bob_events, WAIT, "the masked message", room_message).await;
+    assert_eq!(m.body, text("oh ****"));
+    assert_eq!(
+        code(
+            alice
+                .send_to_room("stage", text("a scam"), "text/plain")
+                .await
+        ),
+        v1::ErrorCode::Rejected
+    );
+    assert_no_event(&mut bob_events, QUIET, |e| {
+        matches!(e, Event::RoomMessage(_))
+    })
+    .await;
 }

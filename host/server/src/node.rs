@@ -175,6 +175,16 @@ async fn start_plugins(config: &Config, store: Arc<dyn Store>) -> anyhow::Result
     Ok(host)
 }
 
+/// Serves `app` on `listener` until `stop` fires, finishing requests in flight.
+async fn serve_http(listener: TcpListener, app: axum::Router, stop: CancellationToken, name: &str) {
+    let served = axum::serve(listener, app)
+        .with_graceful_shutdown(stop.cancelled_owned())
+        .await;
+    if let Err(err) = served {
+        tracing::error!(error = %err, "{name} stopped");
+    }
+}
+
 impl RunningNode {
     /// Starts a node: binds every enabled listener before returning.
     pub async fn start(config: Config) -> anyhow::Result<Self> {
@@ -290,15 +300,12 @@ impl RunningNode {
             node.admin = Some(listener.local_addr()?);
             node.admin_token = token.clone();
             let app = admin::router(plugins.clone(), token);
-            let stop = node.shutdown.clone();
-            listeners.spawn(async move {
-                let served = axum::serve(listener, app)
-                    .with_graceful_shutdown(stop.cancelled_owned())
-                    .await;
-                if let Err(err) = served {
-                    tracing::error!(error = %err, "admin API stopped");
-                }
-            });
+            listeners.spawn(serve_http(
+                listener,
+                app,
+                node.shutdown.clone(),
+                "admin API",
+            ));
         }
         if config.api.enabled {
             let keys = api_keys(&config)?;
@@ -311,15 +318,7 @@ impl RunningNode {
                 .map(|k| (k.name.clone(), k.key.clone()))
                 .collect();
             let app = api::router(ctx.clone(), keys);
-            let stop = node.shutdown.clone();
-            listeners.spawn(async move {
-                let served = axum::serve(listener, app)
-                    .with_graceful_shutdown(stop.cancelled_owned())
-                    .await;
-                if let Err(err) = served {
-                    tracing::error!(error = %err, "HTTP API stopped");
-                }
-            });
+            listeners.spawn(serve_http(listener, app, node.shutdown.clone(), "HTTP API"));
         }
         if config.quic.enabled {
             let server_config = tls::quic_server_config(&identity, config.idle_timeout())?;

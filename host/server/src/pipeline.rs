@@ -265,9 +265,8 @@ impl Worker {
         if let Some(group_id) = ids::conversation_group(&m.conversation_id) {
             match self.directory.members(group_id).await {
                 Ok(Some(members)) => {
-                    for member in members.iter() {
-                        self.router.for_each_device(member, &mut offer);
-                    }
+                    self.router
+                        .for_each_device_of(members.iter().map(|m| &**m), &mut offer);
                 }
                 Ok(None) => {}
                 // Members sync the gap on their next pull.
@@ -275,9 +274,8 @@ impl Worker {
                     tracing::warn!(error = %err, group = group_id, "reading group members for a push failed")
                 }
             }
-            for user in also {
-                self.router.for_each_device(user, &mut offer);
-            }
+            self.router
+                .for_each_device_of(also.iter().map(String::as_str), &mut offer);
             return;
         }
         self.router.for_each_device(&m.recipient_id, &mut offer);

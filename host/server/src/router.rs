@@ -161,6 +161,21 @@ impl LocalRouter {
         }
     }
 
+    /// Calls `f` for every online device of each of `users`, under one acquisition of the
+    /// router's lock (a group's fan-out takes the lock once, not once per member).
+    pub fn for_each_device_of<'a>(
+        &self,
+        users: impl IntoIterator<Item = &'a str>,
+        mut f: impl FnMut(&ConnHandle),
+    ) {
+        let state = self.state.read();
+        for user in users {
+            if let Some(devices) = state.users.get(user) {
+                devices.iter().for_each(&mut f);
+            }
+        }
+    }
+
     /// Calls `f` for every logged-in connection of this node.
     pub fn for_each_connection(&self, mut f: impl FnMut(&ConnHandle)) {
         for devices in self.state.read().users.values() {

@@ -135,6 +135,19 @@ async fn every_endpoint_works_and_matches_the_served_openapi_document() {
         (answer.status, answer.json["code"].as_str()),
         (404, Some("not_found"))
     );
+    let key = server.node.api_keys[0].1.clone();
+    let answer = api_call(
+        server.node.api.unwrap(),
+        "DELETE",
+        "/v1/online",
+        None,
+        Some(&key),
+    )
+    .await;
+    assert_eq!(
+        (answer.status, answer.json["code"].as_str()),
+        (405, Some("method_not_allowed"))
+    );
 
     // -- users
     for user in ["system", "alice", "bob", "carol"] {
@@ -570,6 +583,24 @@ async fn every_endpoint_works_and_matches_the_served_openapi_document() {
         (again["seq"].as_u64(), again["duplicate"].as_bool()),
         (Some(6), Some(true))
     );
+    // The same client id for another group (or a user) is another message.
+    api.ok(
+        "POST",
+        "/v1/groups",
+        "/v1/groups",
+        Some(json!({"group_id": "ops2", "name": "Ops 2", "owner_id": "alice"})),
+    )
+    .await;
+    let other = api
+        .ok("POST", "/v1/messages/group", "/v1/messages/group", Some(json!({"sender_id": "system", "group_id": "ops2", "text": "deploy done", "client_msg_id": "g-1"})))
+        .await;
+    assert_eq!(
+        (
+            other["conversation_id"].as_str(),
+            other["duplicate"].as_bool()
+        ),
+        (Some("g:ops2"), Some(false))
+    );
     api.fails(
         "POST",
         "/v1/messages/group",
@@ -631,6 +662,15 @@ async fn every_endpoint_works_and_matches_the_served_openapi_document() {
         "GET",
         "/v1/conversations/{conversation_id}/messages",
         "/v1/conversations/x/messages",
+        None,
+        400,
+        "invalid_argument",
+    )
+    .await;
+    api.fails(
+        "GET",
+        "/v1/conversations/{conversation_id}/messages",
+        "/v1/conversations/g:ops/messages?after_seq=18446744073709551615",
         None,
         400,
         "invalid_argument",

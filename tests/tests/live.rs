@@ -131,12 +131,14 @@ async fn rooms_deliver_to_whoever_is_in_them(t: Transport) {
     assert_eq!(joined.members, 3);
 
     let mut seqs = Vec::new();
+    let mut acked = Vec::new();
     for i in 0..5 {
         let ack = alice
             .send_to_room("live", text(&format!("hello {i}")), "text/plain")
             .await
             .unwrap();
         assert_eq!((ack.delivered, ack.dropped), (2, false));
+        acked.push(ack.room_seq);
     }
     for events in [&mut bob_events, &mut carol_events] {
         let mut got = Vec::new();
@@ -159,6 +161,10 @@ async fn rooms_deliver_to_whoever_is_in_them(t: Transport) {
         seqs.push(got.iter().map(|m| m.room_seq).collect::<Vec<_>>());
     }
     assert_eq!(seqs[0], seqs[1], "both members saw the same room sequence");
+    assert_eq!(
+        seqs[0], acked,
+        "the sender's acks name the seqs the others saw"
+    );
     // The sender does not get its own room messages.
     assert_no_event(&mut alice_events, QUIET, |e| {
         matches!(e, Event::RoomMessage(_))

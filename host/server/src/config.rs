@@ -257,7 +257,8 @@ impl Default for LimitsConfig {
             max_group_members: 10_000,
             // 500 ids of up to 64 bytes keep an announcement within one frame.
             max_group_batch: 500,
-            max_presence_watch: 1000,
+            // 500 states of up to 64-byte ids keep a presence answer within one frame.
+            max_presence_watch: 500,
             max_rooms_per_connection: 64,
         }
     }
@@ -338,6 +339,12 @@ impl Config {
             || self.session.retry_max_ms < self.session.retry_initial_ms
         {
             return bad("session.retry_initial_ms must be > 0 and <= session.retry_max_ms");
+        }
+        // A presence answer lists one state (at most ~100 bytes) per watched user.
+        if self.limits.max_presence_watch * 100 + 1024 > self.limits.max_frame_bytes {
+            return bad(
+                "limits.max_presence_watch must fit one frame: at most (max_frame_bytes - 1024) / 100",
+            );
         }
         if self.storage.max_batch == 0 {
             return bad("storage.max_batch must be at least 1");
@@ -437,6 +444,32 @@ mod tests {
     #[test]
     fn defaults_are_valid() {
         Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn api_keys_and_presence_limits_are_checked() {
+        let key = |name: &str, key: Option<&str>, file: Option<&str>| ApiKeyConfig {
+            name: name.into(),
+            key: key.map(str::to_owned),
+            key_file: file.map(PathBuf::from),
+        };
+        let with_keys = |keys: Vec<ApiKeyConfig>| {
+            let mut config = Config::default();
+            config.api.keys = keys;
+            config.validate().map_err(|e| e.to_string())
+        };
+        assert!(with_keys(vec![key("crm", Some("0123456789abcdef"), None)]).is_ok());
+        let short = with_keys(vec![key("crm", Some("short"), None)]).unwrap_err();
+        assert!(short.contains("16 characters"), "{short}");
+        let both = with_keys(vec![key("crm", Some("0123456789abcdef"), Some("f"))]).unwrap_err();
+        assert!(both.contains("exactly one"), "{both}");
+        let twice = with_keys(vec![key("a", None, Some("f")), key("a", None, Some("g"))]);
+        assert!(twice.unwrap_err().contains("unique"));
+        assert!(with_keys(vec![key("bad name", None, Some("f"))]).is_err());
+        let mut config = Config::default();
+        config.limits.max_presence_watch = 1000;
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("max_presence_watch"), "{err}");
     }
 
     #[test]

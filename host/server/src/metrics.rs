@@ -85,7 +85,7 @@ impl NodeMetrics {
                 metrics::describe_histogram!(
                     "im_delivery_seconds",
                     metrics::Unit::Seconds,
-                    "From a message's commit to its first push being written to a device"
+                    "From a message's commit to its push being written to a device (one sample per device)"
                 );
                 (
                     TRANSPORTS.map(|t| metrics::gauge!("im_connections", "transport" => t)),

@@ -16,7 +16,7 @@ use crate::router::{ConnHandle, Outbound};
 pub struct PresenceBook {
     /// Watched user -> the connections watching it, by connection id.
     watchers: HashMap<Arc<str>, HashMap<u64, ConnHandle>>,
-    /// When each user last came online or went offline (since the node started).
+    /// When each online or watched user last came online or went offline.
     changed_ms: HashMap<Arc<str>, i64>,
 }
 
@@ -52,10 +52,17 @@ impl PresenceBook {
     /// Records that `user` came online (`devices` > 0) or went offline, and pushes the new
     /// state to its watchers.
     pub fn changed(&mut self, user: &Arc<str>, devices: usize, now_ms: i64) {
-        self.changed_ms.insert(user.clone(), now_ms);
         let Some(watching) = self.watchers.get(&**user) else {
+            // Kept for online users only while nobody watches, so the book does not grow
+            // with every user ever seen.
+            if devices > 0 {
+                self.changed_ms.insert(user.clone(), now_ms);
+            } else {
+                self.changed_ms.remove(&**user);
+            }
             return;
         };
+        self.changed_ms.insert(user.clone(), now_ms);
         let frame = v1::Frame::new(
             0,
             Body::Presence(v1::PresenceEvent {

@@ -9,14 +9,15 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
 
 use crate::router::{ConnHandle, Outbound};
 
-/// The live rooms of one node.
+/// The live rooms of one node. The map's lock is held only to find, add or drop a room;
+/// each room has its own lock, so a busy room never stalls the others.
 #[derive(Default)]
 pub struct Rooms {
-    rooms: RwLock<HashMap<Arc<str>, Room>>,
+    rooms: RwLock<HashMap<Arc<str>, Arc<Mutex<Room>>>>,
 }
 
 struct Room {
@@ -36,10 +37,13 @@ impl Rooms {
     /// Puts `member` in `room_id` (creating the room); returns the room's size after.
     pub fn join(&self, room_id: &str, member: &ConnHandle) -> usize {
         let mut rooms = self.rooms.write();
-        let room = rooms.entry(room_id.into()).or_insert_with(|| Room {
-            members: HashMap::new(),
-            published: 0,
+        let room = rooms.entry(room_id.into()).or_insert_with(|| {
+            Arc::new(Mutex::new(Room {
+                members: HashMap::new(),
+                published: 0,
+            }))
         });
+        let mut room = room.lock();
         room.members.insert(member.conn_id, member.clone());
         room.members.len()
     }
@@ -48,9 +52,11 @@ impl Rooms {
     /// connection was not in it. An empty room ends.
     pub fn leave(&self, room_id: &str, conn_id: u64) -> Option<usize> {
         let mut rooms = self.rooms.write();
-        let room = rooms.get_mut(room_id)?;
-        room.members.remove(&conn_id)?;
-        let left = room.members.len();
+        let left = {
+            let mut room = rooms.get(room_id)?.lock();
+            room.members.remove(&conn_id)?;
+            room.members.len()
+        };
         if left == 0 {
             rooms.remove(room_id);
         }
@@ -62,7 +68,7 @@ impl Rooms {
         self.rooms
             .read()
             .get(room_id)
-            .is_some_and(|r| r.members.contains_key(&conn_id))
+            .is_some_and(|r| r.lock().members.contains_key(&conn_id))
     }
 
     /// Connections in `room_id`.
@@ -70,20 +76,21 @@ impl Rooms {
         self.rooms
             .read()
             .get(room_id)
-            .map_or(0, |r| r.members.len())
+            .map_or(0, |r| r.lock().members.len())
     }
 
-    /// Hands the push built by `frame(room_seq)` to every member but `except`; returns how
-    /// many connections it was handed to, or `None` when the room does not exist.
+    /// Hands the push built by `frame(room_seq)` to every member but `except`; returns the
+    /// message's room seq and how many connections it was handed to, or `None` when the
+    /// room does not exist. Room seqs restart when a room ends (its last member left).
     pub fn publish(
         &self,
         room_id: &str,
         except: Option<u64>,
         frame: impl FnOnce(u64) -> Bytes,
-    ) -> Option<usize> {
-        // The write lock orders publications: members see room seqs increase.
-        let mut rooms = self.rooms.write();
-        let room = rooms.get_mut(room_id)?;
+    ) -> Option<(u64, usize)> {
+        let room = self.rooms.read().get(room_id)?.clone();
+        // The room's lock orders its publications: members see room seqs increase.
+        let mut room = room.lock();
         room.published += 1;
         let push = frame(room.published);
         let mut delivered = 0;
@@ -92,7 +99,7 @@ impl Rooms {
                 delivered += 1;
             }
         }
-        Some(delivered)
+        Some((room.published, delivered))
     }
 
     /// Up to `limit` rooms whose ids sort after `after`, in id order, with their sizes.
@@ -101,7 +108,7 @@ impl Rooms {
         let mut ids: Vec<(&Arc<str>, usize)> = rooms
             .iter()
             .filter(|(id, _)| after.is_none_or(|after| &***id > after))
-            .map(|(id, room)| (id, room.members.len()))
+            .map(|(id, room)| (id, room.lock().members.len()))
             .collect();
         ids.sort_unstable();
         ids.truncate(limit);
@@ -146,8 +153,8 @@ mod tests {
         assert_eq!(rooms.join("live", &a), 1);
         assert_eq!(rooms.join("live", &b), 2);
         let seq_frame = |seq: u64| Bytes::from(seq.to_string());
-        assert_eq!(rooms.publish("live", Some(1), seq_frame), Some(1));
-        assert_eq!(rooms.publish("live", None, seq_frame), Some(2));
+        assert_eq!(rooms.publish("live", Some(1), seq_frame), Some((1, 1)));
+        assert_eq!(rooms.publish("live", None, seq_frame), Some((2, 2)));
         assert!(ra.try_recv().is_ok());
         assert!(ra.try_recv().is_err());
         let frames: Vec<_> = std::iter::from_fn(|| rb.try_recv().ok())

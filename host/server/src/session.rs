@@ -787,13 +787,13 @@ impl LoggedIn {
             return;
         };
         let sender = (&*self.handle.user_id, &*self.handle.device_id);
-        let delivered = self
+        let (room_seq, delivered) = self
             .ctx
             .rooms
             .publish(&req.room_id, Some(self.handle.conn_id), |seq| {
                 room_push(&req.room_id, sender, body, content_type, seq)
             })
-            .unwrap_or(0);
+            .unwrap_or((0, 0));
         self.ctx.metrics.message_in(MessageKind::Room, 1);
         self.ctx
             .metrics
@@ -802,6 +802,7 @@ impl LoggedIn {
             room_id: req.room_id,
             delivered: delivered as u32,
             dropped: false,
+            room_seq,
         };
         self.out.push(frame_bytes(rid, Body::RoomSendAck(answer)));
     }
@@ -1013,6 +1014,7 @@ impl LoggedIn {
                         room_id: room_id.to_owned(),
                         delivered: 0,
                         dropped: true,
+                        room_seq: 0,
                     }),
                     None => Body::SendAck(v1::SendAck {
                         client_msg_id: client_msg_id.to_owned(),

@@ -194,6 +194,28 @@ async fn duplicates_return_the_original(store: &dyn Store) {
 }
 
 async fn paging_forwards_and_backwards(store: &dyn Store) {
+    // Seqs past i64::MAX are past every message, not before them.
+    store
+        .append_messages(&direct_batch("huge-a", "huge-b", "h", 1))
+        .await
+        .unwrap();
+    let huge = direct_id("huge-a", "huge-b");
+    assert!(
+        store
+            .messages_after(&huge, u64::MAX, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        store
+            .messages_before(&huge, u64::MAX, 10)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+
     let batch = direct_batch("page-a", "page-b", "p", 25);
     store.append_messages(&batch).await.unwrap();
     let conv = direct_id("page-a", "page-b");

@@ -497,7 +497,8 @@ impl Store for SqliteStore {
              ORDER BY seq ASC LIMIT ?"
         ))
         .bind(conversation_id)
-        .bind(after_seq as i64)
+        // Seqs above i64::MAX cannot exist; clamping keeps "after" meaning "none".
+        .bind(after_seq.min(i64::MAX as u64) as i64)
         .bind(clamp_limit(limit))
         .fetch_all(&self.readers)
         .await
@@ -514,7 +515,7 @@ impl Store for SqliteStore {
         let before = if before_seq == 0 {
             i64::MAX
         } else {
-            before_seq as i64
+            before_seq.min(i64::MAX as u64) as i64
         };
         let rows = sqlx::query(&format!(
             "SELECT {MESSAGE_COLUMNS} FROM messages WHERE conversation_id = ? AND seq < ? \

@@ -88,9 +88,14 @@ enum Internal {
     Sync(String),
     List,
     Heartbeat,
-    /// Re-establishing presence watches and room memberships after a reconnect.
-    Restore,
+    /// Re-establishing presence watches after a reconnect.
+    RestorePresence,
+    /// Re-joining a room after a reconnect.
+    RestoreRoom(String),
 }
+
+/// Users per presence request when restoring watches (keeps each frame small).
+const RESTORE_CHUNK: usize = 200;
 
 /// What a presence or room request changes once the server accepts it; kept so a
 /// reconnect restores it.
@@ -371,8 +376,8 @@ impl Driver {
             .map(|(id, _)| *id)
             .collect();
         for id in expired {
+            // The intent stays: a late answer still tells what the server did.
             if let Some((reply, _)) = self.requests.remove(&id) {
-                self.intents.remove(&id);
                 let _ = reply.send(Err(ClientError::Timeout));
             }
         }
@@ -498,18 +503,20 @@ impl Driver {
 
     /// Asks the new connection for the presence watches and rooms of the last one.
     fn restore_watches_and_rooms(&mut self) {
-        if !self.watched.is_empty() {
+        let watched: Vec<String> = self.watched.iter().cloned().collect();
+        for chunk in watched.chunks(RESTORE_CHUNK) {
             let id = self.request_id();
-            self.internal.insert(id, Internal::Restore);
+            self.internal.insert(id, Internal::RestorePresence);
             let body = Body::PresenceSubscribe(v1::PresenceSubscribeRequest {
-                add: self.watched.iter().cloned().collect(),
+                add: chunk.to_vec(),
                 remove: Vec::new(),
             });
             self.out.push(v1::Frame::new(id, body).to_bytes());
         }
         for room in self.rooms.clone() {
             let id = self.request_id();
-            self.internal.insert(id, Internal::Restore);
+            self.internal
+                .insert(id, Internal::RestoreRoom(room.clone()));
             let body = Body::Room(v1::RoomRequest {
                 room_id: room,
                 action: Some(v1::room_request::Action::Join(v1::RoomJoin {})),
@@ -640,12 +647,31 @@ impl Driver {
                     } else {
                         tracing::debug!(client_msg_id = %send.request.client_msg_id, "send failed on the server; will resend");
                     }
-                } else if let Some((reply, _)) = self.requests.remove(&id) {
-                    self.intents.remove(&id);
-                    let _ = reply.send(Err(server_error(&error)));
-                } else if let Some(Internal::Sync(conversation)) = self.internal.remove(&id) {
-                    tracing::warn!(%conversation, message = %error.message, "sync refused");
-                    self.timelines.sync_abandoned(&conversation);
+                } else if self.requests.contains_key(&id) || self.intents.contains_key(&id) {
+                    // A leave the server says is moot still leaves.
+                    match self.intents.remove(&id) {
+                        Some(intent @ Intent::Leave(_))
+                            if error.code() == v1::ErrorCode::NotInRoom =>
+                        {
+                            self.apply_intent(intent)
+                        }
+                        _ => {}
+                    }
+                    if let Some((reply, _)) = self.requests.remove(&id) {
+                        let _ = reply.send(Err(server_error(&error)));
+                    }
+                } else if let Some(internal) = self.internal.remove(&id) {
+                    match internal {
+                        Internal::Sync(conversation) => {
+                            tracing::warn!(%conversation, message = %error.message, "sync refused");
+                            self.timelines.sync_abandoned(&conversation);
+                        }
+                        Internal::RestoreRoom(room) => {
+                            tracing::warn!(%room, message = %error.message, "re-joining a room refused");
+                            self.rooms.remove(&room);
+                        }
+                        _ => {}
+                    }
                 } else if id == 0 {
                     tracing::warn!(message = %error.message, "server reported an error");
                 }
@@ -653,11 +679,13 @@ impl Driver {
             body => {
                 if let Some(internal) = self.internal.remove(&id) {
                     self.on_internal(internal, body).await;
-                } else if let Some((reply, _)) = self.requests.remove(&id) {
+                } else {
                     if let Some(intent) = self.intents.remove(&id) {
                         self.apply_intent(intent);
                     }
-                    let _ = reply.send(Ok(body));
+                    if let Some((reply, _)) = self.requests.remove(&id) {
+                        let _ = reply.send(Ok(body));
+                    }
                 }
             }
         }
@@ -672,7 +700,7 @@ impl Driver {
                         .on_sync_page(&conversation, page.messages, page.has_more);
                 self.apply(progress).await;
             }
-            (Internal::Restore, Body::PresenceStates(answer)) => {
+            (Internal::RestorePresence, Body::PresenceStates(answer)) => {
                 // States may have changed while this client was away.
                 for state in answer.states {
                     self.emit(Event::Presence(state)).await;

@@ -246,9 +246,11 @@ pub async fn push_to_group(
         }
         Err(err) => return Err(ApiError::internal(err)),
     }
-    let client_msg_id = push
-        .client_msg_id
-        .unwrap_or_else(|| format!("api-{}", uuid::Uuid::now_v7().simple()));
+    // Derived per group: the store dedups per (sender, id) across all conversations.
+    let client_msg_id = match &push.client_msg_id {
+        Some(id) => per_recipient_id(id, &ids::group_conversation_id(&push.group_id)),
+        None => format!("api-{}", uuid::Uuid::now_v7().simple()),
+    };
     let message = new_message(
         ids::group_conversation_id(&push.group_id),
         &push.sender_id,
@@ -341,14 +343,15 @@ pub async fn list_rooms(
         (status = 413, description = "Body over the limit", body = ErrorBody)))]
 pub async fn push_to_room(
     State(state): State<ApiState>,
-    Path(room_id): Path<String>,
+    path: Result<Path<String>, axum::extract::rejection::PathRejection>,
     body: Result<Json<PushToRoom>, JsonRejection>,
 ) -> ApiResult<Published> {
+    let Path(room_id) = path?;
     let Json(push) = body?;
     valid_id(&room_id, "room_id")?;
     valid_id(&push.sender_id, "sender_id")?;
     let (body, content_type) = payload(&state, push.text, push.body_base64, push.content_type)?;
-    let delivered = state
+    let (_, delivered) = state
         .ctx
         .rooms
         .publish(&room_id, None, |seq| {
@@ -751,6 +754,16 @@ pub async fn history(
         ));
     }
     let limit = page_limit(query.limit, MAX_MESSAGE_PAGE)?;
+    // Seqs are stored as SQL integers: larger values are no seq at all.
+    if [query.after_seq, query.before_seq]
+        .iter()
+        .flatten()
+        .any(|seq| *seq > i64::MAX as u64)
+    {
+        return Err(ApiError::invalid(
+            "after_seq and before_seq are at most 2^63 - 1",
+        ));
+    }
     let store = &state.ctx.store;
     let last_seq = store
         .last_seq(&conversation_id)

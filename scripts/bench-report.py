@@ -1,0 +1,192 @@
+#!/usr/bin/env python3
+"""Renders a benchmark run (results.json from `im-bench all`) as results.md and PNG plots.
+
+Usage: scripts/bench-report.py OUT_DIR
+"""
+import json
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+SYSTEMS = ["im", "mosquitto", "nats"]
+
+
+def load(out):
+    return json.loads((out / "results.json").read_text())
+
+
+def rows(doc, scenario):
+    return [e for e in doc["results"] if e["scenario"] == scenario]
+
+
+def ratio(ours, theirs, lower_is_better):
+    if not ours or not theirs:
+        return ""
+    r = ours / theirs
+    better = r < 1 if lower_is_better else r > 1
+    return f"{r:.2f} ({'ahead' if better else 'behind'})"
+
+
+def idle_table(doc):
+    lines = ["| system | transport | connections | failed | server RSS / conn | kernel slab / conn |", "|---|---|---|---|---|---|"]
+    for e in rows(doc, "idle"):
+        r = e["result"]
+        lines.append(
+            f"| {e['system']} | {e['params']['transport']} | {r['connections']} | {r['failed']} | "
+            f"{r['rss_per_connection'] / 1024:.2f} KiB | {r['slab_per_connection'] / 1024:.2f} KiB |"
+        )
+    ours = {e["params"]["transport"]: e["result"]["rss_per_connection"] for e in rows(doc, "idle") if e["system"] == "im"}
+    for peer in ("mosquitto", "nats"):
+        theirs = [e["result"]["rss_per_connection"] for e in rows(doc, "idle") if e["system"] == peer]
+        if theirs and "tcp" in ours:
+            lines.append(f"| ratio im tcp / {peer} | | | | {ratio(ours['tcp'], theirs[0], True)} | |")
+    return "\n".join(lines)
+
+
+def latency_table(doc, scenario, rate_key="rate"):
+    lines = [
+        "| system | config | offered | completed | p50 | p99 | p99.9 | server CPU | loadgen CPU |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for e in rows(doc, scenario):
+        r = e["result"]
+        lat = r["latency"]
+        lines.append(
+            f"| {e['system']} | {e['params'].get('config', '')} | {e['params'][rate_key]}/s | {r['completed']} (lost {r['lost']}) | "
+            f"{lat['p50_us']} µs | {lat['p99_us']} µs | {lat['p999_us']} µs | {r['cpu']['server_cores']:.2f} | {r['cpu']['loadgen_cores']:.2f} |"
+        )
+    lines += ratio_lines(doc, scenario, lambda r: r["latency"]["p99_us"], "p99", True, config="plugins on")
+    return "\n".join(lines)
+
+
+def ratio_lines(doc, scenario, value, what, lower_is_better, config=None):
+    out = []
+    by_rate = {}
+    for e in rows(doc, scenario):
+        if e["system"] == "im" and config and e["params"].get("config") != config:
+            continue
+        by_rate.setdefault(e["params"]["rate"], {})[e["system"]] = value(e["result"])
+    for rate, systems in sorted(by_rate.items()):
+        for peer in ("mosquitto", "nats"):
+            if "im" in systems and peer in systems:
+                out.append(f"| ratio im / {peer} {what} | | {rate}/s | | | {ratio(systems['im'], systems[peer], lower_is_better)} | | | |")
+    return out
+
+
+def fanout_table(doc):
+    lines = [
+        "| system | offered msgs/s | subscribers | deliveries | deliveries/s | p50 | p99 | p99.9 | server CPU | loadgen CPU |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for e in rows(doc, "fanout"):
+        r = e["result"]
+        lat = r["latency"]
+        lines.append(
+            f"| {e['system']} | {r['offered_msgs_per_s']} | {r['subscribers']} | {r['deliveries']} / {r['expected']} | {r['deliveries_per_s']:.0f} | "
+            f"{lat['p50_us']} µs | {lat['p99_us']} µs | {lat['p999_us']} µs | {r['cpu']['server_cores']:.2f} | {r['cpu']['loadgen_cores']:.2f} |"
+        )
+    for rate_ratio in ratio_lines(doc, "fanout", lambda r: r["latency"]["p99_us"], "p99", True):
+        lines.append(rate_ratio + " |")
+    return "\n".join(lines)
+
+
+def durable_table(doc):
+    lines = [
+        "| run | offered | acked | acked/s | ack p50 | ack p99 | ack p99.9 | server CPU | loadgen CPU |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for scenario in ("durable", "durable-saturation", "plugins-fixed-rate", "plugins-saturation"):
+        for e in rows(doc, scenario):
+            r = e["result"]
+            lat = r["ack_latency"]
+            params = ", ".join(f"{k}={v}" for k, v in e["params"].items())
+            offered = f"{r['offered_per_s']}/s" if "offered_per_s" in r else f"window {r['window']} x {r['senders']}"
+            lines.append(
+                f"| {scenario} ({params}) | {offered} | {r['acked']} | {r['acked_per_s']:.0f} | {lat['p50_us']} µs | {lat['p99_us']} µs | "
+                f"{lat['p999_us']} µs | {r['cpu']['server_cores']:.2f} | {r['cpu']['loadgen_cores']:.2f} |"
+            )
+    sat = {e["params"]["filters"]: e["result"]["acked_per_s"] for e in rows(doc, "plugins-saturation")}
+    if 0 in sat and 3 in sat and sat[0]:
+        lines.append(f"| 3 filters cost | | | {100 * (1 - sat[3] / sat[0]):.1f}% of throughput | | | | | |")
+    return "\n".join(lines)
+
+
+def plot(out, doc):
+    written = []
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for system in SYSTEMS:
+        pts = [(e["params"]["rate"], e["result"]["latency"]["p99_us"]) for e in rows(doc, "rtt")
+               if e["system"] == system and e["params"].get("config") != "plugins off"]
+        if pts:
+            ax.plot(*zip(*sorted(pts)), marker="o", label=f"{system} p99")
+    ax.set_xlabel("offered round trips/s")
+    ax.set_ylabel("µs")
+    ax.set_title("1:1 round trip p99")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "rtt.png", dpi=100)
+    written.append("rtt.png")
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for system in SYSTEMS:
+        pts = [(e["result"]["offered_msgs_per_s"] * e["result"]["subscribers"], e["result"]["latency"]["p99_us"] / 1000)
+               for e in rows(doc, "fanout") if e["system"] == system]
+        if pts:
+            ax.plot(*zip(*sorted(pts)), marker="o", label=f"{system} p99")
+    ax.set_xlabel("offered deliveries/s")
+    ax.set_ylabel("ms")
+    ax.set_title("Fan-out to a 1,000-member group: delivery p99")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "fanout.png", dpi=100)
+    written.append("fanout.png")
+    idle = rows(doc, "idle")
+    if idle:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        labels = [f"{e['system']} {e['params']['transport']}" for e in idle]
+        ax.bar(labels, [e["result"]["rss_per_connection"] / 1024 for e in idle])
+        ax.set_ylabel("KiB server RSS per idle connection")
+        ax.set_title("Idle connection memory")
+        fig.tight_layout()
+        fig.savefig(out / "idle.png", dpi=100)
+        written.append("idle.png")
+    return written
+
+
+def main():
+    out = Path(sys.argv[1] if len(sys.argv) > 1 else "target/bench")
+    doc = load(out)
+    machine = doc["machine"]
+    parts = [
+        f"Machine: {machine['cpu']}, {machine['cores']} cores, {machine['memory']}. Quick mode: {doc['quick']}.",
+        "",
+        "Durability: " + "; ".join(f"{k}: {v}" for k, v in doc["durability"].items()) + ".",
+        "",
+        "### Idle connections",
+        "",
+        idle_table(doc),
+        "",
+        "### 1:1 round trip (open loop, 100 B)",
+        "",
+        latency_table(doc, "rtt"),
+        "",
+        "### Group fan-out (one sender, 1,000-member group, all online)",
+        "",
+        fanout_table(doc),
+        "",
+        "### Durable sends and plugin cost",
+        "",
+        durable_table(doc),
+        "",
+    ]
+    for png in plot(out, doc):
+        parts.append(f"![{png}]({png})")
+    (out / "results.md").write_text("\n".join(parts) + "\n")
+    print(f"wrote {out / 'results.md'}")
+
+
+if __name__ == "__main__":
+    main()

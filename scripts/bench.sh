@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The benchmark kit's one command: builds the release server, the plugins and the load
+# generator, installs the peers (mosquitto, nats-server) from Debian's packages, runs every
+# scenario and renders results.json, results.md and PNG plots into the output directory.
+#
+#   ./scripts/bench.sh                 # full run (about 30 minutes)
+#   ./scripts/bench.sh --quick         # quick mode (under 10 minutes)
+#   ./scripts/bench.sh --quick --only rtt,fanout --no-peers
+#
+# Environment: BENCH_OUT (default target/bench).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out="${BENCH_OUT:-target/bench}"
+rustup target add wasm32-wasip2 >/dev/null
+if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ] || ! command -v nats-server >/dev/null 2>&1; then
+    echo "== installing mosquitto and nats-server"
+    sudo_cmd=""
+    [ "$(id -u)" -ne 0 ] && sudo_cmd="sudo"
+    $sudo_cmd apt-get update -qq
+    $sudo_cmd apt-get install -y -qq mosquitto nats-server >/dev/null
+fi
+# The Debian service would hold port 1883; the kit starts its own instances.
+(systemctl stop mosquitto 2>/dev/null || service mosquitto stop 2>/dev/null || true) >/dev/null 2>&1
+python3 -c "import matplotlib" 2>/dev/null || python3 -m pip install --quiet matplotlib
+echo "== building"
+(cd plugins && cargo build --release --locked)
+cargo build --release --locked -p im-server -p im-bench
+mkdir -p "$out"
+echo "== running (results in $out)"
+./target/release/im-bench all --out "$out" "$@"
+python3 scripts/bench-report.py "$out"
+echo "== wrote $out/results.json, $out/results.md and $out/*.png"

@@ -1,0 +1,382 @@
+//! `im-bench`: runs the benchmark scenarios against a release im-server and the peers, and writes `results.json`.
+//!
+//! Layout: [`stats`] measures (HDR histograms, CPU, RSS, slab); [`server`] runs our server;
+//! [`scenarios`] drives it through the client SDK; [`idle`] holds idle connections from child
+//! processes; [`peers`] runs mosquitto and nats-server and the same scenarios over their
+//! client libraries. `scripts/bench.sh` builds everything, installs the peers, runs
+//! `im-bench all` and renders the markdown table and plots (`scripts/bench-report.py`).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use serde_json::{Value, json};
+
+mod idle;
+mod peers;
+mod scenarios;
+mod server;
+mod stats;
+
+use idle::Protocol;
+use peers::{PeerKind, PeerServer};
+use server::{BenchPlugin, ImServer, ServerOptions};
+
+#[derive(Parser)]
+#[command(
+    name = "im-bench",
+    about = "Benchmark kit for the IM server and its peers"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the scenarios and write `<out>/results.json`.
+    All(AllArgs),
+    /// (Internal) hold idle connections; started by the idle scenario.
+    IdleClients(idle::ChildArgs),
+}
+
+#[derive(clap::Args)]
+struct AllArgs {
+    /// Output directory.
+    #[arg(long, default_value = "target/bench")]
+    out: PathBuf,
+    /// Smaller loads and shorter runs (finishes in a few minutes).
+    #[arg(long)]
+    quick: bool,
+    /// The server binary.
+    #[arg(long, default_value = "target/release/im-server")]
+    server_bin: PathBuf,
+    /// The repository root (plugin manifests and built components).
+    #[arg(long, default_value = ".")]
+    repo: PathBuf,
+    /// Only these scenarios (idle, rtt, fanout, durable, plugins); default all.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+    /// Skip mosquitto and nats-server.
+    #[arg(long)]
+    no_peers: bool,
+}
+
+/// What one configuration of a scenario is run with.
+struct Plan {
+    duration: Duration,
+    idle_connections: usize,
+    idle_quic_connections: usize,
+    rtt_rates: Vec<u64>,
+    fanout_members: usize,
+    fanout_rates: Vec<u64>,
+    durable_rates: Vec<u64>,
+    durable_senders: usize,
+    body: usize,
+}
+
+impl Plan {
+    fn new(quick: bool) -> Self {
+        if quick {
+            Self {
+                duration: Duration::from_secs(4),
+                idle_connections: 2_000,
+                idle_quic_connections: 5_000,
+                rtt_rates: vec![5_000],
+                fanout_members: 1_000,
+                fanout_rates: vec![100, 150],
+                durable_rates: vec![10_000, 50_000],
+                durable_senders: 50,
+                body: 100,
+            }
+        } else {
+            Self {
+                duration: Duration::from_secs(10),
+                idle_connections: 19_000,
+                idle_quic_connections: 50_000,
+                rtt_rates: vec![1_000, 5_000, 10_000],
+                fanout_members: 1_000,
+                fanout_rates: vec![50, 100, 150, 200, 300],
+                durable_rates: vec![10_000, 25_000, 50_000, 75_000],
+                durable_senders: 50,
+                body: 100,
+            }
+        }
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    // Fix the payload timestamps' origin before anything is stamped.
+    stats::stamp(std::time::Instant::now());
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    match cli.command {
+        Command::IdleClients(args) => runtime.block_on(idle::run_child(args)),
+        Command::All(args) => runtime.block_on(run_all(args)),
+    }
+}
+
+struct Results {
+    entries: Vec<Value>,
+    path: PathBuf,
+    header: Value,
+}
+
+impl Results {
+    /// Records one result and rewrites the file, so a long run keeps what it measured.
+    fn push(
+        &mut self,
+        scenario: &str,
+        system: &str,
+        params: Value,
+        result: impl serde::Serialize,
+    ) -> anyhow::Result<()> {
+        let entry =
+            json!({"scenario": scenario, "system": system, "params": params, "result": result});
+        eprintln!("{entry}");
+        self.entries.push(entry);
+        let mut doc = self.header.clone();
+        doc["results"] = Value::Array(self.entries.clone());
+        std::fs::write(&self.path, serde_json::to_string_pretty(&doc)?)?;
+        Ok(())
+    }
+}
+
+fn machine() -> Value {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split_once(':'))
+        .map(|(_, m)| m.trim().to_owned())
+        .unwrap_or_default();
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let memory = std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    json!({"cpu": model, "cores": cores, "memory": memory})
+}
+
+/// The default message-path plugins, with risk control's per-user rate raised so it
+/// measures its cost without throttling the load generator.
+fn default_plugins(repo: &Path) -> Vec<BenchPlugin> {
+    let wasm = |name: &str| repo.join("target/guest/wasm32-wasip2/release").join(name);
+    vec![
+        BenchPlugin {
+            id: None,
+            manifest: repo.join("plugins/keyword-filter/manifest.toml"),
+            wasm: wasm("keyword_filter.wasm"),
+            config: vec![],
+        },
+        BenchPlugin {
+            id: None,
+            manifest: repo.join("plugins/risk-control/manifest.toml"),
+            wasm: wasm("risk_control.wasm"),
+            config: vec![
+                ("send_rate".into(), "10000000".into()),
+                ("send_burst".into(), "10000000".into()),
+                ("repeat_limit".into(), "1000000000".into()),
+            ],
+        },
+    ]
+}
+
+fn keyword_filters(repo: &Path, count: usize) -> Vec<BenchPlugin> {
+    (0..count)
+        .map(|n| BenchPlugin {
+            id: Some(format!("keyword-filter-{n}")),
+            manifest: repo.join("plugins/keyword-filter/manifest.toml"),
+            wasm: repo.join("target/guest/wasm32-wasip2/release/keyword_filter.wasm"),
+            config: vec![],
+        })
+        .collect()
+}
+
+async fn run_all(args: AllArgs) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&args.out)?;
+    let plan = Plan::new(args.quick);
+    let wanted = |name: &str| args.only.is_empty() || args.only.iter().any(|o| o == name);
+    let started = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
+    let mut results = Results {
+        entries: Vec::new(),
+        path: args.out.join("results.json"),
+        header: json!({
+            "started_unix": started,
+            "quick": args.quick,
+            "machine": machine(),
+            "durability": {
+                "im": "ack after the SQLite WAL commit (synchronous=NORMAL): survives SIGKILL of the server, not power loss",
+                "mosquitto": "QoS 1, persistence off (messages in memory)",
+                "nats": "core pub/sub, no persistence",
+            },
+        }),
+    };
+    let d = plan.duration;
+    let bin = &args.server_bin;
+    anyhow::ensure!(
+        bin.exists(),
+        "{} is missing: build it with cargo build --release -p im-server",
+        bin.display()
+    );
+    let plain = ServerOptions::default();
+    let with_plugins = ServerOptions {
+        plugins: default_plugins(&args.repo),
+        fsync: false,
+    };
+
+    if wanted("idle") {
+        for (protocol, transport, total, per_process) in [
+            (Protocol::ImTcp, "tcp", plan.idle_connections, 9_000),
+            (Protocol::ImWs, "ws", plan.idle_connections, 9_000),
+            (Protocol::ImQuic, "quic", plan.idle_quic_connections, 25_000),
+        ] {
+            let server = ImServer::start(bin, &plain)?;
+            let result = idle::measure(
+                protocol,
+                &server.url(transport),
+                server.pid,
+                total,
+                per_process,
+                Some(&server.certificate),
+                server.secret(),
+            )
+            .await?;
+            results.push("idle", "im", json!({"transport": transport}), result)?;
+        }
+        if !args.no_peers {
+            for (kind, protocol) in [
+                (PeerKind::Mosquitto, Protocol::Mqtt),
+                (PeerKind::Nats, Protocol::Nats),
+            ] {
+                let peer = PeerServer::start(kind, false)?;
+                let target = format!("127.0.0.1:{}", peer.port);
+                let result = idle::measure(
+                    protocol,
+                    &target,
+                    peer.pid,
+                    plan.idle_connections,
+                    9_000,
+                    None,
+                    "",
+                )
+                .await?;
+                results.push("idle", peer_name(kind), json!({"transport": "tcp"}), result)?;
+            }
+        }
+    }
+
+    if wanted("rtt") {
+        for (label, options) in [("plugins on", &with_plugins), ("plugins off", &plain)] {
+            let server = ImServer::start(bin, options)?;
+            for &rate in &plan.rtt_rates {
+                let result = scenarios::rtt(&server, rate, d, plan.body)
+                    .await
+                    .with_context(|| format!("rtt at {rate}/s"))?;
+                results.push("rtt", "im", json!({"rate": rate, "config": label}), result)?;
+            }
+        }
+        if !args.no_peers {
+            for kind in [PeerKind::Mosquitto, PeerKind::Nats] {
+                let peer = PeerServer::start(kind, false)?;
+                for &rate in &plan.rtt_rates {
+                    let result = peers::rtt(&peer, rate, d, plan.body).await?;
+                    results.push(
+                        "rtt",
+                        peer_name(kind),
+                        json!({"rate": rate, "config": peer.durability()}),
+                        result,
+                    )?;
+                }
+            }
+        }
+    }
+
+    if wanted("fanout") {
+        let server = ImServer::start(bin, &with_plugins)?;
+        for &rate in &plan.fanout_rates {
+            let result =
+                scenarios::fanout(&server, plan.fanout_members, rate, d, plan.body).await?;
+            results.push(
+                "fanout",
+                "im",
+                json!({"rate": rate, "members": plan.fanout_members, "config": "plugins on"}),
+                result,
+            )?;
+        }
+        drop(server);
+        if !args.no_peers {
+            for kind in [PeerKind::Mosquitto, PeerKind::Nats] {
+                let peer = PeerServer::start(kind, false)?;
+                for &rate in &plan.fanout_rates {
+                    let result =
+                        peers::fanout(&peer, plan.fanout_members - 1, rate, d, plan.body).await?;
+                    results.push("fanout", peer_name(kind), json!({"rate": rate, "members": plan.fanout_members, "config": peer.durability()}), result)?;
+                }
+            }
+        }
+    }
+
+    if wanted("durable") {
+        let server = ImServer::start(bin, &plain)?;
+        for &rate in &plan.durable_rates {
+            let result =
+                scenarios::durable(&server, plan.durable_senders, rate, d, plan.body).await?;
+            results.push(
+                "durable",
+                "im",
+                json!({"rate": rate, "senders": plan.durable_senders, "config": "plugins off"}),
+                result,
+            )?;
+        }
+        let result = scenarios::saturate(&server, plan.durable_senders, 64, d, plan.body).await?;
+        results.push(
+            "durable-saturation",
+            "im",
+            json!({"config": "plugins off"}),
+            result,
+        )?;
+    }
+
+    if wanted("plugins") {
+        for filters in [0usize, 1, 3] {
+            let options = ServerOptions {
+                plugins: keyword_filters(&args.repo, filters),
+                fsync: false,
+            };
+            let server = ImServer::start(bin, &options)?;
+            let saturated =
+                scenarios::saturate(&server, plan.durable_senders, 64, d, plan.body).await?;
+            results.push(
+                "plugins-saturation",
+                "im",
+                json!({"filters": filters}),
+                saturated,
+            )?;
+            let fixed =
+                scenarios::durable(&server, plan.durable_senders, 10_000, d, plan.body).await?;
+            results.push(
+                "plugins-fixed-rate",
+                "im",
+                json!({"filters": filters, "rate": 10_000}),
+                fixed,
+            )?;
+        }
+    }
+    eprintln!("wrote {}", results.path.display());
+    Ok(())
+}
+
+fn peer_name(kind: PeerKind) -> &'static str {
+    match kind {
+        PeerKind::Mosquitto => "mosquitto",
+        PeerKind::Nats => "nats",
+    }
+}

@@ -1,0 +1,378 @@
+//! The scenarios against our server: 1:1 round trip, group fan-out, durable sends at fixed rates and at saturation.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use im_client::{Client, Event, v1};
+use serde::Serialize;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+
+use crate::server::ImServer;
+use crate::stats::{
+    CpuMeter, CpuUsage, FanoutResult, Latency, LatencySummary, RttResult, age, payload,
+    sleep_until, stamp,
+};
+
+/// How long to wait for stragglers after the last send.
+const DRAIN: Duration = Duration::from_secs(5);
+
+/// The i-th of `rate`-per-second scheduled sends after `start`.
+fn scheduled(start: Instant, i: u64, rate: u64) -> Instant {
+    start + Duration::from_nanos(i * 1_000_000_000 / rate.max(1))
+}
+
+/// Connects `count` clients named `<prefix><n>`, 50 at a time.
+async fn connect_many(
+    server: &ImServer,
+    prefix: &str,
+    count: usize,
+) -> anyhow::Result<Vec<(Client, im_client::Events)>> {
+    let mut clients = Vec::with_capacity(count);
+    for chunk in (0..count).collect::<Vec<_>>().chunks(50) {
+        let mut connecting = JoinSet::new();
+        for n in chunk {
+            let config = server.client_config("tcp", &format!("{prefix}{n}"))?;
+            let n = *n;
+            connecting.spawn(async move { (n, Client::connect(config).await) });
+        }
+        let mut batch = Vec::new();
+        while let Some(joined) = connecting.join_next().await {
+            let (n, client) = joined?;
+            batch.push((
+                n,
+                client.with_context(|| format!("{prefix}{n} could not connect"))?,
+            ));
+        }
+        batch.sort_by_key(|(n, _)| *n);
+        clients.extend(batch.into_iter().map(|(_, c)| c));
+    }
+    Ok(clients)
+}
+
+/// A sends to B at `rate` per second; B's client answers every message; A records the
+/// round trip from each message's scheduled send time.
+pub async fn rtt(
+    server: &ImServer,
+    rate: u64,
+    duration: Duration,
+    body: usize,
+) -> anyhow::Result<RttResult> {
+    let tag = stamp(Instant::now());
+    let (a_name, b_name) = (format!("rtt-a-{tag}"), format!("rtt-b-{tag}"));
+    let (a, mut a_events) = server.client(&a_name).await?;
+    let (b, mut b_events) = server.client(&b_name).await?;
+    let total = rate * duration.as_secs();
+    let echo_to = a_name.clone();
+    let echo = tokio::spawn(async move {
+        while let Some(event) = b_events.next().await {
+            if let Event::Message(m) = event {
+                // The answer is queued, not awaited: B keeps reading.
+                let id = b.new_client_msg_id();
+                if b.queue_send(&echo_to, &id, m.body, "").await.is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    let receiver = tokio::spawn(async move {
+        let mut latency = Latency::new();
+        let deadline = tokio::time::sleep(Duration::from_secs(3600));
+        tokio::pin!(deadline);
+        while latency.count() < total {
+            tokio::select! {
+                event = a_events.next() => match event {
+                    Some(Event::Message(m)) => {
+                        if let Some(took) = age(&m.body) {
+                            latency.record(took);
+                        }
+                    }
+                    Some(_) => {}
+                    None => break,
+                },
+                _ = &mut deadline => break,
+            }
+        }
+        latency
+    });
+    let meter = CpuMeter::start(server.pid);
+    let start = Instant::now() + Duration::from_millis(50);
+    for i in 0..total {
+        let at = scheduled(start, i, rate);
+        sleep_until(at).await;
+        let id = a.new_client_msg_id();
+        // The ack is not awaited: the schedule is open loop.
+        drop(a.queue_send(&b_name, &id, payload(at, body), "").await?);
+    }
+    let latency = match tokio::time::timeout(DRAIN, receiver).await {
+        Ok(done) => done?,
+        Err(_) => anyhow::bail!("round trips did not finish within {DRAIN:?} of the last send"),
+    };
+    let cpu = meter.finish();
+    echo.abort();
+    a.close().await;
+    Ok(RttResult {
+        offered_per_s: rate,
+        completed: latency.count(),
+        lost: total - latency.count(),
+        latency: latency.summary(),
+        cpu,
+    })
+}
+
+/// One sender to a group of `members` online members, at `rate` messages per second.
+pub async fn fanout(
+    server: &ImServer,
+    members: usize,
+    rate: u64,
+    duration: Duration,
+    body: usize,
+) -> anyhow::Result<FanoutResult> {
+    let tag = stamp(Instant::now());
+    let prefix = format!("fan-{tag}-");
+    let mut clients = connect_many(server, &prefix, members).await?;
+    let (owner, _owner_events) = clients.remove(0);
+    let names: Vec<String> = (1..members).map(|n| format!("{prefix}{n}")).collect();
+    let group = format!("fan{tag}");
+    let first: Vec<&str> = names.iter().take(499).map(String::as_str).collect();
+    owner.create_group(&group, "bench", &first).await?;
+    for chunk in names[first.len()..].chunks(500) {
+        owner
+            .group_request(v1::GroupRequest {
+                group_id: group.clone(),
+                action: Some(v1::group_request::Action::Invite(v1::GroupUsers {
+                    user_ids: chunk.to_vec(),
+                })),
+            })
+            .await?;
+    }
+    let expected_each = rate * duration.as_secs();
+    let last_delivery = Arc::new(AtomicU64::new(0));
+    let mut receivers = JoinSet::new();
+    let conversation = im_client::ids::group_conversation_id(&group);
+    for (_client, mut events) in clients {
+        let last_delivery = last_delivery.clone();
+        let conversation = conversation.clone();
+        receivers.spawn(async move {
+            let _client = _client;
+            let mut latency = Latency::new();
+            let mut idle_deadline: Option<tokio::time::Instant> = None;
+            while latency.count() < expected_each {
+                let next = async {
+                    match idle_deadline {
+                        Some(at) => tokio::time::timeout_at(at, events.next())
+                            .await
+                            .ok()
+                            .flatten(),
+                        None => events.next().await,
+                    }
+                };
+                match next.await {
+                    Some(Event::Message(m)) if m.conversation_id == conversation => {
+                        if let Some(took) = age(&m.body) {
+                            latency.record(took);
+                            last_delivery.fetch_max(stamp(Instant::now()), Ordering::Relaxed);
+                        }
+                        idle_deadline = Some(tokio::time::Instant::now() + Duration::from_secs(10));
+                    }
+                    Some(_) => {}
+                    None => break,
+                }
+            }
+            latency
+        });
+    }
+    let meter = CpuMeter::start(server.pid);
+    let start = Instant::now() + Duration::from_millis(100);
+    let target = v1::send_request::Target::ToGroup(group.clone());
+    for i in 0..expected_each {
+        let at = scheduled(start, i, rate);
+        sleep_until(at).await;
+        let id = owner.new_client_msg_id();
+        drop(
+            owner
+                .queue_send_to(target.clone(), &id, payload(at, body), "")
+                .await?,
+        );
+    }
+    let mut latency = Latency::new();
+    while let Some(done) = receivers.join_next().await {
+        latency.merge(&done?);
+    }
+    let cpu = meter.finish();
+    let deliveries = latency.count();
+    let span = Duration::from_nanos(
+        last_delivery
+            .load(Ordering::Relaxed)
+            .saturating_sub(stamp(start)),
+    );
+    owner.close().await;
+    Ok(FanoutResult {
+        subscribers: members - 1,
+        offered_msgs_per_s: rate,
+        expected: expected_each * (members as u64 - 1),
+        deliveries,
+        deliveries_per_s: deliveries as f64 / span.as_secs_f64().max(1e-9),
+        latency: latency.summary(),
+        cpu,
+    })
+}
+
+/// Durable sends at a fixed total rate: `senders` clients each send to an offline user;
+/// latency is from the scheduled send to the ack (which comes only after the commit).
+#[derive(Debug, Clone, Serialize)]
+pub struct DurableResult {
+    pub offered_per_s: u64,
+    pub acked: u64,
+    pub acked_per_s: f64,
+    pub ack_latency: LatencySummary,
+    pub cpu: CpuUsage,
+}
+
+/// Prepares `senders` pairs: connected senders and recipients that exist but are offline.
+async fn durable_senders(
+    server: &ImServer,
+    senders: usize,
+) -> anyhow::Result<Vec<(Client, String)>> {
+    let tag = stamp(Instant::now());
+    let recipients = connect_many(server, &format!("dur-r-{tag}-"), senders).await?;
+    for (client, _) in &recipients {
+        client.close().await;
+    }
+    let clients = connect_many(server, &format!("dur-s-{tag}-"), senders).await?;
+    Ok(clients
+        .into_iter()
+        .enumerate()
+        .map(|(n, (client, _events))| (client, format!("dur-r-{tag}-{n}")))
+        .collect())
+}
+
+pub async fn durable(
+    server: &ImServer,
+    senders: usize,
+    rate: u64,
+    duration: Duration,
+    body: usize,
+) -> anyhow::Result<DurableResult> {
+    let pairs = durable_senders(server, senders).await?;
+    let per_sender = (rate / senders as u64).max(1);
+    let total_each = per_sender * duration.as_secs();
+    let meter = CpuMeter::start(server.pid);
+    let start = Instant::now() + Duration::from_millis(100);
+    let mut tasks = JoinSet::new();
+    for (n, (client, to)) in pairs.into_iter().enumerate() {
+        // Offset each sender within the first interval so sends interleave evenly.
+        let offset = Duration::from_nanos(n as u64 * 1_000_000_000 / rate.max(1));
+        tasks.spawn(async move {
+            let (acks_tx, mut acks) = mpsc::channel(1 << 16);
+            let waiter = tokio::spawn(async move {
+                let mut latency = Latency::new();
+                let mut last = Instant::now();
+                while let Some((at, ack)) = acks.recv().await {
+                    let ack: im_client::PendingAck = ack;
+                    if ack.await.is_ok() {
+                        last = Instant::now();
+                        latency.record(last.saturating_duration_since(at));
+                    }
+                }
+                (latency, last)
+            });
+            for i in 0..total_each {
+                let at = scheduled(start + offset, i, per_sender);
+                sleep_until(at).await;
+                let id = client.new_client_msg_id();
+                let ack = client.queue_send(&to, &id, payload(at, body), "").await?;
+                acks_tx.send((at, ack)).await.ok();
+            }
+            drop(acks_tx);
+            let outcome = waiter.await?;
+            client.close().await;
+            anyhow::Ok(outcome)
+        });
+    }
+    let mut latency = Latency::new();
+    let mut last = start;
+    while let Some(done) = tasks.join_next().await {
+        let (l, at) = done??;
+        latency.merge(&l);
+        last = last.max(at);
+    }
+    let cpu = meter.finish();
+    let acked = latency.count();
+    Ok(DurableResult {
+        offered_per_s: per_sender * senders as u64,
+        acked,
+        acked_per_s: acked as f64
+            / last
+                .saturating_duration_since(start)
+                .as_secs_f64()
+                .max(1e-9),
+        ack_latency: latency.summary(),
+        cpu,
+    })
+}
+
+/// Saturation: every sender keeps `window` sends in flight for `duration`; how many
+/// durable messages per second the server acknowledges.
+#[derive(Debug, Clone, Serialize)]
+pub struct SaturationResult {
+    pub senders: usize,
+    pub window: usize,
+    pub acked: u64,
+    pub acked_per_s: f64,
+    pub ack_latency: LatencySummary,
+    pub cpu: CpuUsage,
+}
+
+pub async fn saturate(
+    server: &ImServer,
+    senders: usize,
+    window: usize,
+    duration: Duration,
+    body: usize,
+) -> anyhow::Result<SaturationResult> {
+    let pairs = durable_senders(server, senders).await?;
+    let meter = CpuMeter::start(server.pid);
+    let start = Instant::now();
+    let stop = start + duration;
+    let mut tasks = JoinSet::new();
+    for (client, to) in pairs {
+        tasks.spawn(async move {
+            let mut latency = Latency::new();
+            let mut in_flight = std::collections::VecDeque::with_capacity(window);
+            while Instant::now() < stop || !in_flight.is_empty() {
+                while in_flight.len() < window && Instant::now() < stop {
+                    let at = Instant::now();
+                    let id = client.new_client_msg_id();
+                    in_flight.push_back((
+                        at,
+                        client.queue_send(&to, &id, payload(at, body), "").await?,
+                    ));
+                }
+                if let Some((at, ack)) = in_flight.pop_front() {
+                    let at: Instant = at;
+                    ack.await?;
+                    latency.record(at.elapsed());
+                }
+            }
+            client.close().await;
+            anyhow::Ok(latency)
+        });
+    }
+    let mut latency = Latency::new();
+    while let Some(done) = tasks.join_next().await {
+        latency.merge(&done??);
+    }
+    let took = start.elapsed();
+    let cpu = meter.finish();
+    Ok(SaturationResult {
+        senders,
+        window,
+        acked: latency.count(),
+        acked_per_s: latency.count() as f64 / took.as_secs_f64(),
+        ack_latency: latency.summary(),
+        cpu,
+    })
+}

@@ -1,0 +1,239 @@
+//! Measurements: HDR latency histograms, timestamps carried in payloads, process CPU time, RSS and kernel slab.
+
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+/// The process-wide origin of payload timestamps (senders and receivers share a process).
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+/// Nanoseconds since the epoch of `at`.
+pub fn stamp(at: Instant) -> u64 {
+    at.saturating_duration_since(epoch()).as_nanos() as u64
+}
+
+/// A payload of `size` bytes (at least 8) starting with the timestamp of `at`.
+pub fn payload(at: Instant, size: usize) -> bytes::Bytes {
+    let mut body = vec![b'x'; size.max(8)];
+    body[..8].copy_from_slice(&stamp(at).to_be_bytes());
+    body.into()
+}
+
+/// How long ago the payload's timestamp was, or `None` for a payload without one.
+pub fn age(payload: &[u8]) -> Option<Duration> {
+    let stamp_ns = u64::from_be_bytes(payload.get(..8)?.try_into().ok()?);
+    let now = stamp(Instant::now());
+    Some(Duration::from_nanos(now.saturating_sub(stamp_ns)))
+}
+
+/// A latency histogram: 1 µs to 100 s, 3 significant digits.
+pub struct Latency {
+    histogram: Histogram<u64>,
+}
+
+impl Default for Latency {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Latency {
+    pub fn new() -> Self {
+        Self {
+            histogram: Histogram::new_with_bounds(1, 100_000_000, 3).expect("valid bounds"),
+        }
+    }
+
+    pub fn record(&mut self, took: Duration) {
+        let us = (took.as_nanos() as u64 / 1000).clamp(1, 100_000_000);
+        self.histogram.record(us).expect("clamped into range");
+    }
+
+    pub fn merge(&mut self, other: &Latency) {
+        self.histogram
+            .add(&other.histogram)
+            .expect("same bounds on both");
+    }
+
+    pub fn count(&self) -> u64 {
+        self.histogram.len()
+    }
+
+    pub fn summary(&self) -> LatencySummary {
+        let h = &self.histogram;
+        LatencySummary {
+            count: h.len(),
+            p50_us: h.value_at_quantile(0.50),
+            p99_us: h.value_at_quantile(0.99),
+            p999_us: h.value_at_quantile(0.999),
+            max_us: h.max(),
+            mean_us: h.mean(),
+        }
+    }
+}
+
+/// Latency percentiles, microseconds.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct LatencySummary {
+    pub count: u64,
+    pub p50_us: u64,
+    pub p99_us: u64,
+    pub p999_us: u64,
+    pub max_us: u64,
+    pub mean_us: f64,
+}
+
+/// Clock ticks per second of `/proc/<pid>/stat` times (USER_HZ, 100 on Linux).
+const TICKS_PER_SECOND: f64 = 100.0;
+
+/// User + system CPU seconds used so far by process `pid`.
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let Some(rest) = stat.rsplit_once(')').map(|(_, rest)| rest) else {
+        return 0.0;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(11) + ticks(12)) / TICKS_PER_SECOND
+}
+
+/// Resident memory of process `pid`, bytes.
+pub fn rss_bytes(pid: u32) -> u64 {
+    status_kib(&format!("/proc/{pid}/status"), "VmRSS:") * 1024
+}
+
+/// Kernel slab memory of the whole machine, bytes.
+pub fn slab_bytes() -> u64 {
+    status_kib("/proc/meminfo", "Slab:") * 1024
+}
+
+fn status_kib(path: &str, key: &str) -> u64 {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find(|l| l.starts_with(key))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// CPU used by the server under test and by this load generator over an interval, in
+/// cores (CPU seconds per wall second).
+pub struct CpuMeter {
+    server_pid: u32,
+    server_start: f64,
+    self_start: f64,
+    wall_start: Instant,
+}
+
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct CpuUsage {
+    pub server_cores: f64,
+    pub loadgen_cores: f64,
+}
+
+impl CpuMeter {
+    pub fn start(server_pid: u32) -> Self {
+        Self {
+            server_pid,
+            server_start: cpu_seconds(server_pid),
+            self_start: cpu_seconds(std::process::id()),
+            wall_start: Instant::now(),
+        }
+    }
+
+    pub fn finish(&self) -> CpuUsage {
+        let wall = self.wall_start.elapsed().as_secs_f64().max(1e-9);
+        CpuUsage {
+            server_cores: (cpu_seconds(self.server_pid) - self.server_start) / wall,
+            loadgen_cores: (cpu_seconds(std::process::id()) - self.self_start) / wall,
+        }
+    }
+}
+
+/// One open-loop round-trip run: A sends to B at a fixed rate, B answers each, A records
+/// how long each round trip took from its scheduled send time.
+#[derive(Debug, Clone, Serialize)]
+pub struct RttResult {
+    pub offered_per_s: u64,
+    pub completed: u64,
+    pub lost: u64,
+    pub latency: LatencySummary,
+    pub cpu: CpuUsage,
+}
+
+/// One open-loop fan-out run: one sender at a fixed message rate to `subscribers` receivers.
+#[derive(Debug, Clone, Serialize)]
+pub struct FanoutResult {
+    pub subscribers: usize,
+    pub offered_msgs_per_s: u64,
+    pub expected: u64,
+    pub deliveries: u64,
+    /// Deliveries over the time from the first send to the last delivery.
+    pub deliveries_per_s: f64,
+    pub latency: LatencySummary,
+    pub cpu: CpuUsage,
+}
+
+/// Sleeps until `at` (open-loop senders keep their schedule whatever the answers do).
+pub async fn sleep_until(at: Instant) {
+    tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payload_ages_and_percentiles() {
+        // Stamps count from the first one taken; a payload stamped before it reads as 0.
+        stamp(Instant::now());
+        std::thread::sleep(Duration::from_millis(10));
+        let sent = Instant::now() - Duration::from_millis(5);
+        let body = payload(sent, 100);
+        assert_eq!(body.len(), 100);
+        let age = age(&body).unwrap();
+        assert!(
+            age >= Duration::from_millis(5) && age < Duration::from_secs(5),
+            "{age:?}"
+        );
+        assert!(super::age(b"short").is_none());
+        let mut latency = Latency::new();
+        for us in 1..=1000 {
+            latency.record(Duration::from_micros(us));
+        }
+        let s = latency.summary();
+        assert_eq!(s.count, 1000);
+        assert!((495..=505).contains(&s.p50_us), "{s:?}");
+        assert!((985..=995).contains(&s.p99_us), "{s:?}");
+    }
+
+    #[test]
+    fn this_process_uses_cpu_and_memory() {
+        let pid = std::process::id();
+        let start = cpu_seconds(pid);
+        let mut x = 0u64;
+        for i in 0..50_000_000u64 {
+            x = x.wrapping_mul(31).wrapping_add(i);
+        }
+        assert!(x != 1);
+        assert!(cpu_seconds(pid) > start);
+        assert!(rss_bytes(pid) > 1024 * 1024);
+        assert!(slab_bytes() > 0);
+    }
+}

@@ -186,6 +186,198 @@ async fn append_one(conn: &mut sqlx::SqliteConnection, msg: &NewMessage) -> Stor
     }))
 }
 
+/// Messages stored per multi-row statement (10 bound values each, well under SQLite's
+/// limit of 32766 per statement).
+const APPEND_CHUNK: usize = 1000;
+
+/// Stores a batch with a fixed number of statements, whatever its size: one lookup of the
+/// batch's idempotency keys, one of its conversations' last seqs, then multi-row writes of
+/// the messages, the conversations, the memberships of new 1:1 conversations and the
+/// senders' read cursors. (Statements cost far more than rows here: each is a round trip to
+/// the connection's thread.)
+async fn append_batch(
+    conn: &mut sqlx::SqliteConnection,
+    batch: &[NewMessage],
+) -> StoreResult<Vec<Appended>> {
+    use std::collections::HashMap;
+    if batch.is_empty() {
+        return Ok(Vec::new());
+    }
+    // Already stored (sender, client message id) pairs.
+    let mut lookup = sqlx::QueryBuilder::<sqlx::Sqlite>::new(format!(
+        "SELECT {MESSAGE_COLUMNS} FROM messages WHERE (sender_id, client_msg_id) IN (VALUES "
+    ));
+    let mut values = lookup.separated(", ");
+    for msg in batch {
+        values.push("(");
+        values.push_bind_unseparated(&msg.sender_id);
+        values.push_unseparated(", ");
+        values.push_bind_unseparated(&msg.client_msg_id);
+        values.push_unseparated(")");
+    }
+    lookup.push(")");
+    let mut stored: HashMap<(String, String), StoredMessage> = lookup
+        .build()
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(backend)?
+        .iter()
+        .map(|row| {
+            let m = message_from_row(row);
+            ((m.sender_id.clone(), m.client_msg_id.clone()), m)
+        })
+        .collect();
+    // The last seq of each conversation the batch writes to.
+    let mut last: HashMap<&str, i64> = HashMap::new();
+    let mut seqs = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+        "SELECT conversation_id, last_seq FROM conversations WHERE conversation_id IN (",
+    );
+    let mut ids = seqs.separated(", ");
+    let mut seen = std::collections::HashSet::new();
+    for msg in batch {
+        if seen.insert(msg.conversation_id.as_str()) {
+            ids.push_bind(&msg.conversation_id);
+        }
+    }
+    seqs.push(")");
+    for row in seqs.build().fetch_all(&mut *conn).await.map_err(backend)? {
+        let id: String = row.get("conversation_id");
+        let seq: i64 = row.get("last_seq");
+        if let Some(key) = seen.get(id.as_str()) {
+            last.insert(key, seq);
+        }
+    }
+    // Seqs in batch order; a repeat within the batch is a duplicate of its first.
+    let mut outcomes = Vec::with_capacity(batch.len());
+    let mut fresh: Vec<(&NewMessage, i64)> = Vec::new();
+    for msg in batch {
+        let key = (msg.sender_id.clone(), msg.client_msg_id.clone());
+        if let Some(original) = stored.get(&key) {
+            outcomes.push(Appended::Duplicate(original.clone()));
+            continue;
+        }
+        let seq = last.entry(msg.conversation_id.as_str()).or_insert(0);
+        *seq += 1;
+        let message = StoredMessage {
+            conversation_id: msg.conversation_id.clone(),
+            seq: *seq as u64,
+            server_msg_id: msg.server_msg_id.clone(),
+            sender_id: msg.sender_id.clone(),
+            sender_device_id: msg.sender_device_id.clone(),
+            recipient_id: msg.recipient_id.clone(),
+            client_msg_id: msg.client_msg_id.clone(),
+            body: msg.body.clone(),
+            content_type: msg.content_type.clone(),
+            server_time_ms: msg.server_time_ms,
+        };
+        fresh.push((msg, *seq));
+        stored.insert(key, message.clone());
+        outcomes.push(Appended::New(message));
+    }
+    if fresh.is_empty() {
+        return Ok(outcomes);
+    }
+    let mut insert = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+        "INSERT INTO messages (conversation_id, seq, server_msg_id, sender_id, sender_device_id, \
+         recipient_id, client_msg_id, body, content_type, server_time_ms) ",
+    );
+    insert.push_values(&fresh, |mut row, (msg, seq)| {
+        row.push_bind(&msg.conversation_id)
+            .push_bind(*seq)
+            .push_bind(&msg.server_msg_id)
+            .push_bind(&msg.sender_id)
+            .push_bind(&msg.sender_device_id)
+            .push_bind(&msg.recipient_id)
+            .push_bind(&msg.client_msg_id)
+            .push_bind(msg.body.as_ref())
+            .push_bind(&msg.content_type)
+            .push_bind(msg.server_time_ms);
+    });
+    insert.build().execute(&mut *conn).await.map_err(backend)?;
+    // Each conversation's new last seq and the time of its latest message in the batch.
+    let mut conversations: Vec<(&str, i64, i64)> = Vec::new();
+    let mut position: HashMap<&str, usize> = HashMap::new();
+    for (msg, seq) in &fresh {
+        match position.get(msg.conversation_id.as_str()) {
+            Some(&i) => conversations[i] = (conversations[i].0, *seq, msg.server_time_ms),
+            None => {
+                position.insert(&msg.conversation_id, conversations.len());
+                conversations.push((&msg.conversation_id, *seq, msg.server_time_ms));
+            }
+        }
+    }
+    let mut upsert = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+        "INSERT INTO conversations (conversation_id, last_seq, last_time_ms) ",
+    );
+    upsert.push_values(&conversations, |mut row, (id, seq, time)| {
+        row.push_bind(*id).push_bind(*seq).push_bind(*time);
+    });
+    upsert.push(
+        " ON CONFLICT (conversation_id) DO UPDATE \
+         SET last_seq = excluded.last_seq, last_time_ms = excluded.last_time_ms",
+    );
+    upsert.build().execute(&mut *conn).await.map_err(backend)?;
+    // A 1:1 conversation's two members come with its first message.
+    let opened: Vec<&NewMessage> = fresh
+        .iter()
+        .filter(|(msg, seq)| *seq == 1 && !is_group_conversation(&msg.conversation_id))
+        .map(|(msg, _)| *msg)
+        .collect();
+    if !opened.is_empty() {
+        let mut members = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+            "INSERT INTO conversation_members (user_id, conversation_id, peer_id) ",
+        );
+        let pairs: Vec<(&str, &str, &str)> = opened
+            .iter()
+            .flat_map(|m| {
+                [
+                    (
+                        m.sender_id.as_str(),
+                        m.conversation_id.as_str(),
+                        m.recipient_id.as_str(),
+                    ),
+                    (
+                        m.recipient_id.as_str(),
+                        m.conversation_id.as_str(),
+                        m.sender_id.as_str(),
+                    ),
+                ]
+            })
+            .collect();
+        members.push_values(&pairs, |mut row, (user, conversation, peer)| {
+            row.push_bind(*user)
+                .push_bind(*conversation)
+                .push_bind(*peer);
+        });
+        members.push(" ON CONFLICT DO NOTHING");
+        members.build().execute(&mut *conn).await.map_err(backend)?;
+    }
+    // A sender has read its own message: each (sender, conversation)'s highest seq. Only
+    // existing members move (an operator's sender to a group is not one).
+    let mut cursors: HashMap<(&str, &str), i64> = HashMap::new();
+    for (msg, seq) in &fresh {
+        let entry = cursors
+            .entry((msg.sender_id.as_str(), msg.conversation_id.as_str()))
+            .or_insert(0);
+        *entry = (*entry).max(*seq);
+    }
+    let cursors: Vec<((&str, &str), i64)> = cursors.into_iter().collect();
+    let mut update = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+        "UPDATE conversation_members SET read_seq = MAX(read_seq, v.column3) FROM (",
+    );
+    update.push_values(&cursors, |mut row, ((user, conversation), seq)| {
+        row.push_bind(*user)
+            .push_bind(*conversation)
+            .push_bind(*seq);
+    });
+    update.push(
+        ") AS v WHERE conversation_members.user_id = v.column1 \
+         AND conversation_members.conversation_id = v.column2",
+    );
+    update.build().execute(&mut *conn).await.map_err(backend)?;
+    Ok(outcomes)
+}
+
 /// Moves a member's read cursor forward to `seq` (a sender has read its own message);
 /// no-op for a non-member.
 async fn advance_read_cursor(
@@ -459,28 +651,8 @@ impl Store for SqliteStore {
     async fn append_messages(&self, batch: &[NewMessage]) -> StoreResult<Vec<Appended>> {
         let mut tx = self.writer.begin().await.map_err(backend)?;
         let mut outcomes = Vec::with_capacity(batch.len());
-        for msg in batch {
-            let appended = append_one(&mut tx, msg).await?;
-            if let Appended::New(stored) = &appended {
-                if stored.seq == 1 && !is_group_conversation(&stored.conversation_id) {
-                    sqlx::query(
-                        "INSERT INTO conversation_members (user_id, conversation_id, peer_id) \
-                         VALUES (?, ?, ?), (?, ?, ?) ON CONFLICT DO NOTHING",
-                    )
-                    .bind(&msg.sender_id)
-                    .bind(&msg.conversation_id)
-                    .bind(&msg.recipient_id)
-                    .bind(&msg.recipient_id)
-                    .bind(&msg.conversation_id)
-                    .bind(&msg.sender_id)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(backend)?;
-                }
-                advance_read_cursor(&mut tx, &msg.sender_id, &msg.conversation_id, stored.seq)
-                    .await?;
-            }
-            outcomes.push(appended);
+        for chunk in batch.chunks(APPEND_CHUNK) {
+            outcomes.extend(append_batch(&mut tx, chunk).await?);
         }
         tx.commit().await.map_err(backend)?;
         Ok(outcomes)

@@ -79,7 +79,11 @@ pub async fn run_child(args: ChildArgs) -> anyhow::Result<()> {
             });
         }
         drop(ready_tx);
-        while let Some(outcome) = ready_rx.recv().await {
+        // Each connection reports once (its task lives on, holding a sender).
+        for _ in 0..chunk.len() {
+            let Some(outcome) = ready_rx.recv().await else {
+                break;
+            };
             match outcome {
                 Ok(()) => opened += 1,
                 Err(err) => {

@@ -163,8 +163,9 @@ fn machine() -> Value {
     json!({"cpu": model, "cores": cores, "memory": memory})
 }
 
-/// The default message-path plugins, with risk control's per-user rate raised so it
-/// measures its cost without throttling the load generator.
+/// The default message-path plugins, with risk control's rates raised (per user, and
+/// logins per IP: every client comes from 127.0.0.1) so it measures its cost without
+/// throttling the load generator.
 fn default_plugins(repo: &Path) -> Vec<BenchPlugin> {
     let wasm = |name: &str| repo.join("target/guest/wasm32-wasip2/release").join(name);
     vec![
@@ -182,6 +183,8 @@ fn default_plugins(repo: &Path) -> Vec<BenchPlugin> {
                 ("send_rate".into(), "10000000".into()),
                 ("send_burst".into(), "10000000".into()),
                 ("repeat_limit".into(), "1000000000".into()),
+                ("login_rate".into(), "10000000".into()),
+                ("login_burst".into(), "10000000".into()),
             ],
         },
     ]

@@ -46,6 +46,24 @@ pub struct StoredMessage {
     pub server_time_ms: i64,
 }
 
+impl NewMessage {
+    /// The message as stored with `seq`.
+    pub fn stored(&self, seq: u64) -> StoredMessage {
+        StoredMessage {
+            conversation_id: self.conversation_id.clone(),
+            seq,
+            server_msg_id: self.server_msg_id.clone(),
+            sender_id: self.sender_id.clone(),
+            sender_device_id: self.sender_device_id.clone(),
+            recipient_id: self.recipient_id.clone(),
+            client_msg_id: self.client_msg_id.clone(),
+            body: self.body.clone(),
+            content_type: self.content_type.clone(),
+            server_time_ms: self.server_time_ms,
+        }
+    }
+}
+
 /// The outcome of appending one message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Appended {

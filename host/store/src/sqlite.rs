@@ -172,18 +172,7 @@ async fn append_one(conn: &mut sqlx::SqliteConnection, msg: &NewMessage) -> Stor
     .execute(&mut *conn)
     .await
     .map_err(backend)?;
-    Ok(Appended::New(StoredMessage {
-        conversation_id: msg.conversation_id.clone(),
-        seq: seq as u64,
-        server_msg_id: msg.server_msg_id.clone(),
-        sender_id: msg.sender_id.clone(),
-        sender_device_id: msg.sender_device_id.clone(),
-        recipient_id: msg.recipient_id.clone(),
-        client_msg_id: msg.client_msg_id.clone(),
-        body: msg.body.clone(),
-        content_type: msg.content_type.clone(),
-        server_time_ms: msg.server_time_ms,
-    }))
+    Ok(Appended::New(msg.stored(seq as u64)))
 }
 
 /// Messages stored per multi-row statement (10 bound values each, well under SQLite's
@@ -258,18 +247,7 @@ async fn append_batch(
         }
         let seq = last.entry(msg.conversation_id.as_str()).or_insert(0);
         *seq += 1;
-        let message = StoredMessage {
-            conversation_id: msg.conversation_id.clone(),
-            seq: *seq as u64,
-            server_msg_id: msg.server_msg_id.clone(),
-            sender_id: msg.sender_id.clone(),
-            sender_device_id: msg.sender_device_id.clone(),
-            recipient_id: msg.recipient_id.clone(),
-            client_msg_id: msg.client_msg_id.clone(),
-            body: msg.body.clone(),
-            content_type: msg.content_type.clone(),
-            server_time_ms: msg.server_time_ms,
-        };
+        let message = msg.stored(*seq as u64);
         fresh.push((msg, *seq));
         stored.insert(key, message.clone());
         outcomes.push(Appended::New(message));

@@ -126,7 +126,8 @@ def plot(out, doc):
     ax.set_xlabel("offered round trips/s")
     ax.set_ylabel("µs")
     ax.set_title("1:1 round trip p99")
-    ax.legend()
+    if ax.lines:
+        ax.legend()
     fig.tight_layout()
     fig.savefig(out / "rtt.png", dpi=100)
     written.append("rtt.png")
@@ -139,7 +140,8 @@ def plot(out, doc):
     ax.set_xlabel("offered deliveries/s")
     ax.set_ylabel("ms")
     ax.set_title("Fan-out to a 1,000-member group: delivery p99")
-    ax.legend()
+    if ax.lines:
+        ax.legend()
     fig.tight_layout()
     fig.savefig(out / "fanout.png", dpi=100)
     written.append("fanout.png")

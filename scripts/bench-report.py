@@ -115,36 +115,37 @@ def durable_table(doc):
     return "\n".join(lines)
 
 
+def line_plot(out, name, title, xlabel, ylabel, series):
+    """Writes one line per system of `series` (system -> [(x, y)]) to out/name."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for system, pts in series.items():
+        if pts:
+            ax.plot(*zip(*sorted(pts)), marker="o", label=f"{system} p99")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if ax.lines:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / name, dpi=100)
+    return name
+
+
 def plot(out, doc):
-    written = []
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for system in SYSTEMS:
-        pts = [(e["params"]["rate"], e["result"]["latency"]["p99_us"]) for e in rows(doc, "rtt")
-               if e["system"] == system and e["params"].get("config") != "plugins off"]
-        if pts:
-            ax.plot(*zip(*sorted(pts)), marker="o", label=f"{system} p99")
-    ax.set_xlabel("offered round trips/s")
-    ax.set_ylabel("µs")
-    ax.set_title("1:1 round trip p99")
-    if ax.lines:
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "rtt.png", dpi=100)
-    written.append("rtt.png")
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for system in SYSTEMS:
-        pts = [(e["result"]["offered_msgs_per_s"] * e["result"]["subscribers"], e["result"]["latency"]["p99_us"] / 1000)
-               for e in rows(doc, "fanout") if e["system"] == system]
-        if pts:
-            ax.plot(*zip(*sorted(pts)), marker="o", label=f"{system} p99")
-    ax.set_xlabel("offered deliveries/s")
-    ax.set_ylabel("ms")
-    ax.set_title("Fan-out to a 1,000-member group: delivery p99")
-    if ax.lines:
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "fanout.png", dpi=100)
-    written.append("fanout.png")
+    rtt = {
+        system: [(e["params"]["rate"], e["result"]["latency"]["p99_us"]) for e in rows(doc, "rtt")
+                 if e["system"] == system and e["params"].get("config") != "plugins off"]
+        for system in SYSTEMS
+    }
+    fanout = {
+        system: [(e["result"]["offered_msgs_per_s"] * e["result"]["subscribers"], e["result"]["latency"]["p99_us"] / 1000)
+                 for e in rows(doc, "fanout") if e["system"] == system]
+        for system in SYSTEMS
+    }
+    written = [
+        line_plot(out, "rtt.png", "1:1 round trip p99", "offered round trips/s", "µs", rtt),
+        line_plot(out, "fanout.png", "Fan-out to a 1,000-member group: delivery p99", "offered deliveries/s", "ms", fanout),
+    ]
     idle = rows(doc, "idle")
     if idle:
         fig, ax = plt.subplots(figsize=(7, 4))

@@ -29,6 +29,15 @@ pub enum MessageKind {
 }
 
 impl MessageKind {
+    /// The kind of a stored message, by its conversation.
+    pub fn of(conversation_id: &str) -> Self {
+        if im_proto::ids::conversation_group(conversation_id).is_some() {
+            MessageKind::Group
+        } else {
+            MessageKind::Direct
+        }
+    }
+
     const ALL: [MessageKind; 4] = [
         MessageKind::Direct,
         MessageKind::Group,

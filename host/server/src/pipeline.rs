@@ -28,15 +28,6 @@ pub enum ReplyTo<T> {
     Caller(oneshot::Sender<StoreResult<T>>),
 }
 
-impl<T> ReplyTo<T> {
-    fn connection_id(&self) -> Option<u64> {
-        match self {
-            ReplyTo::Connection { handle, .. } => Some(handle.conn_id),
-            ReplyTo::Caller(_) => None,
-        }
-    }
-}
-
 /// One send waiting for its commit.
 pub struct SendJob {
     pub message: NewMessage,
@@ -137,32 +128,25 @@ impl Worker {
             Ok(outcomes) => {
                 for (job, outcome) in jobs.drain(..).zip(outcomes) {
                     let duplicate = matches!(outcome, Appended::Duplicate(_));
-                    let sending_conn = job.reply.connection_id();
+                    let stored = outcome.message();
                     if !duplicate {
-                        let kind = if ids::conversation_group(&outcome.message().conversation_id)
-                            .is_some()
-                        {
-                            MessageKind::Group
-                        } else {
-                            MessageKind::Direct
-                        };
-                        self.metrics.message_in(kind, 1);
+                        self.metrics
+                            .message_in(MessageKind::of(&stored.conversation_id), 1);
                     }
-                    let pushed = (!duplicate).then(|| outcome.message().clone());
+                    // The ack goes before the pushes; a caller's answer takes the outcome.
                     match job.reply {
                         ReplyTo::Connection { handle, request_id } => {
-                            handle.offer(Outbound::Frame(ack_frame(
-                                request_id,
-                                outcome.message(),
-                                duplicate,
-                            )));
+                            handle.offer(Outbound::Frame(ack_frame(request_id, stored, duplicate)));
+                            if !duplicate {
+                                self.dispatch(stored, Some(handle.conn_id), &[]).await;
+                            }
                         }
                         ReplyTo::Caller(answer) => {
+                            if !duplicate {
+                                self.dispatch(stored, None, &[]).await;
+                            }
                             let _ = answer.send(Ok(outcome));
                         }
-                    }
-                    if let Some(stored) = pushed {
-                        self.dispatch(&stored, sending_conn, &[]).await;
                     }
                 }
             }
@@ -203,8 +187,6 @@ impl Worker {
         {
             tracing::warn!(error = %err, group = %group_id, "re-reading group members failed");
         }
-        let sending_conn = job.reply.connection_id();
-        let event = result.as_ref().ok().map(|(_, event)| event.clone());
         match job.reply {
             ReplyTo::Connection { handle, request_id } => {
                 let frame = match &result {
@@ -231,13 +213,16 @@ impl Worker {
                     }
                 };
                 handle.offer(Outbound::Frame(frame.to_bytes()));
+                if let Ok((_, event)) = &result {
+                    self.dispatch(event, Some(handle.conn_id), &removed).await;
+                }
             }
             ReplyTo::Caller(answer) => {
+                if let Ok((_, event)) = &result {
+                    self.dispatch(event, None, &removed).await;
+                }
                 let _ = answer.send(result);
             }
-        }
-        if let Some(event) = event {
-            self.dispatch(&event, sending_conn, &removed).await;
         }
     }
 

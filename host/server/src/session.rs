@@ -519,12 +519,9 @@ impl LoggedIn {
             Outbound::Deliver(push) => {
                 self.out.push(push.frame.clone());
                 self.first_pushes.push(push.committed_at);
-                let kind = if ids::conversation_group(&push.conversation_id).is_some() {
-                    MessageKind::Group
-                } else {
-                    MessageKind::Direct
-                };
-                self.ctx.metrics.message_out(kind, 1);
+                self.ctx
+                    .metrics
+                    .message_out(MessageKind::of(&push.conversation_id), 1);
                 self.pending.pushed(push, Instant::now().into_std());
             }
         }
@@ -780,11 +777,20 @@ impl LoggedIn {
                 "",
                 req.body,
                 req.content_type,
-                Some(&req.room_id),
             )
             .await;
-        let Some((body, content_type)) = screened else {
-            return;
+        let (body, content_type) = match screened {
+            Screened::Pass(body, content_type) => (body, content_type),
+            Screened::Answered => return,
+            Screened::Dropped => {
+                let ack = v1::RoomSendAck {
+                    room_id: req.room_id,
+                    dropped: true,
+                    ..Default::default()
+                };
+                self.out.push(frame_bytes(rid, Body::RoomSendAck(ack)));
+                return;
+            }
         };
         let sender = (&*self.handle.user_id, &*self.handle.device_id);
         let (room_seq, delivered) = self
@@ -889,11 +895,21 @@ impl LoggedIn {
                 &send.client_msg_id,
                 send.body,
                 send.content_type,
-                None,
             )
             .await;
-        let Some((body, content_type)) = screened else {
-            return Ok(());
+        let (body, content_type) = match screened {
+            Screened::Pass(body, content_type) => (body, content_type),
+            Screened::Answered => return Ok(()),
+            Screened::Dropped => {
+                let ack = v1::SendAck {
+                    client_msg_id: send.client_msg_id,
+                    conversation_id,
+                    dropped: true,
+                    ..Default::default()
+                };
+                self.out.push(frame_bytes(rid, Body::SendAck(ack)));
+                return Ok(());
+            }
         };
         let message = NewMessage {
             conversation_id,
@@ -961,11 +977,9 @@ impl LoggedIn {
         Ok(())
     }
 
-    /// Passes a message through the message-filter and risk-control chains. Returns the
-    /// (possibly rewritten) body and content type to store, or `None` when the request was
-    /// answered here (rejected, dropped or throttled). `room` names the room of a room
-    /// message, whose dropped answer is a `RoomSendAck`.
-    #[allow(clippy::too_many_arguments)]
+    /// Passes a message through the message-filter and risk-control chains. A refusal is
+    /// answered here; a silent drop is left to the caller, whose acknowledgement differs
+    /// (`SendAck` or `RoomSendAck`).
     async fn screen(
         &mut self,
         rid: u64,
@@ -974,13 +988,12 @@ impl LoggedIn {
         client_msg_id: &str,
         body: Bytes,
         content_type: String,
-        room: Option<&str>,
-    ) -> Option<(Bytes, String)> {
+    ) -> Screened {
         let Some(plugins) = self.ctx.plugins.clone() else {
-            return Some((body, content_type));
+            return Screened::Pass(body, content_type);
         };
         if !plugins.has_hook(Hook::MessageFilter) && !plugins.has_hook(Hook::RiskControl) {
-            return Some((body, content_type));
+            return Screened::Pass(body, content_type);
         }
         let mut message = PluginMessage {
             conversation_id: conversation_id.to_owned(),
@@ -1001,31 +1014,14 @@ impl LoggedIn {
                 {
                     let reason = "a message filter produced an empty or oversized body";
                     self.out.push(error_bytes(rid, ErrorCode::Rejected, reason));
-                    return None;
+                    return Screened::Answered;
                 }
             }
             FilterOutcome::Reject { reason } => {
                 self.out.push(error_bytes(rid, ErrorCode::Rejected, reason));
-                return None;
+                return Screened::Answered;
             }
-            FilterOutcome::Drop => {
-                let ack = match room {
-                    Some(room_id) => Body::RoomSendAck(v1::RoomSendAck {
-                        room_id: room_id.to_owned(),
-                        delivered: 0,
-                        dropped: true,
-                        room_seq: 0,
-                    }),
-                    None => Body::SendAck(v1::SendAck {
-                        client_msg_id: client_msg_id.to_owned(),
-                        conversation_id: conversation_id.to_owned(),
-                        dropped: true,
-                        ..Default::default()
-                    }),
-                };
-                self.out.push(frame_bytes(rid, ack));
-                return None;
-            }
+            FilterOutcome::Drop => return Screened::Dropped,
         }
         match plugins.assess_send(&self.origin, &mut message).await {
             RiskOutcome::Allow => {}
@@ -1039,14 +1035,14 @@ impl LoggedIn {
                     retry_after_ms,
                 };
                 self.out.push(frame_bytes(rid, Body::Error(error)));
-                return None;
+                return Screened::Answered;
             }
             RiskOutcome::Block { reason } => {
                 self.out.push(error_bytes(rid, ErrorCode::Rejected, reason));
-                return None;
+                return Screened::Answered;
             }
         }
-        Some((message.body, message.content_type))
+        Screened::Pass(message.body, message.content_type)
     }
 
     /// Runs a slow request in its own task (bounded per connection); its answer is queued.
@@ -1135,6 +1131,16 @@ pub fn room_push(
             room_seq,
         }),
     )
+}
+
+/// What the plugins made of a message.
+enum Screened {
+    /// Store (or publish) this body and content type, possibly rewritten.
+    Pass(Bytes, String),
+    /// A filter dropped it silently: the caller acknowledges it as dropped.
+    Dropped,
+    /// Refused or throttled; the answer is queued already.
+    Answered,
 }
 
 enum Request {

@@ -6,8 +6,9 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
-use im_store::Store;
+use im_store::{DeliveryCursor, Store};
 use tokio::sync::mpsc;
 
 use crate::router::ConnHandle;
@@ -16,7 +17,10 @@ use crate::router::ConnHandle;
 type DeviceKey = (Arc<str>, Arc<str>);
 
 const QUEUE: usize = 16 * 1024;
-const BATCH: usize = 1024;
+const BATCH: usize = 4096;
+/// Least time between two writes: acks arriving meanwhile coalesce into the next one, so
+/// cursors cost one small transaction per interval instead of one per ack.
+const FLUSH_INTERVAL: Duration = Duration::from_millis(20);
 
 struct CursorUpdate {
     user_id: Arc<str>,
@@ -57,21 +61,25 @@ async fn run(mut rx: mpsc::Receiver<CursorUpdate>, store: Arc<dyn Store>) {
     let mut batch = Vec::with_capacity(BATCH);
     while rx.recv_many(&mut batch, BATCH).await > 0 {
         // Coalesce to the highest seq per (user, device, conversation).
-        let mut by_device: HashMap<DeviceKey, HashMap<Arc<str>, u64>> = HashMap::new();
+        let mut highest: HashMap<(DeviceKey, Arc<str>), u64> = HashMap::new();
         for u in batch.drain(..) {
-            let seq = by_device
-                .entry((u.user_id, u.device_id))
-                .or_default()
-                .entry(u.conversation_id)
+            let seq = highest
+                .entry(((u.user_id, u.device_id), u.conversation_id))
                 .or_default();
             *seq = (*seq).max(u.seq);
         }
-        for ((user, device), convs) in by_device {
-            let acks: Vec<(String, u64)> =
-                convs.into_iter().map(|(c, s)| (c.to_string(), s)).collect();
-            if let Err(err) = store.ack_delivered(&user, &device, &acks).await {
-                tracing::warn!(error = %err, "storing delivery cursors failed");
-            }
+        let cursors: Vec<DeliveryCursor> = highest
+            .into_iter()
+            .map(|(((user, device), conversation), seq)| DeliveryCursor {
+                user_id: user.to_string(),
+                device_id: device.to_string(),
+                conversation_id: conversation.to_string(),
+                seq,
+            })
+            .collect();
+        if let Err(err) = store.ack_delivered(&cursors).await {
+            tracing::warn!(error = %err, "storing delivery cursors failed");
         }
+        tokio::time::sleep(FLUSH_INTERVAL).await;
     }
 }

@@ -382,8 +382,8 @@ mod tests {
         ) -> StoreResult<()> {
             self.inner.write_plugin_kv(p, up, del).await
         }
-        async fn ack_delivered(&self, u: &str, d: &str, acks: &[(String, u64)]) -> StoreResult<()> {
-            self.inner.ack_delivered(u, d, acks).await
+        async fn ack_delivered(&self, cursors: &[im_store::DeliveryCursor]) -> StoreResult<()> {
+            self.inner.ack_delivered(cursors).await
         }
         async fn apply_group_change(
             &self,
@@ -416,8 +416,12 @@ mod tests {
         }
     }
 
-    fn device(conn_id: u64, user: &str, capacity: usize) -> (ConnHandle, mpsc::Receiver<Outbound>) {
-        let (queue, rx) = mpsc::channel(capacity);
+    fn device(
+        conn_id: u64,
+        user: &str,
+        capacity: usize,
+    ) -> (ConnHandle, crate::router::OutboundReceiver) {
+        let (queue, rx) = crate::router::outbound_queue(capacity);
         let handle = ConnHandle {
             conn_id,
             user_id: user.into(),
@@ -448,7 +452,7 @@ mod tests {
             appends: AtomicUsize::new(0),
         });
         let router = Arc::new(LocalRouter::default());
-        let (recipient, mut pushes) = device(2, "bob", 4096);
+        let (recipient, pushes) = device(2, "bob", 4096);
         router.register(recipient, 0);
         let directory = Arc::new(GroupDirectory::new(store.clone()));
         let (pipeline, task) = Pipeline::start(
@@ -458,7 +462,7 @@ mod tests {
             Arc::new(NodeMetrics::new()),
             512,
         );
-        let (sender, mut acks) = device(1, "alice", 4096);
+        let (sender, acks) = device(1, "alice", 4096);
         const SENDS: u64 = 2000;
         for i in 0..SENDS {
             let message = NewMessage {
@@ -482,11 +486,11 @@ mod tests {
             assert!(pipeline.submit(job).await.is_ok());
         }
         for i in 1..=SENDS {
-            let Body::SendAck(ack) = decode(acks.recv().await.unwrap()) else {
+            let Body::SendAck(ack) = decode(acks.recv_async().await.unwrap()) else {
                 panic!("not an ack")
             };
             assert_eq!((ack.seq, ack.client_msg_id), (i, format!("c{}", i - 1)));
-            let Body::Deliver(push) = decode(pushes.recv().await.unwrap()) else {
+            let Body::Deliver(push) = decode(pushes.recv_async().await.unwrap()) else {
                 panic!("not a push")
             };
             assert_eq!(push.message.unwrap().seq, i);

@@ -85,10 +85,9 @@ impl PresenceBook {
 mod tests {
     use super::*;
     use crate::router::CloseSignal;
-    use tokio::sync::mpsc;
 
-    fn watcher(conn_id: u64) -> (ConnHandle, mpsc::Receiver<Outbound>) {
-        let (queue, rx) = mpsc::channel(8);
+    fn watcher(conn_id: u64) -> (ConnHandle, crate::router::OutboundReceiver) {
+        let (queue, rx) = crate::router::outbound_queue(8);
         let handle = ConnHandle {
             conn_id,
             user_id: "w".into(),
@@ -100,7 +99,7 @@ mod tests {
         (handle, rx)
     }
 
-    fn pushed(rx: &mut mpsc::Receiver<Outbound>) -> Option<v1::PresenceState> {
+    fn pushed(rx: &mut crate::router::OutboundReceiver) -> Option<v1::PresenceState> {
         match rx.try_recv().ok()? {
             Outbound::Frame(bytes) => match v1::Frame::from_bytes(&bytes).unwrap().body {
                 Some(Body::Presence(event)) => event.state,

@@ -130,10 +130,9 @@ impl Rooms {
 mod tests {
     use super::*;
     use crate::router::CloseSignal;
-    use tokio::sync::mpsc;
 
-    fn member(conn_id: u64) -> (ConnHandle, mpsc::Receiver<Outbound>) {
-        let (queue, rx) = mpsc::channel(4);
+    fn member(conn_id: u64) -> (ConnHandle, crate::router::OutboundReceiver) {
+        let (queue, rx) = crate::router::outbound_queue(4);
         let handle = ConnHandle {
             conn_id,
             user_id: format!("u{conn_id}").into(),
@@ -148,8 +147,8 @@ mod tests {
     #[test]
     fn publish_reaches_members_but_the_sender_with_increasing_seqs() {
         let rooms = Rooms::default();
-        let (a, mut ra) = member(1);
-        let (b, mut rb) = member(2);
+        let (a, ra) = member(1);
+        let (b, rb) = member(2);
         assert_eq!(rooms.join("live", &a), 1);
         assert_eq!(rooms.join("live", &b), 2);
         let seq_frame = |seq: u64| Bytes::from(seq.to_string());

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use im_proto::v1;
 use im_proto::v1::CloseReason;
 use parking_lot::RwLock;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::Notify;
 
 use crate::presence::PresenceBook;
 
@@ -62,6 +62,17 @@ impl CloseSignal {
     }
 }
 
+/// The sending side of a connection's outbound queue.
+pub type OutboundSender = flume::Sender<Outbound>;
+/// The connection task's side of its outbound queue.
+pub type OutboundReceiver = flume::Receiver<Outbound>;
+
+/// A connection's bounded outbound queue. (flume allocates its buffer on first use, where
+/// tokio's mpsc allocates a block of 32 slots up front: an idle connection holds none.)
+pub fn outbound_queue(capacity: usize) -> (OutboundSender, OutboundReceiver) {
+    flume::bounded(capacity)
+}
+
 /// The router's reference to one logged-in connection.
 #[derive(Debug, Clone)]
 pub struct ConnHandle {
@@ -70,7 +81,7 @@ pub struct ConnHandle {
     pub device_id: Arc<str>,
     /// The transport's name (`tcp`, `ws`, `quic`, ...), for listings and metrics.
     pub transport: &'static str,
-    pub queue: mpsc::Sender<Outbound>,
+    pub queue: OutboundSender,
     pub close: Arc<CloseSignal>,
 }
 
@@ -80,12 +91,12 @@ impl ConnHandle {
     pub fn offer(&self, item: Outbound) -> bool {
         match self.queue.try_send(item) {
             Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
+            Err(flume::TrySendError::Full(_)) => {
                 self.close
                     .close(CloseReason::SlowConsumer, "outbound queue overflowed");
                 false
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
+            Err(flume::TrySendError::Disconnected(_)) => false,
         }
     }
 }
@@ -282,8 +293,8 @@ mod tests {
         user: &str,
         device: &str,
         cap: usize,
-    ) -> (ConnHandle, mpsc::Receiver<Outbound>) {
-        let (queue, rx) = mpsc::channel(cap);
+    ) -> (ConnHandle, OutboundReceiver) {
+        let (queue, rx) = outbound_queue(cap);
         let h = ConnHandle {
             conn_id,
             user_id: user.into(),
@@ -326,7 +337,7 @@ mod tests {
     #[test]
     fn presence_changes_only_on_first_and_last_device() {
         let router = LocalRouter::default();
-        let (watcher, mut pushes) = handle(9, "carol", "phone", 16);
+        let (watcher, pushes) = handle(9, "carol", "phone", 16);
         router.register(watcher.clone(), 1);
         let states = router.watch_presence(&watcher, &["alice".into()], &[]);
         assert!(!states[0].online);

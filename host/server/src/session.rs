@@ -18,7 +18,7 @@ use im_proto::ids;
 use im_proto::v1::{self, CloseReason, ErrorCode, frame::Body};
 use im_store::{NewMessage, Store, StoreError};
 use parking_lot::RwLock;
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -33,7 +33,9 @@ use crate::groups::{self, Actor, GroupDirectory};
 use crate::metrics::{MessageKind, NodeMetrics};
 use crate::pipeline::{GroupJob, Pipeline, ReplyTo, SendJob, to_proto};
 use crate::rooms::Rooms;
-use crate::router::{CloseSignal, ConnHandle, LocalRouter, Outbound};
+use crate::router::{
+    CloseSignal, ConnHandle, LocalRouter, Outbound, OutboundReceiver, outbound_queue,
+};
 use crate::transport::{FrameConn, RecvError};
 
 /// Concurrent slow requests per connection; more wait (back-pressure on that client only).
@@ -176,7 +178,9 @@ pub async fn run_session<C: FrameConn>(ctx: Arc<NodeContext>, mut conn: C, peer:
         transport: transport.into(),
         remote_ip: Some(peer.ip().to_string().into()),
     };
-    let end = match await_login(&ctx, &mut conn, &origin).await {
+    // Boxed, and freed once logged in: login (authentication, risk checks) needs far more
+    // state than an idle logged-in connection.
+    let end = match Box::pin(await_login(&ctx, &mut conn, &origin)).await {
         Ok(login) => {
             tracing::debug!(%peer, transport, user = %login.handle.user_id, device = %login.handle.device_id, "logged in");
             ctx.stats.logged_in.fetch_add(1, Ordering::Relaxed);
@@ -206,7 +210,7 @@ pub async fn run_session<C: FrameConn>(ctx: Arc<NodeContext>, mut conn: C, peer:
 
 struct Login {
     handle: ConnHandle,
-    queue: mpsc::Receiver<Outbound>,
+    queue: OutboundReceiver,
 }
 
 /// Serves `Ping` and waits for a valid `Login`.
@@ -331,7 +335,7 @@ async fn login_with<C: FrameConn>(
         .await?;
         return Err(End::Gone);
     }
-    let (queue_tx, queue) = mpsc::channel(ctx.config.limits.outbound_queue);
+    let (queue_tx, queue) = outbound_queue(ctx.config.limits.outbound_queue);
     let handle = ConnHandle {
         conn_id: ctx.next_conn_id.fetch_add(1, Ordering::Relaxed),
         user_id: identity.user_id.as_str().into(),
@@ -404,7 +408,7 @@ struct LoggedIn {
     ctx: Arc<NodeContext>,
     origin: CallOrigin,
     handle: ConnHandle,
-    queue: mpsc::Receiver<Outbound>,
+    queue: OutboundReceiver,
     pending: PendingDeliveries,
     requests: Arc<Semaphore>,
     /// Frames to write at the end of the current loop turn.
@@ -463,7 +467,7 @@ impl LoggedIn {
                     return End::Close(CloseReason::ServerShutdown, "server shutting down".into());
                 }
                 (reason, message) = close.requested() => return End::Close(reason, message),
-                Some(item) = self.queue.recv() => {
+                Ok(item) = self.queue.recv_async() => {
                     self.take_outbound(item);
                     while self.out.len() < MAX_WRITE_BATCH {
                         match self.queue.try_recv() {
@@ -476,7 +480,9 @@ impl LoggedIn {
                     match received {
                         Ok(Some(bytes)) => {
                             last_received = Instant::now();
-                            if let Err(end) = self.handle_frame(&bytes).await {
+                            // Boxed: the handlers' futures would otherwise be part of
+                            // every idle connection's task, whatever it is doing.
+                            if let Err(end) = Box::pin(self.handle_frame(&bytes)).await {
                                 return end;
                             }
                         }
@@ -493,7 +499,7 @@ impl LoggedIn {
                 }
             }
             if !self.out.is_empty() {
-                match tokio::time::timeout(write_timeout, conn.send(&self.out)).await {
+                match tokio::time::timeout(write_timeout, Box::pin(conn.send(&self.out))).await {
                     Ok(Ok(())) => {
                         self.out.clear();
                         for committed in self.first_pushes.drain(..) {

@@ -6,8 +6,8 @@
 use bytes::Bytes;
 
 use crate::{
-    Appended, ConversationSummary, GroupChange, GroupInfo, GroupMember, GroupRole, KvRecord,
-    ListPosition, NewMessage, ReadState, Store, StoreError, StoredMessage,
+    Appended, ConversationSummary, DeliveryCursor, GroupChange, GroupInfo, GroupMember, GroupRole,
+    KvRecord, ListPosition, NewMessage, ReadState, Store, StoreError, StoredMessage,
 };
 
 /// `count` messages from `from` to `to`, client ids `<tag>-<n>`, bodies `<tag> <n>`.
@@ -388,15 +388,15 @@ async fn delivery_cursors_only_move_forward(store: &dyn Store) {
         .unwrap();
     let conv = direct_id("cur-a", "cur-b");
     store
-        .ack_delivered("cur-b", "phone", &[(conv.clone(), 3)])
+        .ack_delivered(&[cursor("cur-b", "phone", &conv, 3)])
         .await
         .unwrap();
     store
-        .ack_delivered("cur-b", "phone", &[(conv.clone(), 2)])
+        .ack_delivered(&[cursor("cur-b", "phone", &conv, 2)])
         .await
         .unwrap();
     store
-        .ack_delivered("cur-b", "laptop", &[(conv.clone(), 5)])
+        .ack_delivered(&[cursor("cur-b", "laptop", &conv, 5)])
         .await
         .unwrap();
     let phone = store
@@ -414,6 +414,31 @@ async fn delivery_cursors_only_move_forward(store: &dyn Store) {
         .await
         .unwrap();
     assert_eq!(tablet[0].delivered_seq, 0);
+    // One call, several devices; an entry behind the stored cursor does not move it back.
+    store
+        .ack_delivered(&[
+            cursor("cur-b", "tablet", &conv, 4),
+            cursor("cur-b", "laptop", &conv, 1),
+            cursor("cur-b", "phone", &conv, 6),
+        ])
+        .await
+        .unwrap();
+    for (device, expected) in [("tablet", 4), ("laptop", 5), ("phone", 6)] {
+        let listed = store
+            .list_conversations("cur-b", device, None, 10)
+            .await
+            .unwrap();
+        assert_eq!(listed[0].delivered_seq, expected, "{device}");
+    }
+}
+
+fn cursor(user_id: &str, device_id: &str, conversation_id: &str, seq: u64) -> DeliveryCursor {
+    DeliveryCursor {
+        user_id: user_id.into(),
+        device_id: device_id.into(),
+        conversation_id: conversation_id.into(),
+        seq,
+    }
 }
 
 async fn concurrent_appends_stay_gapless(store: &dyn Store) {

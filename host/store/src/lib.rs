@@ -64,6 +64,15 @@ impl NewMessage {
     }
 }
 
+/// How far one device holds one conversation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeliveryCursor {
+    pub user_id: String,
+    pub device_id: String,
+    pub conversation_id: String,
+    pub seq: u64,
+}
+
 /// The outcome of appending one message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Appended {
@@ -323,12 +332,6 @@ pub trait Store: Send + Sync + 'static {
     /// The groups `user_id` is a member of, ordered by group id.
     async fn user_groups(&self, user_id: &str) -> StoreResult<Vec<GroupInfo>>;
 
-    /// Moves a device's delivery cursors forward (never backwards), one entry per
-    /// (conversation, seq); applied in one transaction.
-    async fn ack_delivered(
-        &self,
-        user_id: &str,
-        device_id: &str,
-        acks: &[(String, u64)],
-    ) -> StoreResult<()>;
+    /// Moves delivery cursors forward (never backwards), all in one transaction.
+    async fn ack_delivered(&self, cursors: &[DeliveryCursor]) -> StoreResult<()>;
 }

@@ -6,18 +6,23 @@
 
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
 };
-use sqlx::{Row, SqlitePool};
+use sqlx::{ConnectOptions, Row, SqliteConnection, SqlitePool};
+use tokio::sync::Notify;
 
 use crate::{
-    Appended, ConversationSummary, GroupChange, GroupInfo, GroupMember, GroupRole, KvRecord,
-    ListPosition, NewMessage, ReadState, Store, StoreError, StoreResult, StoredMessage, UserRecord,
+    Appended, ConversationSummary, DeliveryCursor, GroupChange, GroupInfo, GroupMember, GroupRole,
+    KvRecord, ListPosition, NewMessage, ReadState, Store, StoreError, StoreResult, StoredMessage,
+    UserRecord,
 };
+
+mod raw_writes;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
@@ -44,6 +49,79 @@ impl Default for SqliteOptions {
 pub struct SqliteStore {
     writer: SqlitePool,
     readers: SqlitePool,
+    checkpointer: Arc<Checkpointer>,
+}
+
+/// Raw writes of at least this many rows run inside `block_in_place`.
+const BLOCK_IN_PLACE_ROWS: usize = 64;
+
+/// WAL size (in frames, one page each) past which the checkpointer also restarts the log.
+/// Restarting makes later commits overwrite the WAL file from its start instead of growing it;
+/// it waits for the writer briefly, so it runs once per this many frames, not per commit.
+const RESTART_WAL_FRAMES: i64 = 65_536;
+
+/// Least time between two checkpoints: each one syncs the WAL and the database file.
+const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(20);
+
+/// Copies the WAL into the database file on a connection of its own, so that commits never
+/// run a checkpoint (with SQLite's automatic checkpoints a commit every 1,000 pages copies
+/// them and waits for two fsyncs). Woken after commits; stops when the store is closed.
+struct Checkpointer {
+    wake: Arc<Notify>,
+    task: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl Checkpointer {
+    fn start(mut conn: SqliteConnection) -> Self {
+        let wake = Arc::new(Notify::new());
+        let woken = wake.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                woken.notified().await;
+                if let Err(err) = checkpoint(&mut conn).await {
+                    tracing::warn!(error = %err, "WAL checkpoint failed; retrying after the next commit");
+                }
+                tokio::time::sleep(CHECKPOINT_INTERVAL).await;
+            }
+        });
+        Self {
+            wake,
+            task: std::sync::Mutex::new(Some(task)),
+        }
+    }
+
+    /// Called after each commit.
+    fn committed(&self) {
+        self.wake.notify_one();
+    }
+
+    fn stop(&self) {
+        let task = self.task.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(task) = task {
+            task.abort();
+        }
+    }
+}
+
+impl Drop for Checkpointer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// One PASSIVE checkpoint (never waits for the writer), then a RESTART once the WAL is long.
+async fn checkpoint(conn: &mut SqliteConnection) -> Result<(), sqlx::Error> {
+    let (_busy, wal_frames, _copied): (i64, i64, i64) =
+        sqlx::query_as("PRAGMA wal_checkpoint(PASSIVE)")
+            .fetch_one(&mut *conn)
+            .await?;
+    if wal_frames >= RESTART_WAL_FRAMES {
+        // Only the frames committed since the passive pass are left to copy.
+        sqlx::query("PRAGMA wal_checkpoint(RESTART)")
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(())
 }
 
 fn backend(err: impl std::fmt::Display) -> StoreError {
@@ -87,24 +165,83 @@ impl SqliteStore {
             })
             .busy_timeout(Duration::from_secs(10))
             .pragma("cache_size", "-16000")
+            // Multi-row upserts need statement journals: keep them off the disk.
+            .pragma("temp_store", "memory")
             .statement_cache_capacity(64);
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
             .min_connections(1)
-            .connect_with(connect.clone())
+            .connect_with(connect.clone().pragma("wal_autocheckpoint", "0"))
             .await
             .map_err(backend)?;
+        let checkpointer = Checkpointer::start(
+            connect
+                .clone()
+                .pragma("wal_autocheckpoint", "0")
+                .connect()
+                .await
+                .map_err(backend)?,
+        );
         MIGRATOR.run(&writer).await.map_err(backend)?;
         let readers = SqlitePoolOptions::new()
             .max_connections(options.reader_connections.max(1))
             .connect_with(connect.read_only(true))
             .await
             .map_err(backend)?;
-        Ok(Self { writer, readers })
+        Ok(Self {
+            writer,
+            readers,
+            checkpointer: Arc::new(checkpointer),
+        })
+    }
+
+    /// A write transaction that holds the write lock from its start. (A deferred one that
+    /// reads first cannot wait for the lock later: it would fail with SQLITE_BUSY while the
+    /// checkpointer restarts the WAL.)
+    async fn begin_write(&self) -> StoreResult<sqlx::Transaction<'static, sqlx::Sqlite>> {
+        self.writer
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(backend)
+    }
+
+    /// Runs `work` on the writer connection's raw handle, on this thread: one hand-off to
+    /// sqlx's worker (to take its lock) instead of one per statement. `rows` sizes the work.
+    async fn write_raw<T>(
+        &self,
+        rows: usize,
+        work: impl FnOnce(&rusqlite::Connection) -> StoreResult<T>,
+    ) -> StoreResult<T> {
+        let mut conn = self.writer.acquire().await.map_err(backend)?;
+        let mut handle = conn.lock_handle().await.map_err(backend)?;
+        let raw = handle.as_raw_handle().as_ptr();
+        let run = || {
+            // SAFETY: `raw` is the writer's open connection, locked for us by `handle` until
+            // after this closure returns, so nothing else uses it meanwhile; the borrowed
+            // rusqlite `Connection` does not close it when dropped.
+            let db = unsafe { rusqlite::Connection::from_handle(raw) }.map_err(backend)?;
+            work(&db)
+        };
+        // A large write holds this thread for milliseconds: let the runtime move its other
+        // tasks elsewhere meanwhile (possible only on a multi-threaded runtime).
+        let multi_threaded = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        let result = if multi_threaded && rows >= BLOCK_IN_PLACE_ROWS {
+            tokio::task::block_in_place(run)
+        } else {
+            run()
+        };
+        drop(handle);
+        drop(conn);
+        if result.is_ok() {
+            self.checkpointer.committed();
+        }
+        result
     }
 
     /// Closes all connections, checkpointing the WAL.
     pub async fn close(&self) {
+        self.checkpointer.stop();
         self.readers.close().await;
         self.writer.close().await;
     }
@@ -173,187 +310,6 @@ async fn append_one(conn: &mut sqlx::SqliteConnection, msg: &NewMessage) -> Stor
     .await
     .map_err(backend)?;
     Ok(Appended::New(msg.stored(seq as u64)))
-}
-
-/// Messages stored per multi-row statement (10 bound values each, well under SQLite's
-/// limit of 32766 per statement).
-const APPEND_CHUNK: usize = 1000;
-
-/// Stores a batch with a fixed number of statements, whatever its size: one lookup of the
-/// batch's idempotency keys, one of its conversations' last seqs, then multi-row writes of
-/// the messages, the conversations, the memberships of new 1:1 conversations and the
-/// senders' read cursors. (Statements cost far more than rows here: each is a round trip to
-/// the connection's thread.)
-async fn append_batch(
-    conn: &mut sqlx::SqliteConnection,
-    batch: &[NewMessage],
-) -> StoreResult<Vec<Appended>> {
-    use std::collections::HashMap;
-    if batch.is_empty() {
-        return Ok(Vec::new());
-    }
-    // Already stored (sender, client message id) pairs.
-    let mut lookup = sqlx::QueryBuilder::<sqlx::Sqlite>::new(format!(
-        "SELECT {MESSAGE_COLUMNS} FROM messages WHERE (sender_id, client_msg_id) IN (VALUES "
-    ));
-    let mut values = lookup.separated(", ");
-    for msg in batch {
-        values.push("(");
-        values.push_bind_unseparated(&msg.sender_id);
-        values.push_unseparated(", ");
-        values.push_bind_unseparated(&msg.client_msg_id);
-        values.push_unseparated(")");
-    }
-    lookup.push(")");
-    let mut stored: HashMap<(String, String), StoredMessage> = lookup
-        .build()
-        .fetch_all(&mut *conn)
-        .await
-        .map_err(backend)?
-        .iter()
-        .map(|row| {
-            let m = message_from_row(row);
-            ((m.sender_id.clone(), m.client_msg_id.clone()), m)
-        })
-        .collect();
-    // The last seq of each conversation the batch writes to.
-    let mut last: HashMap<&str, i64> = HashMap::new();
-    let mut seqs = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
-        "SELECT conversation_id, last_seq FROM conversations WHERE conversation_id IN (",
-    );
-    let mut ids = seqs.separated(", ");
-    let mut seen = std::collections::HashSet::new();
-    for msg in batch {
-        if seen.insert(msg.conversation_id.as_str()) {
-            ids.push_bind(&msg.conversation_id);
-        }
-    }
-    seqs.push(")");
-    for row in seqs.build().fetch_all(&mut *conn).await.map_err(backend)? {
-        let id: String = row.get("conversation_id");
-        let seq: i64 = row.get("last_seq");
-        if let Some(key) = seen.get(id.as_str()) {
-            last.insert(key, seq);
-        }
-    }
-    // Seqs in batch order; a repeat within the batch is a duplicate of its first.
-    let mut outcomes = Vec::with_capacity(batch.len());
-    let mut fresh: Vec<(&NewMessage, i64)> = Vec::new();
-    for msg in batch {
-        let key = (msg.sender_id.clone(), msg.client_msg_id.clone());
-        if let Some(original) = stored.get(&key) {
-            outcomes.push(Appended::Duplicate(original.clone()));
-            continue;
-        }
-        let seq = last.entry(msg.conversation_id.as_str()).or_insert(0);
-        *seq += 1;
-        let message = msg.stored(*seq as u64);
-        fresh.push((msg, *seq));
-        stored.insert(key, message.clone());
-        outcomes.push(Appended::New(message));
-    }
-    if fresh.is_empty() {
-        return Ok(outcomes);
-    }
-    let mut insert = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
-        "INSERT INTO messages (conversation_id, seq, server_msg_id, sender_id, sender_device_id, \
-         recipient_id, client_msg_id, body, content_type, server_time_ms) ",
-    );
-    insert.push_values(&fresh, |mut row, (msg, seq)| {
-        row.push_bind(&msg.conversation_id)
-            .push_bind(*seq)
-            .push_bind(&msg.server_msg_id)
-            .push_bind(&msg.sender_id)
-            .push_bind(&msg.sender_device_id)
-            .push_bind(&msg.recipient_id)
-            .push_bind(&msg.client_msg_id)
-            .push_bind(msg.body.as_ref())
-            .push_bind(&msg.content_type)
-            .push_bind(msg.server_time_ms);
-    });
-    insert.build().execute(&mut *conn).await.map_err(backend)?;
-    // Each conversation's new last seq and the time of its latest message in the batch.
-    let mut conversations: Vec<(&str, i64, i64)> = Vec::new();
-    let mut position: HashMap<&str, usize> = HashMap::new();
-    for (msg, seq) in &fresh {
-        match position.get(msg.conversation_id.as_str()) {
-            Some(&i) => conversations[i] = (conversations[i].0, *seq, msg.server_time_ms),
-            None => {
-                position.insert(&msg.conversation_id, conversations.len());
-                conversations.push((&msg.conversation_id, *seq, msg.server_time_ms));
-            }
-        }
-    }
-    let mut upsert = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
-        "INSERT INTO conversations (conversation_id, last_seq, last_time_ms) ",
-    );
-    upsert.push_values(&conversations, |mut row, (id, seq, time)| {
-        row.push_bind(*id).push_bind(*seq).push_bind(*time);
-    });
-    upsert.push(
-        " ON CONFLICT (conversation_id) DO UPDATE \
-         SET last_seq = excluded.last_seq, last_time_ms = excluded.last_time_ms",
-    );
-    upsert.build().execute(&mut *conn).await.map_err(backend)?;
-    // A 1:1 conversation's two members come with its first message.
-    let opened: Vec<&NewMessage> = fresh
-        .iter()
-        .filter(|(msg, seq)| *seq == 1 && !is_group_conversation(&msg.conversation_id))
-        .map(|(msg, _)| *msg)
-        .collect();
-    if !opened.is_empty() {
-        let mut members = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
-            "INSERT INTO conversation_members (user_id, conversation_id, peer_id) ",
-        );
-        let pairs: Vec<(&str, &str, &str)> = opened
-            .iter()
-            .flat_map(|m| {
-                [
-                    (
-                        m.sender_id.as_str(),
-                        m.conversation_id.as_str(),
-                        m.recipient_id.as_str(),
-                    ),
-                    (
-                        m.recipient_id.as_str(),
-                        m.conversation_id.as_str(),
-                        m.sender_id.as_str(),
-                    ),
-                ]
-            })
-            .collect();
-        members.push_values(&pairs, |mut row, (user, conversation, peer)| {
-            row.push_bind(*user)
-                .push_bind(*conversation)
-                .push_bind(*peer);
-        });
-        members.push(" ON CONFLICT DO NOTHING");
-        members.build().execute(&mut *conn).await.map_err(backend)?;
-    }
-    // A sender has read its own message: each (sender, conversation)'s highest seq. Only
-    // existing members move (an operator's sender to a group is not one).
-    let mut cursors: HashMap<(&str, &str), i64> = HashMap::new();
-    for (msg, seq) in &fresh {
-        let entry = cursors
-            .entry((msg.sender_id.as_str(), msg.conversation_id.as_str()))
-            .or_insert(0);
-        *entry = (*entry).max(*seq);
-    }
-    let cursors: Vec<((&str, &str), i64)> = cursors.into_iter().collect();
-    let mut update = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
-        "UPDATE conversation_members SET read_seq = MAX(read_seq, v.column3) FROM (",
-    );
-    update.push_values(&cursors, |mut row, ((user, conversation), seq)| {
-        row.push_bind(*user)
-            .push_bind(*conversation)
-            .push_bind(*seq);
-    });
-    update.push(
-        ") AS v WHERE conversation_members.user_id = v.column1 \
-         AND conversation_members.conversation_id = v.column2",
-    );
-    update.build().execute(&mut *conn).await.map_err(backend)?;
-    Ok(outcomes)
 }
 
 /// Moves a member's read cursor forward to `seq` (a sender has read its own message);
@@ -592,6 +548,7 @@ impl Store for SqliteStore {
             .execute(&self.writer)
             .await
             .map_err(backend)?;
+        self.checkpointer.committed();
         Ok(())
     }
 
@@ -627,13 +584,11 @@ impl Store for SqliteStore {
     }
 
     async fn append_messages(&self, batch: &[NewMessage]) -> StoreResult<Vec<Appended>> {
-        let mut tx = self.writer.begin().await.map_err(backend)?;
-        let mut outcomes = Vec::with_capacity(batch.len());
-        for chunk in batch.chunks(APPEND_CHUNK) {
-            outcomes.extend(append_batch(&mut tx, chunk).await?);
+        if batch.is_empty() {
+            return Ok(Vec::new());
         }
-        tx.commit().await.map_err(backend)?;
-        Ok(outcomes)
+        self.write_raw(batch.len(), |db| raw_writes::append_batch(db, batch))
+            .await
     }
 
     async fn messages_after(
@@ -767,7 +722,7 @@ impl Store for SqliteStore {
         conversation_id: &str,
         read_seq: u64,
     ) -> StoreResult<ReadState> {
-        let mut tx = self.writer.begin().await.map_err(backend)?;
+        let mut tx = self.begin_write().await?;
         let updated: Option<i64> = sqlx::query_scalar(
             "UPDATE conversation_members \
              SET read_seq = MAX(read_seq, MIN(?, (SELECT last_seq FROM conversations c \
@@ -786,6 +741,7 @@ impl Store for SqliteStore {
         let read_seq = read_seq as u64;
         let unread_count = unread_count(&mut tx, user_id, conversation_id, read_seq).await?;
         tx.commit().await.map_err(backend)?;
+        self.checkpointer.committed();
         Ok(ReadState {
             read_seq,
             unread_count,
@@ -818,31 +774,13 @@ impl Store for SqliteStore {
         upserts: &[KvRecord],
         deletes: &[String],
     ) -> StoreResult<()> {
-        let mut tx = self.writer.begin().await.map_err(backend)?;
-        for r in upserts {
-            sqlx::query(
-                "INSERT INTO plugin_kv (plugin_id, key, value, expires_at_ms) VALUES (?, ?, ?, ?) \
-                 ON CONFLICT (plugin_id, key) DO UPDATE \
-                 SET value = excluded.value, expires_at_ms = excluded.expires_at_ms",
-            )
-            .bind(plugin_id)
-            .bind(&r.key)
-            .bind(&r.value)
-            .bind(r.expires_at_ms)
-            .execute(&mut *tx)
-            .await
-            .map_err(backend)?;
+        if upserts.is_empty() && deletes.is_empty() {
+            return Ok(());
         }
-        for key in deletes {
-            sqlx::query("DELETE FROM plugin_kv WHERE plugin_id = ? AND key = ?")
-                .bind(plugin_id)
-                .bind(key)
-                .execute(&mut *tx)
-                .await
-                .map_err(backend)?;
-        }
-        tx.commit().await.map_err(backend)?;
-        Ok(())
+        self.write_raw(upserts.len() + deletes.len(), |db| {
+            raw_writes::store_plugin_kv(db, plugin_id, upserts, deletes)
+        })
+        .await
     }
 
     async fn apply_group_change(
@@ -859,7 +797,7 @@ impl Store for SqliteStore {
             )));
         }
         // Dropping the transaction on any error rolls the whole change back.
-        let mut tx = self.writer.begin().await.map_err(backend)?;
+        let mut tx = self.begin_write().await?;
         let delta = change_group(&mut tx, group_id, change, announcement.server_time_ms).await?;
         let Appended::New(stored) = append_one(&mut tx, announcement).await? else {
             return Err(StoreError::Conflict(format!(
@@ -897,6 +835,7 @@ impl Store for SqliteStore {
             .await?
             .ok_or_else(|| StoreError::Backend(format!("group {group_id} vanished")))?;
         tx.commit().await.map_err(backend)?;
+        self.checkpointer.committed();
         Ok((group, stored))
     }
 
@@ -954,29 +893,12 @@ impl Store for SqliteStore {
         Ok(rows.iter().map(group_from_row).collect())
     }
 
-    async fn ack_delivered(
-        &self,
-        user_id: &str,
-        device_id: &str,
-        acks: &[(String, u64)],
-    ) -> StoreResult<()> {
-        let mut tx = self.writer.begin().await.map_err(backend)?;
-        for (conversation_id, seq) in acks {
-            sqlx::query(
-                "INSERT INTO device_cursors (user_id, device_id, conversation_id, delivered_seq) \
-                 VALUES (?, ?, ?, ?) ON CONFLICT (user_id, device_id, conversation_id) \
-                 DO UPDATE SET delivered_seq = MAX(delivered_seq, excluded.delivered_seq)",
-            )
-            .bind(user_id)
-            .bind(device_id)
-            .bind(conversation_id)
-            .bind((*seq).min(i64::MAX as u64) as i64)
-            .execute(&mut *tx)
-            .await
-            .map_err(backend)?;
+    async fn ack_delivered(&self, cursors: &[DeliveryCursor]) -> StoreResult<()> {
+        if cursors.is_empty() {
+            return Ok(());
         }
-        tx.commit().await.map_err(backend)?;
-        Ok(())
+        self.write_raw(cursors.len(), |db| raw_writes::store_cursors(db, cursors))
+            .await
     }
 }
 

@@ -28,11 +28,15 @@ pub async fn serve(endpoint: quinn::Endpoint, ctx: Arc<NodeContext>, tasks: Task
         tasks.spawn(async move {
             let peer = incoming.remote_address();
             let deadline = ctx.login_timeout();
-            let opened = tokio::time::timeout(deadline, async {
-                let connection = incoming.await?;
-                let (send, recv) = connection.accept_bi().await?;
-                Ok::<_, quinn::ConnectionError>((connection, send, recv))
-            })
+            // Boxed: the handshake's state is freed when it ends.
+            let opened = tokio::time::timeout(
+                deadline,
+                Box::pin(async {
+                    let connection = incoming.await?;
+                    let (send, recv) = connection.accept_bi().await?;
+                    Ok::<_, quinn::ConnectionError>((connection, send, recv))
+                }),
+            )
             .await;
             let (connection, send, recv) = match opened {
                 Ok(Ok(opened)) => opened,

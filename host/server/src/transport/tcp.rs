@@ -46,8 +46,12 @@ pub async fn serve(
             Some(acceptor) => {
                 let acceptor = acceptor.clone();
                 tasks.spawn(async move {
-                    let handshake =
-                        tokio::time::timeout(ctx.login_timeout(), acceptor.accept(stream)).await;
+                    // Boxed: the handshake's state is freed when it ends.
+                    let handshake = tokio::time::timeout(
+                        ctx.login_timeout(),
+                        Box::pin(acceptor.accept(stream)),
+                    )
+                    .await;
                     match handshake {
                         Ok(Ok(stream)) => {
                             run_session(ctx, StreamConn::new(stream, max, Transport::Tls), peer)

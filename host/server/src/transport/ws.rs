@@ -32,9 +32,9 @@ pub fn close_code(reason: CloseReason) -> u16 {
 
 fn ws_config(max_frame_bytes: usize) -> WebSocketConfig {
     // Small buffers: tungstenite's defaults (128 KiB read buffer) would dominate the memory
-    // of an idle connection.
+    // of an idle connection. A larger frame reserves its whole length once its header is read.
     WebSocketConfig::default()
-        .read_buffer_size(4 * 1024)
+        .read_buffer_size(1024)
         .write_buffer_size(0)
         .max_write_buffer_size(max_frame_bytes * 4)
         .max_message_size(Some(max_frame_bytes))
@@ -144,15 +144,19 @@ pub async fn serve(
             let deadline = tokio::time::Instant::now() + ctx.login_timeout();
             match tls {
                 None => upgrade_and_run(stream, Transport::WebSocket, deadline, ctx, peer).await,
-                Some(acceptor) => match tokio::time::timeout_at(deadline, acceptor.accept(stream))
-                    .await
-                {
-                    Ok(Ok(stream)) => {
-                        upgrade_and_run(stream, Transport::WebSocketTls, deadline, ctx, peer).await
+                Some(acceptor) => {
+                    match tokio::time::timeout_at(deadline, Box::pin(acceptor.accept(stream))).await
+                    {
+                        Ok(Ok(stream)) => {
+                            upgrade_and_run(stream, Transport::WebSocketTls, deadline, ctx, peer)
+                                .await
+                        }
+                        Ok(Err(err)) => {
+                            tracing::debug!(%peer, error = %err, "tls handshake failed")
+                        }
+                        Err(_) => tracing::debug!(%peer, "tls handshake timed out"),
                     }
-                    Ok(Err(err)) => tracing::debug!(%peer, error = %err, "tls handshake failed"),
-                    Err(_) => tracing::debug!(%peer, "tls handshake timed out"),
-                },
+                }
             }
         });
     }
@@ -167,8 +171,12 @@ async fn upgrade_and_run<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     peer: std::net::SocketAddr,
 ) {
     let max_frame_bytes = ctx.config.limits.max_frame_bytes;
-    let handshake =
-        tokio_tungstenite::accept_async_with_config(stream, Some(ws_config(max_frame_bytes)));
+    // Boxed, so the handshake's state is freed when it ends instead of sizing the
+    // connection's task for its whole life.
+    let handshake = Box::pin(tokio_tungstenite::accept_async_with_config(
+        stream,
+        Some(ws_config(max_frame_bytes)),
+    ));
     match tokio::time::timeout_at(deadline, handshake).await {
         Ok(Ok(ws)) => {
             run_session(

@@ -1,0 +1,251 @@
+//! The SQLite backend's hot writes (message batches, delivery cursors, plugin key-value flushes), each one transaction run synchronously on the writer's raw handle.
+//!
+//! sqlx runs every statement on its connection's worker thread, and on this kind of machine
+//! each hand-off (a futex wake and an eventfd write, both ways) costs more than the SQLite
+//! work of a small batch. So these writes take the writer once, with one hand-off, and then
+//! run every statement here, prepared once per transaction and executed per row.
+
+use std::collections::HashMap;
+
+use bytes::Bytes;
+use rusqlite::{Connection, OptionalExtension, params};
+
+use crate::{
+    Appended, DeliveryCursor, KvRecord, NewMessage, StoreError, StoreResult, StoredMessage,
+};
+
+fn backend(err: rusqlite::Error) -> StoreError {
+    StoreError::Backend(err.to_string())
+}
+
+const SELECT_BY_CLIENT_ID: &str = "SELECT conversation_id, seq, server_msg_id, sender_id, \
+     sender_device_id, recipient_id, client_msg_id, body, content_type, server_time_ms \
+     FROM messages WHERE sender_id = ?1 AND client_msg_id = ?2";
+
+fn stored_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<StoredMessage> {
+    Ok(StoredMessage {
+        conversation_id: row.get(0)?,
+        seq: row.get::<_, i64>(1)? as u64,
+        server_msg_id: row.get(2)?,
+        sender_id: row.get(3)?,
+        sender_device_id: row.get(4)?,
+        recipient_id: row.get(5)?,
+        client_msg_id: row.get(6)?,
+        body: Bytes::from(row.get::<_, Vec<u8>>(7)?),
+        content_type: row.get(8)?,
+        server_time_ms: row.get(9)?,
+    })
+}
+
+/// Runs `work` in one `BEGIN IMMEDIATE` transaction and commits it; rolls back on error.
+fn in_transaction<T>(
+    db: &Connection,
+    work: impl FnOnce(&Connection) -> StoreResult<T>,
+) -> StoreResult<T> {
+    db.execute_batch("BEGIN IMMEDIATE").map_err(backend)?;
+    match work(db) {
+        Ok(outcomes) => {
+            db.execute_batch("COMMIT").map_err(backend)?;
+            Ok(outcomes)
+        }
+        Err(err) => {
+            if let Err(rollback) = db.execute_batch("ROLLBACK") {
+                tracing::warn!(error = %rollback, "rollback of a failed write failed");
+            }
+            Err(err)
+        }
+    }
+}
+
+/// Moves delivery cursors forward (never backwards), all in one transaction.
+pub(super) fn store_cursors(db: &Connection, cursors: &[DeliveryCursor]) -> StoreResult<()> {
+    in_transaction(db, |db| {
+        let mut upsert = db
+            .prepare(
+                "INSERT INTO device_cursors (user_id, device_id, conversation_id, delivered_seq) \
+                 VALUES (?1, ?2, ?3, ?4) ON CONFLICT (user_id, device_id, conversation_id) \
+                 DO UPDATE SET delivered_seq = MAX(delivered_seq, excluded.delivered_seq)",
+            )
+            .map_err(backend)?;
+        for cursor in cursors {
+            upsert
+                .execute(params![
+                    cursor.user_id,
+                    cursor.device_id,
+                    cursor.conversation_id,
+                    cursor.seq.min(i64::MAX as u64) as i64,
+                ])
+                .map_err(backend)?;
+        }
+        Ok(())
+    })
+}
+
+/// Applies one flush of a plugin's key-value changes in one transaction.
+pub(super) fn store_plugin_kv(
+    db: &Connection,
+    plugin_id: &str,
+    upserts: &[KvRecord],
+    deletes: &[String],
+) -> StoreResult<()> {
+    in_transaction(db, |db| {
+        let mut upsert = db
+            .prepare(
+                "INSERT INTO plugin_kv (plugin_id, key, value, expires_at_ms) \
+                 VALUES (?1, ?2, ?3, ?4) ON CONFLICT (plugin_id, key) DO UPDATE \
+                 SET value = excluded.value, expires_at_ms = excluded.expires_at_ms",
+            )
+            .map_err(backend)?;
+        for record in upserts {
+            upsert
+                .execute(params![
+                    plugin_id,
+                    record.key,
+                    record.value,
+                    record.expires_at_ms
+                ])
+                .map_err(backend)?;
+        }
+        let mut delete = db
+            .prepare("DELETE FROM plugin_kv WHERE plugin_id = ?1 AND key = ?2")
+            .map_err(backend)?;
+        for key in deletes {
+            delete.execute(params![plugin_id, key]).map_err(backend)?;
+        }
+        Ok(())
+    })
+}
+
+/// Stores `batch` in one transaction: seqs assigned, duplicates answered with their originals.
+pub(super) fn append_batch(db: &Connection, batch: &[NewMessage]) -> StoreResult<Vec<Appended>> {
+    in_transaction(db, |db| append_in_transaction(db, batch))
+}
+
+fn append_in_transaction(db: &Connection, batch: &[NewMessage]) -> StoreResult<Vec<Appended>> {
+    let mut find_original = db.prepare(SELECT_BY_CLIENT_ID).map_err(backend)?;
+    let mut find_last_seq = db
+        .prepare("SELECT last_seq FROM conversations WHERE conversation_id = ?1")
+        .map_err(backend)?;
+    let mut insert = db
+        .prepare(
+            "INSERT INTO messages (conversation_id, seq, server_msg_id, sender_id, \
+             sender_device_id, recipient_id, client_msg_id, body, content_type, server_time_ms) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+        )
+        .map_err(backend)?;
+    // Per conversation: its last seq and the time of its latest message in this batch.
+    let mut conversations: HashMap<&str, (i64, i64)> = HashMap::new();
+    // This batch's own keys, so a repeat inside the batch is a duplicate of its first.
+    let mut in_batch: HashMap<(&str, &str), usize> = HashMap::new();
+    // Per (sender, conversation): the highest seq the sender wrote (it has read its own).
+    let mut read_cursors: HashMap<(&str, &str), i64> = HashMap::new();
+    let mut opened: Vec<&NewMessage> = Vec::new();
+    let mut outcomes: Vec<Appended> = Vec::with_capacity(batch.len());
+    for msg in batch {
+        let key = (msg.sender_id.as_str(), msg.client_msg_id.as_str());
+        if let Some(&first) = in_batch.get(&key) {
+            outcomes.push(Appended::Duplicate(outcomes[first].message().clone()));
+            continue;
+        }
+        if let Some(original) = find_original
+            .query_row(params![msg.sender_id, msg.client_msg_id], stored_from_row)
+            .optional()
+            .map_err(backend)?
+        {
+            outcomes.push(Appended::Duplicate(original));
+            continue;
+        }
+        let conversation = match conversations.get_mut(msg.conversation_id.as_str()) {
+            Some(entry) => entry,
+            None => {
+                let last: i64 = find_last_seq
+                    .query_row(params![msg.conversation_id], |row| row.get(0))
+                    .optional()
+                    .map_err(backend)?
+                    .unwrap_or(0);
+                conversations
+                    .entry(msg.conversation_id.as_str())
+                    .or_insert((last, msg.server_time_ms))
+            }
+        };
+        conversation.0 += 1;
+        conversation.1 = msg.server_time_ms;
+        let seq = conversation.0;
+        insert
+            .execute(params![
+                msg.conversation_id,
+                seq,
+                msg.server_msg_id,
+                msg.sender_id,
+                msg.sender_device_id,
+                msg.recipient_id,
+                msg.client_msg_id,
+                msg.body.as_ref(),
+                msg.content_type,
+                msg.server_time_ms,
+            ])
+            .map_err(backend)?;
+        if seq == 1 && !super::is_group_conversation(&msg.conversation_id) {
+            opened.push(msg);
+        }
+        let cursor = read_cursors
+            .entry((msg.sender_id.as_str(), msg.conversation_id.as_str()))
+            .or_insert(0);
+        *cursor = (*cursor).max(seq);
+        in_batch.insert(key, outcomes.len());
+        outcomes.push(Appended::New(msg.stored(seq as u64)));
+    }
+    if conversations.is_empty() {
+        return Ok(outcomes);
+    }
+    let mut upsert = db
+        .prepare(
+            "INSERT INTO conversations (conversation_id, last_seq, last_time_ms) VALUES (?1, ?2, ?3) \
+             ON CONFLICT (conversation_id) DO UPDATE \
+             SET last_seq = excluded.last_seq, last_time_ms = excluded.last_time_ms",
+        )
+        .map_err(backend)?;
+    for (id, (last_seq, time_ms)) in &conversations {
+        upsert
+            .execute(params![id, last_seq, time_ms])
+            .map_err(backend)?;
+    }
+    // A 1:1 conversation's two members come with its first message.
+    if !opened.is_empty() {
+        let mut member = db
+            .prepare(
+                "INSERT INTO conversation_members (user_id, conversation_id, peer_id) \
+                 VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING",
+            )
+            .map_err(backend)?;
+        for msg in opened {
+            member
+                .execute(params![
+                    msg.sender_id,
+                    msg.conversation_id,
+                    msg.recipient_id
+                ])
+                .map_err(backend)?;
+            member
+                .execute(params![
+                    msg.recipient_id,
+                    msg.conversation_id,
+                    msg.sender_id
+                ])
+                .map_err(backend)?;
+        }
+    }
+    // Only existing members move (an operator's sender to a group is not one).
+    let mut advance = db
+        .prepare(
+            "UPDATE conversation_members SET read_seq = MAX(read_seq, ?1) \
+             WHERE user_id = ?2 AND conversation_id = ?3",
+        )
+        .map_err(backend)?;
+    for ((user, conversation), seq) in &read_cursors {
+        advance
+            .execute(params![seq, user, conversation])
+            .map_err(backend)?;
+    }
+    Ok(outcomes)
+}

@@ -1,12 +1,14 @@
 //! The send pipeline: group-commits messages to the store, then acks senders and pushes to devices in seq order.
 //!
-//! One task owns the pipeline. While one batch is being committed, new sends queue up and
-//! form the next batch, so durability costs one commit per batch, not per message. Group
-//! changes go through the same task, in arrival order between the batches, because their
-//! announcements take seqs in the group's conversation too.
+//! One task commits: while one batch is being committed, new sends queue up and form the
+//! next batch, so durability costs one commit per batch, not per message. Group changes go
+//! through the same task, in arrival order between the batches, because their announcements
+//! take seqs in the group's conversation too. A second task answers and pushes each
+//! committed batch, in commit order, while the committer already stores the next one.
 //! Architecture invariant: acks and pushes are issued only after the commit returned, and
 //! in commit order, so every device sees each conversation's pushes in seq order.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -15,7 +17,7 @@ use im_proto::v1::{self, frame::Body};
 use im_store::{Appended, GroupInfo, NewMessage, Store, StoreError, StoreResult, StoredMessage};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::groups::{GroupDirectory, PreparedChange, group_to_proto};
+use crate::groups::{GroupDirectory, Members, PreparedChange, group_to_proto};
 use crate::metrics::{MessageKind, NodeMetrics};
 use crate::router::{ConnHandle, DeliverPush, LocalRouter, Outbound};
 
@@ -53,7 +55,8 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
-    /// Starts the pipeline task; it ends when every `Pipeline` handle is dropped.
+    /// Starts the pipeline's committer and dispatcher; the returned task ends when every
+    /// `Pipeline` handle is dropped and the last commit is answered.
     pub fn start(
         store: Arc<dyn Store>,
         router: Arc<LocalRouter>,
@@ -62,13 +65,23 @@ impl Pipeline {
         max_batch: usize,
     ) -> (Self, tokio::task::JoinHandle<()>) {
         let (jobs, rx) = mpsc::channel(max_batch.saturating_mul(4).max(64));
-        let worker = Worker {
-            store,
+        let (committed, to_dispatch) = mpsc::channel(DISPATCH_QUEUE);
+        let dispatcher = Dispatcher {
             router,
+            metrics: metrics.clone(),
+        };
+        let committer = Committer {
+            store,
             directory,
             metrics,
+            committed,
         };
-        let task = tokio::spawn(worker.run(rx, max_batch));
+        let task = tokio::spawn(async move {
+            let dispatching = tokio::spawn(dispatcher.run(to_dispatch));
+            committer.run(rx, max_batch).await;
+            // The committer dropped its sender: the dispatcher ends after the last batch.
+            let _ = dispatching.await;
+        });
         (Self { jobs }, task)
     }
 
@@ -86,15 +99,40 @@ impl Pipeline {
     }
 }
 
-/// The pipeline task's state.
-struct Worker {
-    store: Arc<dyn Store>,
-    router: Arc<LocalRouter>,
-    directory: Arc<GroupDirectory>,
-    metrics: Arc<NodeMetrics>,
+/// Committed batches the dispatcher may lag behind the committer.
+const DISPATCH_QUEUE: usize = 4;
+
+/// A commit's outcome, on its way to the dispatcher, with the members of each group it
+/// wrote to as they were at the commit (the dispatcher may run a few commits behind).
+enum Committed {
+    Sends {
+        jobs: Vec<SendJob>,
+        result: StoreResult<Vec<Appended>>,
+        audiences: Audiences,
+    },
+    Group {
+        group_id: String,
+        removed: Vec<String>,
+        reply: ReplyTo<(GroupInfo, StoredMessage)>,
+        /// Boxed: a group and a message are much larger than a batch's vectors.
+        result: Box<StoreResult<(GroupInfo, StoredMessage)>>,
+        members: Option<Members>,
+    },
 }
 
-impl Worker {
+/// Group id -> its members at the commit (`None`: unknown group or unreadable).
+type Audiences = HashMap<String, Option<Members>>;
+
+/// Stores batches and group changes, one commit at a time, in arrival order, and keeps the
+/// group-member cache current before the next commit.
+struct Committer {
+    store: Arc<dyn Store>,
+    directory: Arc<GroupDirectory>,
+    metrics: Arc<NodeMetrics>,
+    committed: mpsc::Sender<Committed>,
+}
+
+impl Committer {
     async fn run(self, mut rx: mpsc::Receiver<Job>, max_batch: usize) {
         let mut jobs = Vec::with_capacity(max_batch);
         let mut sends = Vec::with_capacity(max_batch);
@@ -124,9 +162,116 @@ impl Worker {
         let started = Instant::now();
         let result = self.store.append_messages(messages).await;
         self.metrics.store_commit(started.elapsed());
+        let mut audiences = Audiences::new();
+        if let Ok(outcomes) = &result {
+            for outcome in outcomes {
+                let Appended::New(stored) = outcome else {
+                    continue;
+                };
+                let Some(group_id) = ids::conversation_group(&stored.conversation_id) else {
+                    continue;
+                };
+                if !audiences.contains_key(group_id) {
+                    let members = self.members(group_id).await;
+                    audiences.insert(group_id.to_owned(), members);
+                }
+            }
+        }
+        let jobs = std::mem::replace(jobs, Vec::with_capacity(jobs.capacity()));
+        self.hand_over(Committed::Sends {
+            jobs,
+            result,
+            audiences,
+        })
+        .await;
+    }
+
+    /// A group's members from the cache (loaded on a miss).
+    async fn members(&self, group_id: &str) -> Option<Members> {
+        match self.directory.members(group_id).await {
+            Ok(members) => members,
+            // Members sync the gap on their next pull.
+            Err(err) => {
+                tracing::warn!(error = %err, group = group_id, "reading group members for a push failed");
+                None
+            }
+        }
+    }
+
+    async fn commit_group(&self, job: GroupJob) {
+        let PreparedChange {
+            group_id,
+            change,
+            announcement,
+            removed,
+        } = job.prepared;
+        let result = self
+            .store
+            .apply_group_change(&group_id, &change, &announcement)
+            .await;
+        // Refreshed before the next commit, so later messages reach the new membership.
+        let members = match &result {
+            Ok(_) => match self.directory.refresh(&group_id).await {
+                Ok(members) => members,
+                Err(err) => {
+                    tracing::warn!(error = %err, group = %group_id, "re-reading group members failed");
+                    None
+                }
+            },
+            Err(_) => None,
+        };
+        self.hand_over(Committed::Group {
+            group_id,
+            removed,
+            reply: job.reply,
+            result: Box::new(result),
+            members,
+        })
+        .await;
+    }
+
+    async fn hand_over(&self, committed: Committed) {
+        if self.committed.send(committed).await.is_err() {
+            tracing::error!("the pipeline's dispatcher stopped; a committed batch goes unanswered");
+        }
+    }
+}
+
+/// Answers and pushes committed batches, in commit order.
+struct Dispatcher {
+    router: Arc<LocalRouter>,
+    metrics: Arc<NodeMetrics>,
+}
+
+impl Dispatcher {
+    async fn run(self, mut committed: mpsc::Receiver<Committed>) {
+        while let Some(batch) = committed.recv().await {
+            match batch {
+                Committed::Sends {
+                    jobs,
+                    result,
+                    audiences,
+                } => self.answer_sends(jobs, result, &audiences),
+                Committed::Group {
+                    group_id,
+                    removed,
+                    reply,
+                    result,
+                    members,
+                } => self.answer_group(&group_id, &removed, reply, *result, members.as_ref()),
+            }
+        }
+    }
+
+    fn answer_sends(
+        &self,
+        jobs: Vec<SendJob>,
+        result: StoreResult<Vec<Appended>>,
+        audiences: &Audiences,
+    ) {
         match result {
             Ok(outcomes) => {
-                for (job, outcome) in jobs.drain(..).zip(outcomes) {
+                for (job, outcome) in jobs.into_iter().zip(outcomes) {
                     let duplicate = matches!(outcome, Appended::Duplicate(_));
                     let stored = outcome.message();
                     if !duplicate {
@@ -138,12 +283,12 @@ impl Worker {
                         ReplyTo::Connection { handle, request_id } => {
                             handle.offer(Outbound::Frame(ack_frame(request_id, stored, duplicate)));
                             if !duplicate {
-                                self.dispatch(stored, Some(handle.conn_id), &[]).await;
+                                self.dispatch(stored, Some(handle.conn_id), audiences, &[]);
                             }
                         }
                         ReplyTo::Caller(answer) => {
                             if !duplicate {
-                                self.dispatch(stored, None, &[]).await;
+                                self.dispatch(stored, None, audiences, &[]);
                             }
                             let _ = answer.send(Ok(outcome));
                         }
@@ -152,7 +297,7 @@ impl Worker {
             }
             Err(err) => {
                 tracing::error!(error = %err, batch = jobs.len(), "storing a batch of messages failed");
-                for job in jobs.drain(..) {
+                for job in jobs {
                     match job.reply {
                         ReplyTo::Connection { handle, request_id } => {
                             let frame = v1::Frame::error(
@@ -171,23 +316,16 @@ impl Worker {
         }
     }
 
-    async fn commit_group(&self, job: GroupJob) {
-        let PreparedChange {
-            group_id,
-            change,
-            announcement,
-            removed,
-        } = job.prepared;
-        let result = self
-            .store
-            .apply_group_change(&group_id, &change, &announcement)
-            .await;
-        if result.is_ok()
-            && let Err(err) = self.directory.refresh(&group_id).await
-        {
-            tracing::warn!(error = %err, group = %group_id, "re-reading group members failed");
-        }
-        match job.reply {
+    fn answer_group(
+        &self,
+        group_id: &str,
+        removed: &[String],
+        reply: ReplyTo<(GroupInfo, StoredMessage)>,
+        result: StoreResult<(GroupInfo, StoredMessage)>,
+        members: Option<&Members>,
+    ) {
+        let audiences: Audiences = [(group_id.to_owned(), members.cloned())].into();
+        match reply {
             ReplyTo::Connection { handle, request_id } => {
                 let frame = match &result {
                     Ok((group, event)) => v1::Frame::new(
@@ -214,12 +352,12 @@ impl Worker {
                 };
                 handle.offer(Outbound::Frame(frame.to_bytes()));
                 if let Ok((_, event)) = &result {
-                    self.dispatch(event, Some(handle.conn_id), &removed).await;
+                    self.dispatch(event, Some(handle.conn_id), &audiences, removed);
                 }
             }
             ReplyTo::Caller(answer) => {
                 if let Ok((_, event)) = &result {
-                    self.dispatch(event, None, &removed).await;
+                    self.dispatch(event, None, &audiences, removed);
                 }
                 let _ = answer.send(result);
             }
@@ -227,9 +365,15 @@ impl Worker {
     }
 
     /// Pushes a newly stored message to its audience: for 1:1, the recipient's devices and
-    /// the sender's other devices; for a group, every member's devices (and `also`, users a
-    /// change just removed). The sending connection gets its ack instead.
-    async fn dispatch(&self, m: &StoredMessage, sending_conn: Option<u64>, also: &[String]) {
+    /// the sender's other devices; for a group, every member's devices as of the commit (and
+    /// `also`, users a change just removed). The sending connection gets its ack instead.
+    fn dispatch(
+        &self,
+        m: &StoredMessage,
+        sending_conn: Option<u64>,
+        audiences: &Audiences,
+        also: &[String],
+    ) {
         let push = Arc::new(DeliverPush {
             conversation_id: m.conversation_id.as_str().into(),
             seq: m.seq,
@@ -248,16 +392,9 @@ impl Worker {
             }
         };
         if let Some(group_id) = ids::conversation_group(&m.conversation_id) {
-            match self.directory.members(group_id).await {
-                Ok(Some(members)) => {
-                    self.router
-                        .for_each_device_of(members.iter().map(|m| &**m), &mut offer);
-                }
-                Ok(None) => {}
-                // Members sync the gap on their next pull.
-                Err(err) => {
-                    tracing::warn!(error = %err, group = group_id, "reading group members for a push failed")
-                }
+            if let Some(Some(members)) = audiences.get(group_id) {
+                self.router
+                    .for_each_device_of(members.iter().map(|m| &**m), &mut offer);
             }
             self.router
                 .for_each_device_of(also.iter().map(String::as_str), &mut offer);

@@ -139,12 +139,21 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let ctx = ctx.clone();
-        let tls = tls.clone();
-        tasks.spawn(async move {
-            let deadline = tokio::time::Instant::now() + ctx.login_timeout();
-            match tls {
-                None => upgrade_and_run(stream, Transport::WebSocket, deadline, ctx, peer).await,
-                Some(acceptor) => {
+        let deadline = tokio::time::Instant::now() + ctx.login_timeout();
+        // One task type per case: a plain connection's task is not sized for TLS state.
+        match &tls {
+            None => {
+                tasks.spawn(upgrade_and_run(
+                    stream,
+                    Transport::WebSocket,
+                    deadline,
+                    ctx,
+                    peer,
+                ));
+            }
+            Some(acceptor) => {
+                let acceptor = acceptor.clone();
+                tasks.spawn(async move {
                     match tokio::time::timeout_at(deadline, Box::pin(acceptor.accept(stream))).await
                     {
                         Ok(Ok(stream)) => {
@@ -156,9 +165,9 @@ pub async fn serve(
                         }
                         Err(_) => tracing::debug!(%peer, "tls handshake timed out"),
                     }
-                }
+                });
             }
-        });
+        }
     }
 }
 

@@ -4,6 +4,7 @@
 Usage: scripts/bench-report.py OUT_DIR
 """
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -109,9 +110,18 @@ def durable_table(doc):
                 f"| {scenario} ({params}) | {offered} | {r['acked']} | {r['acked_per_s']:.0f} | {lat['p50_us']} µs | {lat['p99_us']} µs | "
                 f"{lat['p999_us']} µs | {r['cpu']['server_cores']:.2f} | {r['cpu']['loadgen_cores']:.2f} |"
             )
-    sat = {e["params"]["filters"]: e["result"]["acked_per_s"] for e in rows(doc, "plugins-saturation")}
+    # The median of the interleaved rounds per filter count: single runs on a shared
+    # 2-core machine vary by tens of percent.
+    by_filters = {}
+    for e in rows(doc, "plugins-saturation"):
+        by_filters.setdefault(e["params"]["filters"], []).append(e["result"]["acked_per_s"])
+    sat = {f: statistics.median(v) for f, v in by_filters.items()}
     if 0 in sat and 3 in sat and sat[0]:
-        lines.append(f"| 3 filters cost | | | {100 * (1 - sat[3] / sat[0]):.1f}% of throughput | | | | | |")
+        rounds = len(by_filters[0])
+        lines.append(
+            f"| 3 filters cost (median of {rounds} rounds: {sat[0]:.0f}/s with 0, {sat[3]:.0f}/s with 3) "
+            f"| | | {100 * (1 - sat[3] / sat[0]):.1f}% of throughput | | | | | |"
+        )
     return "\n".join(lines)
 
 

@@ -86,7 +86,9 @@ async fn hostile_plugins_are_contained(t: Transport) {
     server
         .install_plugin(&filter_manifest("spin", spin), "spin_filter.wasm")
         .await;
-    let bomb = "order = 2\nfailure = \"open\"\n[limits]\nmemory_mib = 16";
+    // A deadline far beyond the time to fill 16 MiB, so the memory cap is what stops it
+    // even on a loaded machine.
+    let bomb = "order = 2\nfailure = \"open\"\n[limits]\nmemory_mib = 16\ndeadline_ms = 2000";
     server
         .install_plugin(&filter_manifest("bomb", bomb), "memory_bomb.wasm")
         .await;

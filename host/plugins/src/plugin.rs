@@ -214,6 +214,9 @@ pub struct LoadedPlugin {
     deadline_ticks: u64,
 }
 
+/// Least wall time an instantiation may take, in milliseconds.
+const INSTANTIATE_DEADLINE_MS: u64 = 1_000;
+
 impl LoadedPlugin {
     pub fn new(
         manifest: Manifest,
@@ -262,8 +265,14 @@ impl LoadedPlugin {
             HostState::new(self.shared.clone(), self.memory_bytes),
         );
         store.limiter(|state| &mut state.limits);
-        // Instantiation runs guest code (start functions): give it the call deadline too.
-        store.set_epoch_deadline(self.deadline_ticks);
+        // Instantiation runs guest code (start functions) after host work whose wall time
+        // the epochs also count (the first instance in a fresh process faults its memory
+        // in): a call's deadline is too tight for it, yet a start function that never
+        // returns is still stopped.
+        store.set_epoch_deadline(
+            self.deadline_ticks
+                .max(INSTANTIATE_DEADLINE_MS.div_ceil(crate::engine::EPOCH_TICK_MS)),
+        );
         let instance = self.pre.instantiate_async(&mut store).await?;
         let exports = Exports {
             authenticator: self

@@ -123,6 +123,12 @@ enum Committed {
 /// Group id -> its members at the commit (`None`: unknown group or unreadable).
 type Audiences = HashMap<String, Option<Members>>;
 
+/// The members a group message goes to, from its commit's audiences; `None` for 1:1.
+fn audience<'a>(audiences: &'a Audiences, m: &StoredMessage) -> Option<&'a Members> {
+    let group_id = ids::conversation_group(&m.conversation_id)?;
+    audiences.get(group_id)?.as_ref()
+}
+
 /// Stores batches and group changes, one commit at a time, in arrival order, and keeps the
 /// group-member cache current before the next commit.
 struct Committer {
@@ -283,12 +289,13 @@ impl Dispatcher {
                         ReplyTo::Connection { handle, request_id } => {
                             handle.offer(Outbound::Frame(ack_frame(request_id, stored, duplicate)));
                             if !duplicate {
-                                self.dispatch(stored, Some(handle.conn_id), audiences, &[]);
+                                let members = audience(audiences, stored);
+                                self.dispatch(stored, Some(handle.conn_id), members, &[]);
                             }
                         }
                         ReplyTo::Caller(answer) => {
                             if !duplicate {
-                                self.dispatch(stored, None, audiences, &[]);
+                                self.dispatch(stored, None, audience(audiences, stored), &[]);
                             }
                             let _ = answer.send(Ok(outcome));
                         }
@@ -324,7 +331,6 @@ impl Dispatcher {
         result: StoreResult<(GroupInfo, StoredMessage)>,
         members: Option<&Members>,
     ) {
-        let audiences: Audiences = [(group_id.to_owned(), members.cloned())].into();
         match reply {
             ReplyTo::Connection { handle, request_id } => {
                 let frame = match &result {
@@ -352,12 +358,12 @@ impl Dispatcher {
                 };
                 handle.offer(Outbound::Frame(frame.to_bytes()));
                 if let Ok((_, event)) = &result {
-                    self.dispatch(event, Some(handle.conn_id), &audiences, removed);
+                    self.dispatch(event, Some(handle.conn_id), members, removed);
                 }
             }
             ReplyTo::Caller(answer) => {
                 if let Ok((_, event)) = &result {
-                    self.dispatch(event, None, &audiences, removed);
+                    self.dispatch(event, None, members, removed);
                 }
                 let _ = answer.send(result);
             }
@@ -365,13 +371,13 @@ impl Dispatcher {
     }
 
     /// Pushes a newly stored message to its audience: for 1:1, the recipient's devices and
-    /// the sender's other devices; for a group, every member's devices as of the commit (and
-    /// `also`, users a change just removed). The sending connection gets its ack instead.
+    /// the sender's other devices; for a group, `members` (its members as of the commit) and
+    /// `also` (users a change just removed). The sending connection gets its ack instead.
     fn dispatch(
         &self,
         m: &StoredMessage,
         sending_conn: Option<u64>,
-        audiences: &Audiences,
+        members: Option<&Members>,
         also: &[String],
     ) {
         let push = Arc::new(DeliverPush {
@@ -391,8 +397,8 @@ impl Dispatcher {
                 device.offer(Outbound::Deliver(push.clone()));
             }
         };
-        if let Some(group_id) = ids::conversation_group(&m.conversation_id) {
-            if let Some(Some(members)) = audiences.get(group_id) {
+        if ids::conversation_group(&m.conversation_id).is_some() {
+            if let Some(members) = members {
                 self.router
                     .for_each_device_of(members.iter().map(|m| &**m), &mut offer);
             }

@@ -68,7 +68,7 @@ const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(20);
 /// them and waits for two fsyncs). Woken after commits; stops when the store is closed.
 struct Checkpointer {
     wake: Arc<Notify>,
-    task: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    task: tokio::task::JoinHandle<()>,
 }
 
 impl Checkpointer {
@@ -84,10 +84,7 @@ impl Checkpointer {
                 tokio::time::sleep(CHECKPOINT_INTERVAL).await;
             }
         });
-        Self {
-            wake,
-            task: std::sync::Mutex::new(Some(task)),
-        }
+        Self { wake, task }
     }
 
     /// Called after each commit.
@@ -96,10 +93,7 @@ impl Checkpointer {
     }
 
     fn stop(&self) {
-        let task = self.task.lock().unwrap_or_else(|e| e.into_inner()).take();
-        if let Some(task) = task {
-            task.abort();
-        }
+        self.task.abort();
     }
 }
 
@@ -165,23 +159,19 @@ impl SqliteStore {
             })
             .busy_timeout(Duration::from_secs(10))
             .pragma("cache_size", "-16000")
-            // Multi-row upserts need statement journals: keep them off the disk.
+            // Statement journals and temporary tables stay off the disk (multi-row and
+            // upsert statements open one per commit otherwise).
             .pragma("temp_store", "memory")
             .statement_cache_capacity(64);
+        // Commits never checkpoint; the checkpointer's own connection does.
+        let writing = connect.clone().pragma("wal_autocheckpoint", "0");
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
             .min_connections(1)
-            .connect_with(connect.clone().pragma("wal_autocheckpoint", "0"))
+            .connect_with(writing.clone())
             .await
             .map_err(backend)?;
-        let checkpointer = Checkpointer::start(
-            connect
-                .clone()
-                .pragma("wal_autocheckpoint", "0")
-                .connect()
-                .await
-                .map_err(backend)?,
-        );
+        let checkpointer = Checkpointer::start(writing.connect().await.map_err(backend)?);
         MIGRATOR.run(&writer).await.map_err(backend)?;
         let readers = SqlitePoolOptions::new()
             .max_connections(options.reader_connections.max(1))

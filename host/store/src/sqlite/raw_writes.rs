@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use bytes::Bytes;
 use rusqlite::{Connection, OptionalExtension, params};
 
+use super::MESSAGE_COLUMNS;
 use crate::{
     Appended, DeliveryCursor, KvRecord, NewMessage, StoreError, StoreResult, StoredMessage,
 };
@@ -18,10 +19,7 @@ fn backend(err: rusqlite::Error) -> StoreError {
     StoreError::Backend(err.to_string())
 }
 
-const SELECT_BY_CLIENT_ID: &str = "SELECT conversation_id, seq, server_msg_id, sender_id, \
-     sender_device_id, recipient_id, client_msg_id, body, content_type, server_time_ms \
-     FROM messages WHERE sender_id = ?1 AND client_msg_id = ?2";
-
+/// A row of `MESSAGE_COLUMNS`, in their order.
 fn stored_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<StoredMessage> {
     Ok(StoredMessage {
         conversation_id: row.get(0)?,
@@ -122,7 +120,11 @@ pub(super) fn append_batch(db: &Connection, batch: &[NewMessage]) -> StoreResult
 }
 
 fn append_in_transaction(db: &Connection, batch: &[NewMessage]) -> StoreResult<Vec<Appended>> {
-    let mut find_original = db.prepare(SELECT_BY_CLIENT_ID).map_err(backend)?;
+    let mut find_original = db
+        .prepare(&format!(
+            "SELECT {MESSAGE_COLUMNS} FROM messages WHERE sender_id = ?1 AND client_msg_id = ?2"
+        ))
+        .map_err(backend)?;
     let mut find_last_seq = db
         .prepare("SELECT last_seq FROM conversations WHERE conversation_id = ?1")
         .map_err(backend)?;

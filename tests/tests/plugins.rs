@@ -17,6 +17,7 @@ fn filter_manifest(id: &str, extra: &str) -> String {
 on_every_transport!(
     filter_masks_and_rejects,
     spammer_is_throttled,
+    repeated_bodies_are_blocked,
     hostile_plugins_are_contained
 );
 
@@ -74,6 +75,26 @@ async fn spammer_is_throttled(t: Transport) {
         carol.send_text("bob", &format!("hello {i}")).await.unwrap();
     }
     assert_eq!(receive(&mut bob_events, 10, WAIT).await.len(), 10);
+}
+
+async fn repeated_bodies_are_blocked(t: Transport) {
+    let server = TestServer::start().await;
+    let risk = "id = \"risk-control\"\nversion = \"0.1.0\"\nhooks = [\"risk-control\"]\n\
+                [config]\nsend_rate = \"1000\"\nsend_burst = \"1000\"\nrepeat_limit = \"3\"";
+    server.install_plugin(risk, "risk_control.wasm").await;
+    let (_bob, mut bob_events) = server.client(t, "bob", "phone").await;
+    let (dave, _) = server.client(t, "dave", "phone").await;
+    // Distinct bodies in between do not reset or hide the repeated one.
+    for i in 0..3 {
+        dave.send_text("bob", "same offer").await.unwrap();
+        dave.send_text("bob", &format!("other {i}")).await.unwrap();
+    }
+    let err = dave.send_text("bob", "same offer").await.unwrap_err();
+    assert_eq!(err.code(), Some(v1::ErrorCode::Rejected), "{err}");
+    assert!(err.to_string().contains("4 times"), "{err}");
+    // Other bodies still pass.
+    dave.send_text("bob", "something new").await.unwrap();
+    assert_eq!(receive(&mut bob_events, 7, WAIT).await.len(), 7);
 }
 
 async fn hostile_plugins_are_contained(t: Transport) {
@@ -227,6 +248,30 @@ async fn admin_api_requires_its_token_and_refuses_bad_input() {
 async fn hot_upgrade_drops_no_connection_and_loses_no_message() {
     let server = TestServer::start().await;
     let (_bob, mut bob_events) = server.client(Transport::Tcp, "bob", "phone").await;
+    // Bob reads as the messages come (as an application does), until told how many to
+    // expect; a disconnect of his is a failure too.
+    let (expect_total, mut total) = tokio::sync::oneshot::channel::<usize>();
+    let bob_reads = tokio::spawn(async move {
+        let mut got = Vec::new();
+        let mut expected = None;
+        loop {
+            if let Ok(n) = total.try_recv() {
+                expected = Some(n);
+            }
+            if expected.is_some_and(|n| got.len() >= n) {
+                break;
+            }
+            match tokio::time::timeout(Duration::from_millis(50), bob_events.next()).await {
+                Ok(Some(Event::Message(m))) => got.push(m),
+                Ok(Some(event @ (Event::Disconnected { .. } | Event::Closed { .. }))) => {
+                    panic!("bob: {event:?}")
+                }
+                Ok(Some(_)) | Err(_) => {}
+                Ok(None) => panic!("bob's events ended"),
+            }
+        }
+        (got, bob_events)
+    });
     // Three senders, one per transport, sending continuously while the filter changes.
     let mut senders = Vec::new();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -289,7 +334,11 @@ async fn hot_upgrade_drops_no_connection_and_loses_no_message() {
     // Every session is still the one it started as.
     assert_eq!(server.logged_in(), 4);
     let total: u64 = expected.values().sum();
-    let got = receive(&mut bob_events, total as usize, WAIT).await;
+    expect_total.send(total as usize).unwrap();
+    let (got, mut bob_events) = tokio::time::timeout(WAIT, bob_reads)
+        .await
+        .expect("bob received every message in time")
+        .unwrap();
     assert_no_message(&mut bob_events, Duration::from_millis(300)).await;
     // Per sender: every message exactly once, in order; the tags show the filter changes.
     let mut next: HashMap<String, u64> = HashMap::new();

@@ -22,7 +22,10 @@ use crate::{
     UserRecord,
 };
 
+mod journal;
 mod raw_writes;
+
+use journal::Journal;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
@@ -47,8 +50,15 @@ impl Default for SqliteOptions {
 /// The SQLite [`Store`].
 #[derive(Clone)]
 pub struct SqliteStore {
-    writer: SqlitePool,
+    writer: Writer,
     readers: SqlitePool,
+    journal: Arc<Journal>,
+}
+
+/// The one writer connection, and the checkpointer its commits wake.
+#[derive(Clone)]
+struct Writer {
+    pool: SqlitePool,
     checkpointer: Arc<Checkpointer>,
 }
 
@@ -61,7 +71,7 @@ const BLOCK_IN_PLACE_ROWS: usize = 64;
 const RESTART_WAL_FRAMES: i64 = 65_536;
 
 /// Least time between two checkpoints: each one syncs the WAL and the database file.
-const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(20);
+const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(200);
 
 /// Copies the WAL into the database file on a connection of its own, so that commits never
 /// run a checkpoint (with SQLite's automatic checkpoints a commit every 1,000 pages copies
@@ -173,6 +183,11 @@ impl SqliteStore {
             .map_err(backend)?;
         let checkpointer = Checkpointer::start(writing.connect().await.map_err(backend)?);
         MIGRATOR.run(&writer).await.map_err(backend)?;
+        let writer = Writer {
+            pool: writer,
+            checkpointer: Arc::new(checkpointer),
+        };
+        let journal = Journal::open(path, options.fsync_each_commit, writer.clone()).await?;
         let readers = SqlitePoolOptions::new()
             .max_connections(options.reader_connections.max(1))
             .connect_with(connect.read_only(true))
@@ -181,15 +196,25 @@ impl SqliteStore {
         Ok(Self {
             writer,
             readers,
-            checkpointer: Arc::new(checkpointer),
+            journal: Arc::new(journal),
         })
     }
 
+    /// Closes all connections, checkpointing the WAL, after the journal is applied.
+    pub async fn close(&self) {
+        self.journal.close().await;
+        self.writer.checkpointer.stop();
+        self.readers.close().await;
+        self.writer.pool.close().await;
+    }
+}
+
+impl Writer {
     /// A write transaction that holds the write lock from its start. (A deferred one that
     /// reads first cannot wait for the lock later: it would fail with SQLITE_BUSY while the
     /// checkpointer restarts the WAL.)
     async fn begin_write(&self) -> StoreResult<sqlx::Transaction<'static, sqlx::Sqlite>> {
-        self.writer
+        self.pool
             .begin_with("BEGIN IMMEDIATE")
             .await
             .map_err(backend)
@@ -202,7 +227,7 @@ impl SqliteStore {
         rows: usize,
         work: impl FnOnce(&rusqlite::Connection) -> StoreResult<T>,
     ) -> StoreResult<T> {
-        let mut conn = self.writer.acquire().await.map_err(backend)?;
+        let mut conn = self.pool.acquire().await.map_err(backend)?;
         let mut handle = conn.lock_handle().await.map_err(backend)?;
         let raw = handle.as_raw_handle().as_ptr();
         let run = || {
@@ -229,11 +254,10 @@ impl SqliteStore {
         result
     }
 
-    /// Closes all connections, checkpointing the WAL.
-    pub async fn close(&self) {
-        self.checkpointer.stop();
-        self.readers.close().await;
-        self.writer.close().await;
+    /// Called after each commit made outside `write_raw` (sqlx transactions, the journal's
+    /// applier).
+    fn committed(&self) {
+        self.checkpointer.committed();
     }
 }
 
@@ -535,10 +559,10 @@ impl Store for SqliteStore {
         sqlx::query("INSERT INTO users (user_id, created_ms) VALUES (?, ?) ON CONFLICT DO NOTHING")
             .bind(user_id)
             .bind(now_ms)
-            .execute(&self.writer)
+            .execute(&self.writer.pool)
             .await
             .map_err(backend)?;
-        self.checkpointer.committed();
+        self.writer.committed();
         Ok(())
     }
 
@@ -577,8 +601,7 @@ impl Store for SqliteStore {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
-        self.write_raw(batch.len(), |db| raw_writes::append_batch(db, batch))
-            .await
+        self.journal.append(batch).await
     }
 
     async fn messages_after(
@@ -587,6 +610,7 @@ impl Store for SqliteStore {
         after_seq: u64,
         limit: u32,
     ) -> StoreResult<Vec<StoredMessage>> {
+        self.journal.settled().await?;
         let rows = sqlx::query(&format!(
             "SELECT {MESSAGE_COLUMNS} FROM messages WHERE conversation_id = ? AND seq > ? \
              ORDER BY seq ASC LIMIT ?"
@@ -607,6 +631,7 @@ impl Store for SqliteStore {
         before_seq: u64,
         limit: u32,
     ) -> StoreResult<Vec<StoredMessage>> {
+        self.journal.settled().await?;
         let before = if before_seq == 0 {
             i64::MAX
         } else {
@@ -626,6 +651,7 @@ impl Store for SqliteStore {
     }
 
     async fn last_seq(&self, conversation_id: &str) -> StoreResult<u64> {
+        self.journal.settled().await?;
         let seq: Option<i64> =
             sqlx::query_scalar("SELECT last_seq FROM conversations WHERE conversation_id = ?")
                 .bind(conversation_id)
@@ -636,6 +662,7 @@ impl Store for SqliteStore {
     }
 
     async fn is_member(&self, user_id: &str, conversation_id: &str) -> StoreResult<bool> {
+        self.journal.settled().await?;
         let found: Option<i64> = sqlx::query_scalar(
             "SELECT 1 FROM conversation_members WHERE user_id = ? AND conversation_id = ?",
         )
@@ -654,6 +681,7 @@ impl Store for SqliteStore {
         after: Option<ListPosition<'_>>,
         limit: u32,
     ) -> StoreResult<Vec<ConversationSummary>> {
+        self.journal.settled().await?;
         let (before_time, after_id) =
             after.map_or((i64::MAX, ""), |p| (p.last_time_ms, p.conversation_id));
         let mut conn = self.readers.acquire().await.map_err(backend)?;
@@ -712,7 +740,8 @@ impl Store for SqliteStore {
         conversation_id: &str,
         read_seq: u64,
     ) -> StoreResult<ReadState> {
-        let mut tx = self.begin_write().await?;
+        self.journal.settled().await?;
+        let mut tx = self.writer.begin_write().await?;
         let updated: Option<i64> = sqlx::query_scalar(
             "UPDATE conversation_members \
              SET read_seq = MAX(read_seq, MIN(?, (SELECT last_seq FROM conversations c \
@@ -731,7 +760,7 @@ impl Store for SqliteStore {
         let read_seq = read_seq as u64;
         let unread_count = unread_count(&mut tx, user_id, conversation_id, read_seq).await?;
         tx.commit().await.map_err(backend)?;
-        self.checkpointer.committed();
+        self.writer.committed();
         Ok(ReadState {
             read_seq,
             unread_count,
@@ -767,10 +796,11 @@ impl Store for SqliteStore {
         if upserts.is_empty() && deletes.is_empty() {
             return Ok(());
         }
-        self.write_raw(upserts.len() + deletes.len(), |db| {
-            raw_writes::store_plugin_kv(db, plugin_id, upserts, deletes)
-        })
-        .await
+        self.writer
+            .write_raw(upserts.len() + deletes.len(), |db| {
+                raw_writes::store_plugin_kv(db, plugin_id, upserts, deletes)
+            })
+            .await
     }
 
     async fn apply_group_change(
@@ -786,8 +816,10 @@ impl Store for SqliteStore {
                 announcement.conversation_id
             )));
         }
+        // Holding the journal keeps appends out while this change takes its seq in SQLite.
+        let _journal = self.journal.exclusive().await?;
         // Dropping the transaction on any error rolls the whole change back.
-        let mut tx = self.begin_write().await?;
+        let mut tx = self.writer.begin_write().await?;
         let delta = change_group(&mut tx, group_id, change, announcement.server_time_ms).await?;
         let Appended::New(stored) = append_one(&mut tx, announcement).await? else {
             return Err(StoreError::Conflict(format!(
@@ -825,7 +857,7 @@ impl Store for SqliteStore {
             .await?
             .ok_or_else(|| StoreError::Backend(format!("group {group_id} vanished")))?;
         tx.commit().await.map_err(backend)?;
-        self.checkpointer.committed();
+        self.writer.committed();
         Ok((group, stored))
     }
 
@@ -887,7 +919,8 @@ impl Store for SqliteStore {
         if cursors.is_empty() {
             return Ok(());
         }
-        self.write_raw(cursors.len(), |db| raw_writes::store_cursors(db, cursors))
+        self.writer
+            .write_raw(cursors.len(), |db| raw_writes::store_cursors(db, cursors))
             .await
     }
 }

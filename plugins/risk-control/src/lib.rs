@@ -67,6 +67,85 @@ pub fn fingerprint(bytes: &[u8]) -> u64 {
     })
 }
 
+/// Distinct recent bodies remembered per user for repeat detection. One KV entry per user
+/// holds them all (a key per body would write a new row for nearly every message).
+pub const REPEAT_SLOTS: usize = 64;
+
+/// One remembered body: fingerprint, times seen, start of its window; 20 bytes encoded.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Seen {
+    fingerprint: u64,
+    count: u32,
+    since_ms: i64,
+}
+
+const SEEN_BYTES: usize = 20;
+
+/// Counts one more sending of the body with `fingerprint` at `now_ms` in a user's state
+/// (`None`: nothing remembered). A body's count restarts once `window_ms` passed since its
+/// first sending; beyond [`REPEAT_SLOTS`] bodies the one remembered longest is forgotten.
+/// Returns the new state and the body's count within its window.
+pub fn count_repeat(
+    state: Option<&[u8]>,
+    fingerprint: u64,
+    now_ms: i64,
+    window_ms: i64,
+) -> (Vec<u8>, u32) {
+    let mut seen: Vec<Seen> = state
+        .unwrap_or_default()
+        .chunks_exact(SEEN_BYTES)
+        .map(|c| Seen {
+            fingerprint: u64::from_le_bytes(c[0..8].try_into().expect("8 bytes")),
+            count: u32::from_le_bytes(c[8..12].try_into().expect("4 bytes")),
+            since_ms: i64::from_le_bytes(c[12..20].try_into().expect("8 bytes")),
+        })
+        .filter(|s| now_ms - s.since_ms < window_ms)
+        .collect();
+    let count = match seen.iter_mut().find(|s| s.fingerprint == fingerprint) {
+        Some(s) => {
+            s.count = s.count.saturating_add(1);
+            s.count
+        }
+        None => {
+            if seen.len() >= REPEAT_SLOTS
+                && let Some(oldest) = (0..seen.len()).min_by_key(|&i| seen[i].since_ms)
+            {
+                seen.remove(oldest);
+            }
+            seen.push(Seen {
+                fingerprint,
+                count: 1,
+                since_ms: now_ms,
+            });
+            1
+        }
+    };
+    let mut out = Vec::with_capacity(seen.len() * SEEN_BYTES);
+    for s in &seen {
+        out.extend_from_slice(&s.fingerprint.to_le_bytes());
+        out.extend_from_slice(&s.count.to_le_bytes());
+        out.extend_from_slice(&s.since_ms.to_le_bytes());
+    }
+    (out, count)
+}
+
+/// Counts a sending of the body in the user's state at `key`, atomically across instances;
+/// `None` when the state cannot be written (out of KV space: the body is let through, the
+/// send-rate limit still applies).
+fn count_in_kv(key: &str, fingerprint: u64, window_ms: u64) -> Option<i64> {
+    let window = i64::try_from(window_ms).unwrap_or(i64::MAX);
+    for _ in 0..16 {
+        let current = kv::get(key);
+        let (next, count) = count_repeat(current.as_deref(), fingerprint, clock::now_ms(), window);
+        match kv::compare_and_swap(key, current.as_deref(), Some(&next), Some(window_ms)) {
+            Ok(true) => return Some(i64::from(count)),
+            Ok(false) => continue,
+            Err(_) => return None,
+        }
+    }
+    None
+}
+
 struct Limits;
 
 impl RiskControl for Limits {
@@ -86,9 +165,10 @@ impl RiskControl for Limits {
                 let window: u64 = config::get_or("repeat_window_ms", "60000")
                     .parse()
                     .unwrap_or(60_000);
-                let key = format!("repeat:{user}:{:016x}", fingerprint(&message.body()));
-                match kv::increment(&key, 1, Some(window)) {
-                    Ok(count) if count > repeat_limit => RiskVerdict::Block(format!(
+                let key = format!("repeat:{user}");
+                let fingerprint = fingerprint(&message.body());
+                match count_in_kv(&key, fingerprint, window) {
+                    Some(count) if count > repeat_limit => RiskVerdict::Block(format!(
                         "the same message was sent {count} times within {} s",
                         window / 1000
                     )),
@@ -132,6 +212,41 @@ mod tests {
         assert_eq!(take(b, state.as_deref(), 0), Err(500));
         assert_eq!(take(b, state.as_deref(), 250), Err(250));
         assert!(take(b, state.as_deref(), 500).is_ok());
+    }
+
+    #[test]
+    fn repeats_are_counted_per_body_within_the_window() {
+        let (a, b) = (fingerprint(b"a"), fingerprint(b"b"));
+        let mut state: Option<Vec<u8>> = None;
+        let mut send = |fp, now| {
+            let (next, count) = count_repeat(state.as_deref(), fp, now, 1_000);
+            state = Some(next);
+            count
+        };
+        assert_eq!(send(a, 0), 1);
+        assert_eq!(send(a, 100), 2);
+        assert_eq!(send(b, 200), 1);
+        assert_eq!(send(a, 900), 3);
+        // a's window started at 0: at 1,000 it starts again; b's is still open.
+        assert_eq!(send(a, 1_000), 1);
+        assert_eq!(send(b, 1_100), 2);
+    }
+
+    #[test]
+    fn repeat_state_is_bounded_and_forgets_the_oldest_body() {
+        let mut state: Option<Vec<u8>> = None;
+        for n in 0..(REPEAT_SLOTS as u64 + 10) {
+            let (next, count) = count_repeat(state.as_deref(), n, n as i64, 1_000_000);
+            assert_eq!(count, 1);
+            state = Some(next);
+        }
+        assert_eq!(state.as_ref().unwrap().len(), REPEAT_SLOTS * SEEN_BYTES);
+        // The first bodies were forgotten; the latest is remembered.
+        let (_, count) = count_repeat(state.as_deref(), 0, 100, 1_000_000);
+        assert_eq!(count, 1);
+        let last = REPEAT_SLOTS as u64 + 9;
+        let (_, count) = count_repeat(state.as_deref(), last, 100, 1_000_000);
+        assert_eq!(count, 2);
     }
 
     #[test]

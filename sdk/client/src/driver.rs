@@ -15,6 +15,15 @@ use crate::{ClientConfig, ClientError, Command, Event, Reply, Resume};
 /// How often timeouts are checked.
 const TICK: Duration = Duration::from_millis(250);
 
+/// How long a delivery ack may wait for company: acks ride along with the next frame this
+/// device writes, or leave on their own after this long (acks are cumulative, so a wait
+/// also folds several pushes of a conversation into one). Far below the server's re-push
+/// delay (seconds).
+const ACK_DELAY: Duration = Duration::from_millis(20);
+
+/// Conversations with unwritten acks past which they are written without waiting.
+const ACK_BATCH: usize = 64;
+
 /// Dials and logs in.
 pub(crate) async fn establish(
     config: &ClientConfig,
@@ -422,20 +431,24 @@ impl Driver {
         let mut probe_sent: Option<Instant> = None;
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // When the oldest unwritten ack must go; `acks_due` arms it.
+        let ack_timer = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(ack_timer);
+        let mut acks_due: Option<Instant> = None;
         loop {
-            if !self.out.is_empty() || !self.unacked.is_empty() {
-                for (conversation_id, seq) in self.unacked.drain() {
-                    self.out.push(
-                        v1::Frame::new(
-                            0,
-                            Body::DeliverAck(v1::DeliverAck {
-                                conversation_id,
-                                seq,
-                            }),
-                        )
-                        .to_bytes(),
-                    );
+            if !self.unacked.is_empty() {
+                let now = Instant::now();
+                let due = *acks_due.get_or_insert_with(|| {
+                    let due = now + ACK_DELAY;
+                    ack_timer.as_mut().reset(due);
+                    due
+                });
+                if !self.out.is_empty() || now >= due || self.unacked.len() >= ACK_BATCH {
+                    self.queue_acks();
+                    acks_due = None;
                 }
+            }
+            if !self.out.is_empty() {
                 if let Err(e) = conn.send(&self.out).await {
                     return Outcome::Lost(format!("write failed: {e}"));
                 }
@@ -444,10 +457,12 @@ impl Driver {
             tokio::select! {
                 command = self.commands.recv() => match command {
                     None => {
+                        self.flush_acks(&mut conn).await;
                         conn.close().await;
                         return Outcome::Shutdown(None);
                     }
                     Some(Command::Close { done }) => {
+                        self.flush_acks(&mut conn).await;
                         conn.close().await;
                         return Outcome::Shutdown(Some(done));
                     }
@@ -469,6 +484,8 @@ impl Driver {
                         return outcome;
                     }
                 }
+                // The loop's top writes the acks that are due.
+                _ = &mut ack_timer, if acks_due.is_some() => {}
                 _ = tick.tick() => {
                     let now = Instant::now();
                     self.expire(now);
@@ -498,6 +515,32 @@ impl Driver {
                     }
                 }
             }
+        }
+    }
+
+    /// Moves every unwritten delivery ack into the outgoing frames.
+    fn queue_acks(&mut self) {
+        for (conversation_id, seq) in self.unacked.drain() {
+            self.out.push(
+                v1::Frame::new(
+                    0,
+                    Body::DeliverAck(v1::DeliverAck {
+                        conversation_id,
+                        seq,
+                    }),
+                )
+                .to_bytes(),
+            );
+        }
+    }
+
+    /// Writes the acks still waiting before a deliberate close (best effort: the server
+    /// re-pushes what stays unacknowledged anyway).
+    async fn flush_acks(&mut self, conn: &mut Connection) {
+        self.queue_acks();
+        if !self.out.is_empty() {
+            let _ = conn.send(&self.out).await;
+            self.out.clear();
         }
     }
 

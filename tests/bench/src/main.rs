@@ -61,6 +61,9 @@ struct AllArgs {
     /// Skip mosquitto and nats-server.
     #[arg(long)]
     no_peers: bool,
+    /// Round-trip rates (messages/s) instead of the mode's.
+    #[arg(long, value_delimiter = ',')]
+    rtt_rates: Vec<u64>,
 }
 
 /// What one configuration of a scenario is run with.
@@ -203,7 +206,10 @@ fn keyword_filters(repo: &Path, count: usize) -> Vec<BenchPlugin> {
 
 async fn run_all(args: AllArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.out)?;
-    let plan = Plan::new(args.quick);
+    let mut plan = Plan::new(args.quick);
+    if !args.rtt_rates.is_empty() {
+        plan.rtt_rates = args.rtt_rates.clone();
+    }
     let wanted = |name: &str| args.only.is_empty() || args.only.iter().any(|o| o == name);
     let started = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?

@@ -191,8 +191,102 @@ pub struct FanoutResult {
 }
 
 /// Sleeps until `at` (open-loop senders keep their schedule whatever the answers do).
+///
+/// Not tokio's timer: it fires on whole milliseconds, so a send scheduled every 200 µs would
+/// leave up to 1 ms late, and that lateness would be counted as latency of the system under
+/// test. A thread of its own wakes each sleeper at its instant (to within the kernel's timer
+/// slack, about 50 µs).
 pub async fn sleep_until(at: Instant) {
-    tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await;
+    if at <= Instant::now() {
+        return;
+    }
+    let (woken, wake) = tokio::sync::oneshot::channel();
+    PreciseTimer::get().add(at, woken);
+    let _ = wake.await;
+}
+
+/// One sleeper of [`PreciseTimer`], ordered by its instant (then arrival).
+struct Sleeper {
+    at: Instant,
+    order: u64,
+    wake: tokio::sync::oneshot::Sender<()>,
+}
+
+impl PartialEq for Sleeper {
+    fn eq(&self, other: &Self) -> bool {
+        (self.at, self.order) == (other.at, other.order)
+    }
+}
+impl Eq for Sleeper {}
+impl PartialOrd for Sleeper {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Sleeper {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (self.at, self.order).cmp(&(other.at, other.order))
+    }
+}
+
+#[derive(Default)]
+struct PreciseTimer {
+    sleepers: std::sync::Mutex<(
+        std::collections::BinaryHeap<std::cmp::Reverse<Sleeper>>,
+        u64,
+    )>,
+    changed: std::sync::Condvar,
+}
+
+impl PreciseTimer {
+    fn get() -> &'static PreciseTimer {
+        static TIMER: OnceLock<&'static PreciseTimer> = OnceLock::new();
+        TIMER.get_or_init(|| {
+            let timer: &'static PreciseTimer = Box::leak(Box::default());
+            std::thread::Builder::new()
+                .name("bench-timer".into())
+                .spawn(move || timer.run())
+                .expect("start the benchmark timer thread");
+            timer
+        })
+    }
+
+    fn add(&self, at: Instant, wake: tokio::sync::oneshot::Sender<()>) {
+        let mut guard = self.sleepers.lock().unwrap_or_else(|p| p.into_inner());
+        let (sleepers, order) = &mut *guard;
+        *order += 1;
+        let earliest = sleepers.peek().is_none_or(|first| at < first.0.at);
+        sleepers.push(std::cmp::Reverse(Sleeper {
+            at,
+            order: *order,
+            wake,
+        }));
+        if earliest {
+            self.changed.notify_one();
+        }
+    }
+
+    fn run(&self) {
+        let mut guard = self.sleepers.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            let now = Instant::now();
+            match guard.0.peek().map(|first| first.0.at) {
+                None => guard = self.changed.wait(guard).unwrap_or_else(|p| p.into_inner()),
+                Some(at) if at <= now => {
+                    if let Some(std::cmp::Reverse(due)) = guard.0.pop() {
+                        let _ = due.wake.send(());
+                    }
+                }
+                Some(at) => {
+                    guard = self
+                        .changed
+                        .wait_timeout(guard, at - now)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0;
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]

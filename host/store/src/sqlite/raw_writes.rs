@@ -1,4 +1,4 @@
-//! The SQLite backend's hot writes (message batches, delivery cursors, plugin key-value flushes), each one transaction run synchronously on the writer's raw handle.
+//! The SQLite backend's hot writes (journaled message batches, delivery cursors, plugin key-value flushes), each one transaction run synchronously on the writer's raw handle.
 //!
 //! sqlx runs every statement on its connection's worker thread, and on this kind of machine
 //! each hand-off (a futex wake and an eventfd write, both ways) costs more than the SQLite
@@ -6,21 +6,19 @@
 //! run every statement here, prepared once per transaction and executed per row.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use rusqlite::{Connection, OptionalExtension, params};
 
-use super::MESSAGE_COLUMNS;
-use crate::{
-    Appended, DeliveryCursor, KvRecord, NewMessage, StoreError, StoreResult, StoredMessage,
-};
+use crate::{DeliveryCursor, KvRecord, StoreError, StoreResult, StoredMessage};
 
 fn backend(err: rusqlite::Error) -> StoreError {
     StoreError::Backend(err.to_string())
 }
 
 /// A row of `MESSAGE_COLUMNS`, in their order.
-fn stored_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<StoredMessage> {
+pub(super) fn stored_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<StoredMessage> {
     Ok(StoredMessage {
         conversation_id: row.get(0)?,
         seq: row.get::<_, i64>(1)? as u64,
@@ -114,65 +112,55 @@ pub(super) fn store_plugin_kv(
     })
 }
 
-/// Stores `batch` in one transaction: seqs assigned, duplicates answered with their originals.
-pub(super) fn append_batch(db: &Connection, batch: &[NewMessage]) -> StoreResult<Vec<Appended>> {
-    in_transaction(db, |db| append_in_transaction(db, batch))
+/// Writes messages whose seqs the journal assigned, in one transaction: their rows, their
+/// conversations' last seqs, a new 1:1 conversation's two members, and each sender's read
+/// cursor (a sender has read its own message). A message at or below its conversation's
+/// stored last seq is already here (a replay after a crash) and is skipped. Returns how many
+/// were written.
+pub(super) fn persist_sequenced(
+    db: &Connection,
+    batch: &[Arc<StoredMessage>],
+) -> StoreResult<usize> {
+    in_transaction(db, |db| persist_in_transaction(db, batch))
 }
 
-fn append_in_transaction(db: &Connection, batch: &[NewMessage]) -> StoreResult<Vec<Appended>> {
-    let mut find_original = db
-        .prepare(&format!(
-            "SELECT {MESSAGE_COLUMNS} FROM messages WHERE sender_id = ?1 AND client_msg_id = ?2"
-        ))
-        .map_err(backend)?;
+fn persist_in_transaction(db: &Connection, batch: &[Arc<StoredMessage>]) -> StoreResult<usize> {
     let mut find_last_seq = db
-        .prepare("SELECT last_seq FROM conversations WHERE conversation_id = ?1")
+        .prepare_cached("SELECT last_seq FROM conversations WHERE conversation_id = ?1")
         .map_err(backend)?;
     let mut insert = db
-        .prepare(
+        .prepare_cached(
             "INSERT INTO messages (conversation_id, seq, server_msg_id, sender_id, \
              sender_device_id, recipient_id, client_msg_id, body, content_type, server_time_ms) \
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
         )
         .map_err(backend)?;
-    // Per conversation: its last seq and the time of its latest message in this batch.
-    let mut conversations: HashMap<&str, (i64, i64)> = HashMap::new();
-    // This batch's own keys, so a repeat inside the batch is a duplicate of its first.
-    let mut in_batch: HashMap<(&str, &str), usize> = HashMap::new();
-    // Per (sender, conversation): the highest seq the sender wrote (it has read its own).
+    // Per conversation: its stored last seq, and its last seq and time after this batch.
+    let mut conversations: HashMap<&str, (i64, i64, i64)> = HashMap::new();
+    // Per (sender, conversation): the highest seq the sender wrote.
     let mut read_cursors: HashMap<(&str, &str), i64> = HashMap::new();
-    let mut opened: Vec<&NewMessage> = Vec::new();
-    let mut outcomes: Vec<Appended> = Vec::with_capacity(batch.len());
+    let mut opened: Vec<&StoredMessage> = Vec::new();
+    let mut written = 0;
     for msg in batch {
-        let key = (msg.sender_id.as_str(), msg.client_msg_id.as_str());
-        if let Some(&first) = in_batch.get(&key) {
-            outcomes.push(Appended::Duplicate(outcomes[first].message().clone()));
-            continue;
-        }
-        if let Some(original) = find_original
-            .query_row(params![msg.sender_id, msg.client_msg_id], stored_from_row)
-            .optional()
-            .map_err(backend)?
-        {
-            outcomes.push(Appended::Duplicate(original));
-            continue;
-        }
+        let seq = msg.seq.min(i64::MAX as u64) as i64;
         let conversation = match conversations.get_mut(msg.conversation_id.as_str()) {
             Some(entry) => entry,
             None => {
-                let last: i64 = find_last_seq
+                let stored: i64 = find_last_seq
                     .query_row(params![msg.conversation_id], |row| row.get(0))
                     .optional()
                     .map_err(backend)?
                     .unwrap_or(0);
                 conversations
                     .entry(msg.conversation_id.as_str())
-                    .or_insert((last, msg.server_time_ms))
+                    .or_insert((stored, stored, 0))
             }
         };
-        conversation.0 += 1;
-        conversation.1 = msg.server_time_ms;
-        let seq = conversation.0;
+        if seq <= conversation.0 {
+            continue;
+        }
+        conversation.1 = conversation.1.max(seq);
+        conversation.2 = msg.server_time_ms;
         insert
             .execute(params![
                 msg.conversation_id,
@@ -187,6 +175,7 @@ fn append_in_transaction(db: &Connection, batch: &[NewMessage]) -> StoreResult<V
                 msg.server_time_ms,
             ])
             .map_err(backend)?;
+        written += 1;
         if seq == 1 && !super::is_group_conversation(&msg.conversation_id) {
             opened.push(msg);
         }
@@ -194,28 +183,28 @@ fn append_in_transaction(db: &Connection, batch: &[NewMessage]) -> StoreResult<V
             .entry((msg.sender_id.as_str(), msg.conversation_id.as_str()))
             .or_insert(0);
         *cursor = (*cursor).max(seq);
-        in_batch.insert(key, outcomes.len());
-        outcomes.push(Appended::New(msg.stored(seq as u64)));
     }
-    if conversations.is_empty() {
-        return Ok(outcomes);
+    if written == 0 {
+        return Ok(0);
     }
     let mut upsert = db
-        .prepare(
+        .prepare_cached(
             "INSERT INTO conversations (conversation_id, last_seq, last_time_ms) VALUES (?1, ?2, ?3) \
              ON CONFLICT (conversation_id) DO UPDATE \
              SET last_seq = excluded.last_seq, last_time_ms = excluded.last_time_ms",
         )
         .map_err(backend)?;
-    for (id, (last_seq, time_ms)) in &conversations {
-        upsert
-            .execute(params![id, last_seq, time_ms])
-            .map_err(backend)?;
+    for (id, (stored, last_seq, time_ms)) in &conversations {
+        if last_seq > stored {
+            upsert
+                .execute(params![id, last_seq, time_ms])
+                .map_err(backend)?;
+        }
     }
     // A 1:1 conversation's two members come with its first message.
     if !opened.is_empty() {
         let mut member = db
-            .prepare(
+            .prepare_cached(
                 "INSERT INTO conversation_members (user_id, conversation_id, peer_id) \
                  VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING",
             )
@@ -239,7 +228,7 @@ fn append_in_transaction(db: &Connection, batch: &[NewMessage]) -> StoreResult<V
     }
     // Only existing members move (an operator's sender to a group is not one).
     let mut advance = db
-        .prepare(
+        .prepare_cached(
             "UPDATE conversation_members SET read_seq = MAX(read_seq, ?1) \
              WHERE user_id = ?2 AND conversation_id = ?3",
         )
@@ -249,5 +238,5 @@ fn append_in_transaction(db: &Connection, batch: &[NewMessage]) -> StoreResult<V
             .execute(params![seq, user, conversation])
             .map_err(backend)?;
     }
-    Ok(outcomes)
+    Ok(written)
 }

@@ -222,7 +222,7 @@ async fn run_all(args: AllArgs) -> anyhow::Result<()> {
             "quick": args.quick,
             "machine": machine(),
             "durability": {
-                "im": "ack after the SQLite WAL commit (synchronous=NORMAL): survives SIGKILL of the server, not power loss",
+                "im": "ack after the batch is appended to the message journal (one write per batch, applied to SQLite WAL, synchronous=NORMAL, behind the ack): survives SIGKILL of the server, not power loss",
                 "mosquitto": "QoS 1, persistence off (messages in memory)",
                 "nats": "core pub/sub, no persistence",
             },

@@ -485,23 +485,54 @@ impl Appender {
         shared: &Shared,
         batch: &[NewMessage],
     ) -> StoreResult<(Vec<Appended>, Vec<Arc<StoredMessage>>)> {
+        // Pending first, then SQLite in one read snapshot taken after: the applier forgets
+        // a message only after its commit, so one in neither place was never stored.
+        let (pending_originals, pending_lasts) = {
+            let pending = shared.pending();
+            let originals: Vec<Option<Arc<StoredMessage>>> = batch
+                .iter()
+                .map(|m| {
+                    pending
+                        .by_client_id
+                        .get(&(m.sender_id.clone(), m.client_msg_id.clone()))
+                        .cloned()
+                })
+                .collect();
+            let lasts: HashMap<&str, u64> = batch
+                .iter()
+                .filter_map(|m| {
+                    let entry = pending.conversations.get(&m.conversation_id)?;
+                    Some((m.conversation_id.as_str(), entry.0))
+                })
+                .collect();
+            (originals, lasts)
+        };
+        self.lookup.execute_batch("BEGIN").map_err(backend)?;
+        let decided = self.decide(batch, pending_originals, pending_lasts);
+        // Read-only: this only ends the snapshot.
+        if let Err(err) = self.lookup.execute_batch("COMMIT") {
+            tracing::warn!(error = %err, "ending the journal's lookup snapshot failed");
+        }
+        decided
+    }
+
+    /// [`Self::assign`] once pending messages and seqs are known: each message in order, a
+    /// repeat inside the batch answered with its first.
+    fn decide<'b>(
+        &self,
+        batch: &'b [NewMessage],
+        pending_originals: Vec<Option<Arc<StoredMessage>>>,
+        mut last_seqs: HashMap<&'b str, u64>,
+    ) -> StoreResult<(Vec<Appended>, Vec<Arc<StoredMessage>>)> {
         let mut outcomes: Vec<Appended> = Vec::with_capacity(batch.len());
         let mut fresh: Vec<Arc<StoredMessage>> = Vec::with_capacity(batch.len());
         let mut in_batch: HashMap<(&str, &str), usize> = HashMap::new();
-        let mut last_seqs: HashMap<&str, u64> = HashMap::new();
-        for msg in batch {
+        for (msg, pending_original) in batch.iter().zip(pending_originals) {
             let key = (msg.sender_id.as_str(), msg.client_msg_id.as_str());
             if let Some(&first) = in_batch.get(&key) {
                 outcomes.push(Appended::Duplicate(fresh[first].as_ref().clone()));
                 continue;
             }
-            // Pending first, then SQLite: the applier forgets a message only after its
-            // commit, so one that is in neither place was never stored.
-            let pending_original = shared
-                .pending()
-                .by_client_id
-                .get(&(msg.sender_id.clone(), msg.client_msg_id.clone()))
-                .cloned();
             if let Some(original) = pending_original {
                 outcomes.push(Appended::Duplicate(original.as_ref().clone()));
                 continue;
@@ -513,15 +544,7 @@ impl Appender {
             let last = match last_seqs.get_mut(msg.conversation_id.as_str()) {
                 Some(last) => last,
                 None => {
-                    let pending_last = shared
-                        .pending()
-                        .conversations
-                        .get(&msg.conversation_id)
-                        .map(|entry| entry.0);
-                    let last = match pending_last {
-                        Some(last) => last,
-                        None => self.stored_last_seq(&msg.conversation_id)?,
-                    };
+                    let last = self.stored_last_seq(&msg.conversation_id)?;
                     last_seqs
                         .entry(msg.conversation_id.as_str())
                         .or_insert(last)

@@ -49,11 +49,21 @@ async fn filter_masks_and_rejects(t: Transport) {
     assert_eq!(alice.send_text("bob", "fine").await.unwrap().seq, 2);
 }
 
+/// Installs the risk-control plugin with `config` (lines of its `[config]` table).
+async fn install_risk_control(server: &TestServer, config: &str) {
+    let manifest = format!(
+        "id = \"risk-control\"\nversion = \"0.1.0\"\nhooks = [\"risk-control\"]\n[config]\n{config}"
+    );
+    server.install_plugin(&manifest, "risk_control.wasm").await;
+}
+
 async fn spammer_is_throttled(t: Transport) {
     let server = TestServer::start().await;
-    let risk = "id = \"risk-control\"\nversion = \"0.1.0\"\nhooks = [\"risk-control\"]\n\
-                [config]\nsend_rate = \"1\"\nsend_burst = \"5\"\nrepeat_limit = \"100\"";
-    server.install_plugin(risk, "risk_control.wasm").await;
+    install_risk_control(
+        &server,
+        "send_rate = \"1\"\nsend_burst = \"5\"\nrepeat_limit = \"100\"",
+    )
+    .await;
     let (_bob, mut bob_events) = server.client(t, "bob", "phone").await;
     let (spammer, _) = server.client(t, "spammer", "phone").await;
     let (carol, _) = server.client(t, "carol", "phone").await;
@@ -79,9 +89,11 @@ async fn spammer_is_throttled(t: Transport) {
 
 async fn repeated_bodies_are_blocked(t: Transport) {
     let server = TestServer::start().await;
-    let risk = "id = \"risk-control\"\nversion = \"0.1.0\"\nhooks = [\"risk-control\"]\n\
-                [config]\nsend_rate = \"1000\"\nsend_burst = \"1000\"\nrepeat_limit = \"3\"";
-    server.install_plugin(risk, "risk_control.wasm").await;
+    install_risk_control(
+        &server,
+        "send_rate = \"1000\"\nsend_burst = \"1000\"\nrepeat_limit = \"3\"",
+    )
+    .await;
     let (_bob, mut bob_events) = server.client(t, "bob", "phone").await;
     let (dave, _) = server.client(t, "dave", "phone").await;
     // Distinct bodies in between do not reset or hide the repeated one.

@@ -187,7 +187,8 @@ impl SqliteStore {
             pool: writer,
             checkpointer: Arc::new(checkpointer),
         };
-        let journal = Journal::open(path, options.fsync_each_commit, writer.clone()).await?;
+        let journal =
+            Journal::open(path, options.fsync_each_commit, writer.checkpointer.clone()).await?;
         let readers = SqlitePoolOptions::new()
             .max_connections(options.reader_connections.max(1))
             .connect_with(connect.read_only(true))
@@ -239,9 +240,7 @@ impl Writer {
         };
         // A large write holds this thread for milliseconds: let the runtime move its other
         // tasks elsewhere meanwhile (possible only on a multi-threaded runtime).
-        let multi_threaded = tokio::runtime::Handle::try_current()
-            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
-        let result = if multi_threaded && rows >= BLOCK_IN_PLACE_ROWS {
+        let result = if on_multi_threaded_runtime() && rows >= BLOCK_IN_PLACE_ROWS {
             tokio::task::block_in_place(run)
         } else {
             run()
@@ -254,11 +253,17 @@ impl Writer {
         result
     }
 
-    /// Called after each commit made outside `write_raw` (sqlx transactions, the journal's
-    /// applier).
+    /// Called after each sqlx transaction's commit.
     fn committed(&self) {
         self.checkpointer.committed();
     }
+}
+
+/// Whether the caller runs on a multi-threaded tokio runtime, where `block_in_place` may
+/// hand the worker's other tasks to another thread.
+fn on_multi_threaded_runtime() -> bool {
+    tokio::runtime::Handle::try_current()
+        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread)
 }
 
 async fn unread_count(
@@ -929,22 +934,26 @@ impl Store for SqliteStore {
 mod tests {
     use super::*;
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn sqlite_passes_the_conformance_suite() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(&dir.path().join("im.db"), SqliteOptions::default())
-            .await
-            .unwrap();
-        crate::conformance::run_all(&store).await;
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn data_survives_reopen() {
+    /// A store with default options in a new temporary directory (kept while the `TempDir`
+    /// lives), and its database path.
+    pub(super) async fn open_temp() -> (tempfile::TempDir, std::path::PathBuf, SqliteStore) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("im.db");
         let store = SqliteStore::open(&path, SqliteOptions::default())
             .await
             .unwrap();
+        (dir, path, store)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sqlite_passes_the_conformance_suite() {
+        let (_dir, _, store) = open_temp().await;
+        crate::conformance::run_all(&store).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn data_survives_reopen() {
+        let (_dir, path, store) = open_temp().await;
         let batch = crate::conformance::direct_batch("a", "b", "reopen", 3);
         store.append_messages(&batch).await.unwrap();
         store.close().await;

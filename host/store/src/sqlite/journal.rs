@@ -35,7 +35,7 @@ use rusqlite::{OpenFlags, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 
-use super::{MESSAGE_COLUMNS, Writer, raw_writes};
+use super::{Checkpointer, MESSAGE_COLUMNS, raw_writes};
 use crate::{Appended, NewMessage, StoreError, StoreResult, StoredMessage};
 
 /// Bytes every segment starts with: the format and its version.
@@ -189,7 +189,6 @@ struct Pending {
     by_client_id: HashMap<(String, String), Arc<StoredMessage>>,
     /// Per conversation with unapplied messages: its last seq and how many are unapplied.
     conversations: HashMap<String, (u64, usize)>,
-    messages: usize,
     /// Sealed segments and the count of batches journaled when each was sealed: a segment
     /// may go once that many are applied.
     sealed: VecDeque<(PathBuf, u64)>,
@@ -213,7 +212,6 @@ impl Shared {
     /// After the applier's commit: forgets what SQLite now holds, deletes segments that are
     /// fully applied, and wakes readers waiting for `applied`.
     fn applied(&self, messages: &[Arc<StoredMessage>], applied: u64) {
-        let mut done = Vec::new();
         {
             let mut pending = self.pending();
             for m in messages {
@@ -227,7 +225,16 @@ impl Shared {
                     }
                 }
             }
-            pending.messages -= messages.len();
+        }
+        self.applied.send_replace(applied);
+        self.delete_applied_segments(applied);
+    }
+
+    /// Deletes the sealed segments whose batches are all among the first `applied`.
+    fn delete_applied_segments(&self, applied: u64) {
+        let mut done = Vec::new();
+        {
+            let mut pending = self.pending();
             while pending
                 .sealed
                 .front()
@@ -236,11 +243,29 @@ impl Shared {
                 done.extend(pending.sealed.pop_front().map(|(path, _)| path));
             }
         }
-        self.applied.send_replace(applied);
         for path in done {
             if let Err(err) = std::fs::remove_file(&path) {
                 tracing::warn!(path = %path.display(), error = %err, "cannot delete an applied journal segment");
             }
+        }
+    }
+
+    /// Waits (at most [`SETTLE_TIMEOUT`]) until `done` holds, checked whenever the applier
+    /// reports progress; `waiting_for` names what did not happen in the error.
+    async fn wait_for_applier(
+        &self,
+        mut done: impl FnMut(u64) -> bool,
+        waiting_for: &str,
+    ) -> StoreResult<()> {
+        let mut applied = self.applied.subscribe();
+        match tokio::time::timeout(SETTLE_TIMEOUT, applied.wait_for(|&n| done(n))).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(_)) => Err(StoreError::Backend(
+                "the journal applier has stopped".into(),
+            )),
+            Err(_) => Err(StoreError::Backend(format!(
+                "the store is behind: {waiting_for} within {SETTLE_TIMEOUT:?}"
+            ))),
         }
     }
 }
@@ -280,9 +305,13 @@ pub(super) struct Journal {
 
 impl Journal {
     /// Opens the journal directory beside `db_path`, replays what it holds into SQLite, and
-    /// starts the applier on a connection and thread of its own. `writer` is woken (its
-    /// checkpointer) after each of the applier's commits.
-    pub(super) async fn open(db_path: &Path, fsync: bool, writer: Writer) -> StoreResult<Self> {
+    /// starts the applier on a connection and thread of its own; `checkpointer` is woken
+    /// after each of the applier's commits.
+    pub(super) async fn open(
+        db_path: &Path,
+        fsync: bool,
+        checkpointer: Arc<Checkpointer>,
+    ) -> StoreResult<Self> {
         let mut dir = db_path.as_os_str().to_owned();
         dir.push(".journal");
         let dir = PathBuf::from(dir);
@@ -326,7 +355,7 @@ impl Journal {
                 let next_segment = replay(&replay_dir, &applier_db);
                 let ok = next_segment.is_ok();
                 if replayed.send(next_segment).is_ok() && ok {
-                    apply(&applying, &applier_db, &writer, batches);
+                    apply(&applying, &applier_db, &checkpointer, batches);
                 }
             })
             .map_err(backend)?;
@@ -378,7 +407,6 @@ impl Journal {
                 entry.0 = m.seq;
                 entry.1 += 1;
             }
-            pending.messages += fresh.len();
         }
         let number = appender.next_batch;
         appender.next_batch += 1;
@@ -407,16 +435,12 @@ impl Journal {
         if *self.shared.applied.borrow() >= target {
             return Ok(());
         }
-        let mut applied = self.shared.applied.subscribe();
-        match tokio::time::timeout(SETTLE_TIMEOUT, applied.wait_for(|&n| n >= target)).await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(_)) => Err(StoreError::Backend(
-                "the journal applier has stopped".into(),
-            )),
-            Err(_) => Err(StoreError::Backend(format!(
-                "the store is behind: journaled messages were not written to SQLite within {SETTLE_TIMEOUT:?}"
-            ))),
-        }
+        self.shared
+            .wait_for_applier(
+                |applied| applied >= target,
+                "journaled messages were not written to SQLite",
+            )
+            .await
     }
 
     /// The appender, held, with nothing pending: for writes that assign seqs in SQLite
@@ -451,29 +475,18 @@ impl Journal {
         release();
     }
 
+    /// Waits while [`MAX_PENDING_MESSAGES`] are journaled but not yet in SQLite.
     async fn wait_for_room(&self) -> StoreResult<()> {
-        if self.shared.pending().messages < MAX_PENDING_MESSAGES {
+        let has_room = || self.shared.pending().by_client_id.len() < MAX_PENDING_MESSAGES;
+        if has_room() {
             return Ok(());
         }
-        let mut applied = self.shared.applied.subscribe();
-        loop {
-            if self.shared.pending().messages < MAX_PENDING_MESSAGES {
-                return Ok(());
-            }
-            match tokio::time::timeout(SETTLE_TIMEOUT, applied.changed()).await {
-                Ok(Ok(())) => {}
-                Ok(Err(_)) => {
-                    return Err(StoreError::Backend(
-                        "the journal applier has stopped".into(),
-                    ));
-                }
-                Err(_) => {
-                    return Err(StoreError::Backend(format!(
-                        "the store is behind: {MAX_PENDING_MESSAGES} journaled messages not written to SQLite within {SETTLE_TIMEOUT:?}"
-                    )));
-                }
-            }
-        }
+        self.shared
+            .wait_for_applier(
+                |_| has_room(),
+                &format!("{MAX_PENDING_MESSAGES} journaled messages were not written to SQLite"),
+            )
+            .await
     }
 }
 
@@ -628,18 +641,14 @@ impl Appender {
         shared.pending().sealed.push_back((old, sealed_at));
         // The applier may have finished the sealed batches already.
         let applied = *shared.applied.borrow();
-        if applied >= sealed_at {
-            shared.applied(&[], applied);
-        }
+        shared.delete_applied_segments(applied);
         Ok(())
     }
 }
 
 /// `fdatasync`, off the async worker when the runtime allows it (it takes milliseconds).
 fn sync_blocking(file: &File) -> std::io::Result<()> {
-    let multi_threaded = tokio::runtime::Handle::try_current()
-        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
-    if multi_threaded {
+    if super::on_multi_threaded_runtime() {
         tokio::task::block_in_place(|| file.sync_data())
     } else {
         file.sync_data()
@@ -706,7 +715,7 @@ fn replay(dir: &Path, db: &rusqlite::Connection) -> StoreResult<u64> {
 fn apply(
     shared: &Shared,
     db: &rusqlite::Connection,
-    writer: &Writer,
+    checkpointer: &Checkpointer,
     mut batches: mpsc::UnboundedReceiver<Batch>,
 ) {
     let mut taken: Vec<Batch> = Vec::with_capacity(APPLY_BATCHES);
@@ -734,7 +743,7 @@ fn apply(
             std::thread::sleep(backoff);
             backoff = (backoff * 2).min(Duration::from_secs(2));
         }
-        writer.committed();
+        checkpointer.committed();
         shared.applied(&messages, applied);
     }
 }
@@ -820,11 +829,7 @@ mod tests {
     async fn what_a_crash_left_in_the_journal_is_replayed_at_open() {
         use crate::Store;
         use crate::sqlite::{SqliteOptions, SqliteStore};
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("im.db");
-        let store = SqliteStore::open(&path, SqliteOptions::default())
-            .await
-            .unwrap();
+        let (dir, path, store) = crate::sqlite::tests::open_temp().await;
         let first = store
             .append_messages(&[new_message("c1", "m1")])
             .await
@@ -882,11 +887,7 @@ mod tests {
     async fn reads_see_every_acknowledged_message_and_seqs_stay_gapless() {
         use crate::Store;
         use crate::sqlite::{SqliteOptions, SqliteStore};
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("im.db");
-        let store = SqliteStore::open(&path, SqliteOptions::default())
-            .await
-            .unwrap();
+        let (_dir, path, store) = crate::sqlite::tests::open_temp().await;
         for round in 0..200u64 {
             let batch: Vec<NewMessage> = (0..(round % 7 + 1))
                 .map(|n| new_message(&format!("c{}", n % 3), &format!("r{round}-{n}")))

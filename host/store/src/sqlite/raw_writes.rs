@@ -1,4 +1,4 @@
-//! The SQLite backend's hot writes (journaled message batches, delivery cursors, plugin key-value flushes), each one transaction run synchronously on the writer's raw handle.
+//! The SQLite backend's hot writes as rusqlite code, each one transaction: delivery cursors and plugin key-value flushes on the sqlx writer's raw handle, journaled message batches on the journal applier's connection.
 //!
 //! sqlx runs every statement on its connection's worker thread, and on this kind of machine
 //! each hand-off (a futex wake and an eventfd write, both ways) costs more than the SQLite

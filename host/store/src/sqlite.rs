@@ -62,9 +62,6 @@ struct Writer {
     checkpointer: Arc<Checkpointer>,
 }
 
-/// Raw writes of at least this many rows run inside `block_in_place`.
-const BLOCK_IN_PLACE_ROWS: usize = 64;
-
 /// WAL size (in frames, one page each) past which the checkpointer also restarts the log.
 /// Restarting makes later commits overwrite the WAL file from its start instead of growing it;
 /// it waits for the writer briefly, so it runs once per this many frames, not per commit.
@@ -222,10 +219,9 @@ impl Writer {
     }
 
     /// Runs `work` on the writer connection's raw handle, on this thread: one hand-off to
-    /// sqlx's worker (to take its lock) instead of one per statement. `rows` sizes the work.
+    /// sqlx's worker (to take its lock) instead of one per statement.
     async fn write_raw<T>(
         &self,
-        rows: usize,
         work: impl FnOnce(&rusqlite::Connection) -> StoreResult<T>,
     ) -> StoreResult<T> {
         let mut conn = self.pool.acquire().await.map_err(backend)?;
@@ -238,9 +234,11 @@ impl Writer {
             let db = unsafe { rusqlite::Connection::from_handle(raw) }.map_err(backend)?;
             work(&db)
         };
-        // A large write holds this thread for milliseconds: let the runtime move its other
+        // Any write may hold this thread for milliseconds: a large one by itself, and even a
+        // one-row write waits in `BEGIN IMMEDIATE` (the busy handler sleeps) while the
+        // journal's applier holds the write lock. Let the runtime move this thread's other
         // tasks elsewhere meanwhile (possible only on a multi-threaded runtime).
-        let result = if on_multi_threaded_runtime() && rows >= BLOCK_IN_PLACE_ROWS {
+        let result = if on_multi_threaded_runtime() {
             tokio::task::block_in_place(run)
         } else {
             run()
@@ -802,9 +800,7 @@ impl Store for SqliteStore {
             return Ok(());
         }
         self.writer
-            .write_raw(upserts.len() + deletes.len(), |db| {
-                raw_writes::store_plugin_kv(db, plugin_id, upserts, deletes)
-            })
+            .write_raw(|db| raw_writes::store_plugin_kv(db, plugin_id, upserts, deletes))
             .await
     }
 
@@ -925,7 +921,7 @@ impl Store for SqliteStore {
             return Ok(());
         }
         self.writer
-            .write_raw(cursors.len(), |db| raw_writes::store_cursors(db, cursors))
+            .write_raw(|db| raw_writes::store_cursors(db, cursors))
             .await
     }
 }

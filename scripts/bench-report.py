@@ -48,28 +48,54 @@ def idle_table(doc):
     return "\n".join(lines)
 
 
-def latency_table(doc, scenario, rate_key="rate"):
+def rtt_groups(doc):
+    """Round-trip runs grouped by (system, config, rate), in first-seen order; each group's
+    percentiles and CPU are the medians over its rounds."""
+    groups = {}
+    for e in rows(doc, "rtt"):
+        key = (e["system"], e["params"].get("config", ""), e["params"]["rate"])
+        groups.setdefault(key, []).append(e["result"])
+    out = []
+    for (system, config, rate), runs in groups.items():
+        med = lambda f: statistics.median(f(r) for r in runs)  # noqa: E731
+        out.append({
+            "system": system, "config": config, "rate": rate, "runs": len(runs),
+            "completed": sum(r["completed"] for r in runs), "lost": sum(r["lost"] for r in runs),
+            "p50": med(lambda r: r["latency"]["p50_us"]), "p99": med(lambda r: r["latency"]["p99_us"]),
+            "p999": med(lambda r: r["latency"]["p999_us"]),
+            "p50_range": (min(r["latency"]["p50_us"] for r in runs), max(r["latency"]["p50_us"] for r in runs)),
+            "server_cores": med(lambda r: r["cpu"]["server_cores"]), "loadgen_cores": med(lambda r: r["cpu"]["loadgen_cores"]),
+        })
+    return out
+
+
+def rtt_table(doc):
     lines = [
-        "| system | config | offered | completed | p50 | p99 | p99.9 | server CPU | loadgen CPU |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| system | config | offered | runs | completed | p50 (median) | p50 range | p99 (median) | p99.9 (median) | server CPU | loadgen CPU |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for e in rows(doc, scenario):
-        r = e["result"]
-        lat = r["latency"]
+    groups = rtt_groups(doc)
+    for g in groups:
         lines.append(
-            f"| {e['system']} | {e['params'].get('config', '')} | {e['params'][rate_key]}/s | {r['completed']} (lost {r['lost']}) | "
-            f"{lat['p50_us']} µs | {lat['p99_us']} µs | {lat['p999_us']} µs | {r['cpu']['server_cores']:.2f} | {r['cpu']['loadgen_cores']:.2f} |"
+            f"| {g['system']} | {g['config']} | {g['rate']}/s | {g['runs']} | {g['completed']} (lost {g['lost']}) | "
+            f"{g['p50']:.0f} µs | {g['p50_range'][0]}-{g['p50_range'][1]} µs | {g['p99']:.0f} µs | {g['p999']:.0f} µs | "
+            f"{g['server_cores']:.2f} | {g['loadgen_cores']:.2f} |"
         )
-    lines += ratio_lines(doc, scenario, lambda r: r["latency"]["p99_us"], "p99", True, config="plugins on")
+    ours = {g["rate"]: g for g in groups if g["system"] == "im" and g["config"] == "plugins on"}
+    for g in groups:
+        if g["system"] != "im" and g["rate"] in ours:
+            for what in ("p50", "p99"):
+                lines.append(
+                    f"| ratio im (plugins on) / {g['system']} {what} | | {g['rate']}/s | | | "
+                    f"{ratio(ours[g['rate']][what], g[what], True)} | | | | | |"
+                )
     return "\n".join(lines)
 
 
-def ratio_lines(doc, scenario, value, what, lower_is_better, config=None):
+def ratio_lines(doc, scenario, value, what, lower_is_better):
     out = []
     by_rate = {}
     for e in rows(doc, scenario):
-        if e["system"] == "im" and config and e["params"].get("config") != config:
-            continue
         by_rate.setdefault(e["params"]["rate"], {})[e["system"]] = value(e["result"])
     for rate, systems in sorted(by_rate.items()):
         for peer in ("mosquitto", "nats"):
@@ -143,8 +169,8 @@ def line_plot(out, name, title, xlabel, ylabel, series):
 
 def plot(out, doc):
     rtt = {
-        system: [(e["params"]["rate"], e["result"]["latency"]["p99_us"]) for e in rows(doc, "rtt")
-                 if e["system"] == system and e["params"].get("config") != "plugins off"]
+        system: [(g["rate"], g["p99"]) for g in rtt_groups(doc)
+                 if g["system"] == system and (system != "im" or g["config"] == "plugins on")]
         for system in SYSTEMS
     }
     fanout = {
@@ -169,12 +195,22 @@ def plot(out, doc):
     return written
 
 
+def pinning_line(doc):
+    pin = doc.get("pinning")
+    workers = doc.get("server_worker_threads") or "one per core"
+    where = (f"servers pinned to cpus {pin['server_cpus']}, load generator to cpus {pin['loadgen_cpus']}"
+             if pin else "servers and load generator share every core")
+    return f"Cores: {where}; our server's worker threads: {workers}."
+
+
 def main():
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "target/bench")
     doc = load(out)
     machine = doc["machine"]
     parts = [
         f"Machine: {machine['cpu']}, {machine['cores']} cores, {machine['memory']}. Quick mode: {doc['quick']}.",
+        "",
+        pinning_line(doc),
         "",
         "Durability: " + "; ".join(f"{k}: {v}" for k, v in doc["durability"].items()) + ".",
         "",
@@ -184,7 +220,7 @@ def main():
         "",
         "### 1:1 round trip (open loop, 100 B)",
         "",
-        latency_table(doc, "rtt"),
+        rtt_table(doc),
         "",
         "### Group fan-out (one sender, 1,000-member group, all online)",
         "",

@@ -29,6 +29,7 @@ pub struct Config {
     pub admin: AdminConfig,
     pub api: ApiConfig,
     pub log: LogConfig,
+    pub runtime: RuntimeConfig,
 }
 
 /// The HTTP API for business back-ends (push, users, groups, history, presence), plus
@@ -217,6 +218,19 @@ pub struct LogConfig {
     pub level: String,
 }
 
+/// The async runtime the node runs on.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RuntimeConfig {
+    /// Worker threads; 0 (the default) starts one per CPU core. Fewer workers mean fewer
+    /// cross-thread wake-ups per message (lower latency on a machine the node shares),
+    /// more mean more cores for sessions under heavy load.
+    pub worker_threads: usize,
+}
+
+/// Most worker threads `runtime.worker_threads` may ask for.
+pub const MAX_WORKER_THREADS: usize = 1024;
+
 impl Default for Config {
     fn default() -> Self {
         Self {
@@ -233,6 +247,7 @@ impl Default for Config {
             admin: AdminConfig::default(),
             api: ApiConfig::default(),
             log: LogConfig::default(),
+            runtime: RuntimeConfig::default(),
         }
     }
 }
@@ -345,6 +360,9 @@ impl Config {
             return bad(
                 "limits.max_presence_watch must fit one frame: at most (max_frame_bytes - 1024) / 100",
             );
+        }
+        if self.runtime.worker_threads > MAX_WORKER_THREADS {
+            return bad("runtime.worker_threads must be at most 1024 (0: one per CPU core)");
         }
         if self.storage.max_batch == 0 {
             return bad("storage.max_batch must be at least 1");
@@ -492,5 +510,17 @@ mod tests {
         std::fs::write(&file, "[limits]\nmax_frame_bytes = 10\n").unwrap();
         assert!(Config::load(Some(&file)).is_err());
         assert!(Config::load(Some(&dir.path().join("missing.toml"))).is_err());
+    }
+
+    #[test]
+    fn runtime_worker_threads_are_read_and_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("im.toml");
+        std::fs::write(&file, "[runtime]\nworker_threads = 1\n").unwrap();
+        assert_eq!(Config::load(Some(&file)).unwrap().runtime.worker_threads, 1);
+        let mut config = Config::default();
+        config.runtime.worker_threads = MAX_WORKER_THREADS + 1;
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("runtime.worker_threads"), "{err}");
     }
 }

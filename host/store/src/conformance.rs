@@ -46,6 +46,7 @@ pub async fn run_all(store: &dyn Store) {
     plugin_kv_persists_per_plugin(store).await;
     groups_are_created_and_read_back(store).await;
     group_announcements_take_consecutive_seqs(store).await;
+    group_messages_and_announcements_share_one_seq_line(store).await;
     group_members_see_the_conversation_with_unread_counts(store).await;
     group_membership_and_roles_change(store).await;
     refused_group_changes_store_nothing(store).await;
@@ -643,6 +644,46 @@ async fn group_announcements_take_consecutive_seqs(store: &dyn Store) {
     assert_eq!(timeline[0].body, Bytes::from_static(b"grp-seq 0"));
     assert_eq!(timeline[4].body, Bytes::from_static(b"grp-seq 4"));
     assert_eq!(store.messages_after(&conv, 3, 100).await.unwrap().len(), 2);
+}
+
+/// Messages and announcements alternate in one group: every one takes the next seq, whoever
+/// assigned the one before (a backend that caches last seqs must not reuse one).
+async fn group_messages_and_announcements_share_one_seq_line(store: &dyn Store) {
+    let g = "grp-mixed";
+    let conv = group_conversation(g);
+    change(
+        store,
+        g,
+        create("gm-owner", &["gm-a"]),
+        announcement(g, "gm-owner", "create", 7_000),
+    )
+    .await;
+    for n in 0..3u64 {
+        let sent = group_message(g, "gm-a", &format!("m{n}"), 7_001 + n as i64);
+        let appended = store.append_messages(&[sent]).await.unwrap();
+        assert_eq!(appended[0].message().seq, 2 * n + 2, "message {n}");
+        let role = if n % 2 == 0 {
+            GroupRole::Admin
+        } else {
+            GroupRole::Member
+        };
+        let (_, event) = change(
+            store,
+            g,
+            GroupChange::SetRole {
+                user_id: "gm-a".to_owned(),
+                role,
+            },
+            announcement(g, "gm-owner", &format!("role{n}"), 7_100 + n as i64),
+        )
+        .await;
+        assert_eq!(event.seq, 2 * n + 3, "announcement {n}");
+    }
+    let timeline = store.messages_after(&conv, 0, 100).await.unwrap();
+    assert_eq!(
+        timeline.iter().map(|m| m.seq).collect::<Vec<_>>(),
+        (1..=7).collect::<Vec<_>>()
+    );
 }
 
 async fn group_members_see_the_conversation_with_unread_counts(store: &dyn Store) {

@@ -13,6 +13,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use serde_json::{Value, json};
 
+mod cpus;
 mod idle;
 mod peers;
 mod scenarios;
@@ -64,6 +65,25 @@ struct AllArgs {
     /// Round-trip rates (messages/s) instead of the mode's.
     #[arg(long, value_delimiter = ',')]
     rtt_rates: Vec<u64>,
+    /// Server configurations of the round trip: `on` (keyword filter and risk control),
+    /// `keyword` (keyword filter only), `risk` (risk control only), `off` (no plugins).
+    #[arg(long, value_delimiter = ',', default_values = ["on", "off"])]
+    rtt_configs: Vec<String>,
+    /// Round-trip runs per system, configuration and rate, interleaved (the report gives
+    /// each percentile's median: single runs on a shared 2-core machine vary widely).
+    #[arg(long, default_value_t = 3)]
+    repeat: usize,
+    /// Pin the servers under test and the load generator to separate cores:
+    /// `SERVER_CPUS:LOADGEN_CPUS` as taskset cpu lists, e.g. `0:1`.
+    #[arg(long)]
+    pin: Option<cpus::Pinning>,
+    /// A second server binary (say, the parent commit's) run in every round-trip round next
+    /// to `--server-bin`, its rows labelled `baseline`: an A/B comparison in one run.
+    #[arg(long)]
+    baseline_bin: Option<PathBuf>,
+    /// Our server's `runtime.worker_threads` (0: one per core).
+    #[arg(long, default_value_t = 0)]
+    server_workers: usize,
 }
 
 /// What one configuration of a scenario is run with.
@@ -113,6 +133,10 @@ fn main() -> anyhow::Result<()> {
     // Fix the payload timestamps' origin before anything is stamped.
     stats::stamp(std::time::Instant::now());
     let cli = Cli::parse();
+    if let Command::All(AllArgs { pin: Some(pin), .. }) = &cli.command {
+        // Before the runtime starts its threads: they inherit the mask.
+        cpus::pin(pin.clone())?;
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -166,40 +190,56 @@ fn machine() -> Value {
     json!({"cpu": model, "cores": cores, "memory": memory})
 }
 
-/// The default message-path plugins, with risk control's rates raised (per user, and
-/// logins per IP: every client comes from 127.0.0.1) so it measures its cost without
-/// throttling the load generator.
+/// The keyword filter with its default configuration.
+fn keyword_filter(repo: &Path) -> BenchPlugin {
+    BenchPlugin {
+        id: None,
+        manifest: repo.join("plugins/keyword-filter/manifest.toml"),
+        wasm: repo.join("target/guest/wasm32-wasip2/release/keyword_filter.wasm"),
+        config: vec![],
+    }
+}
+
+/// Risk control with its rates raised (per user, and logins per IP: every client comes
+/// from 127.0.0.1) so it measures its cost without throttling the load generator.
+fn risk_control(repo: &Path) -> BenchPlugin {
+    BenchPlugin {
+        id: None,
+        manifest: repo.join("plugins/risk-control/manifest.toml"),
+        wasm: repo.join("target/guest/wasm32-wasip2/release/risk_control.wasm"),
+        config: vec![
+            ("send_rate".into(), "10000000".into()),
+            ("send_burst".into(), "10000000".into()),
+            ("repeat_limit".into(), "1000000000".into()),
+            ("login_rate".into(), "10000000".into()),
+            ("login_burst".into(), "10000000".into()),
+        ],
+    }
+}
+
+/// The default message-path plugins: keyword filter and risk control.
 fn default_plugins(repo: &Path) -> Vec<BenchPlugin> {
-    let wasm = |name: &str| repo.join("target/guest/wasm32-wasip2/release").join(name);
-    vec![
-        BenchPlugin {
-            id: None,
-            manifest: repo.join("plugins/keyword-filter/manifest.toml"),
-            wasm: wasm("keyword_filter.wasm"),
-            config: vec![],
-        },
-        BenchPlugin {
-            id: None,
-            manifest: repo.join("plugins/risk-control/manifest.toml"),
-            wasm: wasm("risk_control.wasm"),
-            config: vec![
-                ("send_rate".into(), "10000000".into()),
-                ("send_burst".into(), "10000000".into()),
-                ("repeat_limit".into(), "1000000000".into()),
-                ("login_rate".into(), "10000000".into()),
-                ("login_burst".into(), "10000000".into()),
-            ],
-        },
-    ]
+    vec![keyword_filter(repo), risk_control(repo)]
+}
+
+/// A round-trip configuration named on the command line: its report label and plugins.
+fn rtt_config(name: &str, repo: &Path) -> anyhow::Result<(&'static str, Vec<BenchPlugin>)> {
+    Ok(match name {
+        "on" => ("plugins on", default_plugins(repo)),
+        "keyword" => ("keyword filter only", vec![keyword_filter(repo)]),
+        "risk" => ("risk control only", vec![risk_control(repo)]),
+        "off" => ("plugins off", vec![]),
+        other => {
+            anyhow::bail!("unknown round-trip configuration {other:?} (on, keyword, risk, off)")
+        }
+    })
 }
 
 fn keyword_filters(repo: &Path, count: usize) -> Vec<BenchPlugin> {
     (0..count)
         .map(|n| BenchPlugin {
             id: Some(format!("keyword-filter-{n}")),
-            manifest: repo.join("plugins/keyword-filter/manifest.toml"),
-            wasm: repo.join("target/guest/wasm32-wasip2/release/keyword_filter.wasm"),
-            config: vec![],
+            ..keyword_filter(repo)
         })
         .collect()
 }
@@ -226,6 +266,8 @@ async fn run_all(args: AllArgs) -> anyhow::Result<()> {
                 "mosquitto": "QoS 1, persistence off (messages in memory)",
                 "nats": "core pub/sub, no persistence",
             },
+            "pinning": cpus::current().map(|p| json!({"server_cpus": p.server, "loadgen_cpus": p.loadgen})),
+            "server_worker_threads": args.server_workers,
         }),
     };
     let d = plan.duration;
@@ -235,10 +277,13 @@ async fn run_all(args: AllArgs) -> anyhow::Result<()> {
         "{} is missing: build it with cargo build --release -p im-server",
         bin.display()
     );
-    let plain = ServerOptions::default();
+    let plain = ServerOptions {
+        worker_threads: args.server_workers,
+        ..ServerOptions::default()
+    };
     let with_plugins = ServerOptions {
         plugins: default_plugins(&args.repo),
-        fsync: false,
+        ..plain.clone()
     };
 
     if wanted("idle") {
@@ -283,24 +328,47 @@ async fn run_all(args: AllArgs) -> anyhow::Result<()> {
     }
 
     if wanted("rtt") {
-        for (label, options) in [("plugins on", &with_plugins), ("plugins off", &plain)] {
-            let server = ImServer::start(bin, options)?;
-            for &rate in &plan.rtt_rates {
-                let result = scenarios::rtt(&server, rate, d, plan.body)
-                    .await
-                    .with_context(|| format!("rtt at {rate}/s"))?;
-                results.push("rtt", "im", json!({"rate": rate, "config": label}), result)?;
+        // Every system stays up for the whole scenario and the rounds interleave them, so
+        // the machine's drifts fall on all of them alike.
+        let mut systems = Vec::new();
+        let mut binaries = vec![(bin, "")];
+        binaries.extend(args.baseline_bin.as_ref().map(|b| (b, " (baseline)")));
+        for name in &args.rtt_configs {
+            let (label, plugins) = rtt_config(name, &args.repo)?;
+            let options = ServerOptions {
+                plugins,
+                ..plain.clone()
+            };
+            for &(binary, suffix) in &binaries {
+                let server = ImServer::start(binary, &options)?;
+                systems.push(RttSystem::Im(format!("{label}{suffix}"), server));
             }
         }
         if !args.no_peers {
             for kind in [PeerKind::Mosquitto, PeerKind::Nats] {
-                let peer = PeerServer::start(kind, false)?;
+                systems.push(RttSystem::Peer(PeerServer::start(kind, false)?));
+            }
+        }
+        for round in 0..args.repeat.max(1) {
+            for system in &systems {
                 for &rate in &plan.rtt_rates {
-                    let result = peers::rtt(&peer, rate, d, plan.body).await?;
+                    let (name, config, result) = match system {
+                        RttSystem::Im(label, server) => (
+                            "im",
+                            label.as_str(),
+                            scenarios::rtt(server, rate, d, plan.body).await,
+                        ),
+                        RttSystem::Peer(peer) => (
+                            peer_name(peer.kind),
+                            peer.durability(),
+                            peers::rtt(peer, rate, d, plan.body).await,
+                        ),
+                    };
+                    let result = result.with_context(|| format!("{name} rtt at {rate}/s"))?;
                     results.push(
                         "rtt",
-                        peer_name(kind),
-                        json!({"rate": rate, "config": peer.durability()}),
+                        name,
+                        json!({"rate": rate, "config": config, "round": round}),
                         result,
                     )?;
                 }
@@ -363,7 +431,7 @@ async fn run_all(args: AllArgs) -> anyhow::Result<()> {
             .map(|&filters| {
                 let options = ServerOptions {
                     plugins: keyword_filters(&args.repo, filters),
-                    fsync: false,
+                    ..plain.clone()
                 };
                 ImServer::start(bin, &options)
             })
@@ -393,6 +461,13 @@ async fn run_all(args: AllArgs) -> anyhow::Result<()> {
     }
     eprintln!("wrote {}", results.path.display());
     Ok(())
+}
+
+/// A system the round trip runs against.
+enum RttSystem {
+    /// Our server in a labelled configuration.
+    Im(String, ImServer),
+    Peer(PeerServer),
 }
 
 /// Saturation rounds per filter count in the plugin-cost scenario.

@@ -3,7 +3,7 @@
 use std::fs::File;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -72,13 +72,14 @@ impl PeerServer {
                 let config = dir.path().join("mosquitto.conf");
                 std::fs::write(&config, mosquitto_config(port))
                     .context("writing mosquitto.conf")?;
-                let mut command = Command::new(find_binary(kind.binary(), &["/usr/sbin"], &[])?);
+                let mut command =
+                    crate::cpus::server_command(find_binary(kind.binary(), &["/usr/sbin"], &[])?);
                 command.arg("-c").arg(&config);
                 command
             }
             PeerKind::Nats => {
                 let binary = find_binary(kind.binary(), &[], &["/usr/sbin", "/usr/bin"])?;
-                let mut command = Command::new(binary);
+                let mut command = crate::cpus::server_command(binary);
                 command
                     .args(["-a", "127.0.0.1", "-p"])
                     .arg(port.to_string());

@@ -3,7 +3,7 @@
 use std::io::BufRead;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
@@ -25,6 +25,8 @@ pub struct ServerOptions {
     pub plugins: Vec<BenchPlugin>,
     /// fsync each group commit (power-loss durability) instead of surviving SIGKILL only.
     pub fsync: bool,
+    /// The server's `runtime.worker_threads` (0: one per core).
+    pub worker_threads: usize,
 }
 
 pub struct ImServer {
@@ -99,9 +101,17 @@ impl ImServer {
             }
             config.push_str("]\n");
         }
+        // A table of its own after [plugins]' keys; written only when asked for, so a
+        // server built before the setting existed still starts.
+        if options.worker_threads > 0 {
+            config.push_str(&format!(
+                "[runtime]\nworker_threads = {}\n",
+                options.worker_threads
+            ));
+        }
         let file = data.path().join("bench.toml");
         std::fs::write(&file, config)?;
-        let mut child = Command::new(binary)
+        let mut child = crate::cpus::server_command(binary)
             .arg("--config")
             .arg(&file)
             .stdout(Stdio::piped())

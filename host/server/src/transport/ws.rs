@@ -32,9 +32,13 @@ pub fn close_code(reason: CloseReason) -> u16 {
 
 fn ws_config(max_frame_bytes: usize) -> WebSocketConfig {
     // Small buffers: tungstenite's defaults (128 KiB read buffer) would dominate the memory
-    // of an idle connection. A larger frame reserves its whole length once its header is read.
+    // of an idle connection, which keeps its read buffer. 256 bytes hold a typical chat
+    // frame whole (the TCP reader's inline buffer is as large). A larger frame reserves its
+    // whole length once its header is read, but tungstenite reads it at most this many bytes
+    // per system call: a 32 KiB frame takes 128 reads. Idle memory is the cost that scales
+    // with every connection, so it wins (docs/benchmarks.md).
     WebSocketConfig::default()
-        .read_buffer_size(1024)
+        .read_buffer_size(256)
         .write_buffer_size(0)
         .max_write_buffer_size(max_frame_bytes * 4)
         .max_message_size(Some(max_frame_bytes))

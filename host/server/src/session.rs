@@ -410,11 +410,19 @@ struct LoggedIn {
     handle: ConnHandle,
     queue: OutboundReceiver,
     pending: PendingDeliveries,
-    requests: Arc<Semaphore>,
+    /// Bounds this connection's slow requests in flight; created by the first one.
+    requests: Option<Arc<Semaphore>>,
     /// Frames to write at the end of the current loop turn.
     out: Vec<Bytes>,
     /// Commit times of the first pushes in `out`, for the delivery-latency metric.
     first_pushes: Vec<std::time::Instant>,
+    /// Presence watches and rooms, allocated on first use: most connections use neither,
+    /// and every idle connection would carry the empty sets.
+    subscriptions: Option<Box<Subscriptions>>,
+}
+
+#[derive(Default)]
+struct Subscriptions {
     /// Users whose presence this connection watches.
     watching: HashSet<Arc<str>>,
     /// Rooms this connection is in.
@@ -434,23 +442,31 @@ impl LoggedIn {
                 Duration::from_millis(s.retry_max_ms),
                 s.max_pending_deliveries,
             ),
-            requests: Arc::new(Semaphore::new(MAX_REQUESTS_IN_FLIGHT)),
+            requests: None,
             out: Vec::new(),
             first_pushes: Vec::new(),
-            watching: HashSet::new(),
-            rooms: HashSet::new(),
+            subscriptions: None,
         }
     }
 
     /// Leaves every room and stops every presence watch (the connection is closing).
     fn leave_everything(&mut self) {
-        for room in self.rooms.drain() {
-            self.ctx.rooms.leave(&room, self.handle.conn_id);
+        let Some(subscriptions) = self.subscriptions.take() else {
+            return;
+        };
+        for room in &subscriptions.rooms {
+            self.ctx.rooms.leave(room, self.handle.conn_id);
         }
         self.ctx
             .router
-            .unwatch_all(self.handle.conn_id, self.watching.iter());
-        self.watching.clear();
+            .unwatch_all(self.handle.conn_id, subscriptions.watching.iter());
+    }
+
+    /// Whether this connection is in `room`.
+    fn in_room(&self, room: &str) -> bool {
+        self.subscriptions
+            .as_ref()
+            .is_some_and(|s| s.rooms.contains(room))
     }
 
     async fn run<C: FrameConn>(&mut self, conn: &mut C) -> End {
@@ -681,7 +697,8 @@ impl LoggedIn {
                 .push(error_bytes(rid, ErrorCode::InvalidArgument, message));
             return;
         }
-        let mut after: HashSet<&str> = self.watching.iter().map(|u| &**u).collect();
+        let subscriptions = self.subscriptions.get_or_insert_with(Box::default);
+        let mut after: HashSet<&str> = subscriptions.watching.iter().map(|u| &**u).collect();
         for user in &req.remove {
             after.remove(user.as_str());
         }
@@ -698,12 +715,12 @@ impl LoggedIn {
             .router
             .watch_presence(&self.handle, &add, &req.remove);
         for user in &req.remove {
-            self.watching.remove(user.as_str());
+            subscriptions.watching.remove(user.as_str());
         }
-        self.watching.extend(add);
+        subscriptions.watching.extend(add);
         let answer = v1::PresenceSubscribeResponse {
             states,
-            watching: self.watching.len() as u32,
+            watching: subscriptions.watching.len() as u32,
         };
         self.out
             .push(frame_bytes(rid, Body::PresenceStates(answer)));
@@ -721,17 +738,22 @@ impl LoggedIn {
         let (members, joined) = match req.action {
             Some(v1::room_request::Action::Join(_)) => {
                 let cap = self.ctx.config.limits.max_rooms_per_connection;
-                if !self.rooms.contains(&room) && self.rooms.len() >= cap {
+                let rooms = &mut self.subscriptions.get_or_insert_with(Box::default).rooms;
+                if !rooms.contains(&room) && rooms.len() >= cap {
                     let message = format!("a connection is in at most {cap} rooms");
                     self.out
                         .push(error_bytes(rid, ErrorCode::InvalidArgument, message));
                     return;
                 }
-                self.rooms.insert(room.clone());
+                rooms.insert(room.clone());
                 (self.ctx.rooms.join(&room, &self.handle), true)
             }
             Some(v1::room_request::Action::Leave(_)) => {
-                if !self.rooms.remove(&room) {
+                let was_in = self
+                    .subscriptions
+                    .as_mut()
+                    .is_some_and(|s| s.rooms.remove(&room));
+                if !was_in {
                     self.out.push(error_bytes(
                         rid,
                         ErrorCode::NotInRoom,
@@ -759,7 +781,7 @@ impl LoggedIn {
     /// A message to a room this connection is in: screened like any message, then handed
     /// to the room's other connections; never stored.
     async fn room_send(&mut self, rid: u64, req: v1::RoomSendRequest) {
-        if !self.rooms.contains(req.room_id.as_str()) {
+        if !self.in_room(&req.room_id) {
             self.out.push(error_bytes(
                 rid,
                 ErrorCode::NotInRoom,
@@ -1067,7 +1089,11 @@ impl LoggedIn {
             self.out.push(error_bytes(rid, code, message));
             return;
         }
-        let Ok(permit) = self.requests.clone().acquire_owned().await else {
+        let requests = self
+            .requests
+            .get_or_insert_with(|| Arc::new(Semaphore::new(MAX_REQUESTS_IN_FLIGHT)))
+            .clone();
+        let Ok(permit) = requests.acquire_owned().await else {
             return;
         };
         let ctx = self.ctx.clone();

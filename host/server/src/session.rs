@@ -475,8 +475,21 @@ impl LoggedIn {
         let mut last_received = Instant::now();
         let close = self.handle.close.clone();
         let shutdown = self.ctx.shutdown.clone();
+        // One timer for the connection's life, moved each turn to the nearer of the idle
+        // deadline and the next re-push: the task holds one timer instead of two, and
+        // moving a tokio timer later is an atomic update where a fresh timer per turn took
+        // the timer wheel's lock to register and to cancel.
+        let timer = tokio::time::sleep_until(last_received + idle_timeout);
+        tokio::pin!(timer);
         loop {
-            let retry_at = self.pending.next_due();
+            let idle_at = last_received + idle_timeout;
+            let wake_at = self
+                .pending
+                .next_due()
+                .map_or(idle_at, |due| Instant::from_std(due).min(idle_at));
+            if timer.deadline() != wake_at {
+                timer.as_mut().reset(wake_at);
+            }
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => {
@@ -506,11 +519,14 @@ impl LoggedIn {
                         Err(err) => return recv_error_end(err),
                     }
                 }
-                _ = tokio::time::sleep_until(last_received + idle_timeout) => {
-                    return End::Close(CloseReason::IdleTimeout, format!("nothing received for {} ms", idle_timeout.as_millis()));
-                }
-                _ = sleep_until_some(retry_at) => {
-                    let due = self.pending.take_due(Instant::now().into_std());
+                () = &mut timer => {
+                    let now = Instant::now();
+                    if now >= idle_at {
+                        return End::Close(CloseReason::IdleTimeout, format!("nothing received for {} ms", idle_timeout.as_millis()));
+                    }
+                    // Due pushes are rescheduled with back-off, so the next turn moves the
+                    // timer on.
+                    let due = self.pending.take_due(now.into_std());
                     self.out.extend(due.iter().map(|p| p.frame.clone()));
                 }
             }
@@ -1334,11 +1350,4 @@ async fn answer(
         }
     };
     Ok(frame_bytes(rid, body))
-}
-
-async fn sleep_until_some(at: Option<std::time::Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(Instant::from_std(at)).await,
-        None => std::future::pending().await,
-    }
 }

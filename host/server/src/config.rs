@@ -362,7 +362,9 @@ impl Config {
             );
         }
         if self.runtime.worker_threads > MAX_WORKER_THREADS {
-            return bad("runtime.worker_threads must be at most 1024 (0: one per CPU core)");
+            return bad(&format!(
+                "runtime.worker_threads must be at most {MAX_WORKER_THREADS} (0: one per CPU core)"
+            ));
         }
         if self.storage.max_batch == 0 {
             return bad("storage.max_batch must be at least 1");

@@ -84,7 +84,7 @@ async fn a_thousand_members_over_every_transport_get_every_message_once_in_order
             .node
             .context
             .known_users
-            .register(user)
+            .register(&user.as_str().into())
             .await
             .unwrap();
     }

@@ -58,7 +58,7 @@ async fn measure(host: &PluginHost, label: &str, len: usize, iterations: u32, on
         return;
     }
     let origin = CallOrigin {
-        transport: "tcp".into(),
+        transport: "tcp",
         remote_ip: Some("127.0.0.1".into()),
     };
     // The message is reused: the chain only lends it to the plugins.

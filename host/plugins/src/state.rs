@@ -30,8 +30,8 @@ pub struct PluginShared {
 /// Where a call comes from: the connection's transport and address.
 #[derive(Debug, Clone, Default)]
 pub struct CallOrigin {
-    /// "tcp", "tcp+tls", "ws", "wss", "quic" or "api".
-    pub transport: Arc<str>,
+    /// "tcp", "tcp+tls", "ws", "wss", "quic" or "api" (static: a connection holds no copy).
+    pub transport: &'static str,
     pub remote_ip: Option<Arc<str>>,
 }
 

@@ -66,7 +66,7 @@ async fn fixture() -> Fixture {
 
 fn origin() -> CallOrigin {
     CallOrigin {
-        transport: "tcp".into(),
+        transport: "tcp",
         remote_ip: Some("127.0.0.1".into()),
     }
 }

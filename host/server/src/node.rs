@@ -216,6 +216,11 @@ impl RunningNode {
             config.storage.max_batch,
         );
         let (cursors, cursor_task) = CursorWriter::start(dyn_store.clone());
+        let idle_sweep = tokio::spawn(crate::session::sweep_idle_connections(
+            router.clone(),
+            config.idle_timeout(),
+            shutdown.clone(),
+        ));
         let plugins = if config.plugins.enabled {
             Some(start_plugins(&config, dyn_store.clone()).await?)
         } else {
@@ -260,7 +265,7 @@ impl RunningNode {
             shutdown,
             listeners: listeners.clone(),
             sessions: sessions.clone(),
-            background: vec![pipeline_task, cursor_task],
+            background: vec![pipeline_task, cursor_task, idle_sweep],
             store,
         };
         if config.tcp.enabled {

@@ -453,7 +453,7 @@ mod tests {
     use im_store::{ListPosition, ReadState, StoreResult};
 
     use super::*;
-    use crate::router::CloseSignal;
+    use crate::router::ConnControl;
 
     /// The real SQLite store, counting how many transactions appends use.
     struct CountingStore {
@@ -571,7 +571,7 @@ mod tests {
             device_id: "d".into(),
             transport: "tcp",
             queue,
-            close: Arc::new(CloseSignal::default()),
+            control: Arc::new(ConnControl::default()),
         };
         (handle, rx)
     }

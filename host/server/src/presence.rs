@@ -84,7 +84,7 @@ impl PresenceBook {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::router::CloseSignal;
+    use crate::router::ConnControl;
 
     fn watcher(conn_id: u64) -> (ConnHandle, crate::router::OutboundReceiver) {
         let (queue, rx) = crate::router::outbound_queue(8);
@@ -94,7 +94,7 @@ mod tests {
             device_id: "d".into(),
             transport: "tcp",
             queue,
-            close: Arc::new(CloseSignal::default()),
+            control: Arc::new(ConnControl::default()),
         };
         (handle, rx)
     }

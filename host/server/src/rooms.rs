@@ -129,7 +129,7 @@ impl Rooms {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::router::CloseSignal;
+    use crate::router::ConnControl;
 
     fn member(conn_id: u64) -> (ConnHandle, crate::router::OutboundReceiver) {
         let (queue, rx) = crate::router::outbound_queue(4);
@@ -139,7 +139,7 @@ mod tests {
             device_id: "d".into(),
             transport: "tcp",
             queue,
-            close: Arc::new(CloseSignal::default()),
+            control: Arc::new(ConnControl::default()),
         };
         (handle, rx)
     }

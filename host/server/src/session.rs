@@ -3,14 +3,17 @@
 //! Each connection is one task running [`run_session`]. Before login only `Login` and `Ping`
 //! are served. After login the task multiplexes, in one `select!`: frames from the client,
 //! frames queued for it by the pipeline and the router, re-pushes of unacknowledged
-//! deliveries, the idle timer, close requests (replaced, slow consumer) and shutdown.
+//! deliveries and close requests (replaced, slow consumer, idle, shutdown). Idle connections
+//! are found by one node-wide sweep ([`sweep_idle_connections`]), not a timer per task.
 //! Slow requests (sync, history, lists, read cursors) run in spawned tasks, at most
 //! [`MAX_REQUESTS_IN_FLIGHT`] per connection, and answer through the connection's queue.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::task::Poll;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -19,7 +22,7 @@ use im_proto::v1::{self, CloseReason, ErrorCode, frame::Body};
 use im_store::{NewMessage, Store, StoreError};
 use parking_lot::RwLock;
 use tokio::sync::Semaphore;
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
 
 use im_plugins::bindings::types;
@@ -34,7 +37,7 @@ use crate::metrics::{MessageKind, NodeMetrics};
 use crate::pipeline::{GroupJob, Pipeline, ReplyTo, SendJob, to_proto};
 use crate::rooms::Rooms;
 use crate::router::{
-    CloseSignal, ConnHandle, LocalRouter, Outbound, OutboundReceiver, outbound_queue,
+    ConnControl, ConnHandle, LocalRouter, Outbound, OutboundReceiver, monotonic_ms, outbound_queue,
 };
 use crate::transport::{FrameConn, RecvError};
 
@@ -113,9 +116,10 @@ impl NodeContext {
     }
 }
 
-/// Users known to exist, cached in front of the store (users are never deleted).
+/// Users known to exist, cached in front of the store (users are never deleted). Ids are
+/// shared with the router's handles where a login put them here, not copied.
 pub struct KnownUsers {
-    cache: RwLock<HashSet<String>>,
+    cache: RwLock<HashSet<Arc<str>>>,
     store: Arc<dyn Store>,
 }
 
@@ -133,17 +137,40 @@ impl KnownUsers {
         }
         let exists = self.store.user_exists(user_id).await?;
         if exists {
-            self.cache.write().insert(user_id.to_owned());
+            self.cache.write().insert(user_id.into());
         }
         Ok(exists)
     }
 
-    pub async fn register(&self, user_id: &str) -> Result<(), StoreError> {
-        if !self.cache.read().contains(user_id) {
+    pub async fn register(&self, user_id: &Arc<str>) -> Result<(), StoreError> {
+        if !self.cache.read().contains(&**user_id) {
             self.store.upsert_user(user_id, now_ms()).await?;
-            self.cache.write().insert(user_id.to_owned());
+            self.cache.write().insert(user_id.clone());
         }
         Ok(())
+    }
+}
+
+/// Closes logged-in connections whose client has sent nothing for `idle_timeout`, sweeping
+/// the router every eighth of it (at most every second, at least every 10 ms) until
+/// `shutdown`. One sweep over the router costs less than a timer in every connection's
+/// task, and idle connections are the ones that scale.
+pub async fn sweep_idle_connections(
+    router: Arc<LocalRouter>,
+    idle_timeout: Duration,
+    shutdown: CancellationToken,
+) {
+    let period = (idle_timeout / 8).clamp(Duration::from_millis(10), Duration::from_secs(1));
+    let mut ticks = tokio::time::interval(period);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let idle_ms = u64::try_from(idle_timeout.as_millis()).unwrap_or(u64::MAX);
+    let message = format!("nothing received for {idle_ms} ms");
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        router.close_idle(monotonic_ms(), idle_ms, &message);
     }
 }
 
@@ -175,7 +202,7 @@ pub async fn run_session<C: FrameConn>(ctx: Arc<NodeContext>, mut conn: C, peer:
     ctx.stats.open.fetch_add(1, Ordering::Relaxed);
     let transport = conn.transport().as_str();
     let origin = CallOrigin {
-        transport: transport.into(),
+        transport,
         remote_ip: Some(peer.ip().to_string().into()),
     };
     // Boxed, and freed once logged in: login (authentication, risk checks) needs far more
@@ -203,7 +230,12 @@ pub async fn run_session<C: FrameConn>(ctx: Arc<NodeContext>, mut conn: C, peer:
     if let End::Close(reason, message) = end {
         tracing::debug!(%peer, transport, reason = reason.as_str_name(), %message, "closing connection");
         let frame = v1::Frame::close(reason, message).to_bytes();
-        let _ = tokio::time::timeout(Duration::from_secs(2), conn.close(reason, frame)).await;
+        // Boxed: the closing write's state is not part of the connection's task for its life.
+        let _ = Box::pin(tokio::time::timeout(
+            Duration::from_secs(2),
+            conn.close(reason, frame),
+        ))
+        .await;
     }
     ctx.stats.open.fetch_sub(1, Ordering::Relaxed);
 }
@@ -322,7 +354,8 @@ async fn login_with<C: FrameConn>(
             }
         }
     }
-    if let Err(err) = ctx.known_users.register(&identity.user_id).await {
+    let user_id: Arc<str> = identity.user_id.as_str().into();
+    if let Err(err) = ctx.known_users.register(&user_id).await {
         tracing::error!(error = %err, "recording a user failed");
         reply(
             conn,
@@ -338,11 +371,11 @@ async fn login_with<C: FrameConn>(
     let (queue_tx, queue) = outbound_queue(ctx.config.limits.outbound_queue);
     let handle = ConnHandle {
         conn_id: ctx.next_conn_id.fetch_add(1, Ordering::Relaxed),
-        user_id: identity.user_id.as_str().into(),
+        user_id,
         device_id: login.device_id.as_str().into(),
         transport: conn.transport().as_str(),
         queue: queue_tx,
-        close: Arc::new(CloseSignal::default()),
+        control: Arc::new(ConnControl::heard_at(monotonic_ms())),
     };
     let ok = frame_bytes(
         request_id,
@@ -357,10 +390,17 @@ async fn login_with<C: FrameConn>(
     );
     // Register before answering, so a message sent right after the answer reaches this device.
     if let Some(replaced) = ctx.router.register(handle.clone(), now_ms()) {
-        replaced.close.close(
+        replaced.control.close(
             CloseReason::Replaced,
             "another connection logged in with this device id",
         );
+    }
+    // A logged-in connection learns of shutdown from the router's `close_all`, which runs
+    // after the token is cancelled: one registered after it is closed here.
+    if ctx.shutdown.is_cancelled() {
+        handle
+            .control
+            .close(CloseReason::ServerShutdown, "server shutting down");
     }
     if let Err(end) = reply(conn, ok).await {
         ctx.router
@@ -419,6 +459,17 @@ struct LoggedIn {
     /// Presence watches and rooms, allocated on first use: most connections use neither,
     /// and every idle connection would carry the empty sets.
     subscriptions: Option<Box<Subscriptions>>,
+    /// Fires when the next unacknowledged push is due again; exists only while some are.
+    retry_timer: Option<Pin<Box<Sleep>>>,
+}
+
+/// Completes when `timer` fires (never, when there is none). One reference in the task's
+/// `select!`, not a timer.
+fn retry_timer_fired(timer: &mut Option<Pin<Box<Sleep>>>) -> impl Future<Output = ()> + '_ {
+    std::future::poll_fn(move |cx| match timer {
+        Some(timer) => timer.as_mut().poll(cx),
+        None => Poll::Pending,
+    })
 }
 
 #[derive(Default)]
@@ -446,6 +497,7 @@ impl LoggedIn {
             out: Vec::new(),
             first_pushes: Vec::new(),
             subscriptions: None,
+            retry_timer: None,
         }
     }
 
@@ -470,32 +522,16 @@ impl LoggedIn {
     }
 
     async fn run<C: FrameConn>(&mut self, conn: &mut C) -> End {
-        let idle_timeout = self.ctx.config.idle_timeout();
         let write_timeout = Duration::from_millis(self.ctx.config.limits.write_timeout_ms);
-        let mut last_received = Instant::now();
-        let close = self.handle.close.clone();
-        let shutdown = self.ctx.shutdown.clone();
-        // One timer for the connection's life, moved each turn to the nearer of the idle
-        // deadline and the next re-push: the task holds one timer instead of two, and
-        // moving a tokio timer later is an atomic update where a fresh timer per turn took
-        // the timer wheel's lock to register and to cancel.
-        let timer = tokio::time::sleep_until(last_received + idle_timeout);
-        tokio::pin!(timer);
+        // The task waits on its queue, its socket, close requests (replaced, slow consumer,
+        // idle, shutdown: all through `ConnControl`) and, only while pushes await their acks,
+        // a re-push timer. The idle timeout is the node's sweep (`sweep_idle_connections`),
+        // so an idle connection's task holds no timer.
         loop {
-            let idle_at = last_received + idle_timeout;
-            let wake_at = self
-                .pending
-                .next_due()
-                .map_or(idle_at, |due| Instant::from_std(due).min(idle_at));
-            if timer.deadline() != wake_at {
-                timer.as_mut().reset(wake_at);
-            }
+            self.arm_retry_timer();
             tokio::select! {
                 biased;
-                _ = shutdown.cancelled() => {
-                    return End::Close(CloseReason::ServerShutdown, "server shutting down".into());
-                }
-                (reason, message) = close.requested() => return End::Close(reason, message),
+                (reason, message) = self.handle.control.requested() => return End::Close(reason, message),
                 Ok(item) = self.queue.recv_async() => {
                     self.take_outbound(item);
                     while self.out.len() < MAX_WRITE_BATCH {
@@ -508,7 +544,7 @@ impl LoggedIn {
                 received = conn.recv() => {
                     match received {
                         Ok(Some(bytes)) => {
-                            last_received = Instant::now();
+                            self.handle.control.heard(monotonic_ms());
                             // Boxed: the handlers' futures would otherwise be part of
                             // every idle connection's task, whatever it is doing.
                             if let Err(end) = Box::pin(self.handle_frame(&bytes)).await {
@@ -519,19 +555,16 @@ impl LoggedIn {
                         Err(err) => return recv_error_end(err),
                     }
                 }
-                () = &mut timer => {
-                    let now = Instant::now();
-                    if now >= idle_at {
-                        return End::Close(CloseReason::IdleTimeout, format!("nothing received for {} ms", idle_timeout.as_millis()));
-                    }
+                () = retry_timer_fired(&mut self.retry_timer), if self.retry_timer.is_some() => {
                     // Due pushes are rescheduled with back-off, so the next turn moves the
                     // timer on.
-                    let due = self.pending.take_due(now.into_std());
+                    let due = self.pending.take_due(Instant::now().into_std());
                     self.out.extend(due.iter().map(|p| p.frame.clone()));
                 }
             }
             if !self.out.is_empty() {
-                match tokio::time::timeout(write_timeout, Box::pin(conn.send(&self.out))).await {
+                // Boxed with its deadline: the write's state lives only while it runs.
+                match Box::pin(tokio::time::timeout(write_timeout, conn.send(&self.out))).await {
                     Ok(Ok(())) => {
                         self.out.clear();
                         for committed in self.first_pushes.drain(..) {
@@ -548,6 +581,22 @@ impl LoggedIn {
                     self.out = Vec::new();
                 }
             }
+        }
+    }
+
+    /// Sets the re-push timer to the next push due, creating it when pushes start waiting
+    /// for acks and dropping it when none wait. Moving an existing timer later is an atomic
+    /// update; a fresh timer per turn would take the timer wheel's lock twice.
+    fn arm_retry_timer(&mut self) {
+        let Some(due) = self.pending.next_due() else {
+            self.retry_timer = None;
+            return;
+        };
+        let due = Instant::from_std(due);
+        match &mut self.retry_timer {
+            Some(timer) if timer.deadline() == due => {}
+            Some(timer) => timer.as_mut().reset(due),
+            None => self.retry_timer = Some(Box::pin(tokio::time::sleep_until(due))),
         }
     }
 

@@ -108,7 +108,7 @@ impl Plan {
                 idle_quic_connections: 5_000,
                 rtt_rates: vec![5_000],
                 fanout_members: 1_000,
-                fanout_rates: vec![100, 150],
+                fanout_rates: vec![100, 150, 200],
                 durable_rates: vec![10_000, 50_000],
                 durable_senders: 50,
                 body: 100,

@@ -439,7 +439,7 @@ pub async fn put_user(
     state
         .ctx
         .known_users
-        .register(&user_id)
+        .register(&user_id.as_str().into())
         .await
         .map_err(ApiError::internal)?;
     Ok(Json(user_view(&state, &user_id)))

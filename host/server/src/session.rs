@@ -116,18 +116,30 @@ impl NodeContext {
     }
 }
 
-/// Users known to exist, cached in front of the store (users are never deleted). Ids are
-/// shared with the router's handles where a login put them here, not copied.
+/// Users the known-users cache holds at most: past it a quarter is forgotten (they are looked
+/// up in the store again when next needed), so a node serving millions of distinct users over
+/// its life holds a bounded set (about 64 MB at this size).
+const MAX_KNOWN_USERS: usize = 1_000_000;
+
+/// Users known to exist, cached in front of the store (users are never deleted, so a cached
+/// answer never goes stale; a forgotten one costs a lookup). Ids are shared with the router's
+/// handles where a login put them here, not copied.
 pub struct KnownUsers {
     cache: RwLock<HashSet<Arc<str>>>,
     store: Arc<dyn Store>,
+    capacity: usize,
 }
 
 impl KnownUsers {
     fn new(store: Arc<dyn Store>) -> Self {
+        Self::with_capacity(store, MAX_KNOWN_USERS)
+    }
+
+    fn with_capacity(store: Arc<dyn Store>, capacity: usize) -> Self {
         Self {
             cache: RwLock::default(),
             store,
+            capacity: capacity.max(4),
         }
     }
 
@@ -137,7 +149,7 @@ impl KnownUsers {
         }
         let exists = self.store.user_exists(user_id).await?;
         if exists {
-            self.cache.write().insert(user_id.into());
+            self.remember(user_id.into());
         }
         Ok(exists)
     }
@@ -145,9 +157,28 @@ impl KnownUsers {
     pub async fn register(&self, user_id: &Arc<str>) -> Result<(), StoreError> {
         if !self.cache.read().contains(&**user_id) {
             self.store.upsert_user(user_id, now_ms()).await?;
-            self.cache.write().insert(user_id.clone());
+            self.remember(user_id.clone());
         }
         Ok(())
+    }
+
+    #[cfg(test)]
+    fn cached(&self, user_id: &str) -> bool {
+        self.cache.read().contains(user_id)
+    }
+
+    fn remember(&self, user_id: Arc<str>) {
+        let mut cache = self.cache.write();
+        if cache.len() >= self.capacity {
+            // Forget every fourth entry in the table's order, an arbitrary quarter: one pass
+            // per capacity / 4 inserts keeps the cost per insert constant.
+            let mut n = 0usize;
+            cache.retain(|_| {
+                n += 1;
+                !n.is_multiple_of(4)
+            });
+        }
+        cache.insert(user_id);
     }
 }
 
@@ -1399,4 +1430,33 @@ async fn answer(
         }
     };
     Ok(frame_bytes(rid, body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use im_store::sqlite::{SqliteOptions, SqliteStore};
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn known_users_stay_bounded_and_forgotten_ones_are_found_in_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("im.db"), SqliteOptions::default())
+            .await
+            .unwrap();
+        let known = KnownUsers::with_capacity(Arc::new(store.clone()), 8);
+        let users: Vec<Arc<str>> = (0..20).map(|n| format!("user{n}").into()).collect();
+        for user in &users {
+            known.register(user).await.unwrap();
+            assert!(known.cache.read().len() <= 8);
+            assert!(known.cached(user));
+        }
+        let forgotten: Vec<_> = users.iter().filter(|u| !known.cached(u)).collect();
+        assert!(!forgotten.is_empty());
+        for user in &forgotten {
+            assert!(known.exists(user).await.unwrap(), "{user} was registered");
+        }
+        assert!(!known.exists("nobody").await.unwrap());
+        assert!(known.cache.read().len() <= 8);
+        store.close().await;
+    }
 }

@@ -146,25 +146,46 @@ fn count_in_kv(key: &str, fingerprint: u64, window_ms: u64) -> Option<i64> {
     None
 }
 
+/// The plugin's configuration, read once per instance: an instance lives within one
+/// installed version, whose configuration never changes (a new configuration is a new
+/// version, with new instances), and each read is a host call.
+struct Settings {
+    send: Bucket,
+    login: Bucket,
+    repeat_limit: i64,
+    repeat_window_ms: u64,
+}
+
+fn settings() -> &'static Settings {
+    static SETTINGS: std::sync::OnceLock<Settings> = std::sync::OnceLock::new();
+    SETTINGS.get_or_init(|| Settings {
+        send: bucket("send_rate", "send_burst", "20", "40"),
+        login: bucket("login_rate", "login_burst", "5", "20"),
+        repeat_limit: config::get_or("repeat_limit", "5").parse().unwrap_or(5),
+        repeat_window_ms: config::get_or("repeat_window_ms", "60000")
+            .parse()
+            .unwrap_or(60_000),
+    })
+}
+
 struct Limits;
 
 impl RiskControl for Limits {
     fn assess(ctx: &CallContext, event: RiskEvent<'_>) -> RiskVerdict {
+        let settings = settings();
         match event {
             RiskEvent::Send(message) => {
                 let sender = message.sender();
                 let user = &sender.user_id;
-                let limit = bucket("send_rate", "send_burst", "20", "40");
+                let limit = settings.send;
                 if let Err(retry_after_ms) = take_from_kv(&format!("send:{user}"), limit) {
                     return RiskVerdict::Throttle(Throttle {
                         retry_after_ms,
                         reason: format!("user {user} sends faster than {} messages/s", limit.rate),
                     });
                 }
-                let repeat_limit: i64 = config::get_or("repeat_limit", "5").parse().unwrap_or(5);
-                let window: u64 = config::get_or("repeat_window_ms", "60000")
-                    .parse()
-                    .unwrap_or(60_000);
+                let repeat_limit = settings.repeat_limit;
+                let window = settings.repeat_window_ms;
                 let key = format!("repeat:{user}");
                 let fingerprint = fingerprint(&message.body());
                 match count_in_kv(&key, fingerprint, window) {
@@ -179,7 +200,7 @@ impl RiskControl for Limits {
                 let Some(ip) = ctx.remote_ip() else {
                     return RiskVerdict::Allow;
                 };
-                let limit = bucket("login_rate", "login_burst", "5", "20");
+                let limit = settings.login;
                 match take_from_kv(&format!("login:{ip}"), limit) {
                     Ok(()) => RiskVerdict::Allow,
                     Err(retry_after_ms) => RiskVerdict::Throttle(Throttle {

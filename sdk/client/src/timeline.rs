@@ -120,15 +120,27 @@ impl Timelines {
     }
 
     fn accept(&mut self, conversation_id: &str, seq: u64, message: Option<Message>) -> Progress {
-        let t = self
-            .conversations
-            .entry(conversation_id.to_owned())
-            .or_default();
+        // Looked up before inserting: a known conversation (nearly every message) costs no
+        // copy of its id.
+        let t = match self.conversations.get_mut(conversation_id) {
+            Some(t) => t,
+            None => self
+                .conversations
+                .entry(conversation_id.to_owned())
+                .or_default(),
+        };
         let mut progress = Progress::default();
         if seq <= t.last {
             return progress;
         }
-        t.ahead.entry(seq).or_insert(message);
+        if seq == t.last + 1 {
+            // In order, the common case: handed out without passing through `ahead` (which
+            // never holds `last + 1`: it would have been handed out when it arrived).
+            t.last = seq;
+            progress.ready.extend(message);
+        } else {
+            t.ahead.entry(seq).or_insert(message);
+        }
         while let Some(entry) = t.ahead.first_entry() {
             if *entry.key() != t.last + 1 {
                 break;
@@ -211,6 +223,18 @@ mod tests {
         own.body = bytes::Bytes::from_static(b"mine");
         let p = t.on_sync_page("c", vec![msg(4), own], false);
         assert_eq!(seqs(&p), vec![4]);
+        assert_eq!(t.last("c"), 5);
+    }
+
+    #[test]
+    fn an_in_order_message_releases_what_waited_behind_it() {
+        let mut t = Timelines::default();
+        assert_eq!(seqs(&t.on_message(msg(1))), vec![1]);
+        assert!(t.on_message(msg(3)).ready.is_empty());
+        assert!(t.on_message(msg(5)).ready.is_empty());
+        assert_eq!(seqs(&t.on_message(msg(2))), vec![2, 3]);
+        assert!(t.on_message(msg(3)).ready.is_empty());
+        assert_eq!(seqs(&t.on_message(msg(4))), vec![4, 5]);
         assert_eq!(t.last("c"), 5);
     }
 

@@ -1,5 +1,5 @@
 //! Reliable 1:1 messaging over each transport: exchange, ordering, idempotency, offline sync,
-//! multi-device delivery, device replacement and heartbeat timeouts.
+//! multi-device delivery, device replacement, heartbeat timeouts and shutdown.
 
 use std::time::Duration;
 
@@ -19,6 +19,7 @@ on_every_transport!(
     heartbeat_timeout_closes_idle_connections,
     history_list_and_read_cursor,
     unacknowledged_pushes_are_repeated_until_acked,
+    shutdown_closes_logged_in_connections,
 );
 
 async fn login_and_exchange(t: Transport) {
@@ -408,4 +409,16 @@ async fn unacknowledged_pushes_are_repeated_until_acked(t: Transport) {
     .await;
     let quiet = tokio::time::timeout(Duration::from_millis(1_000), bob.recv()).await;
     assert!(quiet.is_err(), "a push came after the ack: {quiet:?}");
+}
+
+async fn shutdown_closes_logged_in_connections(t: Transport) {
+    // The default idle timeout (90 s) is far off: only the shutdown can close these.
+    let server = TestServer::start().await;
+    let mut alice = server.raw_logged_in(t, "alice", "phone").await;
+    let mut bob = server.raw_logged_in(t, "bob", "laptop").await;
+    eventually(WAIT, "both sessions are up", || server.logged_in() == 2).await;
+    server.node.shutdown_token().cancel();
+    assert_eq!(alice.expect_close().await, v1::CloseReason::ServerShutdown);
+    assert_eq!(bob.expect_close().await, v1::CloseReason::ServerShutdown);
+    eventually(WAIT, "the sessions are freed", || server.logged_in() == 0).await;
 }

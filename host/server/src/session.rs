@@ -183,9 +183,10 @@ impl KnownUsers {
 }
 
 /// Closes logged-in connections whose client has sent nothing for `idle_timeout`, sweeping
-/// the router every eighth of it (at most every second, at least every 10 ms) until
-/// `shutdown`. One sweep over the router costs less than a timer in every connection's
-/// task, and idle connections are the ones that scale.
+/// the router every eighth of it (at most every second, at least every 10 ms), and closes
+/// them all with `SERVER_SHUTDOWN` once `shutdown` is cancelled (however it was). One sweep
+/// over the router costs less than a timer in every connection's task, and idle connections
+/// are the ones that scale.
 pub async fn sweep_idle_connections(
     router: Arc<LocalRouter>,
     idle_timeout: Duration,
@@ -198,7 +199,10 @@ pub async fn sweep_idle_connections(
     let message = format!("nothing received for {idle_ms} ms");
     loop {
         tokio::select! {
-            _ = shutdown.cancelled() => return,
+            _ = shutdown.cancelled() => {
+                router.close_all(CloseReason::ServerShutdown, "server shutting down");
+                return;
+            }
             _ = ticks.tick() => {}
         }
         router.close_idle(monotonic_ms(), idle_ms, &message);

@@ -133,9 +133,14 @@ impl Timelines {
         if seq <= t.last {
             return progress;
         }
-        if seq == t.last + 1 {
-            // In order, the common case: handed out without passing through `ahead` (which
-            // never holds `last + 1`: it would have been handed out when it arrived).
+        // In order, the common case: handed out without passing through `ahead`, unless
+        // `ahead` already holds this seq (a floor raised past a gap can leave `last + 1`
+        // there, say as an own send's placeholder, which must win).
+        if seq == t.last + 1
+            && t.ahead
+                .first_key_value()
+                .is_none_or(|(&first, _)| first > seq)
+        {
             t.last = seq;
             progress.ready.extend(message);
         } else {
@@ -236,6 +241,19 @@ mod tests {
         assert!(t.on_message(msg(3)).ready.is_empty());
         assert_eq!(seqs(&t.on_message(msg(4))), vec![4, 5]);
         assert_eq!(t.last("c"), 5);
+    }
+
+    #[test]
+    fn an_own_send_kept_behind_a_floor_is_not_handed_out() {
+        let mut t = Timelines::default();
+        // The own send's ack arrives before the history that holds seq 1.
+        assert!(t.on_own_send("c", 2).ready.is_empty());
+        t.set_floor("c", 1);
+        let mut own = msg(2);
+        own.body = bytes::Bytes::from_static(b"mine");
+        assert!(t.on_message(own).ready.is_empty());
+        assert_eq!(t.last("c"), 2);
+        assert_eq!(seqs(&t.on_message(msg(3))), vec![3]);
     }
 
     #[test]

@@ -15,6 +15,9 @@ use crate::session::{NodeContext, run_session};
 /// How long the server waits, after its last frame, for the client to close the connection,
 /// so the final frames (such as a close notice) are not discarded by an immediate close.
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
+/// How long shutdown waits for open connections to finish before closing the endpoint
+/// (longer than a session's close linger).
+const SHUTDOWN_DRAIN: Duration = Duration::from_secs(5);
 
 /// Accepts connections until shutdown, one session task each.
 pub async fn serve(endpoint: quinn::Endpoint, ctx: Arc<NodeContext>, tasks: TaskTracker) {
@@ -56,5 +59,10 @@ pub async fn serve(endpoint: quinn::Endpoint, ctx: Arc<NodeContext>, tasks: Task
             connection.close(0u32.into(), b"closed");
         });
     }
+    // Refuse new connections but let the open ones deliver their close notices (the
+    // router closes every session at shutdown): closing the endpoint at once would cut
+    // them off before their last frames.
+    endpoint.set_server_config(None);
+    let _ = tokio::time::timeout(SHUTDOWN_DRAIN, endpoint.wait_idle()).await;
     endpoint.close(0u32.into(), b"server shutdown");
 }

@@ -216,11 +216,6 @@ impl RunningNode {
             config.storage.max_batch,
         );
         let (cursors, cursor_task) = CursorWriter::start(dyn_store.clone());
-        let idle_sweep = tokio::spawn(crate::session::sweep_idle_connections(
-            router.clone(),
-            config.idle_timeout(),
-            shutdown.clone(),
-        ));
         let plugins = if config.plugins.enabled {
             Some(start_plugins(&config, dyn_store.clone()).await?)
         } else {
@@ -265,7 +260,7 @@ impl RunningNode {
             shutdown,
             listeners: listeners.clone(),
             sessions: sessions.clone(),
-            background: vec![pipeline_task, cursor_task, idle_sweep],
+            background: vec![pipeline_task, cursor_task],
             store,
         };
         if config.tcp.enabled {
@@ -333,6 +328,14 @@ impl RunningNode {
             listeners.spawn(quic::serve(endpoint, ctx.clone(), sessions.clone()));
         }
         listeners.close();
+        // Spawned last: it ends only with the shutdown token, so a start that fails before
+        // here must not leave it running.
+        node.background
+            .push(tokio::spawn(crate::session::sweep_idle_connections(
+                ctx.router.clone(),
+                config.idle_timeout(),
+                node.shutdown.clone(),
+            )));
         Ok(node)
     }
 

@@ -32,15 +32,18 @@ pub async fn serve(endpoint: quinn::Endpoint, ctx: Arc<NodeContext>, tasks: Task
             let peer = incoming.remote_address();
             let deadline = ctx.login_timeout();
             // Boxed: the handshake's state is freed when it ends.
-            let opened = tokio::time::timeout(
-                deadline,
-                Box::pin(async {
-                    let connection = incoming.await?;
-                    let (send, recv) = connection.accept_bi().await?;
-                    Ok::<_, quinn::ConnectionError>((connection, send, recv))
-                }),
-            )
-            .await;
+            // Given up at shutdown too: the endpoint waits for its connections to finish.
+            let opened = tokio::select! {
+                opened = tokio::time::timeout(
+                    deadline,
+                    Box::pin(async {
+                        let connection = incoming.await?;
+                        let (send, recv) = connection.accept_bi().await?;
+                        Ok::<_, quinn::ConnectionError>((connection, send, recv))
+                    }),
+                ) => opened,
+                _ = ctx.shutdown.cancelled() => return,
+            };
             let (connection, send, recv) = match opened {
                 Ok(Ok(opened)) => opened,
                 Ok(Err(err)) => {

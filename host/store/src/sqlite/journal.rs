@@ -573,11 +573,16 @@ impl Appender {
     }
 
     fn stored_original(&self, msg: &NewMessage) -> StoreResult<Option<StoredMessage>> {
+        // Built once: this runs for every new message, and the statement cache is keyed by
+        // the text.
+        static FIND_ORIGINAL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+            format!(
+                "SELECT {MESSAGE_COLUMNS} FROM messages WHERE sender_id = ?1 AND client_msg_id = ?2"
+            )
+        });
         let mut find = self
             .lookup
-            .prepare_cached(&format!(
-                "SELECT {MESSAGE_COLUMNS} FROM messages WHERE sender_id = ?1 AND client_msg_id = ?2"
-            ))
+            .prepare_cached(&FIND_ORIGINAL)
             .map_err(backend)?;
         find.query_row(
             params![msg.sender_id, msg.client_msg_id],

@@ -31,6 +31,8 @@ pub mod presence;
 pub mod rooms;
 pub mod router;
 pub mod session;
+#[cfg(test)]
+mod testing;
 pub mod transport;
 
 pub use config::Config;

@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use im_proto::v1::CloseReason;
 use im_store::Store;
 use im_store::sqlite::{SqliteOptions, SqliteStore};
 use rustls::pki_types::CertificateDer;
@@ -347,10 +346,9 @@ impl RunningNode {
     /// Stops accepting, closes every connection with `SERVER_SHUTDOWN`, commits queued
     /// messages and closes the store.
     pub async fn shutdown(self) {
+        // The idle sweep task turns the cancelled token into close requests for every
+        // connection (`sweep_idle_connections`).
         self.shutdown.cancel();
-        self.context
-            .router
-            .close_all(CloseReason::ServerShutdown, "server shutting down");
         self.listeners.wait().await;
         self.sessions.close();
         if tokio::time::timeout(Duration::from_secs(10), self.sessions.wait())

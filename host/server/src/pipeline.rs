@@ -449,7 +449,7 @@ pub fn to_proto(m: &StoredMessage) -> v1::Message {
 mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
-    use im_store::sqlite::{SqliteOptions, SqliteStore};
+    use im_store::sqlite::SqliteStore;
     use im_store::{ListPosition, ReadState, StoreResult};
 
     use super::*;
@@ -586,10 +586,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_sends_share_commits_and_keep_seq_order() {
-        let dir = tempfile::tempdir().unwrap();
-        let inner = SqliteStore::open(&dir.path().join("im.db"), SqliteOptions::default())
-            .await
-            .unwrap();
+        let (_dir, inner) = crate::testing::temporary_store().await;
         let store = Arc::new(CountingStore {
             inner,
             appends: AtomicUsize::new(0),

@@ -153,6 +153,8 @@ struct RouterState {
     users: HashMap<Arc<str>, Vec<ConnHandle>>,
     presence: PresenceBook,
     connections: usize,
+    /// Set by `close_all`: every connection registered after it is closed the same way.
+    closing: Option<(CloseReason, String)>,
 }
 
 /// One online user, as listed for operators.
@@ -183,6 +185,9 @@ impl LocalRouter {
         let count = devices.len();
         if replaced.is_none() {
             state.connections += 1;
+        }
+        if let Some((reason, message)) = &state.closing {
+            devices[count - 1].control.close(*reason, message.clone());
         }
         if came_online {
             state.presence.changed(&user, count, now_ms);
@@ -322,9 +327,16 @@ impl LocalRouter {
         closed
     }
 
-    /// Closes every connection with `reason` (shutdown).
+    /// Closes every connection with `reason`, and every one registered from now on
+    /// (shutdown: a login finishing meanwhile cannot slip through).
     pub fn close_all(&self, reason: CloseReason, message: &str) {
-        self.for_each_connection(|d| d.control.close(reason, message));
+        let mut state = self.state.write();
+        state.closing = Some((reason, message.to_owned()));
+        for devices in state.users.values() {
+            devices
+                .iter()
+                .for_each(|d| d.control.close(reason, message));
+        }
     }
 
     /// Closes, with `IDLE_TIMEOUT`, every connection not heard from for `idle_ms` or more
@@ -389,6 +401,23 @@ mod tests {
         assert!(h.offer(Outbound::Frame(Bytes::from_static(b"1"))));
         assert!(!h.offer(Outbound::Frame(Bytes::from_static(b"2"))));
         assert_eq!(h.control.requested().await.0, CloseReason::SlowConsumer);
+    }
+
+    #[test]
+    fn close_all_also_closes_connections_registered_after_it() {
+        use futures_util::FutureExt;
+        let router = LocalRouter::default();
+        let (before, _r1) = handle(1, "alice", "phone", 4);
+        router.register(before.clone(), 1);
+        router.close_all(CloseReason::ServerShutdown, "bye");
+        let (after, _r2) = handle(2, "bob", "phone", 4);
+        router.register(after.clone(), 2);
+        for conn in [before, after] {
+            assert_eq!(
+                conn.control.requested().now_or_never(),
+                Some((CloseReason::ServerShutdown, "bye".to_owned()))
+            );
+        }
     }
 
     #[tokio::test]

@@ -2,7 +2,7 @@
 //!
 //! Time is passed in (`now`), so the schedule is tested without sleeping.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -14,13 +14,22 @@ struct Pending {
     due: Instant,
 }
 
+impl Pending {
+    fn is(&self, conversation_id: &str, seq: u64) -> bool {
+        self.push.seq == seq && &*self.push.conversation_id == conversation_id
+    }
+}
+
 /// Unacknowledged pushes of one connection.
+///
+/// A flat list in push order: a connection rarely has more than a few pushes awaiting acks
+/// (at most `capacity`), and scanning a few entries costs less than keeping a hash map and
+/// an ordered schedule current on every push and ack, which was a tenth of the server's
+/// time in a group fan-out.
 pub struct PendingDeliveries {
-    /// (conversation, seq) -> pending push.
-    entries: HashMap<(Arc<str>, u64), Pending>,
-    /// (due, order) -> key: the re-push schedule.
-    schedule: BTreeMap<(Instant, u64), (Arc<str>, u64)>,
-    order: u64,
+    entries: VecDeque<Pending>,
+    /// The earliest `due` among `entries`, when known; `None` with entries means "recompute".
+    next_due: Option<Instant>,
     initial: Duration,
     max_delay: Duration,
     capacity: usize,
@@ -30,9 +39,8 @@ pub struct PendingDeliveries {
 impl PendingDeliveries {
     pub fn new(initial: Duration, max_delay: Duration, capacity: usize) -> Self {
         Self {
-            entries: HashMap::new(),
-            schedule: BTreeMap::new(),
-            order: 0,
+            entries: VecDeque::new(),
+            next_due: None,
             initial,
             max_delay,
             capacity: capacity.max(1),
@@ -43,84 +51,72 @@ impl PendingDeliveries {
     /// Records a first push made at `now`. Beyond capacity the earliest-due entry stops being
     /// tracked (the device repairs any gap by sync).
     pub fn pushed(&mut self, push: Arc<DeliverPush>, now: Instant) {
-        let key = (push.conversation_id.clone(), push.seq);
-        if self.entries.contains_key(&key) {
+        if self
+            .entries
+            .iter()
+            .any(|p| p.is(&push.conversation_id, push.seq))
+        {
             return;
         }
         while self.entries.len() >= self.capacity {
-            let Some((_, oldest)) = self.schedule.pop_first() else {
+            let Some(earliest) = self.position_of_earliest() else {
                 break;
             };
-            if self.entries.remove(&oldest).is_some() {
-                self.evicted += 1;
-            }
+            self.entries.remove(earliest);
+            self.evicted += 1;
+            self.next_due = None;
         }
         let due = now + self.initial;
-        let order = self.next_order();
-        self.schedule.insert((due, order), key.clone());
-        self.entries.insert(
-            key,
-            Pending {
-                push,
-                attempts: 1,
-                due,
-            },
-        );
+        if self.entries.is_empty() || self.next_due.is_some_and(|next| due < next) {
+            self.next_due = Some(due);
+        }
+        self.entries.push_back(Pending {
+            push,
+            attempts: 1,
+            due,
+        });
     }
 
     /// A cumulative ack: everything of `conversation_id` up to `seq` is delivered.
-    ///
-    /// Schedule entries of acknowledged pushes are left in place and skipped when reached,
-    /// which keeps an ack O(pending) rather than O(pending x schedule).
     pub fn acked(&mut self, conversation_id: &str, seq: u64) {
+        let before = self.entries.len();
         self.entries
-            .retain(|(conv, s), _| !(&**conv == conversation_id && *s <= seq));
+            .retain(|p| !(p.push.seq <= seq && &*p.push.conversation_id == conversation_id));
+        if self.entries.len() != before {
+            self.next_due = None;
+        }
+        // A burst's buffer is not kept by a connection that has gone quiet.
+        if self.entries.is_empty() && self.entries.capacity() > 64 {
+            self.entries = VecDeque::new();
+        }
     }
 
     /// Pushes due for another attempt at `now`, in (conversation, seq) order; each is
     /// rescheduled with doubled delay, capped.
     pub fn take_due(&mut self, now: Instant) -> Vec<Arc<DeliverPush>> {
-        let mut due_keys = Vec::new();
-        while let Some(entry) = self.schedule.first_entry() {
-            let due = entry.key().0;
-            if due > now {
-                break;
-            }
-            let key = entry.remove();
-            // Skip entries of acknowledged (or since re-pushed) deliveries.
-            if self.entries.get(&key).is_some_and(|p| p.due == due) {
-                due_keys.push(key);
-            }
-        }
-        due_keys.sort();
-        let mut out = Vec::with_capacity(due_keys.len());
-        for key in due_keys {
-            let order = self.next_order();
-            let Some(pending) = self.entries.get_mut(&key) else {
-                continue;
-            };
+        let mut out: Vec<Arc<DeliverPush>> = Vec::new();
+        for pending in self.entries.iter_mut().filter(|p| p.due <= now) {
             let delay = self
                 .initial
                 .saturating_mul(1 << pending.attempts.min(16))
                 .min(self.max_delay);
             pending.attempts += 1;
             pending.due = now + delay;
-            self.schedule.insert((pending.due, order), key);
             out.push(pending.push.clone());
         }
+        if !out.is_empty() {
+            self.next_due = None;
+        }
+        out.sort_by(|a, b| (&*a.conversation_id, a.seq).cmp(&(&*b.conversation_id, b.seq)));
         out
     }
 
     /// When the next re-push is due.
     pub fn next_due(&mut self) -> Option<Instant> {
-        while let Some(entry) = self.schedule.first_entry() {
-            let due = entry.key().0;
-            if self.entries.get(entry.get()).is_some_and(|p| p.due == due) {
-                return Some(due);
-            }
-            entry.remove();
+        if self.next_due.is_none() {
+            self.next_due = self.entries.iter().map(|p| p.due).min();
         }
-        None
+        self.next_due
     }
 
     pub fn len(&self) -> usize {
@@ -136,9 +132,8 @@ impl PendingDeliveries {
         self.evicted
     }
 
-    fn next_order(&mut self) -> u64 {
-        self.order += 1;
-        self.order
+    fn position_of_earliest(&self) -> Option<usize> {
+        (0..self.entries.len()).min_by_key(|&i| self.entries[i].due)
     }
 }
 
@@ -207,6 +202,25 @@ mod tests {
         p.acked("b", 10);
         p.acked("a", 3);
         assert!(p.is_empty());
+        assert_eq!(p.next_due(), None);
+    }
+
+    #[test]
+    fn a_repeated_push_is_tracked_once_and_acks_move_the_next_due_time() {
+        let t0 = Instant::now();
+        let s = Duration::from_secs(1);
+        let mut p = PendingDeliveries::new(s, 8 * s, 100);
+        p.pushed(push("a", 1), t0);
+        p.pushed(push("a", 1), t0 + s / 2);
+        p.pushed(push("b", 1), t0 + s / 4);
+        assert_eq!(p.len(), 2);
+        assert_eq!(p.next_due(), Some(t0 + s));
+        p.acked("a", 1);
+        assert_eq!(p.next_due(), Some(t0 + s + s / 4));
+        assert_eq!(seqs(&p.take_due(t0 + 2 * s)), vec![("b".into(), 1)]);
+        // Re-pushed with a doubled delay from the time it was taken.
+        assert_eq!(p.next_due(), Some(t0 + 4 * s));
+        p.acked("b", 1);
         assert_eq!(p.next_due(), None);
     }
 

@@ -554,8 +554,8 @@ impl LoggedIn {
     async fn run<C: FrameConn>(&mut self, conn: &mut C) -> End {
         let write_timeout = Duration::from_millis(self.ctx.config.limits.write_timeout_ms);
         // The task waits on its queue, its socket, close requests (replaced, slow consumer,
-        // idle, shutdown: all through `ConnControl`) and, only while pushes await their acks,
-        // a re-push timer. The idle timeout is the node's sweep (`sweep_idle_connections`),
+        // idle, shutdown: all through `ConnControl`) and, while pushes await their acks (and
+        // once more after the last is acked), a re-push timer. The idle timeout is the node's sweep (`sweep_idle_connections`),
         // so an idle connection's task holds no timer.
         loop {
             self.arm_retry_timer();
@@ -585,12 +585,7 @@ impl LoggedIn {
                         Err(err) => return recv_error_end(err),
                     }
                 }
-                () = retry_timer_fired(&mut self.retry_timer) => {
-                    // Due pushes are rescheduled with back-off, so the next turn moves the
-                    // timer on.
-                    let due = self.pending.take_due(Instant::now().into_std());
-                    self.out.extend(due.iter().map(|p| p.frame.clone()));
-                }
+                () = retry_timer_fired(&mut self.retry_timer) => self.retry_timer_elapsed(),
             }
             if !self.out.is_empty() {
                 // Boxed with its deadline: the write's state lives only while it runs.
@@ -614,19 +609,31 @@ impl LoggedIn {
         }
     }
 
-    /// Sets the re-push timer to the next push due, creating it when pushes start waiting
-    /// for acks and dropping it when none wait. Moving an existing timer later is an atomic
-    /// update; a fresh timer per turn would take the timer wheel's lock twice.
+    /// Creates the re-push timer when pushes start waiting for acks, and brings it forward
+    /// when one is due earlier. It is not dropped when the last push is acked, nor moved
+    /// later: it fires once at its deadline and is then dropped or moved to the next push
+    /// due ([`Self::retry_timer_elapsed`]). Creating and dropping a timer for every push
+    /// of a busy connection took the timer wheel's lock twice per delivery.
     fn arm_retry_timer(&mut self) {
         let Some(due) = self.pending.next_due() else {
-            self.retry_timer = None;
             return;
         };
         let due = Instant::from_std(due);
         match &mut self.retry_timer {
-            Some(timer) if timer.deadline() == due => {}
+            Some(timer) if timer.deadline() <= due => {}
             Some(timer) => timer.as_mut().reset(due),
             None => self.retry_timer = Some(Box::pin(tokio::time::sleep_until(due))),
+        }
+    }
+
+    /// The re-push timer fired: queues the pushes due again, then moves the timer to the
+    /// next one due, or drops it when none waits (an idle connection holds no timer).
+    fn retry_timer_elapsed(&mut self) {
+        let due = self.pending.take_due(Instant::now().into_std());
+        self.out.extend(due.iter().map(|p| p.frame.clone()));
+        match (self.pending.next_due(), &mut self.retry_timer) {
+            (Some(next), Some(timer)) => timer.as_mut().reset(Instant::from_std(next)),
+            _ => self.retry_timer = None,
         }
     }
 

@@ -19,7 +19,7 @@ const TICK: Duration = Duration::from_millis(250);
 /// device writes, or leave on their own after this long (acks are cumulative, so a wait
 /// also folds several pushes of a conversation into one). Far below the server's re-push
 /// delay (seconds).
-const ACK_DELAY: Duration = Duration::from_millis(20);
+const ACK_DELAY: Duration = Duration::from_millis(100);
 
 /// Conversations with unwritten acks past which they are written without waiting.
 const ACK_BATCH: usize = 64;

@@ -1,7 +1,5 @@
 //! The scenarios against our server: 1:1 round trip, group fan-out, durable sends at fixed rates and at saturation.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -12,12 +10,15 @@ use tokio::task::JoinSet;
 
 use crate::server::ImServer;
 use crate::stats::{
-    CpuMeter, CpuUsage, FanoutResult, Latency, LatencySummary, RttResult, age, payload,
-    sleep_until, stamp,
+    CpuMeter, CpuUsage, FanoutResult, Latency, LatencySamples, LatencySummary, RttResult, age,
+    age_at, payload, sleep_until, stamp,
 };
 
 /// How long to wait for stragglers after the last send.
 const DRAIN: Duration = Duration::from_secs(5);
+
+/// A fan-out receiver that heard nothing for this long after its first delivery gives up.
+const FANOUT_IDLE_LIMIT: Duration = Duration::from_secs(10);
 
 /// The i-th of `rate`-per-second scheduled sends after `start`.
 fn scheduled(start: Instant, i: u64, rate: u64) -> Instant {
@@ -149,39 +150,42 @@ pub async fn fanout(
             .await?;
     }
     let expected_each = rate * duration.as_secs();
-    let last_delivery = Arc::new(AtomicU64::new(0));
     let mut receivers = JoinSet::new();
     let conversation = im_client::ids::group_conversation_id(&group);
     for (_client, mut events) in clients {
-        let last_delivery = last_delivery.clone();
         let conversation = conversation.clone();
+        // Per delivery a receiver only reads the clock once and appends a sample: no timer
+        // (the idle limit is one sleep, moved only when it fires) and no shared counter.
         receivers.spawn(async move {
             let _client = _client;
-            let mut latency = Latency::new();
-            let mut idle_deadline: Option<tokio::time::Instant> = None;
-            while latency.count() < expected_each {
-                let next = async {
-                    match idle_deadline {
-                        Some(at) => tokio::time::timeout_at(at, events.next())
-                            .await
-                            .ok()
-                            .flatten(),
-                        None => events.next().await,
-                    }
-                };
-                match next.await {
-                    Some(Event::Message(m)) if m.conversation_id == conversation => {
-                        if let Some(took) = age(&m.body) {
-                            latency.record(took);
-                            last_delivery.fetch_max(stamp(Instant::now()), Ordering::Relaxed);
+            let mut samples = LatencySamples::default();
+            let mut last_heard: Option<Instant> = None;
+            let idle = tokio::time::sleep(FANOUT_IDLE_LIMIT);
+            tokio::pin!(idle);
+            while samples.count() < expected_each {
+                tokio::select! {
+                    biased;
+                    event = events.next() => match event {
+                        Some(Event::Message(m)) if m.conversation_id == conversation => {
+                            let now = Instant::now();
+                            if let Some(took) = age_at(&m.body, now) {
+                                samples.record(took);
+                                last_heard = Some(now);
+                            }
                         }
-                        idle_deadline = Some(tokio::time::Instant::now() + Duration::from_secs(10));
+                        Some(_) => {}
+                        None => break,
+                    },
+                    () = &mut idle, if last_heard.is_some() => {
+                        let quiet_since = last_heard.unwrap_or_else(Instant::now);
+                        if quiet_since.elapsed() >= FANOUT_IDLE_LIMIT {
+                            break;
+                        }
+                        idle.as_mut().reset((quiet_since + FANOUT_IDLE_LIMIT).into());
                     }
-                    Some(_) => {}
-                    None => break,
                 }
             }
-            latency
+            (samples, last_heard)
         });
     }
     let meter = CpuMeter::start(server.pid);
@@ -198,16 +202,15 @@ pub async fn fanout(
         );
     }
     let mut latency = Latency::new();
+    let mut last_delivery = start;
     while let Some(done) = receivers.join_next().await {
-        latency.merge(&done?);
+        let (samples, last_heard) = done?;
+        latency.record_samples(&samples);
+        last_delivery = last_delivery.max(last_heard.unwrap_or(start));
     }
     let cpu = meter.finish();
     let deliveries = latency.count();
-    let span = Duration::from_nanos(
-        last_delivery
-            .load(Ordering::Relaxed)
-            .saturating_sub(stamp(start)),
-    );
+    let span = last_delivery.saturating_duration_since(start);
     owner.close().await;
     Ok(FanoutResult {
         subscribers: members - 1,

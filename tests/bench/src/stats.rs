@@ -26,9 +26,33 @@ pub fn payload(at: Instant, size: usize) -> bytes::Bytes {
 
 /// How long ago the payload's timestamp was, or `None` for a payload without one.
 pub fn age(payload: &[u8]) -> Option<Duration> {
+    age_at(payload, Instant::now())
+}
+
+/// How long before `now` the payload's timestamp was, or `None` for a payload without one.
+pub fn age_at(payload: &[u8], now: Instant) -> Option<Duration> {
     let stamp_ns = u64::from_be_bytes(payload.get(..8)?.try_into().ok()?);
-    let now = stamp(Instant::now());
-    Some(Duration::from_nanos(now.saturating_sub(stamp_ns)))
+    Some(Duration::from_nanos(stamp(now).saturating_sub(stamp_ns)))
+}
+
+/// Latencies as raw µs values, for the fan-out's thousand receivers: each holding an HDR
+/// histogram (about 140 KiB of counters) made every record a cache miss, and the load
+/// generator shares the machine with the server it measures. Folded into a [`Latency`]
+/// once the run is over.
+#[derive(Default)]
+pub struct LatencySamples {
+    us: Vec<u32>,
+}
+
+impl LatencySamples {
+    pub fn record(&mut self, took: Duration) {
+        let us = (took.as_nanos() / 1000).clamp(1, 100_000_000) as u32;
+        self.us.push(us);
+    }
+
+    pub fn count(&self) -> u64 {
+        self.us.len() as u64
+    }
 }
 
 /// A latency histogram: 1 µs to 100 s, 3 significant digits.
@@ -52,6 +76,14 @@ impl Latency {
     pub fn record(&mut self, took: Duration) {
         let us = (took.as_nanos() as u64 / 1000).clamp(1, 100_000_000);
         self.histogram.record(us).expect("clamped into range");
+    }
+
+    pub fn record_samples(&mut self, samples: &LatencySamples) {
+        for &us in &samples.us {
+            self.histogram
+                .record(u64::from(us))
+                .expect("clamped into range");
+        }
     }
 
     pub fn merge(&mut self, other: &Latency) {

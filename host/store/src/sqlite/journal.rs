@@ -27,8 +27,9 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use rusqlite::{OpenFlags, OptionalExtension, params};
@@ -48,11 +49,14 @@ const SEGMENT_BYTES: u64 = 32 << 20;
 /// slow disk bounds the memory the journal holds.
 const MAX_PENDING_MESSAGES: usize = 50_000;
 
-/// Journaled batches the applier writes in one SQLite transaction at most.
-const APPLY_BATCHES: usize = 64;
+/// Messages the applier writes in one SQLite transaction at most (a batch is never split).
+const APPLY_MAX_MESSAGES: usize = 4_096;
 
-/// How long the applier waits for more batches when only one is queued.
-const APPLY_LINGER: Duration = Duration::from_millis(2);
+/// The applier commits at most this often unless a reader waits for it. A commit's cost is
+/// mostly the pages it writes (each conversation's tail, each sender's client-id range),
+/// whatever the number of messages on them, so fewer, larger commits write each hot page
+/// once for many messages.
+const APPLY_INTERVAL: Duration = Duration::from_millis(40);
 
 /// Messages per transaction when replaying segments at open.
 const REPLAY_CHUNK: usize = 2_000;
@@ -200,6 +204,10 @@ struct Shared {
     journaled: AtomicU64,
     /// Batches applied to SQLite so far.
     applied: watch::Sender<u64>,
+    /// Set by a waiter: the applier commits what it holds without waiting out its interval.
+    hurry: AtomicBool,
+    /// The applier's thread, unparked to hurry it.
+    applier: OnceLock<std::thread::Thread>,
 }
 
 impl Shared {
@@ -250,6 +258,14 @@ impl Shared {
         }
     }
 
+    /// Makes the applier commit what it holds now instead of at the end of its interval.
+    fn hurry_applier(&self) {
+        self.hurry.store(true, Ordering::Release);
+        if let Some(applier) = self.applier.get() {
+            applier.unpark();
+        }
+    }
+
     /// Waits (at most [`SETTLE_TIMEOUT`]) until `done` holds, checked whenever the applier
     /// reports progress; `waiting_for` names what did not happen in the error.
     async fn wait_for_applier(
@@ -258,6 +274,9 @@ impl Shared {
         waiting_for: &str,
     ) -> StoreResult<()> {
         let mut applied = self.applied.subscribe();
+        if !done(*applied.borrow_and_update()) {
+            self.hurry_applier();
+        }
         match tokio::time::timeout(SETTLE_TIMEOUT, applied.wait_for(|&n| done(n))).await {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(_)) => Err(StoreError::Backend(
@@ -342,6 +361,8 @@ impl Journal {
             pending: std::sync::Mutex::new(Pending::default()),
             journaled: AtomicU64::new(0),
             applied: watch::Sender::new(0),
+            hurry: AtomicBool::new(false),
+            applier: OnceLock::new(),
         });
         // The applier's SQLite work takes a millisecond or more per transaction: on a
         // thread of its own it never holds up a runtime worker (and so no connection's
@@ -349,7 +370,7 @@ impl Journal {
         let (replayed, replay_done) = tokio::sync::oneshot::channel();
         let applying = shared.clone();
         let replay_dir = dir.clone();
-        std::thread::Builder::new()
+        let applier = std::thread::Builder::new()
             .name("im-journal-applier".into())
             .spawn(move || {
                 let next_segment = replay(&replay_dir, &applier_db);
@@ -359,6 +380,7 @@ impl Journal {
                 }
             })
             .map_err(backend)?;
+        let _ = shared.applier.set(applier.thread().clone());
         let next_segment = replay_done
             .await
             .map_err(|_| StoreError::Backend("the journal replay stopped".into()))??;
@@ -723,20 +745,33 @@ fn apply(
     checkpointer: &Checkpointer,
     mut batches: mpsc::UnboundedReceiver<Batch>,
 ) {
-    let mut taken: Vec<Batch> = Vec::with_capacity(APPLY_BATCHES);
+    let mut taken: Vec<Batch> = Vec::new();
+    let mut last_commit = Instant::now();
     while let Some(first) = batches.blocking_recv() {
+        let mut taken_messages = first.messages.len();
         taken.push(first);
-        // Under light load, let a few more batches arrive: one transaction for several
-        // costs little more than one for each. Under load they are queued already.
-        if batches.is_empty() {
-            std::thread::sleep(APPLY_LINGER);
-        }
-        while taken.len() < APPLY_BATCHES {
-            match batches.try_recv() {
-                Ok(batch) => taken.push(batch),
-                Err(_) => break,
+        // Gather until the interval since the last commit is over, the transaction is
+        // full, or a reader waits (`hurry_applier`, which also unparks this thread).
+        let due = last_commit + APPLY_INTERVAL;
+        loop {
+            // Read before draining: a waiter queues its batch before it hurries us.
+            let hurried = shared.hurry.swap(false, Ordering::AcqRel);
+            while taken_messages < APPLY_MAX_MESSAGES {
+                match batches.try_recv() {
+                    Ok(batch) => {
+                        taken_messages += batch.messages.len();
+                        taken.push(batch);
+                    }
+                    Err(_) => break,
+                }
             }
+            let now = Instant::now();
+            if hurried || taken_messages >= APPLY_MAX_MESSAGES || now >= due {
+                break;
+            }
+            std::thread::park_timeout(due - now);
         }
+        last_commit = Instant::now();
         let applied = taken.last().map_or(0, |b| b.number + 1);
         let messages: Vec<Arc<StoredMessage>> = taken
             .drain(..)

@@ -15,7 +15,9 @@ use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use crate::stats::{CpuMeter, FanoutResult, Latency, RttResult, age, payload, sleep_until};
+use crate::stats::{
+    CpuMeter, FanoutResult, Latency, LatencySamples, RttResult, age_at, payload, sleep_until,
+};
 
 /// How long a peer may take to start listening.
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -412,7 +414,7 @@ async fn send_open_loop(
 /// What one receiving connection saw.
 struct Received {
     count: u64,
-    latency: Latency,
+    latency: LatencySamples,
     last_at: Option<Instant>,
 }
 
@@ -426,7 +428,7 @@ async fn receive(
 ) -> Received {
     let mut got = Received {
         count: 0,
-        latency: Latency::new(),
+        latency: LatencySamples::default(),
         last_at: None,
     };
     let mut deadline: Option<tokio::time::Instant> = None;
@@ -449,8 +451,9 @@ async fn receive(
         };
         let Some(body) = next else { break };
         got.count += 1;
-        got.last_at = Some(Instant::now());
-        if let Some(age) = age(&body) {
+        let now = Instant::now();
+        got.last_at = Some(now);
+        if let Some(age) = age_at(&body, now) {
             got.latency.record(age);
         }
     }
@@ -495,7 +498,11 @@ pub async fn rtt(
         offered_per_s: rate,
         completed: received.count,
         lost: count.saturating_sub(received.count),
-        latency: received.latency.summary(),
+        latency: {
+            let mut latency = Latency::new();
+            latency.record_samples(&received.latency);
+            latency.summary()
+        },
         cpu,
     })
 }
@@ -547,7 +554,7 @@ pub async fn fanout(
     for collector in &mut collectors {
         let received = collector.join().await?;
         deliveries += received.count;
-        latency.merge(&received.latency);
+        latency.record_samples(&received.latency);
         last_delivery = last_delivery.max(received.last_at);
     }
     let cpu = cpu.finish();

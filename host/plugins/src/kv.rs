@@ -5,7 +5,7 @@
 //! persistence is write-behind (batched every few milliseconds). A crash can lose the
 //! writes of the last flush interval, never more; documented in docs/plugins.md.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use im_store::KvRecord;
 use parking_lot::Mutex;
@@ -26,7 +26,6 @@ pub enum KvError {
     NotANumber,
 }
 
-#[derive(Clone)]
 struct Entry {
     value: Vec<u8>,
     expires_at_ms: Option<i64>,
@@ -42,8 +41,11 @@ impl Entry {
 struct Inner {
     entries: HashMap<String, Entry>,
     bytes: u64,
-    /// Keys changed since the last flush: `Some` upserted, `None` deleted.
-    dirty: HashMap<String, Option<Entry>>,
+    /// Keys changed since the last flush. A flush writes each key's value as it is then
+    /// (deleting the keys that are gone), so a write copies nothing into the log: a plugin
+    /// that rewrites one value on every message (risk control's per-user state) copied it
+    /// there each time.
+    dirty: HashSet<String>,
 }
 
 /// One plugin's store.
@@ -92,19 +94,12 @@ impl KvStore {
         self.inner.lock().entries.keys().cloned().collect()
     }
 
-    /// Puts back changes whose write failed, unless newer changes to the same keys exist.
+    /// Marks the keys of changes whose write failed as changed again: the next flush writes
+    /// their values as they are by then.
     pub fn requeue(&self, changes: KvChanges) {
         let mut inner = self.inner.lock();
-        for r in changes.upserts {
-            let entry = Entry {
-                value: r.value,
-                expires_at_ms: r.expires_at_ms,
-            };
-            inner.dirty.entry(r.key).or_insert(Some(entry));
-        }
-        for key in changes.deletes {
-            inner.dirty.entry(key).or_insert(None);
-        }
+        let keys = changes.upserts.into_iter().map(|r| r.key);
+        inner.dirty.extend(keys.chain(changes.deletes));
     }
 
     /// Loads persisted records (at start or when a plugin is installed again).
@@ -228,12 +223,13 @@ impl KvStore {
     /// Takes the changes made since the last call.
     pub fn take_changes(&self) -> KvChanges {
         let mut inner = self.inner.lock();
+        let inner = &mut *inner;
         let mut changes = KvChanges::default();
-        for (key, entry) in inner.dirty.drain() {
-            match entry {
+        for key in inner.dirty.drain() {
+            match inner.entries.get(&key) {
                 Some(e) => changes.upserts.push(KvRecord {
                     key,
-                    value: e.value,
+                    value: e.value.clone(),
                     expires_at_ms: e.expires_at_ms,
                 }),
                 None => changes.deletes.push(key),
@@ -259,11 +255,15 @@ impl KvStore {
             }
         }
         let added = cost(key, &entry.value);
-        if let Some(old) = inner.entries.insert(key.to_owned(), entry.clone()) {
-            inner.bytes -= cost(key, &old.value);
-        }
-        inner.bytes += added;
-        inner.dirty.insert(key.to_owned(), Some(entry));
+        let replaced = match inner.entries.get_mut(key) {
+            Some(slot) => cost(key, &std::mem::replace(slot, entry).value),
+            None => {
+                inner.entries.insert(key.to_owned(), entry);
+                0
+            }
+        };
+        inner.bytes = inner.bytes - replaced + added;
+        mark_dirty(inner, key);
         Ok(())
     }
 }
@@ -272,8 +272,14 @@ impl KvStore {
 fn remove(inner: &mut Inner, key: &str) -> Option<Entry> {
     let old = inner.entries.remove(key)?;
     inner.bytes -= cost(key, &old.value);
-    inner.dirty.insert(key.to_owned(), None);
+    mark_dirty(inner, key);
     Some(old)
+}
+
+fn mark_dirty(inner: &mut Inner, key: &str) {
+    if !inner.dirty.contains(key) {
+        inner.dirty.insert(key.to_owned());
+    }
 }
 
 fn sweep_expired(inner: &mut Inner, now_ms: i64) {
@@ -381,5 +387,40 @@ mod tests {
         let reloaded = KvStore::new(10, 1000);
         reloaded.load(changes.upserts);
         assert_eq!(reloaded.get("b", 10), Some(b"2".to_vec()));
+    }
+
+    #[test]
+    fn a_flush_writes_each_changed_key_as_it_is_then_and_a_failed_one_is_written_again() {
+        let kv = KvStore::new(10, 1000);
+        kv.set("a", b"1".to_vec(), None, 0).unwrap();
+        kv.set("a", b"2".to_vec(), None, 0).unwrap();
+        kv.set("b", b"x".to_vec(), None, 0).unwrap();
+        let failed = kv.take_changes();
+        assert_eq!(
+            failed.upserts.len(),
+            2,
+            "one record per key, however often it changed"
+        );
+        assert!(
+            failed
+                .upserts
+                .iter()
+                .any(|r| r.key == "a" && r.value == b"2")
+        );
+        // Changed again after the failed write: the retry carries the newest state.
+        kv.set("a", b"3".to_vec(), None, 0).unwrap();
+        kv.delete("b", 0);
+        kv.requeue(failed);
+        let retried = kv.take_changes();
+        assert_eq!(
+            retried.upserts,
+            vec![KvRecord {
+                key: "a".into(),
+                value: b"3".to_vec(),
+                expires_at_ms: None
+            }]
+        );
+        assert_eq!(retried.deletes, vec!["b".to_owned()]);
+        assert!(kv.take_changes().is_empty());
     }
 }

@@ -644,6 +644,17 @@ async fn group_announcements_take_consecutive_seqs(store: &dyn Store) {
     assert_eq!(timeline[0].body, Bytes::from_static(b"grp-seq 0"));
     assert_eq!(timeline[4].body, Bytes::from_static(b"grp-seq 4"));
     assert_eq!(store.messages_after(&conv, 3, 100).await.unwrap().len(), 2);
+    // An announcement's (sender, client message id) is taken like a message's: a send that
+    // repeats it is answered with the announcement and stores nothing.
+    let repeat = store
+        .append_messages(&[group_message(g, "gs-owner", "0", 6_100)])
+        .await
+        .unwrap();
+    assert!(
+        matches!(&repeat[0], Appended::Duplicate(m) if m.seq == 1 && m.body == timeline[0].body),
+        "{repeat:?}"
+    );
+    assert_eq!(store.last_seq(&conv).await.unwrap(), 5);
 }
 
 /// Messages and announcements alternate in one group: every one takes the next seq, whoever

@@ -818,7 +818,7 @@ impl Store for SqliteStore {
             )));
         }
         // Holding the journal keeps appends out while this change takes its seq in SQLite.
-        let _journal = self.journal.exclusive().await?;
+        let mut journal = self.journal.exclusive().await?;
         // Dropping the transaction on any error rolls the whole change back.
         let mut tx = self.writer.begin_write().await?;
         let delta = change_group(&mut tx, group_id, change, announcement.server_time_ms).await?;
@@ -828,6 +828,8 @@ impl Store for SqliteStore {
                 announcement.client_msg_id, announcement.sender_id
             )));
         };
+        // Before the commit: should it fail, the filter only holds one pair too many.
+        journal.remember_stored(&stored.sender_id, &stored.client_msg_id);
         // New members start having read everything up to the announcement that added them.
         for user_id in &delta.added {
             sqlx::query(

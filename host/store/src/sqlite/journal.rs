@@ -17,7 +17,11 @@
 //!   has written everything journaled before the read began ([`Journal::settled`]), so a
 //!   reader sees every acknowledged message.
 //! - Group changes write SQLite directly; they hold the appender ([`Journal::exclusive`])
-//!   and wait until nothing is pending, so their seqs follow the journal's.
+//!   and wait until nothing is pending, so their seqs follow the journal's; they also add
+//!   their announcement's (sender, client message id) to the appender's filter of stored
+//!   pairs, which every path that stores a message must do (a pair the filter lacks is
+//!   taken as new without asking SQLite).
+//! - The applier commits at most every [`APPLY_INTERVAL`], unless a reader waits for it.
 //! - On open, every segment is replayed into SQLite (a message whose seq is already stored
 //!   is skipped) and then deleted. A record cut short by a crash fails its checksum and
 //!   ends the replay of its segment; it was never acknowledged.

@@ -15,18 +15,84 @@ pub struct Bucket {
 /// The bucket state after taking one token at `now_ms`, or how long to wait.
 /// State is encoded as "<tokens>:<updated_ms>".
 pub fn take(bucket: Bucket, state: Option<&str>, now_ms: i64) -> Result<String, u64> {
-    let (tokens, updated) = state
+    let state = state
         .and_then(|s| s.split_once(':'))
-        .and_then(|(t, u)| Some((t.parse::<f64>().ok()?, u.parse::<i64>().ok()?)))
-        .unwrap_or((bucket.burst, now_ms));
+        .and_then(|(t, u)| Some((t.parse::<f64>().ok()?, u.parse::<i64>().ok()?)));
+    let tokens = take_token(bucket, state, now_ms)?;
+    Ok(format!("{tokens}:{now_ms}"))
+}
+
+/// A user's send state, one KV entry: the send bucket (tokens as `f64`, last update in ms
+/// as `i64`, both little-endian) followed by the repeat ring ([`count_repeat`]'s state).
+/// One entry means one read and one compare-and-swap per message, where the bucket and
+/// the ring in entries of their own took two of each.
+const SEND_HEADER: usize = 16;
+
+/// Assesses one send in the user's state `state` at `now_ms`: takes a token from `bucket`
+/// (or says how long to wait) and counts the body's repeats. Returns the new state and the
+/// body's count within its window.
+pub fn assess_send(
+    state: Option<&[u8]>,
+    bucket: Bucket,
+    fingerprint: u64,
+    now_ms: i64,
+    window_ms: i64,
+) -> Result<(Vec<u8>, u32), u64> {
+    let (header, ring) = match state {
+        Some(state) if state.len() >= SEND_HEADER => {
+            let (header, ring) = state.split_at(SEND_HEADER);
+            let tokens = f64::from_le_bytes(header[0..8].try_into().expect("8 bytes"));
+            let updated = i64::from_le_bytes(header[8..16].try_into().expect("8 bytes"));
+            (Some((tokens, updated)), Some(ring))
+        }
+        _ => (None, None),
+    };
+    let tokens = take_token(bucket, header, now_ms)?;
+    let (ring, count) = count_repeat(ring, fingerprint, now_ms, window_ms);
+    let mut next = Vec::with_capacity(SEND_HEADER + ring.len());
+    next.extend_from_slice(&tokens.to_le_bytes());
+    next.extend_from_slice(&now_ms.to_le_bytes());
+    next.extend_from_slice(&ring);
+    Ok((next, count))
+}
+
+/// The tokens left after taking one at `now_ms` from a bucket last at `state` (tokens,
+/// updated ms; `None`: full), or how long to wait for one.
+fn take_token(bucket: Bucket, state: Option<(f64, i64)>, now_ms: i64) -> Result<f64, u64> {
+    let (tokens, updated) = state.unwrap_or((bucket.burst, now_ms));
     let elapsed_s = (now_ms - updated).max(0) as f64 / 1000.0;
     let available = (tokens + elapsed_s * bucket.rate).min(bucket.burst);
     if available >= 1.0 {
-        Ok(format!("{}:{now_ms}", available - 1.0))
+        Ok(available - 1.0)
     } else {
         let missing = 1.0 - available;
         Err(((missing / bucket.rate) * 1000.0).ceil() as u64)
     }
+}
+
+/// Assesses a send against the user's state at `key`, atomically across instances:
+/// `Err(wait ms)` when the user sends too fast, else the body's count within its window
+/// (`None` when the state cannot be written: out of KV space, the body is let through).
+fn assess_send_in_kv(
+    key: &str,
+    bucket: Bucket,
+    fingerprint: u64,
+    window_ms: u64,
+) -> Result<Option<i64>, u64> {
+    let window = i64::try_from(window_ms).unwrap_or(i64::MAX);
+    // Kept as long as the longer of the two: the ring's window and the bucket's refill.
+    let ttl_ms = window_ms.max(((bucket.burst / bucket.rate) * 1000.0) as u64 + 1000);
+    for _ in 0..16 {
+        let now = clock::now_ms();
+        let current = kv::get(key);
+        let (next, count) = assess_send(current.as_deref(), bucket, fingerprint, now, window)?;
+        match kv::compare_and_swap(key, current.as_deref(), Some(&next), Some(ttl_ms)) {
+            Ok(true) => return Ok(Some(i64::from(count))),
+            Ok(false) => continue,
+            Err(_) => return Ok(None),
+        }
+    }
+    Err(100)
 }
 
 /// Takes a token from the bucket stored at `key`, atomically across instances.
@@ -129,23 +195,6 @@ pub fn count_repeat(
     (out, count)
 }
 
-/// Counts a sending of the body in the user's state at `key`, atomically across instances;
-/// `None` when the state cannot be written (out of KV space: the body is let through, the
-/// send-rate limit still applies).
-fn count_in_kv(key: &str, fingerprint: u64, window_ms: u64) -> Option<i64> {
-    let window = i64::try_from(window_ms).unwrap_or(i64::MAX);
-    for _ in 0..16 {
-        let current = kv::get(key);
-        let (next, count) = count_repeat(current.as_deref(), fingerprint, clock::now_ms(), window);
-        match kv::compare_and_swap(key, current.as_deref(), Some(&next), Some(window_ms)) {
-            Ok(true) => return Some(i64::from(count)),
-            Ok(false) => continue,
-            Err(_) => return None,
-        }
-    }
-    None
-}
-
 /// The plugin's configuration, read once per instance: an instance lives within one
 /// installed version, whose configuration never changes (a new configuration is a new
 /// version, with new instances), and each read is a host call.
@@ -178,22 +227,20 @@ impl RiskControl for Limits {
                 let sender = message.sender();
                 let user = &sender.user_id;
                 let limit = settings.send;
-                if let Err(retry_after_ms) = take_from_kv(&format!("send:{user}"), limit) {
-                    return RiskVerdict::Throttle(Throttle {
+                let window = settings.repeat_window_ms;
+                let fingerprint = fingerprint(&message.body());
+                match assess_send_in_kv(&format!("user:{user}"), limit, fingerprint, window) {
+                    Err(retry_after_ms) => RiskVerdict::Throttle(Throttle {
                         retry_after_ms,
                         reason: format!("user {user} sends faster than {} messages/s", limit.rate),
-                    });
-                }
-                let repeat_limit = settings.repeat_limit;
-                let window = settings.repeat_window_ms;
-                let key = format!("repeat:{user}");
-                let fingerprint = fingerprint(&message.body());
-                match count_in_kv(&key, fingerprint, window) {
-                    Some(count) if count > repeat_limit => RiskVerdict::Block(format!(
-                        "the same message was sent {count} times within {} s",
-                        window / 1000
-                    )),
-                    _ => RiskVerdict::Allow,
+                    }),
+                    Ok(Some(count)) if count > settings.repeat_limit => {
+                        RiskVerdict::Block(format!(
+                            "the same message was sent {count} times within {} s",
+                            window / 1000
+                        ))
+                    }
+                    Ok(_) => RiskVerdict::Allow,
                 }
             }
             RiskEvent::Login(attempt) => {
@@ -268,6 +315,25 @@ mod tests {
         let last = REPEAT_SLOTS as u64 + 9;
         let (_, count) = count_repeat(state.as_deref(), last, 100, 1_000_000);
         assert_eq!(count, 2);
+    }
+
+    #[test]
+    fn a_send_takes_a_token_and_counts_its_body_in_one_state() {
+        let bucket = Bucket {
+            rate: 1.0,
+            burst: 2.0,
+        };
+        let fp = fingerprint(b"hi");
+        let (state, count) = assess_send(None, bucket, fp, 0, 60_000).unwrap();
+        assert_eq!(count, 1);
+        let (state, count) = assess_send(Some(&state), bucket, fp, 10, 60_000).unwrap();
+        assert_eq!(count, 2);
+        // The burst of two is spent: the third send waits for a token, and counts nothing.
+        assert_eq!(assess_send(Some(&state), bucket, fp, 10, 60_000), Err(990));
+        let (_, count) = assess_send(Some(&state), bucket, fp, 1_010, 60_000).unwrap();
+        assert_eq!(count, 3);
+        // A state too short to hold the bucket is taken as none.
+        assert_eq!(assess_send(Some(b"x"), bucket, fp, 0, 60_000).unwrap().1, 1);
     }
 
     #[test]

@@ -555,8 +555,9 @@ impl LoggedIn {
         let write_timeout = Duration::from_millis(self.ctx.config.limits.write_timeout_ms);
         // The task waits on its queue, its socket, close requests (replaced, slow consumer,
         // idle, shutdown: all through `ConnControl`) and, while pushes await their acks (and
-        // once more after the last is acked), a re-push timer. The idle timeout is the node's sweep (`sweep_idle_connections`),
-        // so an idle connection's task holds no timer.
+        // until it next fires after the last is acked), a re-push timer. The idle timeout is
+        // the node's sweep (`sweep_idle_connections`), so an idle connection's task holds no
+        // timer.
         loop {
             self.arm_retry_timer();
             tokio::select! {

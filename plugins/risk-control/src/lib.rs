@@ -70,48 +70,56 @@ fn take_token(bucket: Bucket, state: Option<(f64, i64)>, now_ms: i64) -> Result<
     }
 }
 
-/// Assesses a send against the user's state at `key`, atomically across instances:
-/// `Err(wait ms)` when the user sends too fast, else the body's count within its window
-/// (`None` when the state cannot be written: out of KV space, the body is let through).
-fn assess_send_in_kv(
+/// How long an idle bucket is kept: it refills to full in burst/rate seconds, and a little
+/// longer.
+fn refill_ttl_ms(bucket: Bucket) -> u64 {
+    ((bucket.burst / bucket.rate) * 1000.0) as u64 + 1000
+}
+
+/// Replaces the value at `key` with what `next` makes of it at the current time, atomically
+/// across instances (retrying when another instance got there first), and returns what
+/// `next` returned beside the value. `Err(wait ms)` from `next` is returned as it is; out of
+/// KV space, the request fails closed (wait 1 s) rather than let floods through.
+fn update_in_kv<T>(
     key: &str,
-    bucket: Bucket,
-    fingerprint: u64,
-    window_ms: u64,
-) -> Result<Option<i64>, u64> {
-    let window = i64::try_from(window_ms).unwrap_or(i64::MAX);
-    // Kept as long as the longer of the two: the ring's window and the bucket's refill.
-    let ttl_ms = window_ms.max(((bucket.burst / bucket.rate) * 1000.0) as u64 + 1000);
+    ttl_ms: u64,
+    mut next: impl FnMut(Option<&[u8]>, i64) -> Result<(Vec<u8>, T), u64>,
+) -> Result<T, u64> {
     for _ in 0..16 {
-        let now = clock::now_ms();
         let current = kv::get(key);
-        let (next, count) = assess_send(current.as_deref(), bucket, fingerprint, now, window)?;
-        match kv::compare_and_swap(key, current.as_deref(), Some(&next), Some(ttl_ms)) {
-            Ok(true) => return Ok(Some(i64::from(count))),
+        let (value, answer) = next(current.as_deref(), clock::now_ms())?;
+        match kv::compare_and_swap(key, current.as_deref(), Some(&value), Some(ttl_ms)) {
+            Ok(true) => return Ok(answer),
             Ok(false) => continue,
-            Err(_) => return Ok(None),
+            Err(_) => return Err(1000),
         }
     }
     Err(100)
 }
 
-/// Takes a token from the bucket stored at `key`, atomically across instances.
+/// Assesses a send against the user's state at `key`: `Err(wait ms)` when the user sends
+/// too fast, else the body's count within its window.
+fn assess_send_in_kv(
+    key: &str,
+    bucket: Bucket,
+    fingerprint: u64,
+    window_ms: u64,
+) -> Result<i64, u64> {
+    let window = i64::try_from(window_ms).unwrap_or(i64::MAX);
+    // Kept as long as the longer of the two: the ring's window and the bucket's refill.
+    let ttl_ms = window_ms.max(refill_ttl_ms(bucket));
+    update_in_kv(key, ttl_ms, |state, now| {
+        assess_send(state, bucket, fingerprint, now, window)
+    })
+    .map(i64::from)
+}
+
+/// Takes a token from the bucket stored at `key`.
 fn take_from_kv(key: &str, bucket: Bucket) -> Result<(), u64> {
-    // Idle buckets refill to full in burst/rate seconds; keep them a little longer.
-    let ttl_ms = ((bucket.burst / bucket.rate) * 1000.0) as u64 + 1000;
-    for _ in 0..16 {
-        let now = clock::now_ms();
-        let current = kv::get(key);
-        let state = current.as_deref().and_then(|b| std::str::from_utf8(b).ok());
-        let next = take(bucket, state, now)?;
-        match kv::compare_and_swap(key, current.as_deref(), Some(next.as_bytes()), Some(ttl_ms)) {
-            Ok(true) => return Ok(()),
-            Ok(false) => continue,
-            // Out of KV space: fail closed for this request rather than let floods through.
-            Err(_) => return Err(1000),
-        }
-    }
-    Err(100)
+    update_in_kv(key, refill_ttl_ms(bucket), |state, now| {
+        let state = state.and_then(|b| std::str::from_utf8(b).ok());
+        Ok((take(bucket, state, now)?.into_bytes(), ()))
+    })
 }
 
 fn bucket(rate_key: &str, burst_key: &str, rate: &str, burst: &str) -> Bucket {
@@ -234,12 +242,10 @@ impl RiskControl for Limits {
                         retry_after_ms,
                         reason: format!("user {user} sends faster than {} messages/s", limit.rate),
                     }),
-                    Ok(Some(count)) if count > settings.repeat_limit => {
-                        RiskVerdict::Block(format!(
-                            "the same message was sent {count} times within {} s",
-                            window / 1000
-                        ))
-                    }
+                    Ok(count) if count > settings.repeat_limit => RiskVerdict::Block(format!(
+                        "the same message was sent {count} times within {} s",
+                        window / 1000
+                    )),
                     Ok(_) => RiskVerdict::Allow,
                 }
             }

@@ -498,11 +498,7 @@ pub async fn rtt(
         offered_per_s: rate,
         completed: received.count,
         lost: count.saturating_sub(received.count),
-        latency: {
-            let mut latency = Latency::new();
-            latency.record_samples(&received.latency);
-            latency.summary()
-        },
+        latency: received.latency.summary(),
         cpu,
     })
 }

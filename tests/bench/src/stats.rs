@@ -53,6 +53,12 @@ impl LatencySamples {
     pub fn count(&self) -> u64 {
         self.us.len() as u64
     }
+
+    pub fn summary(&self) -> LatencySummary {
+        let mut latency = Latency::new();
+        latency.record_samples(self);
+        latency.summary()
+    }
 }
 
 /// A latency histogram: 1 µs to 100 s, 3 significant digits.

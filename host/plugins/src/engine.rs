@@ -17,10 +17,15 @@ use crate::state::HostState;
 /// Milliseconds per epoch tick: call deadlines are rounded up to whole ticks.
 pub const EPOCH_TICK_MS: u64 = 1;
 
-/// Engine, linker and cache directory.
+/// Engine, linkers and cache directory.
 pub struct PluginEngine {
     pub engine: Engine,
+    /// Every import a plugin may use, WASI's waiting functions among them: instances
+    /// linked here are called on a fiber.
     pub linker: Linker<HostState>,
+    /// Only imports that never wait: a component whose imports all resolve here is called
+    /// directly on the calling thread, without a fiber.
+    pub direct_linker: Linker<HostState>,
     cache_dir: PathBuf,
     ticker_stop: Arc<AtomicBool>,
 }
@@ -39,6 +44,10 @@ impl PluginEngine {
         wasmtime_wasi::p2::add_to_linker_async(&mut linker).context("linking WASI")?;
         AllHooks::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)
             .context("linking plugin imports")?;
+        let mut direct_linker = Linker::new(&engine);
+        crate::direct_wasi::add_to_linker(&mut direct_linker).context("linking direct WASI")?;
+        AllHooks::add_to_linker::<_, HasSelf<_>>(&mut direct_linker, |state| state)
+            .context("linking plugin imports")?;
         std::fs::create_dir_all(cache_dir)
             .with_context(|| format!("creating {}", cache_dir.display()))?;
         let ticker_stop = Arc::new(AtomicBool::new(false));
@@ -56,6 +65,7 @@ impl PluginEngine {
         Ok(Self {
             engine,
             linker,
+            direct_linker,
             cache_dir: cache_dir.to_owned(),
             ticker_stop,
         })

@@ -104,6 +104,9 @@ pub struct PluginInfo {
     pub breaker_open: bool,
     pub breaker_trips: u64,
     pub kv_keys: usize,
+    /// Whether the per-message hooks call it directly on the server's thread (its imports
+    /// never wait) rather than on a fiber (it imports files or sockets).
+    pub direct_calls: bool,
 }
 
 fn info(entry: &Installed) -> PluginInfo {
@@ -137,6 +140,7 @@ fn info(entry: &Installed) -> PluginInfo {
         breaker_open: p.breaker_open(),
         breaker_trips: p.breaker_trips(),
         kv_keys: p.shared.kv.len(),
+        direct_calls: p.direct(),
     }
 }
 
@@ -397,17 +401,24 @@ impl PluginHost {
         let invalid = |e: wasmtime::Error| PluginError::InvalidComponent(format!("{e:#}"));
         let (component, digest) =
             tokio::task::block_in_place(|| self.engine.compile(wasm)).map_err(invalid)?;
-        let pre = self
-            .engine
-            .linker
-            .instantiate_pre(&component)
-            .map_err(|e| {
-                PluginError::InvalidComponent(format!(
-                    "its imports do not match the {} contract served here: {e:#}",
-                    crate::bindings::CONTRACT
-                ))
-            })?;
-        let plugin = LoadedPlugin::new(manifest, digest, shared, pre);
+        // A component that imports nothing able to wait is called without a fiber.
+        let (pre, direct) = match self.engine.direct_linker.instantiate_pre(&component) {
+            Ok(pre) => (pre, true),
+            Err(_) => {
+                let pre = self
+                    .engine
+                    .linker
+                    .instantiate_pre(&component)
+                    .map_err(|e| {
+                        PluginError::InvalidComponent(format!(
+                            "its imports do not match the {} contract served here: {e:#}",
+                            crate::bindings::CONTRACT
+                        ))
+                    })?;
+                (pre, false)
+            }
+        };
+        let plugin = LoadedPlugin::new(manifest, digest, shared, pre, direct);
         for hook in &plugin.manifest.hooks {
             if !plugin.exports(*hook) {
                 return Err(PluginError::InvalidComponent(format!(
@@ -504,22 +515,35 @@ impl PluginHost {
         let generation = self.generation();
         let mut modified = false;
         for plugin in generation.chain(Hook::MessageFilter) {
-            let result = plugin
-                .call(origin, async |store, exports, handles| {
-                    let guest = exports
-                        .message_filter
+            let result = if plugin.direct() {
+                plugin.call_direct(origin, |store, exports, handles| {
+                    let filter = exports
+                        .filter
                         .as_ref()
                         .expect("chain members export their hook");
                     std::mem::swap(&mut store.data_mut().message, message);
-                    let result = guest
-                        .call_filter(&mut *store, handles.context, handles.message)
-                        .await;
+                    let result = filter.call(&mut *store, (handles.context, handles.message));
                     // Taken back whether or not the call succeeded: a failing filter
                     // may be skipped by policy.
                     std::mem::swap(&mut store.data_mut().message, message);
-                    result
+                    result.map(|(verdict,)| verdict)
                 })
-                .await;
+            } else {
+                plugin
+                    .call(origin, async |store, exports, handles| {
+                        let guest = exports
+                            .message_filter
+                            .as_ref()
+                            .expect("chain members export their hook");
+                        std::mem::swap(&mut store.data_mut().message, message);
+                        let result = guest
+                            .call_filter(&mut *store, handles.context, handles.message)
+                            .await;
+                        std::mem::swap(&mut store.data_mut().message, message);
+                        result
+                    })
+                    .await
+            };
             match result {
                 Ok(message_filter::FilterVerdict::Allow) => plugin.metrics.verdict(Verdict::Allow),
                 Ok(message_filter::FilterVerdict::Modify(rewrite)) => {
@@ -577,29 +601,52 @@ impl PluginHost {
     async fn assess(&self, origin: &CallOrigin, mut subject: RiskSubject<'_>) -> RiskOutcome {
         let generation = self.generation();
         for plugin in generation.chain(Hook::RiskControl) {
-            let result = plugin
-                .call(origin, async |store, exports, handles| {
-                    let guest = exports
-                        .risk_control
+            let result = if plugin.direct() {
+                plugin.call_direct(origin, |store, exports, handles| {
+                    let assess = exports
+                        .assess
                         .as_ref()
                         .expect("chain members export their hook");
-                    match &mut subject {
+                    let result = match &mut subject {
                         RiskSubject::Login(attempt) => {
                             let event = risk_control::RiskEvent::Login(attempt.clone());
-                            guest.call_assess(store, handles.context, &event).await
+                            assess.call(&mut *store, (handles.context, event))
                         }
                         RiskSubject::Send(message) => {
                             std::mem::swap(&mut store.data_mut().message, message);
                             let event = risk_control::RiskEvent::Send(handles.message);
-                            let result = guest
-                                .call_assess(&mut *store, handles.context, &event)
-                                .await;
+                            let result = assess.call(&mut *store, (handles.context, event));
                             std::mem::swap(&mut store.data_mut().message, message);
                             result
                         }
-                    }
+                    };
+                    result.map(|(verdict,)| verdict)
                 })
-                .await;
+            } else {
+                plugin
+                    .call(origin, async |store, exports, handles| {
+                        let guest = exports
+                            .risk_control
+                            .as_ref()
+                            .expect("chain members export their hook");
+                        match &mut subject {
+                            RiskSubject::Login(attempt) => {
+                                let event = risk_control::RiskEvent::Login(attempt.clone());
+                                guest.call_assess(store, handles.context, &event).await
+                            }
+                            RiskSubject::Send(message) => {
+                                std::mem::swap(&mut store.data_mut().message, message);
+                                let event = risk_control::RiskEvent::Send(handles.message);
+                                let result = guest
+                                    .call_assess(&mut *store, handles.context, &event)
+                                    .await;
+                                std::mem::swap(&mut store.data_mut().message, message);
+                                result
+                            }
+                        }
+                    })
+                    .await
+            };
             match result {
                 Ok(risk_control::RiskVerdict::Allow) => plugin.metrics.verdict(Verdict::Allow),
                 Ok(risk_control::RiskVerdict::Throttle(t)) => {

@@ -2,7 +2,8 @@
 //!
 //! Layout:
 //! - [`bindings`]: the one `bindgen!` site (host view of `wit/im-plugin@0.2.0`);
-//! - [`engine`]: engine configuration, epoch ticker, linker, compiled-component cache;
+//! - [`engine`]: engine configuration, epoch ticker, linkers, compiled-component cache;
+//! - [`direct_wasi`]: the never-waiting WASI of plugins called without a fiber;
 //! - [`state`]: per-instance host state and the imports (log, config, kv, clock);
 //! - [`kv`]: the per-plugin key-value store with quotas and TTLs;
 //! - [`manifest`]: plugin manifests and their validation;
@@ -10,6 +11,7 @@
 //! - [`host`]: installed plugins, hook chains, hot lifecycle, the hook calls.
 
 pub mod bindings;
+pub mod direct_wasi;
 pub mod engine;
 pub mod host;
 pub mod kv;

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use wasmtime::Store;
-use wasmtime::component::{InstancePre, Resource};
+use wasmtime::component::{ComponentExportIndex, Instance, InstancePre, Resource, TypedFunc};
 
 use crate::bindings::{authenticator, group_policy, message_filter, risk_control};
 use crate::manifest::{Hook, Manifest};
@@ -52,12 +52,22 @@ impl std::fmt::Display for CallFailure {
     }
 }
 
+/// `message-filter.filter`, callable without a fiber.
+pub type FilterFunc =
+    TypedFunc<(Resource<CallContextData>, Resource<MessageSlot>), (message_filter::FilterVerdict,)>;
+/// `risk-control.assess`, callable without a fiber.
+pub type AssessFunc =
+    TypedFunc<(Resource<CallContextData>, risk_control::RiskEvent), (risk_control::RiskVerdict,)>;
+
 /// The exports of one instance, looked up once per instance.
 pub struct Exports {
     pub authenticator: Option<authenticator::Guest>,
     pub message_filter: Option<message_filter::Guest>,
     pub group_policy: Option<group_policy::Guest>,
     pub risk_control: Option<risk_control::Guest>,
+    /// The per-message hooks as typed functions, for direct calls.
+    pub filter: Option<FilterFunc>,
+    pub assess: Option<AssessFunc>,
 }
 
 /// A ready instance.
@@ -68,6 +78,18 @@ pub struct Ready {
     context: Resource<CallContextData>,
     /// The instance's message handle: it names whatever message the call in progress lends.
     message: Resource<MessageSlot>,
+}
+
+impl Ready {
+    /// Prepares the instance for one call and returns the handles it lends.
+    fn lend(&mut self, deadline_ticks: u64, origin: &CallOrigin) -> Handles {
+        self.store.set_epoch_deadline(deadline_ticks);
+        self.store.data_mut().origin = origin.clone();
+        Handles {
+            context: Resource::new_borrow(self.context.rep()),
+            message: Resource::new_borrow(self.message.rep()),
+        }
+    }
 }
 
 /// The handles a call may lend to the guest (as borrows).
@@ -82,6 +104,20 @@ pub struct HookIndices {
     pub message_filter: Option<message_filter::GuestIndices>,
     pub group_policy: Option<group_policy::GuestIndices>,
     pub risk_control: Option<risk_control::GuestIndices>,
+    filter: Option<ComponentExportIndex>,
+    assess: Option<ComponentExportIndex>,
+}
+
+/// The index of function `func` of exported interface `interface`.
+fn export_func(
+    pre: &InstancePre<HostState>,
+    interface: &str,
+    func: &str,
+) -> Option<ComponentExportIndex> {
+    let component = pre.component();
+    let (_, interface) = component.get_export(None, interface)?;
+    let (_, func) = component.get_export(Some(&interface), func)?;
+    Some(func)
 }
 
 impl HookIndices {
@@ -91,6 +127,8 @@ impl HookIndices {
             message_filter: message_filter::GuestIndices::new(pre).ok(),
             group_policy: group_policy::GuestIndices::new(pre).ok(),
             risk_control: risk_control::GuestIndices::new(pre).ok(),
+            filter: export_func(pre, "im:plugin/message-filter@0.2.0", "filter"),
+            assess: export_func(pre, "im:plugin/risk-control@0.2.0", "assess"),
         }
     }
 
@@ -212,17 +250,22 @@ pub struct LoadedPlugin {
     pub metrics: Metrics,
     memory_bytes: usize,
     deadline_ticks: u64,
+    /// Every import the component uses returns without waiting, so its instances run
+    /// straight on the calling thread ([`Self::call_direct`]) instead of on a fiber.
+    direct: bool,
 }
 
 /// Least wall time an instantiation may take, in milliseconds.
 const INSTANTIATE_DEADLINE_MS: u64 = 1_000;
 
 impl LoadedPlugin {
+    /// `direct`: `pre` was linked by the engine's direct linker (see [`Self::call_direct`]).
     pub fn new(
         manifest: Manifest,
         digest: String,
         shared: Arc<PluginShared>,
         pre: InstancePre<HostState>,
+        direct: bool,
     ) -> Self {
         let indices = HookIndices::new(&pre);
         let memory_bytes = manifest.limits.memory_mib as usize * 1024 * 1024;
@@ -247,7 +290,13 @@ impl LoadedPlugin {
             metrics: Metrics::default(),
             memory_bytes,
             deadline_ticks,
+            direct,
         }
+    }
+
+    /// Whether calls run without a fiber ([`Self::call_direct`]).
+    pub fn direct(&self) -> bool {
+        self.direct
     }
 
     pub fn id(&self) -> &str {
@@ -258,8 +307,8 @@ impl LoadedPlugin {
         self.indices.exports(hook)
     }
 
-    /// Creates a fresh instance.
-    pub async fn instantiate(&self) -> wasmtime::Result<Box<Ready>> {
+    /// A store for a new instance.
+    fn new_store(&self) -> Store<HostState> {
         let mut store = Store::new(
             self.pre.engine(),
             HostState::new(self.shared.clone(), self.memory_bytes),
@@ -273,8 +322,45 @@ impl LoadedPlugin {
             self.deadline_ticks
                 .max(INSTANTIATE_DEADLINE_MS.div_ceil(crate::engine::EPOCH_TICK_MS)),
         );
+        store
+    }
+
+    /// Creates a fresh instance (on a fiber when the plugin is not direct).
+    pub async fn instantiate(&self) -> wasmtime::Result<Box<Ready>> {
+        if self.direct {
+            return self.instantiate_direct();
+        }
+        let mut store = self.new_store();
         let instance = self.pre.instantiate_async(&mut store).await?;
+        self.ready(store, instance)
+    }
+
+    /// Creates a fresh instance of a direct plugin on the calling thread.
+    fn instantiate_direct(&self) -> wasmtime::Result<Box<Ready>> {
+        let mut store = self.new_store();
+        let instance = self.pre.instantiate(&mut store)?;
+        self.ready(store, instance)
+    }
+
+    /// Looks up the exports of a new instance and gives it its lent handles.
+    fn ready(
+        &self,
+        mut store: Store<HostState>,
+        instance: Instance,
+    ) -> wasmtime::Result<Box<Ready>> {
+        let filter = self
+            .indices
+            .filter
+            .map(|index| instance.get_typed_func(&mut store, index))
+            .transpose()?;
+        let assess = self
+            .indices
+            .assess
+            .map(|index| instance.get_typed_func(&mut store, index))
+            .transpose()?;
         let exports = Exports {
+            filter,
+            assess,
             authenticator: self
                 .indices
                 .authenticator
@@ -330,6 +416,50 @@ impl LoadedPlugin {
         origin: &CallOrigin,
         f: impl AsyncFnOnce(&mut Store<HostState>, &Exports, Handles) -> wasmtime::Result<R>,
     ) -> Result<R, CallFailure> {
+        self.admit()?;
+        let started = Instant::now();
+        self.metrics.calls.fetch_add(1, Ordering::Relaxed);
+        let ready = self.idle.lock().pop();
+        let mut ready = match ready {
+            Some(ready) => ready,
+            None => match self.instantiate().await {
+                Ok(ready) => ready,
+                Err(err) => return Err(self.failed(&err, started)),
+            },
+        };
+        let handles = ready.lend(self.deadline_ticks, origin);
+        let result = f(&mut ready.store, &ready.exports, handles).await;
+        self.settle(ready, result, started)
+    }
+
+    /// [`Self::call`] for a direct plugin: `f` calls the guest on this thread, without a
+    /// fiber (a fiber's set-up and switches were about a sixth of a hook call). The
+    /// deadline and memory cap hold as on a fiber: the epoch interrupt traps the guest.
+    ///
+    /// Must only be used when [`Self::direct`] holds (the engine refuses otherwise).
+    pub fn call_direct<R>(
+        &self,
+        origin: &CallOrigin,
+        f: impl FnOnce(&mut Store<HostState>, &Exports, Handles) -> wasmtime::Result<R>,
+    ) -> Result<R, CallFailure> {
+        self.admit()?;
+        let started = Instant::now();
+        self.metrics.calls.fetch_add(1, Ordering::Relaxed);
+        let ready = self.idle.lock().pop();
+        let mut ready = match ready {
+            Some(ready) => ready,
+            None => match self.instantiate_direct() {
+                Ok(ready) => ready,
+                Err(err) => return Err(self.failed(&err, started)),
+            },
+        };
+        let handles = ready.lend(self.deadline_ticks, origin);
+        let result = f(&mut ready.store, &ready.exports, handles);
+        self.settle(ready, result, started)
+    }
+
+    /// Fails fast while the circuit breaker is open.
+    fn admit(&self) -> Result<(), CallFailure> {
         if self.breaker_engaged.load(Ordering::Acquire)
             && let Some(until) = self.breaker.lock().open_until
             && Instant::now() < until
@@ -342,23 +472,17 @@ impl LoadedPlugin {
                 detail: "circuit breaker open".into(),
             });
         }
-        let started = Instant::now();
-        self.metrics.calls.fetch_add(1, Ordering::Relaxed);
-        let ready = self.idle.lock().pop();
-        let mut ready = match ready {
-            Some(ready) => ready,
-            None => match self.instantiate().await {
-                Ok(ready) => ready,
-                Err(err) => return Err(self.failed(&err, started)),
-            },
-        };
-        ready.store.set_epoch_deadline(self.deadline_ticks);
-        ready.store.data_mut().origin = origin.clone();
-        let handles = Handles {
-            context: Resource::new_borrow(ready.context.rep()),
-            message: Resource::new_borrow(ready.message.rep()),
-        };
-        match f(&mut ready.store, &ready.exports, handles).await {
+        Ok(())
+    }
+
+    /// Returns a healthy instance to the pool and counts the outcome.
+    fn settle<R>(
+        &self,
+        ready: Box<Ready>,
+        result: wasmtime::Result<R>,
+        started: Instant,
+    ) -> Result<R, CallFailure> {
+        match result {
             Ok(result) => {
                 self.succeeded(started);
                 let mut idle = self.idle.lock();

@@ -160,6 +160,10 @@ async fn keyword_filter_masks_and_rejects() {
     ));
     let info = &f.host.list()[0];
     assert_eq!(info.verdicts.get("reject"), Some(&1));
+    assert!(
+        info.direct_calls,
+        "a std guest's imports never wait: it is called without a fiber"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -305,6 +309,36 @@ async fn the_sandbox_grants_no_files_sockets_or_environment() {
         }
         other => panic!("unexpected {other:?}"),
     }
+    assert!(
+        !f.host.list()[0].direct_calls,
+        "a component importing files and sockets is called on a fiber"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_direct_call_that_would_wait_fails_and_the_plugin_keeps_serving() {
+    let f = fixture().await;
+    f.host
+        .install(
+            &filter_manifest("sleeper", ""),
+            component("sleep_filter.wasm"),
+        )
+        .await
+        .unwrap();
+    assert!(f.host.list()[0].direct_calls);
+    assert_eq!(filter(&f.host, "awake").await, pass("awake"));
+    match filter(&f.host, "sleep now").await {
+        Filtered::Reject { reason } => {
+            assert_eq!(reason, "plugin sleeper unavailable (trap)")
+        }
+        other => panic!("a sleeping call must fail, got {other:?}"),
+    }
+    let info = &f.host.list()[0];
+    assert_eq!(info.failures["trap"], 1);
+    assert_eq!(info.failures["timeout"], 0);
+    // The failed instance was discarded; a fresh one serves the next call.
+    assert_eq!(filter(&f.host, "awake").await, pass("awake"));
+    assert_eq!(f.host.list()[0].verdicts.get("allow"), Some(&2));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,5 +1,6 @@
 //! Measures the cost of plugin hook calls with reused instances: a no-op filter, the
-//! keyword filter on 100 B, 1 KiB and 16 KiB bodies, and a chain of three filters.
+//! keyword filter on 100 B, 1 KiB and 16 KiB bodies, a chain of three filters, and risk
+//! control assessing sends.
 //!
 //! Run (after `scripts/build-plugins.sh`):
 //!   cargo run --release -p im-plugins --example hook_bench [iterations] [only]
@@ -11,7 +12,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use im_plugins::bindings::types;
-use im_plugins::{CallOrigin, FilterOutcome, PluginHost, PluginHostConfig, PluginMessage};
+use im_plugins::{
+    CallOrigin, FilterOutcome, PluginHost, PluginHostConfig, PluginMessage, RiskOutcome,
+};
 use im_store::Store;
 use im_store::sqlite::{SqliteOptions, SqliteStore};
 
@@ -127,5 +130,53 @@ async fn main() -> anyhow::Result<()> {
             .await?;
     }
     measure(&chain, "3 keyword filters", 100, iterations, &only).await;
+
+    let risk = PluginHost::start(config("risk"), store.clone()).await?;
+    risk.install(RISK_MANIFEST, component("risk_control.wasm"))
+        .await?;
+    measure_risk(&risk, iterations, &only).await;
     Ok(())
+}
+
+/// Risk control with its limits raised so that every send is assessed in full and allowed.
+const RISK_MANIFEST: &str = "id = \"risk\"\nversion = \"1.0.0\"\nhooks = [\"risk-control\"]\n\
+    [config]\nsend_rate = \"1000000000\"\nsend_burst = \"1000000000\"\n\
+    repeat_limit = \"1000000000\"\n";
+
+/// Risk control assessing one user's sends, each body different (as the round trip's
+/// time-stamped payloads are), so its repeat ring stays full.
+async fn measure_risk(host: &PluginHost, iterations: u32, only: &str) {
+    let label = "risk control (send)";
+    if !format!("{label} 100 B").contains(only) {
+        return;
+    }
+    let origin = CallOrigin {
+        transport: "tcp",
+        remote_ip: Some("127.0.0.1".into()),
+    };
+    let mut msg = message(100);
+    let mut sequence = 0u64;
+    let mut assess = async |msg: &mut PluginMessage| {
+        sequence += 1;
+        let mut body = msg.body.to_vec();
+        body[..8].copy_from_slice(&sequence.to_le_bytes());
+        msg.body = body.into();
+        host.assess_send(&origin, msg).await
+    };
+    for _ in 0..1000 {
+        let _ = assess(&mut msg).await;
+    }
+    let per_batch = (iterations / BATCHES).max(1);
+    let mut means = Vec::with_capacity(BATCHES as usize);
+    for _ in 0..BATCHES {
+        let start = Instant::now();
+        for _ in 0..per_batch {
+            let outcome = assess(&mut msg).await;
+            assert!(matches!(outcome, RiskOutcome::Allow), "{outcome:?}");
+        }
+        means.push(start.elapsed().as_nanos() as f64 / f64::from(per_batch));
+    }
+    means.sort_by(f64::total_cmp);
+    let median = means[means.len() / 2];
+    println!("| {label} | 100 B | {median:.0} ns |");
 }

@@ -43,16 +43,18 @@ pub fn assess_send(
             let (header, ring) = state.split_at(SEND_HEADER);
             let tokens = f64::from_le_bytes(header[0..8].try_into().expect("8 bytes"));
             let updated = i64::from_le_bytes(header[8..16].try_into().expect("8 bytes"));
-            (Some((tokens, updated)), Some(ring))
+            (Some((tokens, updated)), ring)
         }
-        _ => (None, None),
+        _ => (None, &[][..]),
     };
     let tokens = take_token(bucket, header, now_ms)?;
-    let (ring, count) = count_repeat(ring, fingerprint, now_ms, window_ms);
-    let mut next = Vec::with_capacity(SEND_HEADER + ring.len());
+    // The new state is written once, in place: the old ring is copied behind the new
+    // header and the body is counted there.
+    let mut next = Vec::with_capacity(SEND_HEADER + ring_len(ring) + SEEN_BYTES);
     next.extend_from_slice(&tokens.to_le_bytes());
     next.extend_from_slice(&now_ms.to_le_bytes());
-    next.extend_from_slice(&ring);
+    next.extend_from_slice(&ring[..ring_len(ring)]);
+    let count = count_in_ring(&mut next, SEND_HEADER, fingerprint, now_ms, window_ms);
     Ok((next, count))
 }
 
@@ -165,42 +167,94 @@ pub fn count_repeat(
     now_ms: i64,
     window_ms: i64,
 ) -> (Vec<u8>, u32) {
-    let mut seen: Vec<Seen> = state
-        .unwrap_or_default()
-        .chunks_exact(SEEN_BYTES)
-        .map(|c| Seen {
-            fingerprint: u64::from_le_bytes(c[0..8].try_into().expect("8 bytes")),
-            count: u32::from_le_bytes(c[8..12].try_into().expect("4 bytes")),
-            since_ms: i64::from_le_bytes(c[12..20].try_into().expect("8 bytes")),
-        })
-        .filter(|s| now_ms - s.since_ms < window_ms)
-        .collect();
-    let count = match seen.iter_mut().find(|s| s.fingerprint == fingerprint) {
-        Some(s) => {
-            s.count = s.count.saturating_add(1);
-            s.count
-        }
-        None => {
-            if seen.len() >= REPEAT_SLOTS
-                && let Some(oldest) = (0..seen.len()).min_by_key(|&i| seen[i].since_ms)
-            {
-                seen.remove(oldest);
-            }
-            seen.push(Seen {
-                fingerprint,
-                count: 1,
-                since_ms: now_ms,
-            });
-            1
-        }
-    };
-    let mut out = Vec::with_capacity(seen.len() * SEEN_BYTES);
-    for s in &seen {
-        out.extend_from_slice(&s.fingerprint.to_le_bytes());
-        out.extend_from_slice(&s.count.to_le_bytes());
-        out.extend_from_slice(&s.since_ms.to_le_bytes());
+    let ring = state.unwrap_or_default();
+    let mut next = Vec::with_capacity(ring_len(ring) + SEEN_BYTES);
+    next.extend_from_slice(&ring[..ring_len(ring)]);
+    let count = count_in_ring(&mut next, 0, fingerprint, now_ms, window_ms);
+    (next, count)
+}
+
+/// The length of the whole slots of `ring`, at most [`REPEAT_SLOTS`] of them.
+fn ring_len(ring: &[u8]) -> usize {
+    (ring.len() / SEEN_BYTES).min(REPEAT_SLOTS) * SEEN_BYTES
+}
+
+/// Reads slot `slot` of the ring starting at `start`.
+fn seen_at(state: &[u8], start: usize, slot: usize) -> Seen {
+    let at = start + slot * SEEN_BYTES;
+    let c = &state[at..at + SEEN_BYTES];
+    Seen {
+        fingerprint: u64::from_le_bytes(c[0..8].try_into().expect("8 bytes")),
+        count: u32::from_le_bytes(c[8..12].try_into().expect("4 bytes")),
+        since_ms: i64::from_le_bytes(c[12..20].try_into().expect("8 bytes")),
     }
-    (out, count)
+}
+
+/// Writes `seen` into slot `slot` of the ring starting at `start`, one past the end
+/// appending a slot.
+fn put_seen(state: &mut Vec<u8>, start: usize, slot: usize, seen: Seen) {
+    let at = start + slot * SEEN_BYTES;
+    if at == state.len() {
+        state.resize(at + SEEN_BYTES, 0);
+    }
+    let c = &mut state[at..at + SEEN_BYTES];
+    c[0..8].copy_from_slice(&seen.fingerprint.to_le_bytes());
+    c[8..12].copy_from_slice(&seen.count.to_le_bytes());
+    c[12..20].copy_from_slice(&seen.since_ms.to_le_bytes());
+}
+
+/// Counts the body with `fingerprint` in the ring that fills `state` from `start`, in one
+/// pass and in place. A slot whose window has passed counts as free: a body found there
+/// starts again at one, and a new body takes the first such slot, else a new slot while
+/// fewer than [`REPEAT_SLOTS`] are used, else the slot remembered longest.
+fn count_in_ring(
+    state: &mut Vec<u8>,
+    start: usize,
+    fingerprint: u64,
+    now_ms: i64,
+    window_ms: i64,
+) -> u32 {
+    let slots = (state.len() - start) / SEEN_BYTES;
+    let mut free = None;
+    let mut oldest = (i64::MAX, 0);
+    for slot in 0..slots {
+        let seen = seen_at(state, start, slot);
+        let expired = now_ms - seen.since_ms >= window_ms;
+        if seen.fingerprint == fingerprint {
+            let seen = if expired {
+                Seen {
+                    fingerprint,
+                    count: 1,
+                    since_ms: now_ms,
+                }
+            } else {
+                Seen {
+                    count: seen.count.saturating_add(1),
+                    ..seen
+                }
+            };
+            put_seen(state, start, slot, seen);
+            return seen.count;
+        }
+        if expired && free.is_none() {
+            free = Some(slot);
+        }
+        if seen.since_ms < oldest.0 {
+            oldest = (seen.since_ms, slot);
+        }
+    }
+    let slot = match free {
+        Some(slot) => slot,
+        None if slots < REPEAT_SLOTS => slots,
+        None => oldest.1,
+    };
+    let seen = Seen {
+        fingerprint,
+        count: 1,
+        since_ms: now_ms,
+    };
+    put_seen(state, start, slot, seen);
+    1
 }
 
 /// The plugin's configuration, read once per instance: an instance lives within one
@@ -321,6 +375,25 @@ mod tests {
         let last = REPEAT_SLOTS as u64 + 9;
         let (_, count) = count_repeat(state.as_deref(), last, 100, 1_000_000);
         assert_eq!(count, 2);
+    }
+
+    #[test]
+    fn a_new_body_takes_an_expired_slot_before_forgetting_a_live_one() {
+        let mut state: Option<Vec<u8>> = None;
+        // Body 0 at time 0, then bodies 1.. at 500..: with a window of 1,000, body 0's
+        // slot is the only one expired at 1,000.
+        for n in 0..REPEAT_SLOTS as u64 {
+            let now = if n == 0 { 0 } else { 500 + n as i64 };
+            state = Some(count_repeat(state.as_deref(), n, now, 1_000).0);
+        }
+        let (next, count) = count_repeat(state.as_deref(), 1_000, 1_000, 1_000);
+        assert_eq!(count, 1);
+        assert_eq!(next.len(), REPEAT_SLOTS * SEEN_BYTES, "no slot is added");
+        // Every live body is still counted: none was forgotten for the new one.
+        for n in 1..REPEAT_SLOTS as u64 {
+            assert_eq!(count_repeat(Some(&next), n, 1_001, 1_000).1, 2, "body {n}");
+        }
+        assert_eq!(count_repeat(Some(&next), 1_000, 1_001, 1_000).1, 2);
     }
 
     #[test]

@@ -114,7 +114,7 @@ fn info(entry: &Installed) -> PluginInfo {
     use std::sync::atomic::Ordering::Relaxed;
     let p = &entry.plugin;
     let m = &p.metrics;
-    let calls = m.calls.load(Relaxed);
+    let calls = m.calls();
     let failures = [
         FailureKind::Timeout,
         FailureKind::Memory,

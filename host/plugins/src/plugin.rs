@@ -178,10 +178,11 @@ impl Verdict {
     }
 }
 
-/// Per-plugin counters.
+/// Per-plugin counters. Every finished call counts once, as a verdict or as a failure, so
+/// the number of calls is their sum (one shared counter less to update per call: these are
+/// written by every runtime thread).
 #[derive(Default)]
 pub struct Metrics {
-    pub calls: AtomicU64,
     pub failures_timeout: AtomicU64,
     pub failures_memory: AtomicU64,
     pub failures_trap: AtomicU64,
@@ -207,6 +208,31 @@ impl Metrics {
     /// Counts one verdict.
     pub fn verdict(&self, verdict: Verdict) {
         self.verdicts[verdict as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Calls that ran to a verdict or failed in the guest (calls the open circuit breaker
+    /// refused are not counted).
+    pub fn calls(&self) -> u64 {
+        let verdicts: u64 = self
+            .verdicts
+            .iter()
+            .map(|v| v.load(Ordering::Relaxed))
+            .sum();
+        verdicts
+            + [FailureKind::Timeout, FailureKind::Memory, FailureKind::Trap]
+                .into_iter()
+                .map(|kind| self.failures(kind).load(Ordering::Relaxed))
+                .sum::<u64>()
+    }
+
+    /// Records a call's duration.
+    fn timed(&self, ns: u64) {
+        self.total_ns.fetch_add(ns, Ordering::Relaxed);
+        // Read first: the longest call rarely changes, and a read leaves the cache line
+        // shared between the threads where a read-modify-write would take it over.
+        if ns > self.max_ns.load(Ordering::Relaxed) {
+            self.max_ns.fetch_max(ns, Ordering::Relaxed);
+        }
     }
 
     /// The verdicts given so far, by name (only those given at least once).
@@ -418,7 +444,6 @@ impl LoadedPlugin {
     ) -> Result<R, CallFailure> {
         self.admit()?;
         let started = Instant::now();
-        self.metrics.calls.fetch_add(1, Ordering::Relaxed);
         let ready = self.idle.lock().pop();
         let mut ready = match ready {
             Some(ready) => ready,
@@ -444,7 +469,6 @@ impl LoadedPlugin {
     ) -> Result<R, CallFailure> {
         self.admit()?;
         let started = Instant::now();
-        self.metrics.calls.fetch_add(1, Ordering::Relaxed);
         let ready = self.idle.lock().pop();
         let mut ready = match ready {
             Some(ready) => ready,
@@ -497,9 +521,7 @@ impl LoadedPlugin {
     }
 
     fn succeeded(&self, started: Instant) {
-        let ns = started.elapsed().as_nanos() as u64;
-        self.metrics.total_ns.fetch_add(ns, Ordering::Relaxed);
-        self.metrics.max_ns.fetch_max(ns, Ordering::Relaxed);
+        self.metrics.timed(started.elapsed().as_nanos() as u64);
         if !self.breaker_engaged.load(Ordering::Acquire) {
             return;
         }
@@ -522,9 +544,7 @@ impl LoadedPlugin {
         let kind = classify(err);
         let detail = format!("{err:#}");
         self.metrics.failures(kind).fetch_add(1, Ordering::Relaxed);
-        let ns = started.elapsed().as_nanos() as u64;
-        self.metrics.total_ns.fetch_add(ns, Ordering::Relaxed);
-        self.metrics.max_ns.fetch_max(ns, Ordering::Relaxed);
+        self.metrics.timed(started.elapsed().as_nanos() as u64);
         tracing::warn!(plugin = self.id(), kind = kind.as_str(), error = %detail, "plugin call failed");
         let mut breaker = self.breaker.lock();
         self.breaker_engaged.store(true, Ordering::Release);

@@ -54,14 +54,21 @@ const SEGMENT_BYTES: u64 = 32 << 20;
 /// slow disk bounds the memory the journal holds.
 const MAX_PENDING_MESSAGES: usize = 50_000;
 
+/// Applied messages forgotten per hold of the pending lock.
+const PENDING_REMOVAL_SLICE: usize = 32;
+
 /// Messages the applier writes in one SQLite transaction at most (a batch is never split).
 const APPLY_MAX_MESSAGES: usize = 4_096;
 
 /// The applier commits at most this often unless a reader waits for it. A commit's cost is
 /// mostly the pages it writes (each conversation's tail, each sender's client-id range),
 /// whatever the number of messages on them, so fewer, larger commits write each hot page
-/// once for many messages.
-const APPLY_INTERVAL: Duration = Duration::from_millis(40);
+/// once for many messages. But a commit is also a burst of one core's time (400 messages:
+/// 1.3 ms median, 2.2 ms p90 on the Intel machine), and the round trips that wait behind
+/// it make the latency tail: at 40 ms the round trip's p99 at 5,000/s was about the length
+/// of the burst, at 10 ms half of it, for about 1 µs more per message at 10,000/s and no
+/// loss at saturation (docs/benchmarks.md, 2026-12-05).
+const APPLY_INTERVAL: Duration = Duration::from_millis(10);
 
 /// (sender, client message id) pairs the journal's filter of stored ids holds at most
 /// (about 1.2 bytes each); past it the filter is dropped and every new message is looked
@@ -274,9 +281,11 @@ impl Shared {
     /// After the applier's commit: forgets what SQLite now holds, deletes segments that are
     /// fully applied, and wakes readers waiting for `applied`.
     fn applied(&self, messages: &[Arc<StoredMessage>], applied: u64) {
-        {
+        // In slices, releasing the lock between them: every append takes it, and a commit
+        // of thousands of messages would otherwise hold the committer for its whole removal.
+        for slice in messages.chunks(PENDING_REMOVAL_SLICE) {
             let mut pending = self.pending();
-            for m in messages {
+            for m in slice {
                 pending.remove(m);
             }
         }

@@ -64,10 +64,10 @@ const APPLY_MAX_MESSAGES: usize = 4_096;
 /// mostly the pages it writes (each conversation's tail, each sender's client-id range),
 /// whatever the number of messages on them, so fewer, larger commits write each hot page
 /// once for many messages. But a commit is also a burst of one core's time (400 messages:
-/// 1.3 ms median, 2.2 ms p90 on the Intel machine), and the round trips that wait behind
-/// it make the latency tail: at 40 ms the round trip's p99 at 5,000/s was about the length
-/// of the burst, at 10 ms half of it, for about 1 µs more per message at 10,000/s and no
-/// loss at saturation (docs/benchmarks.md, 2026-12-05).
+/// 1.3 ms median, 2.2 ms p90 on the Intel machine) that everything else on a small machine
+/// runs short of: at 40 ms the round trip's p99 at 5,000/s was about the length of the
+/// burst, at 10 ms half of it, for 0.06 cores more at 10,000 durable messages/s and no loss
+/// at 50,000/s or saturated (docs/benchmarks.md, 2026-12-05).
 const APPLY_INTERVAL: Duration = Duration::from_millis(10);
 
 /// (sender, client message id) pairs the journal's filter of stored ids holds at most

@@ -11,7 +11,7 @@ use anyhow::{Context, bail};
 use bytes::Bytes;
 use futures_util::future::try_join_all;
 use futures_util::stream::{self, BoxStream, StreamExt};
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use rumqttc::{AsyncClient, Event, MqttOptions, NetworkOptions, Packet, QoS};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
@@ -249,6 +249,11 @@ impl MqttConn {
             .set_request_channel_capacity(MQTT_REQUEST_CAPACITY)
             .set_max_packet_size(MQTT_MAX_PACKET, MQTT_MAX_PACKET);
         let (client, mut eventloop) = AsyncClient::new(options, MQTT_REQUEST_CAPACITY);
+        // Without it Nagle holds each small publish until the previous one is acked, which
+        // would count as mosquitto's latency (its listener sets it too, in its config).
+        let mut network = NetworkOptions::new();
+        network.set_tcp_nodelay(true);
+        eventloop.set_network_options(network);
         let (events_tx, mut events) = mpsc::unbounded_channel();
         let poller = Task::spawn(async move {
             loop {

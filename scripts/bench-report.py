@@ -203,6 +203,15 @@ def pinning_line(doc):
     return f"Cores: {where}; our server's worker threads: {workers}."
 
 
+def idle_line(machine):
+    idle = machine.get("idle") or {}
+    driver = idle.get("cpuidle_driver") or "unknown"
+    poll = idle.get("guest_halt_poll_ns")
+    polling = (f", idle vCPUs poll {poll:,} ns before halting (guest_halt_poll_ns)"
+               if poll is not None else "")
+    return f"Idle cpus: cpuidle driver {driver}{polling}."
+
+
 def main():
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "target/bench")
     doc = load(out)
@@ -211,6 +220,8 @@ def main():
         f"Machine: {machine['cpu']}, {machine['cores']} cores, {machine['memory']}. Quick mode: {doc['quick']}.",
         "",
         pinning_line(doc),
+        "",
+        idle_line(machine),
         "",
         "Durability: " + "; ".join(f"{k}: {v}" for k, v in doc["durability"].items()) + ".",
         "",

@@ -7,7 +7,9 @@
 #   ./scripts/bench.sh --quick         # quick mode (under 10 minutes)
 #   ./scripts/bench.sh --quick --only rtt,fanout --no-peers
 #
-# Environment: BENCH_OUT (default target/bench).
+# Environment: BENCH_OUT (default target/bench); HALT_POLL_NS: on a KVM guest whose idle
+# driver is haltpoll, how long an idle vCPU polls before halting during the run (root only;
+# the previous value is restored on exit). The results record the value in force.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${BENCH_OUT:-target/bench}"
@@ -26,6 +28,13 @@ echo "== building"
 (cd plugins && cargo build --release --locked)
 cargo build --release --locked -p im-server -p im-bench
 mkdir -p "$out"
+halt_poll=/sys/module/haltpoll/parameters/guest_halt_poll_ns
+if [ -n "${HALT_POLL_NS:-}" ]; then
+    [ -w "$halt_poll" ] || { echo "HALT_POLL_NS needs root and the haltpoll idle driver ($halt_poll)" >&2; exit 2; }
+    previous_halt_poll="$(cat "$halt_poll")"
+    trap 'echo "$previous_halt_poll" > "$halt_poll"' EXIT
+    echo "$HALT_POLL_NS" > "$halt_poll"
+fi
 echo "== running (results in $out)"
 ./target/release/im-bench all --out "$out" "$@"
 python3 scripts/bench-report.py "$out"

@@ -187,7 +187,24 @@ fn machine() -> Value {
         .next()
         .unwrap_or_default()
         .to_owned();
-    json!({"cpu": model, "cores": cores, "memory": memory})
+    json!({"cpu": model, "cores": cores, "memory": memory, "idle": idle_policy()})
+}
+
+/// How this machine's idle cpus wait: the cpuidle driver and, under `haltpoll` (KVM guests),
+/// how long an idle vCPU polls before it halts. Every wake-up of a halted vCPU costs a
+/// VM exit, and round-trip latencies on loopback depend on it more than on any server
+/// (docs/benchmarks.md, 2026-12-05 afternoon), so results are only comparable with it.
+fn idle_policy() -> Value {
+    let read = |path: &str| {
+        std::fs::read_to_string(path)
+            .ok()
+            .map(|s| s.trim().to_owned())
+    };
+    json!({
+        "cpuidle_driver": read("/sys/devices/system/cpu/cpuidle/current_driver"),
+        "guest_halt_poll_ns": read("/sys/module/haltpoll/parameters/guest_halt_poll_ns")
+            .and_then(|ns| ns.parse::<u64>().ok()),
+    })
 }
 
 /// Runs `scenario` to its end on a one-thread runtime of its own.

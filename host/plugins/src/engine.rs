@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
@@ -17,6 +17,108 @@ use crate::state::HostState;
 /// Milliseconds per epoch tick: call deadlines are rounded up to whole ticks.
 pub const EPOCH_TICK_MS: u64 = 1;
 
+/// Ticks without any plugin code running after which the ticker sleeps until the next call.
+const IDLE_TICKS_BEFORE_SLEEP: u32 = 100;
+
+/// The epoch ticker's shared state. It advances the engine's epoch every tick while plugin
+/// code may run, and sleeps once none has run for [`IDLE_TICKS_BEFORE_SLEEP`] ticks: an idle
+/// node would otherwise wake a cpu every millisecond for nothing. Every entry into guest
+/// code holds a [`GuestRun`], which wakes a sleeping ticker, so no call runs without its
+/// deadline advancing.
+pub struct EpochTicker {
+    /// Guest runs in progress.
+    running: AtomicUsize,
+    /// Set by each guest run, cleared by the ticker at every tick.
+    ran: AtomicBool,
+    /// The ticker is asleep (or deciding to sleep) and must be woken by the next run.
+    asleep: AtomicBool,
+    stop: AtomicBool,
+    thread: std::sync::OnceLock<std::thread::Thread>,
+}
+
+impl EpochTicker {
+    fn start(engine: Engine) -> wasmtime::Result<Arc<Self>> {
+        let ticker = Arc::new(Self {
+            running: AtomicUsize::new(0),
+            ran: AtomicBool::new(false),
+            asleep: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+            thread: std::sync::OnceLock::new(),
+        });
+        let state = ticker.clone();
+        let thread = std::thread::Builder::new()
+            .name("wasm-epoch".into())
+            .spawn(move || state.run(&engine))
+            .context("starting the epoch ticker")?;
+        let _ = ticker.thread.set(thread.thread().clone());
+        Ok(ticker)
+    }
+
+    fn run(&self, engine: &Engine) {
+        let mut idle_ticks = 0u32;
+        while !self.stop.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(EPOCH_TICK_MS));
+            engine.increment_epoch();
+            let ran = self.ran.swap(false, Ordering::Relaxed);
+            if ran || self.running.load(Ordering::Relaxed) > 0 {
+                idle_ticks = 0;
+                continue;
+            }
+            idle_ticks += 1;
+            if idle_ticks < IDLE_TICKS_BEFORE_SLEEP {
+                continue;
+            }
+            // Announce the sleep, then look again: a run that began before the announcement
+            // is seen in `running`; one that begins after it sees `asleep` and wakes us.
+            self.asleep.store(true, Ordering::SeqCst);
+            if self.running.load(Ordering::SeqCst) > 0 {
+                self.asleep.store(false, Ordering::SeqCst);
+                continue;
+            }
+            while self.asleep.load(Ordering::SeqCst) && !self.stop.load(Ordering::Relaxed) {
+                std::thread::park();
+            }
+            idle_ticks = 0;
+        }
+    }
+
+    /// Marks guest code about to run; the deadline ticks until the returned guard drops.
+    pub fn guest_run(&self) -> GuestRun<'_> {
+        self.running.fetch_add(1, Ordering::SeqCst);
+        if self.asleep.load(Ordering::SeqCst)
+            && self.asleep.swap(false, Ordering::SeqCst)
+            && let Some(thread) = self.thread.get()
+        {
+            thread.unpark();
+        }
+        if !self.ran.load(Ordering::Relaxed) {
+            self.ran.store(true, Ordering::Relaxed);
+        }
+        GuestRun(self)
+    }
+
+    /// Whether the ticker is asleep (for tests).
+    pub fn is_asleep(&self) -> bool {
+        self.asleep.load(Ordering::SeqCst)
+    }
+
+    fn stop(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.get() {
+            thread.unpark();
+        }
+    }
+}
+
+/// Guest code may be running while this lives (see [`EpochTicker::guest_run`]).
+pub struct GuestRun<'a>(&'a EpochTicker);
+
+impl Drop for GuestRun<'_> {
+    fn drop(&mut self) {
+        self.0.running.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// Engine, linkers and cache directory.
 pub struct PluginEngine {
     pub engine: Engine,
@@ -27,7 +129,7 @@ pub struct PluginEngine {
     /// directly on the calling thread, without a fiber.
     pub direct_linker: Linker<HostState>,
     cache_dir: PathBuf,
-    ticker_stop: Arc<AtomicBool>,
+    pub ticker: Arc<EpochTicker>,
 }
 
 impl PluginEngine {
@@ -50,24 +152,13 @@ impl PluginEngine {
             .context("linking plugin imports")?;
         std::fs::create_dir_all(cache_dir)
             .with_context(|| format!("creating {}", cache_dir.display()))?;
-        let ticker_stop = Arc::new(AtomicBool::new(false));
-        let ticking_engine = engine.clone();
-        let stop = ticker_stop.clone();
-        std::thread::Builder::new()
-            .name("wasm-epoch".into())
-            .spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    std::thread::sleep(Duration::from_millis(EPOCH_TICK_MS));
-                    ticking_engine.increment_epoch();
-                }
-            })
-            .context("starting the epoch ticker")?;
+        let ticker = EpochTicker::start(engine.clone())?;
         Ok(Self {
             engine,
             linker,
             direct_linker,
             cache_dir: cache_dir.to_owned(),
-            ticker_stop,
+            ticker,
         })
     }
 
@@ -114,7 +205,7 @@ impl PluginEngine {
 
 impl Drop for PluginEngine {
     fn drop(&mut self) {
-        self.ticker_stop.store(true, Ordering::Relaxed);
+        self.ticker.stop();
     }
 }
 

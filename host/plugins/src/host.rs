@@ -344,6 +344,12 @@ impl PluginHost {
         !self.generation().chain(hook).is_empty()
     }
 
+    /// Whether the epoch ticker sleeps because no plugin code ran lately (an idle node's
+    /// plugins wake no cpu); the next call wakes it.
+    pub fn epoch_ticker_asleep(&self) -> bool {
+        self.engine.ticker.is_asleep()
+    }
+
     /// Every installed plugin.
     pub fn list(&self) -> Vec<PluginInfo> {
         self.generation().installed.values().map(info).collect()
@@ -418,7 +424,14 @@ impl PluginHost {
                 (pre, false)
             }
         };
-        let plugin = LoadedPlugin::new(manifest, digest, shared, pre, direct);
+        let plugin = LoadedPlugin::new(
+            manifest,
+            digest,
+            shared,
+            pre,
+            direct,
+            self.engine.ticker.clone(),
+        );
         for hook in &plugin.manifest.hooks {
             if !plugin.exports(*hook) {
                 return Err(PluginError::InvalidComponent(format!(

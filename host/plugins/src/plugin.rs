@@ -279,6 +279,8 @@ pub struct LoadedPlugin {
     /// Every import the component uses returns without waiting, so its instances run
     /// straight on the calling thread ([`Self::call_direct`]) instead of on a fiber.
     direct: bool,
+    /// Told whenever guest code runs, so that deadlines advance.
+    ticker: Arc<crate::engine::EpochTicker>,
 }
 
 /// Least wall time an instantiation may take, in milliseconds.
@@ -292,6 +294,7 @@ impl LoadedPlugin {
         shared: Arc<PluginShared>,
         pre: InstancePre<HostState>,
         direct: bool,
+        ticker: Arc<crate::engine::EpochTicker>,
     ) -> Self {
         let indices = HookIndices::new(&pre);
         let memory_bytes = manifest.limits.memory_mib as usize * 1024 * 1024;
@@ -317,6 +320,7 @@ impl LoadedPlugin {
             memory_bytes,
             deadline_ticks,
             direct,
+            ticker,
         }
     }
 
@@ -356,6 +360,7 @@ impl LoadedPlugin {
         if self.direct {
             return self.instantiate_direct();
         }
+        let _run = self.ticker.guest_run();
         let mut store = self.new_store();
         let instance = self.pre.instantiate_async(&mut store).await?;
         self.ready(store, instance)
@@ -363,6 +368,7 @@ impl LoadedPlugin {
 
     /// Creates a fresh instance of a direct plugin on the calling thread.
     fn instantiate_direct(&self) -> wasmtime::Result<Box<Ready>> {
+        let _run = self.ticker.guest_run();
         let mut store = self.new_store();
         let instance = self.pre.instantiate(&mut store)?;
         self.ready(store, instance)
@@ -443,6 +449,7 @@ impl LoadedPlugin {
         f: impl AsyncFnOnce(&mut Store<HostState>, &Exports, Handles) -> wasmtime::Result<R>,
     ) -> Result<R, CallFailure> {
         self.admit()?;
+        let _run = self.ticker.guest_run();
         let started = Instant::now();
         let ready = self.idle.lock().pop();
         let mut ready = match ready {
@@ -468,6 +475,7 @@ impl LoadedPlugin {
         f: impl FnOnce(&mut Store<HostState>, &Exports, Handles) -> wasmtime::Result<R>,
     ) -> Result<R, CallFailure> {
         self.admit()?;
+        let _run = self.ticker.guest_run();
         let started = Instant::now();
         let ready = self.idle.lock().pop();
         let mut ready = match ready {

@@ -242,6 +242,36 @@ async fn an_infinite_loop_is_interrupted_at_its_deadline() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_idle_epoch_ticker_sleeps_and_a_call_still_meets_its_deadline() {
+    let f = fixture().await;
+    let limits = "failure = \"open\"\n[limits]\ndeadline_ms = 50";
+    f.host
+        .install(
+            &filter_manifest("spin", limits),
+            component("spin_filter.wasm"),
+        )
+        .await
+        .unwrap();
+    let waiting = Instant::now();
+    while !f.host.epoch_ticker_asleep() {
+        assert!(
+            waiting.elapsed() < Duration::from_secs(10),
+            "the epoch ticker kept ticking with no plugin code running"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The first call after the sleep wakes the ticker, so its deadline still stops it.
+    let started = Instant::now();
+    assert_eq!(filter(&f.host, "spin forever").await, pass("spin forever"));
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "interrupted after {:?}",
+        started.elapsed()
+    );
+    assert_eq!(f.host.list()[0].failures["timeout"], 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_memory_bomb_stops_at_the_cap() {
     let f = fixture().await;
     let limits = "[limits]\nmemory_mib = 16";

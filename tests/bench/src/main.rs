@@ -69,6 +69,11 @@ struct AllArgs {
     /// `keyword` (keyword filter only), `risk` (risk control only), `off` (no plugins).
     #[arg(long, value_delimiter = ',', default_values = ["on", "off"])]
     rtt_configs: Vec<String>,
+    /// Also write every round trip to `<out>/rtt-samples/<system>-<config>-<rate>-r<round>.csv`:
+    /// its scheduled send on CLOCK_MONOTONIC (ns) and its latency (µs), to line slow round
+    /// trips up with server events logged on the same clock.
+    #[arg(long)]
+    rtt_samples: bool,
     /// Round-trip runs per system, configuration and rate, interleaved (the report gives
     /// each percentile's median: single runs on a shared 2-core machine vary widely).
     #[arg(long, default_value_t = 3)]
@@ -286,6 +291,9 @@ fn keyword_filters(repo: &Path, count: usize) -> Vec<BenchPlugin> {
 
 async fn run_all(args: AllArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.out)?;
+    if args.rtt_samples {
+        stats::RttSamples::enable();
+    }
     let mut plan = Plan::new(args.quick);
     if !args.rtt_rates.is_empty() {
         plan.rtt_rates = args.rtt_rates.clone();
@@ -405,6 +413,19 @@ async fn run_all(args: AllArgs) -> anyhow::Result<()> {
                         ),
                     };
                     let result = result.with_context(|| format!("{name} rtt at {rate}/s"))?;
+                    if args.rtt_samples {
+                        let dir = args.out.join("rtt-samples");
+                        std::fs::create_dir_all(&dir)?;
+                        let label: String = config
+                            .chars()
+                            .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+                            .collect();
+                        let file = dir.join(format!("{name}-{label}-{rate}-r{round}.csv"));
+                        result
+                            .samples
+                            .write_csv(&file)
+                            .with_context(|| format!("writing {}", file.display()))?;
+                    }
                     results.push(
                         "rtt",
                         name,

@@ -16,7 +16,8 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::stats::{
-    CpuMeter, FanoutResult, Latency, LatencySamples, RttResult, age_at, payload, sleep_until,
+    CpuMeter, FanoutResult, Latency, LatencySamples, RttResult, RttSamples, age_at, payload,
+    sleep_until,
 };
 
 /// How long a peer may take to start listening.
@@ -421,6 +422,8 @@ struct Received {
     count: u64,
     latency: LatencySamples,
     last_at: Option<Instant>,
+    /// Each message one by one, when `keep_samples` (the round trip's receiver).
+    samples: RttSamples,
 }
 
 /// Records the age of each message until `want` have arrived, the stream ends, or `grace` has
@@ -430,11 +433,13 @@ async fn receive(
     want: u64,
     mut sent_all: watch::Receiver<Option<Instant>>,
     grace: Duration,
+    keep_samples: bool,
 ) -> Received {
     let mut got = Received {
         count: 0,
         latency: LatencySamples::default(),
         last_at: None,
+        samples: RttSamples::default(),
     };
     let mut deadline: Option<tokio::time::Instant> = None;
     while got.count < want {
@@ -460,6 +465,9 @@ async fn receive(
         got.last_at = Some(now);
         if let Some(age) = age_at(&body, now) {
             got.latency.record(age);
+            if keep_samples {
+                got.samples.record(&body, now);
+            }
         }
     }
     got
@@ -492,7 +500,7 @@ pub async fn rtt(
 
     let count = message_count(rate, duration);
     let (sent_all_tx, sent_all) = watch::channel(None);
-    let mut collector = Task::spawn(receive(replies, count, sent_all, RTT_DRAIN));
+    let mut collector = Task::spawn(receive(replies, count, sent_all, RTT_DRAIN, true));
     let cpu = CpuMeter::start(peer.pid);
     send_open_loop(&a, &request_topic, rate, count, body).await?;
     sent_all_tx.send_replace(Some(Instant::now()));
@@ -505,6 +513,7 @@ pub async fn rtt(
         lost: count.saturating_sub(received.count),
         latency: received.latency.summary(),
         cpu,
+        samples: received.samples,
     })
 }
 
@@ -540,6 +549,7 @@ pub async fn fanout(
                 expected,
                 sent_all.clone(),
                 FANOUT_GRACE,
+                false,
             )));
             conns.push(conn);
         }

@@ -10,8 +10,8 @@ use tokio::task::JoinSet;
 
 use crate::server::ImServer;
 use crate::stats::{
-    CpuMeter, CpuUsage, FanoutResult, Latency, LatencySamples, LatencySummary, RttResult, age,
-    age_at, payload, sleep_until, stamp,
+    CpuMeter, CpuUsage, FanoutResult, Latency, LatencySamples, LatencySummary, RttResult,
+    RttSamples, age_at, payload, sleep_until, stamp,
 };
 
 /// How long to wait for stragglers after the last send.
@@ -80,14 +80,17 @@ pub async fn rtt(
     });
     let receiver = tokio::spawn(async move {
         let mut latency = Latency::new();
+        let mut samples = RttSamples::default();
         let deadline = tokio::time::sleep(Duration::from_secs(3600));
         tokio::pin!(deadline);
         while latency.count() < total {
             tokio::select! {
                 event = a_events.next() => match event {
                     Some(Event::Message(m)) => {
-                        if let Some(took) = age(&m.body) {
+                        let now = Instant::now();
+                        if let Some(took) = age_at(&m.body, now) {
                             latency.record(took);
+                            samples.record(&m.body, now);
                         }
                     }
                     Some(_) => {}
@@ -96,7 +99,7 @@ pub async fn rtt(
                 _ = &mut deadline => break,
             }
         }
-        latency
+        (latency, samples)
     });
     let meter = CpuMeter::start(server.pid);
     let start = Instant::now() + Duration::from_millis(50);
@@ -107,7 +110,7 @@ pub async fn rtt(
         // The ack is not awaited: the schedule is open loop.
         drop(a.queue_send(&b_name, &id, payload(at, body), "").await?);
     }
-    let latency = match tokio::time::timeout(DRAIN, receiver).await {
+    let (latency, samples) = match tokio::time::timeout(DRAIN, receiver).await {
         Ok(done) => done?,
         Err(_) => anyhow::bail!("round trips did not finish within {DRAIN:?} of the last send"),
     };
@@ -120,6 +123,7 @@ pub async fn rtt(
         lost: total - latency.count(),
         latency: latency.summary(),
         cpu,
+        samples,
     })
 }
 

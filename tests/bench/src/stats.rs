@@ -24,11 +24,6 @@ pub fn payload(at: Instant, size: usize) -> bytes::Bytes {
     body.into()
 }
 
-/// How long ago the payload's timestamp was, or `None` for a payload without one.
-pub fn age(payload: &[u8]) -> Option<Duration> {
-    age_at(payload, Instant::now())
-}
-
 /// How long before `now` the payload's timestamp was, or `None` for a payload without one.
 pub fn age_at(payload: &[u8], now: Instant) -> Option<Duration> {
     let stamp_ns = u64::from_be_bytes(payload.get(..8)?.try_into().ok()?);
@@ -213,6 +208,73 @@ pub struct RttResult {
     pub lost: u64,
     pub latency: LatencySummary,
     pub cpu: CpuUsage,
+    /// Every round trip, when [`RttSamples::enabled`]; written to a CSV file, not the JSON.
+    #[serde(skip)]
+    pub samples: RttSamples,
+}
+
+/// Round trips one by one: each one's scheduled send (its payload stamp) and latency, so
+/// that slow ones can be lined up with what the server did at the time (`--rtt-samples`).
+#[derive(Debug, Clone, Default)]
+pub struct RttSamples {
+    sent_and_latency: Vec<(u64, u32)>,
+}
+
+static RECORD_RTT_SAMPLES: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+impl RttSamples {
+    /// Turns recording on for every later round-trip run.
+    pub fn enable() {
+        RECORD_RTT_SAMPLES.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn enabled() -> bool {
+        RECORD_RTT_SAMPLES.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Records the round trip whose payload is `payload`, arrived at `now`, if recording is on.
+    pub fn record(&mut self, payload: &[u8], now: Instant) {
+        if !Self::enabled() {
+            return;
+        }
+        let Some(stamp_ns) = payload
+            .get(..8)
+            .and_then(|b| b.try_into().ok())
+            .map(u64::from_be_bytes)
+        else {
+            return;
+        };
+        let took_us = (stamp(now).saturating_sub(stamp_ns) / 1_000).min(u64::from(u32::MAX));
+        self.sent_and_latency.push((stamp_ns, took_us as u32));
+    }
+
+    /// Writes `monotonic_ns,latency_us` lines: the scheduled send on the machine's
+    /// CLOCK_MONOTONIC (which other processes' logs can use too), then the round trip.
+    pub fn write_csv(&self, path: &std::path::Path) -> std::io::Result<()> {
+        use std::io::Write;
+        let origin = monotonic_ns_of_epoch();
+        let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
+        writeln!(out, "sent_monotonic_ns,latency_us")?;
+        for (stamp_ns, took_us) in &self.sent_and_latency {
+            writeln!(out, "{},{took_us}", origin + stamp_ns)?;
+        }
+        out.flush()
+    }
+}
+
+/// The stamps' origin ([`epoch`]) on CLOCK_MONOTONIC, in ns. `Instant` reads that clock on
+/// Linux; the two readings here are taken back to back, so the offset is good to about a µs.
+fn monotonic_ns_of_epoch() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    let at = Instant::now();
+    // SAFETY: clock_gettime writes only the timespec it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    let monotonic = now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64;
+    monotonic.saturating_sub(stamp(at))
 }
 
 /// One open-loop fan-out run: one sender at a fixed message rate to `subscribers` receivers.
@@ -344,12 +406,12 @@ mod tests {
         let sent = Instant::now() - Duration::from_millis(5);
         let body = payload(sent, 100);
         assert_eq!(body.len(), 100);
-        let age = age(&body).unwrap();
+        let age = age_at(&body, Instant::now()).unwrap();
         assert!(
             age >= Duration::from_millis(5) && age < Duration::from_secs(5),
             "{age:?}"
         );
-        assert!(super::age(b"short").is_none());
+        assert!(age_at(b"short", Instant::now()).is_none());
         let mut latency = Latency::new();
         for us in 1..=1000 {
             latency.record(Duration::from_micros(us));

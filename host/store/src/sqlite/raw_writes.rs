@@ -123,8 +123,9 @@ const YIELD_EVERY: usize = 8;
 
 /// The largest commit that yields. A commit at 10,000 messages/s (about 100 messages at the
 /// 10 ms apply interval) took one of this machine's two cores for 0.4-0.7 ms, and the round
-/// trips in flight waited for it: those sent just before a commit took 650-920 µs at the
-/// median instead of 150-280 (`im-bench --rtt-samples` lined up with a log of the commits).
+/// trips in flight waited for it: those sent just before a commit took 790-920 µs at the
+/// median instead of 270-280 (`im-bench --rtt-samples` lined up with a log of the commits;
+/// docs/benchmarks.md, 2026-12-05 afternoon).
 /// Yielding removes that wait. Larger commits mean a load near what the applier can keep up
 /// with; yielding there let it fall behind (p99 ack 18-26 ms instead of 9-10 ms at 50,000
 /// durable messages/s), so they run through.

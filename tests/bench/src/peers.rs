@@ -250,8 +250,8 @@ impl MqttConn {
             .set_request_channel_capacity(MQTT_REQUEST_CAPACITY)
             .set_max_packet_size(MQTT_MAX_PACKET, MQTT_MAX_PACKET);
         let (client, mut eventloop) = AsyncClient::new(options, MQTT_REQUEST_CAPACITY);
-        // Without it Nagle holds each small publish until the previous one is acked, which
-        // would count as mosquitto's latency (its listener sets it too, in its config).
+        // Without it Nagle holds each small publish until the previous segment is TCP-acked,
+        // which would count as mosquitto's latency (its listener sets it too, in its config).
         let mut network = NetworkOptions::new();
         network.set_tcp_nodelay(true);
         eventloop.set_network_options(network);

@@ -112,11 +112,6 @@ pub(super) fn store_plugin_kv(
     })
 }
 
-/// Writes messages whose seqs the journal assigned, in one transaction: their rows, their
-/// conversations' last seqs, a new 1:1 conversation's two members, and each sender's read
-/// cursor (a sender has read its own message). A message at or below its conversation's
-/// stored last seq is already here (a replay after a crash) and is skipped. Returns how many
-/// were written.
 /// In a commit of at most [`YIELD_MAX_BATCH`] messages, the applier offers its cpu to
 /// waiting threads after every this many messages.
 const YIELD_EVERY: usize = 8;
@@ -128,9 +123,17 @@ const YIELD_EVERY: usize = 8;
 /// docs/benchmarks.md, 2026-12-05 afternoon).
 /// Yielding removes that wait. Larger commits mean a load near what the applier can keep up
 /// with; yielding there let it fall behind (p99 ack 18-26 ms instead of 9-10 ms at 50,000
-/// durable messages/s), so they run through.
+/// durable messages/s), so they run through. The yields happen inside the transaction, so
+/// they also lengthen how long the write lock is held: writes through sqlx (delivery
+/// cursors, plugin KV, users, group changes, read marks) wait that much longer, none of them
+/// on a message's way to its recipient.
 const YIELD_MAX_BATCH: usize = 256;
 
+/// Writes messages whose seqs the journal assigned, in one transaction: their rows, their
+/// conversations' last seqs, a new 1:1 conversation's two members, and each sender's read
+/// cursor (a sender has read its own message). A message at or below its conversation's
+/// stored last seq is already here (a replay after a crash) and is skipped. Returns how many
+/// were written.
 pub(super) fn persist_sequenced(
     db: &Connection,
     batch: &[Arc<StoredMessage>],

@@ -466,7 +466,7 @@ async fn receive(
         if let Some(age) = age_at(&body, now) {
             got.latency.record(age);
             if keep_samples {
-                got.samples.record(&body, now);
+                got.samples.record(&body, age);
             }
         }
     }

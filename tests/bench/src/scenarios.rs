@@ -87,10 +87,9 @@ pub async fn rtt(
             tokio::select! {
                 event = a_events.next() => match event {
                     Some(Event::Message(m)) => {
-                        let now = Instant::now();
-                        if let Some(took) = age_at(&m.body, now) {
+                        if let Some(took) = age_at(&m.body, Instant::now()) {
                             latency.record(took);
-                            samples.record(&m.body, now);
+                            samples.record(&m.body, took);
                         }
                     }
                     Some(_) => {}

@@ -24,9 +24,14 @@ pub fn payload(at: Instant, size: usize) -> bytes::Bytes {
     body.into()
 }
 
+/// The timestamp [`payload`] wrote (ns since the epoch), or `None` for a payload without one.
+fn payload_stamp(payload: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(payload.get(..8)?.try_into().ok()?))
+}
+
 /// How long before `now` the payload's timestamp was, or `None` for a payload without one.
 pub fn age_at(payload: &[u8], now: Instant) -> Option<Duration> {
-    let stamp_ns = u64::from_be_bytes(payload.get(..8)?.try_into().ok()?);
+    let stamp_ns = payload_stamp(payload)?;
     Some(Duration::from_nanos(stamp(now).saturating_sub(stamp_ns)))
 }
 
@@ -233,20 +238,16 @@ impl RttSamples {
         RECORD_RTT_SAMPLES.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Records the round trip whose payload is `payload`, arrived at `now`, if recording is on.
-    pub fn record(&mut self, payload: &[u8], now: Instant) {
+    /// Records the round trip whose payload is `payload` and which took `took` (its
+    /// [`age_at`] on arrival), if recording is on.
+    pub fn record(&mut self, payload: &[u8], took: Duration) {
         if !Self::enabled() {
             return;
         }
-        let Some(stamp_ns) = payload
-            .get(..8)
-            .and_then(|b| b.try_into().ok())
-            .map(u64::from_be_bytes)
-        else {
-            return;
-        };
-        let took_us = (stamp(now).saturating_sub(stamp_ns) / 1_000).min(u64::from(u32::MAX));
-        self.sent_and_latency.push((stamp_ns, took_us as u32));
+        if let Some(stamp_ns) = payload_stamp(payload) {
+            let took_us = took.as_micros().min(u128::from(u32::MAX)) as u32;
+            self.sent_and_latency.push((stamp_ns, took_us));
+        }
     }
 
     /// Writes `monotonic_ns,latency_us` lines: the scheduled send on the machine's

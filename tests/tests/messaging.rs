@@ -12,6 +12,7 @@ const WAIT: Duration = Duration::from_secs(30);
 on_every_transport!(
     login_and_exchange,
     rapid_sends_arrive_in_order,
+    crossed_rapid_sends_keep_both_streams_in_order,
     duplicate_client_id_stores_once,
     offline_recipient_syncs_in_order,
     multi_device_delivery,
@@ -76,6 +77,65 @@ async fn rapid_sends_arrive_in_order(t: Transport) {
         );
     }
     assert_no_message(&mut bob_events, Duration::from_millis(300)).await;
+}
+
+/// Both sides send at once: each connection carries its own acks (written directly by the
+/// pipeline on plain TCP when nothing is ahead of them) between the other side's pushes
+/// (written by its task), so the two paths race for one socket all the time.
+async fn crossed_rapid_sends_keep_both_streams_in_order(t: Transport) {
+    const EACH: usize = 500;
+    let server = TestServer::start().await;
+    let (alice, mut alice_events) = server.client(t, "alice", "phone").await;
+    let (bob, mut bob_events) = server.client(t, "bob", "phone").await;
+    let send_all = |client: im_client::Client, to: &'static str| async move {
+        let mut pending = Vec::new();
+        for i in 0..EACH {
+            let id = client.new_client_msg_id();
+            let body = text(&format!("{to}{i}"));
+            pending.push(
+                client
+                    .queue_send(to, &id, body, "text/plain")
+                    .await
+                    .unwrap(),
+            );
+            if i % 50 == 0 {
+                tokio::task::yield_now().await;
+            }
+        }
+        let acks: Vec<v1::SendAck> = join_all(pending)
+            .await
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+        (client, acks)
+    };
+    let ((_alice, alice_acks), (_bob, bob_acks)) =
+        tokio::join!(send_all(alice, "bob"), send_all(bob, "alice"));
+    let to_bob = receive(&mut bob_events, EACH, WAIT).await;
+    let to_alice = receive(&mut alice_events, EACH, WAIT).await;
+    // One conversation: every seq from 1 to 2 x EACH taken once, each side's own acks
+    // rising, and each side's pushes rising with the other side's bodies in send order.
+    let mut seqs: Vec<u64> = alice_acks.iter().chain(&bob_acks).map(|a| a.seq).collect();
+    seqs.sort_unstable();
+    assert_eq!(seqs, (1..=2 * EACH as u64).collect::<Vec<_>>());
+    for (acks, pushes, to) in [
+        (&alice_acks, &to_bob, "bob"),
+        (&bob_acks, &to_alice, "alice"),
+    ] {
+        assert!(
+            acks.windows(2).all(|w| w[0].seq < w[1].seq),
+            "acks to {to}'s sender out of order"
+        );
+        let pushed: Vec<_> = pushes.iter().map(|m| (m.seq, m.body.clone())).collect();
+        let expected: Vec<_> = acks
+            .iter()
+            .enumerate()
+            .map(|(i, a)| (a.seq, text(&format!("{to}{i}"))))
+            .collect();
+        assert_eq!(pushed, expected, "pushes to {to}");
+    }
+    assert_no_message(&mut alice_events, Duration::from_millis(200)).await;
+    assert_no_message(&mut bob_events, Duration::from_millis(200)).await;
 }
 
 async fn duplicate_client_id_stores_once(t: Transport) {

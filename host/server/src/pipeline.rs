@@ -102,6 +102,9 @@ impl Pipeline {
 /// Committed batches the dispatcher may lag behind the committer.
 const DISPATCH_QUEUE: usize = 4;
 
+/// Largest batch whose acks are written directly ([`ConnHandle::offer_now`]).
+const DIRECT_ANSWERS_MAX_BATCH: usize = 4;
+
 /// A commit's outcome, on its way to the dispatcher, with the members of each group it
 /// wrote to as they were at the commit (the dispatcher may run a few commits behind).
 enum Committed {
@@ -275,6 +278,11 @@ impl Dispatcher {
         result: StoreResult<Vec<Appended>>,
         audiences: &Audiences,
     ) {
+        // A small batch's acks are written from this thread where the connection allows it:
+        // waking each sender's task to write one ack would also wake a parked runtime worker
+        // (see `DirectSocket`). A large batch's acks go through the queues, where a sender's
+        // task writes all of its acks in one write.
+        let direct = jobs.len() <= DIRECT_ANSWERS_MAX_BATCH;
         match result {
             Ok(outcomes) => {
                 for (job, outcome) in jobs.into_iter().zip(outcomes) {
@@ -287,7 +295,12 @@ impl Dispatcher {
                     // The ack goes before the pushes; a caller's answer takes the outcome.
                     match job.reply {
                         ReplyTo::Connection { handle, request_id } => {
-                            handle.offer(Outbound::Frame(ack_frame(request_id, stored, duplicate)));
+                            let ack = ack_frame(request_id, stored, duplicate);
+                            if direct {
+                                handle.offer_now(ack);
+                            } else {
+                                handle.offer(Outbound::Frame(ack));
+                            }
                             if !duplicate {
                                 let members = audience(audiences, stored);
                                 self.dispatch(stored, Some(handle.conn_id), members, &[]);
@@ -580,6 +593,7 @@ mod tests {
         let bytes = match item {
             Outbound::Frame(bytes) => bytes,
             Outbound::Deliver(push) => push.frame.clone(),
+            Outbound::FinishDirectWrite => panic!("these connections have no socket"),
         };
         v1::Frame::from_bytes(&bytes).unwrap().body.unwrap()
     }

@@ -105,7 +105,7 @@ mod tests {
                 Some(Body::Presence(event)) => event.state,
                 other => panic!("not a presence push: {other:?}"),
             },
-            Outbound::Deliver(_) => panic!("not a frame"),
+            other => panic!("not a frame: {other:?}"),
         }
     }
 

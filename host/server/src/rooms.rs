@@ -159,7 +159,7 @@ mod tests {
         let frames: Vec<_> = std::iter::from_fn(|| rb.try_recv().ok())
             .map(|o| match o {
                 Outbound::Frame(f) => f,
-                Outbound::Deliver(_) => panic!("a room push is a plain frame"),
+                other => panic!("a room push is a plain frame, not {other:?}"),
             })
             .collect();
         assert_eq!(frames, [Bytes::from("1"), Bytes::from("2")]);

@@ -16,6 +16,7 @@ use im_proto::v1::CloseReason;
 use parking_lot::RwLock;
 
 use crate::presence::PresenceBook;
+use crate::transport::direct::{DirectSocket, DirectWrite};
 
 /// A message push shared by every device it goes to: encoded once.
 #[derive(Debug)]
@@ -35,6 +36,9 @@ pub enum Outbound {
     Frame(Bytes),
     /// A message push, tracked until the device acknowledges it.
     Deliver(Arc<DeliverPush>),
+    /// A direct write left part of a frame in the connection's [`DirectSocket`]: the task
+    /// writes it before anything else.
+    FinishDirectWrite,
 }
 
 /// What the router and other tasks share with one connection's task: close requests from
@@ -47,6 +51,8 @@ pub struct ConnControl {
     waker: AtomicWaker,
     /// `monotonic_ms()` when the last complete frame arrived (or the login).
     last_heard_ms: AtomicU64,
+    /// Plain TCP: the socket, which [`ConnHandle::offer_now`] writes to directly.
+    direct: Option<Arc<DirectSocket>>,
 }
 
 impl ConnControl {
@@ -56,6 +62,19 @@ impl ConnControl {
             last_heard_ms: AtomicU64::new(now_ms),
             ..Self::default()
         }
+    }
+
+    /// Lets [`ConnHandle::offer_now`] write to `socket` directly.
+    pub fn with_direct_socket(self, socket: Option<Arc<DirectSocket>>) -> Self {
+        Self {
+            direct: socket,
+            ..self
+        }
+    }
+
+    /// The socket direct writes go to, if the transport has one.
+    pub fn direct_socket(&self) -> Option<&Arc<DirectSocket>> {
+        self.direct.as_ref()
     }
 
     /// Requests the close. Later calls are ignored.
@@ -130,6 +149,42 @@ impl ConnHandle {
     /// Queues `item`; a full queue closes the connection as a slow consumer.
     /// Returns false when the item was not queued.
     pub fn offer(&self, item: Outbound) -> bool {
+        match &self.control.direct {
+            None => self.enqueue(item),
+            // Queued under the socket's lock, so no direct write overtakes the item.
+            Some(socket) => {
+                let mut state = socket.lock();
+                let queued = self.enqueue(item);
+                if queued {
+                    state.mark_queued();
+                }
+                queued
+            }
+        }
+    }
+
+    /// Delivers `frame` like [`Self::offer`], but writes it from the calling thread when the
+    /// connection allows it (plain TCP, nothing queued or being written ahead of it), so the
+    /// connection's task is not woken. For answers, which are not tracked like pushes.
+    pub fn offer_now(&self, frame: Bytes) -> bool {
+        let Some(socket) = &self.control.direct else {
+            return self.enqueue(Outbound::Frame(frame));
+        };
+        let mut state = socket.lock();
+        let item = match socket.write_now(&mut state, &frame) {
+            DirectWrite::Written => return true,
+            // The task finishes the frame; this wakes it.
+            DirectWrite::Partial => Outbound::FinishDirectWrite,
+            DirectWrite::NotWritten => Outbound::Frame(frame),
+        };
+        let queued = self.enqueue(item);
+        if queued {
+            state.mark_queued();
+        }
+        queued
+    }
+
+    fn enqueue(&self, item: Outbound) -> bool {
         match self.queue.try_send(item) {
             Ok(()) => true,
             Err(flume::TrySendError::Full(_)) => {
@@ -393,6 +448,43 @@ mod tests {
         router.unregister("alice", 2, 2);
         assert_eq!(router.device_count("alice"), 0);
         assert_eq!(router.counts(), (0, 0));
+    }
+
+    #[tokio::test]
+    async fn an_answer_written_at_once_never_overtakes_what_is_queued() {
+        use tokio::io::AsyncReadExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let socket = DirectSocket::new(listener.accept().await.unwrap().0);
+        let (mut h, rx) = handle(1, "carol", "phone", 8);
+        h.control = Arc::new(ConnControl::default().with_direct_socket(Some(socket.clone())));
+        // The task's loop has not run yet: the answer is queued.
+        assert!(h.offer_now(Bytes::from_static(b"a")));
+        assert!(matches!(rx.try_recv(), Ok(Outbound::Frame(f)) if f == "a"));
+        socket.end_write(|| rx.is_empty());
+        // Idle: written at once, nothing queued.
+        assert!(h.offer_now(Bytes::from_static(b"b")));
+        assert!(rx.is_empty());
+        // A push queued first: the answer queues behind it.
+        assert!(h.offer(Outbound::Frame(Bytes::from_static(b"c"))));
+        assert!(h.offer_now(Bytes::from_static(b"d")));
+        let queued: Vec<_> = rx
+            .try_iter()
+            .map(|o| match o {
+                Outbound::Frame(f) => f,
+                other => panic!("queued {other:?}"),
+            })
+            .collect();
+        assert_eq!(queued, ["c", "d"]);
+        // The task has written them and found the queue empty: direct again.
+        socket.end_write(|| rx.is_empty());
+        assert!(h.offer_now(Bytes::from_static(b"e")));
+        assert!(rx.is_empty());
+        let mut wire = [0u8; 10];
+        client.read_exact(&mut wire).await.unwrap();
+        assert_eq!(wire, *b"\0\0\0\x01b\0\0\0\x01e");
     }
 
     #[tokio::test]

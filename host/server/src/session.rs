@@ -244,7 +244,7 @@ pub async fn run_session<C: FrameConn>(ctx: Arc<NodeContext>, mut conn: C, peer:
     };
     // Boxed, and freed once logged in: login (authentication, risk checks) needs far more
     // state than an idle logged-in connection.
-    let end = match Box::pin(await_login(&ctx, &mut conn, &origin)).await {
+    let (end, unwritten) = match Box::pin(await_login(&ctx, &mut conn, &origin)).await {
         Ok(login) => {
             tracing::debug!(%peer, transport, user = %login.handle.user_id, device = %login.handle.device_id, "logged in");
             ctx.stats.logged_in.fetch_add(1, Ordering::Relaxed);
@@ -253,6 +253,8 @@ pub async fn run_session<C: FrameConn>(ctx: Arc<NodeContext>, mut conn: C, peer:
             let conn_id = login.handle.conn_id;
             let mut session = LoggedIn::new(&ctx, login, origin);
             let end = session.run(&mut conn).await;
+            // No direct write may follow the task's last one (the close frame).
+            let unwritten = conn.direct_socket().and_then(|socket| socket.retire());
             session.leave_everything();
             ctx.router.unregister(&user_id, conn_id, now_ms());
             ctx.metrics.connection(transport, -1.0);
@@ -260,19 +262,25 @@ pub async fn run_session<C: FrameConn>(ctx: Arc<NodeContext>, mut conn: C, peer:
             if matches!(&end, End::Close(CloseReason::SlowConsumer, _)) {
                 ctx.metrics.slow_consumer();
             }
-            end
+            (end, unwritten)
         }
-        Err(end) => end,
+        Err(end) => (end, None),
     };
     if let End::Close(reason, message) = end {
         tracing::debug!(%peer, transport, reason = reason.as_str_name(), %message, "closing connection");
         let frame = v1::Frame::close(reason, message).to_bytes();
+        let socket = conn.direct_socket();
+        let close = async {
+            // A frame a direct write left half-written is finished before the close frame.
+            if let (Some(rest), Some(socket)) = (&unwritten, &socket)
+                && socket.write_all(rest).await.is_err()
+            {
+                return;
+            }
+            conn.close(reason, frame).await;
+        };
         // Boxed: the closing write's state is not part of the connection's task for its life.
-        let _ = Box::pin(tokio::time::timeout(
-            Duration::from_secs(2),
-            conn.close(reason, frame),
-        ))
-        .await;
+        let _ = Box::pin(tokio::time::timeout(Duration::from_secs(2), close)).await;
     }
     ctx.stats.open.fetch_sub(1, Ordering::Relaxed);
 }
@@ -412,7 +420,9 @@ async fn login_with<C: FrameConn>(
         device_id: login.device_id.as_str().into(),
         transport: conn.transport().as_str(),
         queue: queue_tx,
-        control: Arc::new(ConnControl::heard_at(monotonic_ms())),
+        control: Arc::new(
+            ConnControl::heard_at(monotonic_ms()).with_direct_socket(conn.direct_socket()),
+        ),
     };
     let ok = frame_bytes(
         request_id,
@@ -588,9 +598,27 @@ impl LoggedIn {
                 }
                 () = retry_timer_fired(&mut self.retry_timer) => self.retry_timer_elapsed(),
             }
-            if !self.out.is_empty() {
+            // A plain TCP socket is busy (no direct writes, see `DirectSocket`) from here
+            // until everything is written and the queue is empty.
+            let unwritten = self
+                .handle
+                .control
+                .direct_socket()
+                .and_then(|socket| socket.begin_write());
+            if !self.out.is_empty() || unwritten.is_some() {
+                let write = async {
+                    if let (Some(rest), Some(socket)) =
+                        (&unwritten, self.handle.control.direct_socket())
+                    {
+                        socket.write_all(rest).await?;
+                    }
+                    if self.out.is_empty() {
+                        return Ok(());
+                    }
+                    conn.send(&self.out).await
+                };
                 // Boxed with its deadline: the write's state lives only while it runs.
-                match Box::pin(tokio::time::timeout(write_timeout, conn.send(&self.out))).await {
+                match Box::pin(tokio::time::timeout(write_timeout, write)).await {
                     Ok(Ok(())) => {
                         self.out.clear();
                         for committed in self.first_pushes.drain(..) {
@@ -606,6 +634,9 @@ impl LoggedIn {
                 if self.out.capacity() > MAX_WRITE_BATCH * 2 {
                     self.out = Vec::new();
                 }
+            }
+            if let Some(socket) = self.handle.control.direct_socket() {
+                socket.end_write(|| self.queue.is_empty());
             }
         }
     }
@@ -641,6 +672,8 @@ impl LoggedIn {
     fn take_outbound(&mut self, item: Outbound) {
         match item {
             Outbound::Frame(frame) => self.out.push(frame),
+            // The rest of that frame is taken from the socket before the next write.
+            Outbound::FinishDirectWrite => {}
             Outbound::Deliver(push) => {
                 self.out.push(push.frame.clone());
                 self.first_pushes.push(push.committed_at);
@@ -1214,7 +1247,7 @@ impl LoggedIn {
                     error_bytes(rid, ErrorCode::Internal, "request failed; retry")
                 }
             };
-            handle.offer(Outbound::Frame(answer));
+            handle.offer_now(answer);
             drop(permit);
         });
     }

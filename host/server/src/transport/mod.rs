@@ -10,6 +10,7 @@ use std::io;
 use bytes::Bytes;
 use im_proto::v1::CloseReason;
 
+pub mod direct;
 pub mod quic;
 pub mod stream;
 pub mod tcp;
@@ -63,4 +64,9 @@ pub trait FrameConn: Send + 'static {
     -> impl Future<Output = ()> + Send;
 
     fn transport(&self) -> Transport;
+
+    /// The socket other threads may write whole frames to without waiting (plain TCP only).
+    fn direct_socket(&self) -> Option<std::sync::Arc<direct::DirectSocket>> {
+        None
+    }
 }

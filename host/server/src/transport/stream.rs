@@ -1,12 +1,14 @@
 //! [`FrameConn`] over any byte stream with 4-byte length-prefixed frames (TCP, TLS, a QUIC stream).
 
 use std::io;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use im_proto::codec::{FrameError, FrameReader, LENGTH_PREFIX_BYTES};
 use im_proto::v1::CloseReason;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
+use super::direct::{DirectSocket, SharedTcp};
 use super::{FrameConn, RecvError, Transport};
 
 /// Length-prefixed frames over `S`.
@@ -14,6 +16,8 @@ pub struct StreamConn<S> {
     stream: S,
     reader: FrameReader,
     transport: Transport,
+    /// Plain TCP only: the socket, for writes from other threads.
+    direct: Option<Arc<DirectSocket>>,
 }
 
 impl<S> StreamConn<S> {
@@ -22,6 +26,17 @@ impl<S> StreamConn<S> {
             stream,
             reader: FrameReader::new(max_frame_bytes),
             transport,
+            direct: None,
+        }
+    }
+}
+
+impl StreamConn<SharedTcp> {
+    /// A plain TCP connection, whose socket other threads may write to directly.
+    pub fn plain_tcp(socket: Arc<DirectSocket>, max_frame_bytes: usize) -> Self {
+        Self {
+            direct: Some(socket.clone()),
+            ..Self::new(SharedTcp(socket), max_frame_bytes, Transport::Tcp)
         }
     }
 }
@@ -58,5 +73,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> FrameConn for StreamCon
 
     fn transport(&self) -> Transport {
         self.transport
+    }
+
+    fn direct_socket(&self) -> Option<Arc<DirectSocket>> {
+        self.direct.clone()
     }
 }

@@ -8,6 +8,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::task::TaskTracker;
 
 use super::Transport;
+use super::direct::DirectSocket;
 use super::stream::StreamConn;
 use crate::session::{NodeContext, run_session};
 
@@ -39,7 +40,7 @@ pub async fn serve(
             None => {
                 tasks.spawn(run_session(
                     ctx,
-                    StreamConn::new(stream, max, Transport::Tcp),
+                    StreamConn::plain_tcp(DirectSocket::new(stream), max),
                     peer,
                 ));
             }

@@ -16,7 +16,7 @@ use im_proto::v1::CloseReason;
 use parking_lot::RwLock;
 
 use crate::presence::PresenceBook;
-use crate::transport::direct::{DirectSocket, DirectWrite};
+use crate::transport::direct::{DirectSocket, DirectWrite, WriteState};
 
 /// A message push shared by every device it goes to: encoded once.
 #[derive(Debug)]
@@ -151,15 +151,7 @@ impl ConnHandle {
     pub fn offer(&self, item: Outbound) -> bool {
         match &self.control.direct {
             None => self.enqueue(item),
-            // Queued under the socket's lock, so no direct write overtakes the item.
-            Some(socket) => {
-                let mut state = socket.lock();
-                let queued = self.enqueue(item);
-                if queued {
-                    state.mark_queued();
-                }
-                queued
-            }
+            Some(socket) => self.enqueue_marked(&mut socket.lock(), item),
         }
     }
 
@@ -177,6 +169,12 @@ impl ConnHandle {
             DirectWrite::Partial => Outbound::FinishDirectWrite,
             DirectWrite::NotWritten => Outbound::Frame(frame),
         };
+        self.enqueue_marked(&mut state, item)
+    }
+
+    /// Queues `item` under the socket's lock (`state`), marking the socket busy, so no
+    /// direct write overtakes it.
+    fn enqueue_marked(&self, state: &mut WriteState, item: Outbound) -> bool {
         let queued = self.enqueue(item);
         if queued {
             state.mark_queued();

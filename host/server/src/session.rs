@@ -568,12 +568,18 @@ impl LoggedIn {
         // until it next fires after the last is acked), a re-push timer. The idle timeout is
         // the node's sweep (`sweep_idle_connections`), so an idle connection's task holds no
         // timer.
+        // A plain TCP socket starts busy (`DirectSocket`): from here on direct writes may go.
+        if let Some(socket) = self.handle.control.direct_socket() {
+            socket.end_write(|| self.queue.is_empty());
+        }
         loop {
             self.arm_retry_timer();
+            let mut took_queued = false;
             tokio::select! {
                 biased;
                 (reason, message) = self.handle.control.requested() => return End::Close(reason, message),
                 Ok(item) = self.queue.recv_async() => {
+                    took_queued = true;
                     self.take_outbound(item);
                     while self.out.len() < MAX_WRITE_BATCH {
                         match self.queue.try_recv() {
@@ -599,17 +605,17 @@ impl LoggedIn {
                 () = retry_timer_fired(&mut self.retry_timer) => self.retry_timer_elapsed(),
             }
             // A plain TCP socket is busy (no direct writes, see `DirectSocket`) from here
-            // until everything is written and the queue is empty.
-            let unwritten = self
+            // until everything is written and the queue is empty. A turn that neither took
+            // from the queue nor has anything to write leaves it as it is (no lock).
+            let direct = self
                 .handle
                 .control
                 .direct_socket()
-                .and_then(|socket| socket.begin_write());
+                .filter(|_| took_queued || !self.out.is_empty());
+            let unwritten = direct.and_then(|socket| socket.begin_write());
             if !self.out.is_empty() || unwritten.is_some() {
                 let write = async {
-                    if let (Some(rest), Some(socket)) =
-                        (&unwritten, self.handle.control.direct_socket())
-                    {
+                    if let (Some(rest), Some(socket)) = (&unwritten, direct) {
                         socket.write_all(rest).await?;
                     }
                     if self.out.is_empty() {
@@ -635,7 +641,7 @@ impl LoggedIn {
                     self.out = Vec::new();
                 }
             }
-            if let Some(socket) = self.handle.control.direct_socket() {
+            if let Some(socket) = direct {
                 socket.end_write(|| self.queue.is_empty());
             }
         }

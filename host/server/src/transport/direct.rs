@@ -128,14 +128,23 @@ impl DirectSocket {
     /// Writes `bytes` whole, waiting for room as needed (the task's side).
     pub async fn write_all(&self, mut bytes: &[u8]) -> io::Result<()> {
         while !bytes.is_empty() {
-            self.socket.writable().await?;
-            match self.socket.try_write(bytes) {
-                Ok(n) => bytes = &bytes[n..],
-                Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
-                Err(err) => return Err(err),
-            }
+            let n = std::future::poll_fn(|cx| self.poll_write_some(cx, bytes)).await?;
+            bytes = &bytes[n..];
         }
         Ok(())
+    }
+
+    /// Writes some of `buf` once the socket has room.
+    fn poll_write_some(&self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        loop {
+            ready!(self.socket.poll_write_ready(cx))?;
+            match self.socket.try_write(buf) {
+                Ok(n) => return Poll::Ready(Ok(n)),
+                // Readiness was stale; `try_write` cleared it, so the next poll waits.
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
+                Err(err) => return Poll::Ready(Err(err)),
+            }
+        }
     }
 }
 
@@ -170,15 +179,7 @@ impl AsyncWrite for SharedTcp {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let socket = &self.0.socket;
-        loop {
-            ready!(socket.poll_write_ready(cx))?;
-            match socket.try_write(buf) {
-                Ok(n) => return Poll::Ready(Ok(n)),
-                Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
-                Err(err) => return Poll::Ready(Err(err)),
-            }
-        }
+        self.0.poll_write_some(cx, buf)
     }
 
     fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {

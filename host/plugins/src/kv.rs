@@ -5,7 +5,7 @@
 //! persistence is write-behind (batched every few milliseconds). A crash can lose the
 //! writes of the last flush interval, never more; documented in docs/plugins.md.
 
-use std::collections::{HashMap, HashSet};
+use foldhash::{HashMap, HashSet};
 
 use im_store::KvRecord;
 use parking_lot::Mutex;

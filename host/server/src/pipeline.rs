@@ -167,7 +167,8 @@ impl Committer {
             return;
         }
         messages.clear();
-        messages.extend(jobs.iter().map(|j| j.message.clone()));
+        // Moved, not copied: only the reply is needed once the batch is stored.
+        messages.extend(jobs.iter_mut().map(|j| std::mem::take(&mut j.message)));
         let started = Instant::now();
         let result = self.store.append_messages(messages).await;
         self.metrics.store_commit(started.elapsed());

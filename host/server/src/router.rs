@@ -4,7 +4,7 @@
 //! connection's bounded queue with `try_send`; a full queue marks the connection a slow
 //! consumer and closes it, so one stalled client cannot hold up anyone else.
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::Poll;

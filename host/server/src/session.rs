@@ -126,7 +126,7 @@ const MAX_KNOWN_USERS: usize = 1_000_000;
 /// answer never goes stale; a forgotten one costs a lookup). Ids are shared with the router's
 /// handles where a login put them here, not copied.
 pub struct KnownUsers {
-    cache: RwLock<HashSet<Arc<str>>>,
+    cache: RwLock<foldhash::HashSet<Arc<str>>>,
     store: Arc<dyn Store>,
     capacity: usize,
 }

@@ -3,6 +3,8 @@
 //! Each check uses its own user and conversation names, so all of them run against one
 //! store instance, in any order.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 
 use crate::{
@@ -174,8 +176,14 @@ async fn duplicates_return_the_original(store: &dyn Store) {
     }
     again.push(again[2].clone());
     let out = store.append_messages(&again).await.unwrap();
-    assert_eq!(out[0], Appended::Duplicate(stored[0].message().clone()));
-    assert_eq!(out[1], Appended::Duplicate(stored[1].message().clone()));
+    assert_eq!(
+        out[0],
+        Appended::Duplicate(Arc::new(stored[0].message().clone()))
+    );
+    assert_eq!(
+        out[1],
+        Appended::Duplicate(Arc::new(stored[1].message().clone()))
+    );
     let Appended::New(third) = &out[2] else {
         panic!("third is new: {:?}", out[2])
     };

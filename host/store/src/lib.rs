@@ -9,6 +9,8 @@
 //! transaction that stores the message, so a seq exists only for a durable message and
 //! seqs of a conversation are gapless and strictly increasing.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 
 pub mod conformance;
@@ -17,7 +19,7 @@ pub mod sqlite;
 pub use sqlite::SqliteStore;
 
 /// A message to store; the store assigns its seq.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct NewMessage {
     pub conversation_id: String,
     pub sender_id: String,
@@ -76,10 +78,11 @@ pub struct DeliveryCursor {
 /// The outcome of appending one message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Appended {
-    /// Newly stored with the given seq.
-    New(StoredMessage),
+    /// Newly stored with the given seq. Shared with the store's own copy (the journal's
+    /// pending message), so answering a send copies none of its strings.
+    New(Arc<StoredMessage>),
     /// The (sender, client message id) was already stored: this is the original.
-    Duplicate(StoredMessage),
+    Duplicate(Arc<StoredMessage>),
 }
 
 impl Appended {

@@ -295,7 +295,7 @@ async fn append_one(conn: &mut sqlx::SqliteConnection, msg: &NewMessage) -> Stor
     .await
     .map_err(backend)?;
     if let Some(row) = original {
-        return Ok(Appended::Duplicate(message_from_row(&row)));
+        return Ok(Appended::Duplicate(Arc::new(message_from_row(&row))));
     }
     let seq: i64 = sqlx::query_scalar(
         "INSERT INTO conversations (conversation_id, last_seq, last_time_ms) VALUES (?, 1, ?) \
@@ -326,7 +326,7 @@ async fn append_one(conn: &mut sqlx::SqliteConnection, msg: &NewMessage) -> Stor
     .execute(&mut *conn)
     .await
     .map_err(backend)?;
-    Ok(Appended::New(msg.stored(seq as u64)))
+    Ok(Appended::New(Arc::new(msg.stored(seq as u64))))
 }
 
 /// Moves a member's read cursor forward to `seq` (a sender has read its own message);
@@ -861,7 +861,7 @@ impl Store for SqliteStore {
             .ok_or_else(|| StoreError::Backend(format!("group {group_id} vanished")))?;
         tx.commit().await.map_err(backend)?;
         self.writer.committed();
-        Ok((group, stored))
+        Ok((group, Arc::unwrap_or_clone(stored)))
     }
 
     async fn group(&self, group_id: &str) -> StoreResult<Option<GroupInfo>> {

@@ -26,7 +26,7 @@
 //!   is skipped) and then deleted. A record cut short by a crash fails its checksum and
 //!   ends the replay of its segment; it was never acknowledged.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -36,6 +36,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use foldhash::{HashMap, HashMapExt};
 use growable_bloom_filter::GrowableBloom;
 use rusqlite::{OpenFlags, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
@@ -623,17 +624,17 @@ impl Appender {
         for (msg, pending_original) in batch.iter().zip(pending_originals) {
             let key = (msg.sender_id.as_str(), msg.client_msg_id.as_str());
             if let Some(&first) = in_batch.get(&key) {
-                outcomes.push(Appended::Duplicate(fresh[first].as_ref().clone()));
+                outcomes.push(Appended::Duplicate(fresh[first].clone()));
                 continue;
             }
             if let Some(original) = pending_original {
-                outcomes.push(Appended::Duplicate(original.as_ref().clone()));
+                outcomes.push(Appended::Duplicate(original));
                 continue;
             }
             if self.may_be_stored(msg)
                 && let Some(original) = self.stored_original(msg)?
             {
-                outcomes.push(Appended::Duplicate(original));
+                outcomes.push(Appended::Duplicate(Arc::new(original)));
                 continue;
             }
             let last = match last_seqs.get_mut(msg.conversation_id.as_str()) {
@@ -646,10 +647,10 @@ impl Appender {
                 }
             };
             *last += 1;
-            let stored = msg.stored(*last);
+            let stored = Arc::new(msg.stored(*last));
             in_batch.insert(key, fresh.len());
             outcomes.push(Appended::New(stored.clone()));
-            fresh.push(Arc::new(stored));
+            fresh.push(stored);
         }
         Ok((outcomes, fresh))
     }

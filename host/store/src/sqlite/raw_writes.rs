@@ -5,10 +5,10 @@
 //! work of a small batch. So these writes take the writer once, with one hand-off, and then
 //! run every statement here, prepared once per transaction and executed per row.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use foldhash::{HashMap, HashMapExt};
 use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::{DeliveryCursor, KvRecord, StoreError, StoreResult, StoredMessage};

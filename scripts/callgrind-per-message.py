@@ -3,9 +3,11 @@
 
 For each dump: instructions per message and calls per message of the allocator, String
 clones and SipHash writes, where a message is one call of `im_server::pipeline::to_proto`.
-Dumps with fewer than 500 messages (startup, shutdown) are skipped.
+Dumps with fewer than 500 messages (startup, shutdown) are skipped; the last line sums
+the others.
 """
 import re
+import subprocess
 import sys
 
 COUNTED = {
@@ -14,6 +16,16 @@ COUNTED = {
     "siphash_write": re.compile(r"<core::hash::sip::Hasher<S> as core::hash::Hasher>::write$"),
 }
 MESSAGE = re.compile(r"im_server::pipeline::to_proto$")
+# The message path's entry points, whose inclusive instructions leave out what a window
+# holds besides messages (idle wake-ups, WAL checkpoints, logins): a frame's handling in
+# the session (filters, risk check, the hand-off to the pipeline), the commit, the answers
+# and pushes, and the applier's copy into SQLite.
+ENTRY_POINTS = (
+    "im_server::session::LoggedIn::handle_frame::{{closure}}",
+    "im_server::pipeline::Committer::commit_sends::{{closure}}",
+    "im_server::pipeline::Dispatcher::answer_sends",
+    "im_store::sqlite::journal::apply",
+)
 NAMED = re.compile(r"^c?fn=\((\d+)\)(?: (.*))?$")
 
 
@@ -44,13 +56,45 @@ def per_message(path):
     return total, messages, calls
 
 
+def message_path(path):
+    """Inclusive instructions of the entry points, from callgrind_annotate."""
+    out = subprocess.run(
+        ["callgrind_annotate", "--inclusive=yes", "--threshold=100", path],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    # A function shows once per source file its code came from (inlining), and those rows
+    # nest; the largest is the whole function.
+    largest = dict.fromkeys(ENTRY_POINTS, 0)
+    for row in out.splitlines():
+        m = re.match(r"\s*([\d,]+) \(\s*[\d.]+%\)\s+\S*?:(.*?)(?: \[.*\])?$", row)
+        if m and m.group(2) in largest:
+            largest[m.group(2)] = max(largest[m.group(2)], int(m.group(1).replace(",", "")))
+    return sum(largest.values())
+
+
+def line(label, total, path_total, messages, calls):
+    counts = " ".join(f"{k}/msg={v / messages:.1f}" for k, v in calls.items())
+    print(
+        f"{label}: messages={messages} instructions/msg={total // messages} "
+        f"message-path instructions/msg={path_total // messages} {counts}"
+    )
+
+
 def main():
+    sums = [0, 0, 0, {k: 0 for k in COUNTED}]
     for path in sys.argv[1:]:
         total, messages, calls = per_message(path)
         if messages < 500:
             continue
-        counts = " ".join(f"{k}/msg={v / messages:.1f}" for k, v in calls.items())
-        print(f"{path}: messages={messages} instructions/msg={total // messages} {counts}")
+        path_total = message_path(path)
+        line(path, total, path_total, messages, calls)
+        sums[0] += total
+        sums[1] += path_total
+        sums[2] += messages
+        for key, n in calls.items():
+            sums[3][key] += n
+    if sums[2]:
+        line("all windows", *sums)
 
 
 if __name__ == "__main__":

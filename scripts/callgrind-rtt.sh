@@ -1,26 +1,37 @@
 #!/usr/bin/env bash
 # Instructions per message of a server build, counted by callgrind (repeatable where
 # timings on a shared 2-core machine are not): runs the kit's round trip with plugins on
-# at 300 round trips/s under valgrind, dumps the counters every 4 s, and prints, for
-# each window that carried traffic, the instructions, allocations, String clones and
-# SipHash writes per message (a message: one call of `pipeline::to_proto`).
+# at 300 round trips/s (two rounds of 10 s) under valgrind, dumps the counters every 4 s,
+# and prints, for each window that carried traffic and for all of them together, the
+# instructions, allocations, String clones and SipHash writes per message (a message: one
+# call of `pipeline::to_proto`). The window's instructions per message vary with what
+# else fell into it (a WAL checkpoint, a login, idle wake-ups); the message path's (the
+# inclusive instructions of a frame's handling, the commit, the answers and the applier)
+# are the figure to compare builds by.
 #
 #   ./scripts/callgrind-rtt.sh [SERVER_BINARY]     # default target/release/im-server
 #
 # Needs valgrind and a release build of im-bench and the plugins (scripts/bench.sh builds
-# them). Compare builds by the steady windows (the middle ones); the first hold startup.
+# them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 server="$(realpath "${1:-target/release/im-server}")"
 command -v valgrind >/dev/null || { echo "valgrind is not installed" >&2; exit 1; }
-work="$(mktemp -d)"
-trap 'pkill -f "callgrind-out-file=$work" 2>/dev/null || true; rm -rf "$work"' EXIT
+# CALLGRIND_OUT keeps the dumps (for callgrind_annotate) in that directory.
+if [ -n "${CALLGRIND_OUT:-}" ]; then
+    work="$(realpath -m "$CALLGRIND_OUT")"
+    mkdir -p "$work"
+    rm -f "$work"/cg.*
+else
+    work="$(mktemp -d)"
+    trap 'rm -rf "$work"' EXIT
+fi
 cat > "$work/server" <<EOW
 #!/bin/sh
 exec valgrind --tool=callgrind --callgrind-out-file=$work/cg.%p --dump-instr=no --collect-jumps=no "$server" "\$@"
 EOW
 chmod +x "$work/server"
-./target/release/im-bench all --out "$work/bench" --quick --only rtt --no-peers --repeat 3 \
+./target/release/im-bench all --out "$work/bench" --only rtt --no-peers --repeat 2 \
     --rtt-configs on --rtt-rates 300 --server-bin "$work/server" > "$work/bench.log" 2>&1 &
 bench=$!
 sleep 3

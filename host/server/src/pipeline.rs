@@ -145,32 +145,34 @@ impl Committer {
     async fn run(self, mut rx: mpsc::Receiver<Job>, max_batch: usize) {
         let mut jobs = Vec::with_capacity(max_batch);
         let mut sends = Vec::with_capacity(max_batch);
-        let mut messages = Vec::with_capacity(max_batch);
         while rx.recv_many(&mut jobs, max_batch).await > 0 {
             for job in jobs.drain(..) {
                 match job {
                     Job::Send(send) => sends.push(send),
                     Job::Group(group) => {
                         // Keep arrival order: the sends queued before it commit first.
-                        self.commit_sends(&mut sends, &mut messages).await;
+                        self.commit_sends(&mut sends).await;
                         self.commit_group(group).await;
                     }
                 }
             }
-            self.commit_sends(&mut sends, &mut messages).await;
+            self.commit_sends(&mut sends).await;
         }
     }
 
-    /// Commits the queued sends in one transaction; `messages` is a reused buffer.
-    async fn commit_sends(&self, jobs: &mut Vec<SendJob>, messages: &mut Vec<NewMessage>) {
+    /// Commits the queued sends in one transaction.
+    async fn commit_sends(&self, jobs: &mut Vec<SendJob>) {
         if jobs.is_empty() {
             return;
         }
-        messages.clear();
-        // Moved, not copied: only the reply is needed once the batch is stored.
-        messages.extend(jobs.iter_mut().map(|j| std::mem::take(&mut j.message)));
+        // Moved, not copied: only the reply is needed once the batch is stored, and the
+        // store moves the strings on into the stored messages.
+        let messages: Vec<NewMessage> = jobs
+            .iter_mut()
+            .map(|j| std::mem::take(&mut j.message))
+            .collect();
         let started = Instant::now();
-        let result = self.store.append_messages(messages).await;
+        let result = self.store.append_owned(messages).await;
         self.metrics.store_commit(started.elapsed());
         let mut audiences = Audiences::new();
         if let Ok(outcomes) = &result {

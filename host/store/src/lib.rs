@@ -49,6 +49,22 @@ pub struct StoredMessage {
 }
 
 impl NewMessage {
+    /// The message as stored with `seq`, its strings moved rather than copied.
+    pub fn into_stored(self, seq: u64) -> StoredMessage {
+        StoredMessage {
+            conversation_id: self.conversation_id,
+            seq,
+            server_msg_id: self.server_msg_id,
+            sender_id: self.sender_id,
+            sender_device_id: self.sender_device_id,
+            recipient_id: self.recipient_id,
+            client_msg_id: self.client_msg_id,
+            body: self.body,
+            content_type: self.content_type,
+            server_time_ms: self.server_time_ms,
+        }
+    }
+
     /// The message as stored with `seq`.
     pub fn stored(&self, seq: u64) -> StoredMessage {
         StoredMessage {
@@ -248,6 +264,12 @@ pub trait Store: Send + Sync + 'static {
     /// sender's read cursor advances to the new message. The call returns only after the
     /// transaction committed (durable); on error nothing of the batch is stored.
     async fn append_messages(&self, batch: &[NewMessage]) -> StoreResult<Vec<Appended>>;
+
+    /// [`Store::append_messages`] taking the batch by value, so a backend may keep the
+    /// messages' strings instead of copying them (the send pipeline's path).
+    async fn append_owned(&self, batch: Vec<NewMessage>) -> StoreResult<Vec<Appended>> {
+        self.append_messages(&batch).await
+    }
 
     /// Messages with seq > `after_seq`, ascending, at most `limit`.
     async fn messages_after(

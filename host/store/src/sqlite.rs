@@ -604,6 +604,13 @@ impl Store for SqliteStore {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
+        self.journal.append(batch.to_vec()).await
+    }
+
+    async fn append_owned(&self, batch: Vec<NewMessage>) -> StoreResult<Vec<Appended>> {
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
         self.journal.append(batch).await
     }
 

@@ -204,6 +204,16 @@ fn list_segments(dir: &Path) -> StoreResult<Vec<(u64, PathBuf)>> {
     Ok(segments)
 }
 
+/// What an append makes of one message of its batch.
+enum Decision {
+    /// New, with this seq.
+    New(u64),
+    /// Already stored or pending: the original.
+    Duplicate(Arc<StoredMessage>),
+    /// A repeat of the batch's message at this index, which is new.
+    RepeatOf(usize),
+}
+
 /// What the journal holds that SQLite does not have yet.
 #[derive(Default)]
 struct Pending {
@@ -468,7 +478,7 @@ impl Journal {
 
     /// Assigns seqs, answers duplicates with their originals and journals the new messages
     /// in one record; returns once that record is durable.
-    pub(super) async fn append(&self, batch: &[NewMessage]) -> StoreResult<Vec<Appended>> {
+    pub(super) async fn append(&self, batch: Vec<NewMessage>) -> StoreResult<Vec<Appended>> {
         self.wait_for_room().await?;
         let mut appender = self.appender.lock().await;
         if let Some(why) = &appender.broken {
@@ -572,12 +582,42 @@ impl Journal {
 
 impl Appender {
     /// Decides each message of `batch`: a duplicate (of this batch, of a pending message or
-    /// of a stored one) or new with its conversation's next seq.
+    /// of a stored one) or new with its conversation's next seq. A new message's strings
+    /// move into the stored message, which its outcome shares.
     fn assign(
         &mut self,
         shared: &Shared,
-        batch: &[NewMessage],
+        batch: Vec<NewMessage>,
     ) -> StoreResult<(Vec<Appended>, Vec<Arc<StoredMessage>>)> {
+        let decisions = self.decide_in_snapshot(shared, &batch)?;
+        let mut outcomes: Vec<Appended> = Vec::with_capacity(batch.len());
+        let mut fresh: Vec<Arc<StoredMessage>> = Vec::with_capacity(batch.len());
+        for (msg, decision) in batch.into_iter().zip(decisions) {
+            let outcome = match decision {
+                Decision::New(seq) => {
+                    let stored = Arc::new(msg.into_stored(seq));
+                    fresh.push(stored.clone());
+                    Appended::New(stored)
+                }
+                Decision::Duplicate(original) => Appended::Duplicate(original),
+                // The first is earlier in the batch and new.
+                Decision::RepeatOf(first) => {
+                    let (Appended::New(original) | Appended::Duplicate(original)) =
+                        &outcomes[first];
+                    Appended::Duplicate(original.clone())
+                }
+            };
+            outcomes.push(outcome);
+        }
+        Ok((outcomes, fresh))
+    }
+
+    /// Decides `batch` against the pending messages and, in one read snapshot, SQLite.
+    fn decide_in_snapshot(
+        &mut self,
+        shared: &Shared,
+        batch: &[NewMessage],
+    ) -> StoreResult<Vec<Decision>> {
         // Pending first, then SQLite in one read snapshot taken after: the applier forgets
         // a message only after its commit, so one in neither place was never stored.
         let (pending_originals, pending_lasts) = {
@@ -617,24 +657,23 @@ impl Appender {
         batch: &'b [NewMessage],
         pending_originals: Vec<Option<Arc<StoredMessage>>>,
         mut last_seqs: HashMap<&'b str, u64>,
-    ) -> StoreResult<(Vec<Appended>, Vec<Arc<StoredMessage>>)> {
-        let mut outcomes: Vec<Appended> = Vec::with_capacity(batch.len());
-        let mut fresh: Vec<Arc<StoredMessage>> = Vec::with_capacity(batch.len());
+    ) -> StoreResult<Vec<Decision>> {
+        let mut decisions: Vec<Decision> = Vec::with_capacity(batch.len());
         let mut in_batch: HashMap<(&str, &str), usize> = HashMap::new();
         for (msg, pending_original) in batch.iter().zip(pending_originals) {
             let key = (msg.sender_id.as_str(), msg.client_msg_id.as_str());
             if let Some(&first) = in_batch.get(&key) {
-                outcomes.push(Appended::Duplicate(fresh[first].clone()));
+                decisions.push(Decision::RepeatOf(first));
                 continue;
             }
             if let Some(original) = pending_original {
-                outcomes.push(Appended::Duplicate(original));
+                decisions.push(Decision::Duplicate(original));
                 continue;
             }
             if self.may_be_stored(msg)
                 && let Some(original) = self.stored_original(msg)?
             {
-                outcomes.push(Appended::Duplicate(Arc::new(original)));
+                decisions.push(Decision::Duplicate(Arc::new(original)));
                 continue;
             }
             let last = match last_seqs.get_mut(msg.conversation_id.as_str()) {
@@ -647,12 +686,10 @@ impl Appender {
                 }
             };
             *last += 1;
-            let stored = Arc::new(msg.stored(*last));
-            in_batch.insert(key, fresh.len());
-            outcomes.push(Appended::New(stored.clone()));
-            fresh.push(stored);
+            in_batch.insert(key, decisions.len());
+            decisions.push(Decision::New(*last));
         }
-        Ok((outcomes, fresh))
+        Ok(decisions)
     }
 
     /// Whether `msg`'s (sender, client message id) may be in SQLite already.

@@ -248,20 +248,30 @@ impl Pending {
     }
 
     fn insert(&mut self, m: &Arc<StoredMessage>) {
-        let previous = self
-            .by_client_id
-            .entry(m.sender_id.clone())
-            .or_default()
-            .insert(m.client_msg_id.clone(), m.clone());
+        // A sender or conversation with messages pending already has its key: look it up
+        // by reference, copying the id only for a new one.
+        let previous = match self.by_client_id.get_mut(m.sender_id.as_str()) {
+            Some(sent) => sent.insert(m.client_msg_id.clone(), m.clone()),
+            None => {
+                let mut sent = HashMap::default();
+                sent.insert(m.client_msg_id.clone(), m.clone());
+                self.by_client_id.insert(m.sender_id.clone(), sent);
+                None
+            }
+        };
         if previous.is_none() {
             self.messages += 1;
         }
-        let entry = self
-            .conversations
-            .entry(m.conversation_id.clone())
-            .or_insert((0, 0));
-        entry.0 = m.seq;
-        entry.1 += 1;
+        match self.conversations.get_mut(m.conversation_id.as_str()) {
+            Some(entry) => {
+                entry.0 = m.seq;
+                entry.1 += 1;
+            }
+            None => {
+                self.conversations
+                    .insert(m.conversation_id.clone(), (m.seq, 1));
+            }
+        }
     }
 
     fn remove(&mut self, m: &StoredMessage) {

@@ -328,7 +328,7 @@ impl Driver {
         body: Bytes,
         content_type: String,
         reply: oneshot::Sender<Result<v1::SendAck, ClientError>>,
-    ) {
+    ) -> u64 {
         let id = self.request_id();
         let request = v1::SendRequest {
             client_msg_id,
@@ -346,6 +346,7 @@ impl Driver {
                 sent_at: None,
             },
         );
+        id
     }
 
     fn connection_lost(&mut self) {
@@ -389,6 +390,15 @@ impl Driver {
             if let Some((reply, _)) = self.requests.remove(&id) {
                 let _ = reply.send(Err(ClientError::Timeout));
             }
+        }
+    }
+
+    /// Queues the frame of send `id`.
+    fn write_send(&mut self, id: u64, now: Instant) {
+        if let Some(send) = self.sends.get_mut(&id) {
+            send.sent_at = Some(now);
+            self.out
+                .push(v1::Frame::new(id, Body::Send(send.request.clone())).to_bytes());
         }
     }
 
@@ -611,8 +621,11 @@ impl Driver {
                 content_type,
                 reply,
             } => {
-                self.queue_send(client_msg_id, target, body, content_type, reply);
-                self.write_due_sends(Instant::now());
+                // Only this send: the others were written already, and the tick rewrites
+                // those unacknowledged for too long (scanning them all here made each send
+                // cost as much as the sends in flight).
+                let id = self.queue_send(client_msg_id, target, body, content_type, reply);
+                self.write_send(id, Instant::now());
             }
             Command::Request { body, reply } => {
                 let id = self.request_id();

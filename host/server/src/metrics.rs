@@ -7,6 +7,7 @@
 use std::time::Duration;
 
 use im_plugins::PluginHost;
+use im_store::StoreStats;
 use metrics::{Counter, Gauge, Histogram};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 
@@ -151,18 +152,28 @@ impl NodeMetrics {
         self.slow_consumers.increment(1);
     }
 
-    /// The scrape text: the node's own metrics, then node state and plugin statistics
-    /// read now.
+    /// The scrape text: the node's own metrics, then node state, the store's background
+    /// work and plugin statistics read now.
     pub fn render(
         &self,
         online: (usize, usize),
         rooms: usize,
+        store: Option<StoreStats>,
         plugins: Option<&PluginHost>,
     ) -> String {
         metrics::with_local_recorder(&self.recorder, || {
             metrics::gauge!("im_online_users").set(online.0 as f64);
             metrics::gauge!("im_online_connections").set(online.1 as f64);
             metrics::gauge!("im_rooms").set(rooms as f64);
+            if let Some(store) = store {
+                metrics::gauge!("im_store_pending_messages").set(store.pending_messages as f64);
+                metrics::counter!("im_store_applier_commits_total").absolute(store.applier_commits);
+                metrics::counter!("im_store_applier_messages_total")
+                    .absolute(store.applier_messages);
+                metrics::gauge!("im_store_applier_busy_seconds").set(store.applier_seconds);
+                metrics::counter!("im_store_checkpoints_total").absolute(store.checkpoints);
+                metrics::gauge!("im_store_checkpoint_busy_seconds").set(store.checkpoint_seconds);
+            }
             for plugin in plugins.map(PluginHost::list).unwrap_or_default() {
                 let id = plugin.id.clone();
                 metrics::counter!("im_plugin_calls_total", "plugin" => id.clone())
@@ -206,7 +217,7 @@ mod tests {
         a.message_in(MessageKind::Group, 3);
         a.connection("ws", 1.0);
         a.store_commit(Duration::from_millis(2));
-        let text = a.render((1, 1), 0, None);
+        let text = a.render((1, 1), 0, None, None);
         assert!(
             text.contains("im_messages_in_total{kind=\"group\"} 3"),
             "{text}"
@@ -216,10 +227,34 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("im_store_commit_seconds_bucket"), "{text}");
-        let other = b.render((0, 0), 0, None);
+        let other = b.render((0, 0), 0, None, None);
         assert!(
             other.contains("im_messages_in_total{kind=\"group\"} 0"),
             "{other}"
         );
+    }
+
+    #[test]
+    fn the_stores_background_work_is_exported() {
+        let node = NodeMetrics::new();
+        let stats = StoreStats {
+            pending_messages: 7,
+            applier_commits: 3,
+            applier_messages: 120,
+            applier_seconds: 0.25,
+            checkpoints: 2,
+            checkpoint_seconds: 0.5,
+        };
+        let text = node.render((0, 0), 0, Some(stats), None);
+        for line in [
+            "im_store_pending_messages 7",
+            "im_store_applier_commits_total 3",
+            "im_store_applier_messages_total 120",
+            "im_store_applier_busy_seconds 0.25",
+            "im_store_checkpoints_total 2",
+            "im_store_checkpoint_busy_seconds 0.5",
+        ] {
+            assert!(text.lines().any(|l| l == line), "no {line:?} in {text}");
+        }
     }
 }

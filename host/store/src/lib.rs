@@ -110,6 +110,24 @@ impl Appended {
     }
 }
 
+/// A backend's own work behind the acks, for operators: how far its background writing is
+/// behind and what it costs. Counters are totals since the store opened.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct StoreStats {
+    /// Messages acked (journaled) but not yet in the queryable tables.
+    pub pending_messages: u64,
+    /// Transactions that copied journaled messages into the tables.
+    pub applier_commits: u64,
+    /// Messages those transactions copied.
+    pub applier_messages: u64,
+    /// Time spent in those transactions.
+    pub applier_seconds: f64,
+    /// Write-ahead-log checkpoints.
+    pub checkpoints: u64,
+    /// Time spent in them.
+    pub checkpoint_seconds: f64,
+}
+
 /// A known user.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UserRecord {
@@ -264,6 +282,11 @@ pub trait Store: Send + Sync + 'static {
     /// sender's read cursor advances to the new message. The call returns only after the
     /// transaction committed (durable); on error nothing of the batch is stored.
     async fn append_messages(&self, batch: &[NewMessage]) -> StoreResult<Vec<Appended>>;
+
+    /// The backend's background work, if it reports any.
+    fn stats(&self) -> Option<StoreStats> {
+        None
+    }
 
     /// [`Store::append_messages`] taking the batch by value, so a backend may keep the
     /// messages' strings instead of copying them (the send pipeline's path).

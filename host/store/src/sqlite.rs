@@ -7,7 +7,8 @@
 use std::path::Path;
 use std::str::FromStr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use sqlx::sqlite::{
@@ -18,8 +19,8 @@ use tokio::sync::Notify;
 
 use crate::{
     Appended, ConversationSummary, DeliveryCursor, GroupChange, GroupInfo, GroupMember, GroupRole,
-    KvRecord, ListPosition, NewMessage, ReadState, Store, StoreError, StoreResult, StoredMessage,
-    UserRecord,
+    KvRecord, ListPosition, NewMessage, ReadState, Store, StoreError, StoreResult, StoreStats,
+    StoredMessage, UserRecord,
 };
 
 mod journal;
@@ -76,22 +77,34 @@ const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(200);
 struct Checkpointer {
     wake: Arc<Notify>,
     task: tokio::task::JoinHandle<()>,
+    /// Checkpoints done and their time (ns), for [`Store::stats`].
+    done: Arc<(AtomicU64, AtomicU64)>,
 }
 
 impl Checkpointer {
     fn start(mut conn: SqliteConnection) -> Self {
         let wake = Arc::new(Notify::new());
         let woken = wake.clone();
+        let done = Arc::new((AtomicU64::new(0), AtomicU64::new(0)));
+        let counted = done.clone();
         let task = tokio::spawn(async move {
             loop {
                 woken.notified().await;
-                if let Err(err) = checkpoint(&mut conn).await {
-                    tracing::warn!(error = %err, "WAL checkpoint failed; retrying after the next commit");
+                let started = Instant::now();
+                match checkpoint(&mut conn).await {
+                    Ok(()) => {
+                        let took = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+                        counted.0.fetch_add(1, Ordering::Relaxed);
+                        counted.1.fetch_add(took, Ordering::Relaxed);
+                    }
+                    Err(err) => {
+                        tracing::warn!(error = %err, "WAL checkpoint failed; retrying after the next commit");
+                    }
                 }
                 tokio::time::sleep(CHECKPOINT_INTERVAL).await;
             }
         });
-        Self { wake, task }
+        Self { wake, task, done }
     }
 
     /// Called after each commit.
@@ -607,6 +620,20 @@ impl Store for SqliteStore {
         self.journal.append(batch.to_vec()).await
     }
 
+    fn stats(&self) -> Option<StoreStats> {
+        let (pending_messages, applier_commits, applier_messages, applier_nanos) =
+            self.journal.applier_stats();
+        let checkpoints = &self.writer.checkpointer.done;
+        Some(StoreStats {
+            pending_messages,
+            applier_commits,
+            applier_messages,
+            applier_seconds: applier_nanos as f64 / 1e9,
+            checkpoints: checkpoints.0.load(Ordering::Relaxed),
+            checkpoint_seconds: checkpoints.1.load(Ordering::Relaxed) as f64 / 1e9,
+        })
+    }
+
     async fn append_owned(&self, batch: Vec<NewMessage>) -> StoreResult<Vec<Appended>> {
         if batch.is_empty() {
             return Ok(Vec::new());
@@ -954,6 +981,30 @@ mod tests {
     async fn sqlite_passes_the_conformance_suite() {
         let (_dir, _, store) = open_temp().await;
         crate::conformance::run_all(&store).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn stats_count_the_appliers_work() {
+        let (_dir, _, store) = open_temp().await;
+        let before = store.stats().unwrap();
+        assert_eq!(before.applier_messages, 0);
+        let batch = crate::conformance::direct_batch("st-a", "st-b", "stats", 5);
+        store.append_messages(&batch).await.unwrap();
+        // A read waits for the applier to copy what was journaled before it.
+        let conversation = batch[0].conversation_id.clone();
+        assert_eq!(
+            store
+                .messages_after(&conversation, 0, 10)
+                .await
+                .unwrap()
+                .len(),
+            5
+        );
+        let after = store.stats().unwrap();
+        assert_eq!(after.pending_messages, 0);
+        assert_eq!(after.applier_messages, 5);
+        assert!(after.applier_commits >= 1, "{after:?}");
+        assert!(after.applier_seconds > 0.0, "{after:?}");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

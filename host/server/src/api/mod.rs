@@ -296,6 +296,7 @@ pub async fn metrics(State(state): State<ApiState>) -> Response {
     let text = ctx.metrics.render(
         ctx.router.counts(),
         ctx.rooms.count(),
+        ctx.store.stats(),
         ctx.plugins.as_deref(),
     );
     (

@@ -240,6 +240,11 @@ struct Shared {
     hurry: AtomicBool,
     /// The applier's thread, unparked to hurry it.
     applier: OnceLock<std::thread::Thread>,
+    /// The applier's transactions, the messages they wrote and their time, for
+    /// [`Journal::applier_stats`].
+    applier_commits: AtomicU64,
+    applier_messages: AtomicU64,
+    applier_nanos: AtomicU64,
 }
 
 impl Pending {
@@ -444,6 +449,9 @@ impl Journal {
             applied: watch::Sender::new(0),
             hurry: AtomicBool::new(false),
             applier: OnceLock::new(),
+            applier_commits: AtomicU64::new(0),
+            applier_messages: AtomicU64::new(0),
+            applier_nanos: AtomicU64::new(0),
         });
         // The applier's SQLite work takes a millisecond or more per transaction: on a
         // thread of its own it never holds up a runtime worker (and so no connection's
@@ -527,6 +535,19 @@ impl Journal {
             appender.rotate(&self.shared, number + 1)?;
         }
         Ok(outcomes)
+    }
+
+    /// Messages journaled but not yet in SQLite, and the applier's transactions, the
+    /// messages they wrote and their time (ns) so far.
+    pub(super) fn applier_stats(&self) -> (u64, u64, u64, u64) {
+        let pending = self.shared.pending().messages as u64;
+        let shared = &self.shared;
+        (
+            pending,
+            shared.applier_commits.load(Ordering::Relaxed),
+            shared.applier_messages.load(Ordering::Relaxed),
+            shared.applier_nanos.load(Ordering::Relaxed),
+        )
     }
 
     /// Waits until SQLite holds every message journaled before this call.
@@ -931,11 +952,18 @@ fn apply(
             .flat_map(|b| b.messages.into_iter())
             .collect();
         let mut backoff = Duration::from_millis(50);
+        let started = Instant::now();
         while let Err(err) = raw_writes::persist_sequenced(db, &messages) {
             tracing::error!(error = %err, messages = messages.len(), "cannot write journaled messages to SQLite; retrying");
             std::thread::sleep(backoff);
             backoff = (backoff * 2).min(Duration::from_secs(2));
         }
+        let took = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        shared.applier_nanos.fetch_add(took, Ordering::Relaxed);
+        shared.applier_commits.fetch_add(1, Ordering::Relaxed);
+        shared
+            .applier_messages
+            .fetch_add(messages.len() as u64, Ordering::Relaxed);
         checkpointer.committed();
         shared.applied(&messages, applied);
     }

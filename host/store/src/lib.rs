@@ -65,20 +65,9 @@ impl NewMessage {
         }
     }
 
-    /// The message as stored with `seq`.
+    /// The message as stored with `seq`, copied.
     pub fn stored(&self, seq: u64) -> StoredMessage {
-        StoredMessage {
-            conversation_id: self.conversation_id.clone(),
-            seq,
-            server_msg_id: self.server_msg_id.clone(),
-            sender_id: self.sender_id.clone(),
-            sender_device_id: self.sender_device_id.clone(),
-            recipient_id: self.recipient_id.clone(),
-            client_msg_id: self.client_msg_id.clone(),
-            body: self.body.clone(),
-            content_type: self.content_type.clone(),
-            server_time_ms: self.server_time_ms,
-        }
+        self.clone().into_stored(seq)
     }
 }
 

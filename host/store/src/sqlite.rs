@@ -74,29 +74,48 @@ const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(200);
 /// Copies the WAL into the database file on a connection of its own, so that commits never
 /// run a checkpoint (with SQLite's automatic checkpoints a commit every 1,000 pages copies
 /// them and waits for two fsyncs). Woken after commits; stops when the store is closed.
+/// How many times a piece of background work ran, and for how long in all.
+#[derive(Default)]
+struct BusyTime {
+    runs: AtomicU64,
+    nanos: AtomicU64,
+}
+
+impl BusyTime {
+    fn record(&self, took: Duration) {
+        self.runs.fetch_add(1, Ordering::Relaxed);
+        let nanos = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
+        self.nanos.fetch_add(nanos, Ordering::Relaxed);
+    }
+
+    fn runs(&self) -> u64 {
+        self.runs.load(Ordering::Relaxed)
+    }
+
+    fn seconds(&self) -> f64 {
+        self.nanos.load(Ordering::Relaxed) as f64 / 1e9
+    }
+}
+
 struct Checkpointer {
     wake: Arc<Notify>,
     task: tokio::task::JoinHandle<()>,
-    /// Checkpoints done and their time (ns), for [`Store::stats`].
-    done: Arc<(AtomicU64, AtomicU64)>,
+    /// Checkpoints done, for [`Store::stats`].
+    done: Arc<BusyTime>,
 }
 
 impl Checkpointer {
     fn start(mut conn: SqliteConnection) -> Self {
         let wake = Arc::new(Notify::new());
         let woken = wake.clone();
-        let done = Arc::new((AtomicU64::new(0), AtomicU64::new(0)));
+        let done = Arc::new(BusyTime::default());
         let counted = done.clone();
         let task = tokio::spawn(async move {
             loop {
                 woken.notified().await;
                 let started = Instant::now();
                 match checkpoint(&mut conn).await {
-                    Ok(()) => {
-                        let took = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
-                        counted.0.fetch_add(1, Ordering::Relaxed);
-                        counted.1.fetch_add(took, Ordering::Relaxed);
-                    }
+                    Ok(()) => counted.record(started.elapsed()),
                     Err(err) => {
                         tracing::warn!(error = %err, "WAL checkpoint failed; retrying after the next commit");
                     }
@@ -614,23 +633,15 @@ impl Store for SqliteStore {
     }
 
     async fn append_messages(&self, batch: &[NewMessage]) -> StoreResult<Vec<Appended>> {
-        if batch.is_empty() {
-            return Ok(Vec::new());
-        }
-        self.journal.append(batch.to_vec()).await
+        self.append_owned(batch.to_vec()).await
     }
 
     fn stats(&self) -> Option<StoreStats> {
-        let (pending_messages, applier_commits, applier_messages, applier_nanos) =
-            self.journal.applier_stats();
         let checkpoints = &self.writer.checkpointer.done;
         Some(StoreStats {
-            pending_messages,
-            applier_commits,
-            applier_messages,
-            applier_seconds: applier_nanos as f64 / 1e9,
-            checkpoints: checkpoints.0.load(Ordering::Relaxed),
-            checkpoint_seconds: checkpoints.1.load(Ordering::Relaxed) as f64 / 1e9,
+            checkpoints: checkpoints.runs(),
+            checkpoint_seconds: checkpoints.seconds(),
+            ..self.journal.stats()
         })
     }
 

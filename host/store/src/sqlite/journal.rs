@@ -42,8 +42,8 @@ use rusqlite::{OpenFlags, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 
-use super::{Checkpointer, MESSAGE_COLUMNS, raw_writes};
-use crate::{Appended, NewMessage, StoreError, StoreResult, StoredMessage};
+use super::{BusyTime, Checkpointer, MESSAGE_COLUMNS, raw_writes};
+use crate::{Appended, NewMessage, StoreError, StoreResult, StoreStats, StoredMessage};
 
 /// Bytes every segment starts with: the format and its version.
 const SEGMENT_MAGIC: &[u8; 8] = b"IMJRNL01";
@@ -240,11 +240,9 @@ struct Shared {
     hurry: AtomicBool,
     /// The applier's thread, unparked to hurry it.
     applier: OnceLock<std::thread::Thread>,
-    /// The applier's transactions, the messages they wrote and their time, for
-    /// [`Journal::applier_stats`].
-    applier_commits: AtomicU64,
+    /// The applier's transactions and the messages they wrote, for [`Journal::stats`].
+    applier_commits: BusyTime,
     applier_messages: AtomicU64,
-    applier_nanos: AtomicU64,
 }
 
 impl Pending {
@@ -449,9 +447,8 @@ impl Journal {
             applied: watch::Sender::new(0),
             hurry: AtomicBool::new(false),
             applier: OnceLock::new(),
-            applier_commits: AtomicU64::new(0),
+            applier_commits: BusyTime::default(),
             applier_messages: AtomicU64::new(0),
-            applier_nanos: AtomicU64::new(0),
         });
         // The applier's SQLite work takes a millisecond or more per transaction: on a
         // thread of its own it never holds up a runtime worker (and so no connection's
@@ -537,17 +534,16 @@ impl Journal {
         Ok(outcomes)
     }
 
-    /// Messages journaled but not yet in SQLite, and the applier's transactions, the
-    /// messages they wrote and their time (ns) so far.
-    pub(super) fn applier_stats(&self) -> (u64, u64, u64, u64) {
-        let pending = self.shared.pending().messages as u64;
+    /// Messages journaled but not yet in SQLite, and the applier's work so far.
+    pub(super) fn stats(&self) -> StoreStats {
         let shared = &self.shared;
-        (
-            pending,
-            shared.applier_commits.load(Ordering::Relaxed),
-            shared.applier_messages.load(Ordering::Relaxed),
-            shared.applier_nanos.load(Ordering::Relaxed),
-        )
+        StoreStats {
+            pending_messages: shared.pending().messages as u64,
+            applier_commits: shared.applier_commits.runs(),
+            applier_messages: shared.applier_messages.load(Ordering::Relaxed),
+            applier_seconds: shared.applier_commits.seconds(),
+            ..StoreStats::default()
+        }
     }
 
     /// Waits until SQLite holds every message journaled before this call.
@@ -952,15 +948,19 @@ fn apply(
             .flat_map(|b| b.messages.into_iter())
             .collect();
         let mut backoff = Duration::from_millis(50);
-        let started = Instant::now();
-        while let Err(err) = raw_writes::persist_sequenced(db, &messages) {
-            tracing::error!(error = %err, messages = messages.len(), "cannot write journaled messages to SQLite; retrying");
-            std::thread::sleep(backoff);
-            backoff = (backoff * 2).min(Duration::from_secs(2));
-        }
-        let took = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        shared.applier_nanos.fetch_add(took, Ordering::Relaxed);
-        shared.applier_commits.fetch_add(1, Ordering::Relaxed);
+        // The busy time is the transaction that succeeded, not the waits before retries.
+        let took = loop {
+            let started = Instant::now();
+            match raw_writes::persist_sequenced(db, &messages) {
+                Ok(_) => break started.elapsed(),
+                Err(err) => {
+                    tracing::error!(error = %err, messages = messages.len(), "cannot write journaled messages to SQLite; retrying");
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+            }
+        };
+        shared.applier_commits.record(took);
         shared
             .applier_messages
             .fetch_add(messages.len() as u64, Ordering::Relaxed);

@@ -1,8 +1,9 @@
 //! Length-prefixed framing over byte streams: each frame is a 4-byte big-endian length, then that many bytes.
 //!
 //! [`FrameReader`] holds only a small inline buffer while a connection is idle (no heap
-//! allocation) and allocates exactly one buffer of the announced size for a frame that does
-//! not fit in it. Its [`FrameReader::read_frame`] is cancel-safe, so it can sit in a
+//! allocation), takes a larger one while frames arrive faster than it reads them (so one
+//! read takes many), and allocates exactly one buffer of the announced size for a frame that
+//! fits in neither. Its [`FrameReader::read_frame`] is cancel-safe, so it can sit in a
 //! `tokio::select!` next to outbound traffic and timers.
 
 use bytes::Bytes;
@@ -14,6 +15,10 @@ pub const LENGTH_PREFIX_BYTES: usize = 4;
 /// Size of the inline buffer: small frames (acks, pings, short messages) are read
 /// several at a time with one `read` call and need no allocation.
 const INLINE_BYTES: usize = 256;
+
+/// Size of the buffer a reader takes while a backlog lasts: one read takes a window of
+/// frames (64 sends of a few hundred bytes) where the inline buffer took one or two.
+const BURST_BYTES: usize = 16 * 1024;
 
 /// Why a frame could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -33,9 +38,15 @@ pub enum FrameError {
 pub struct FrameReader {
     max_frame_bytes: usize,
     inline: [u8; INLINE_BYTES],
+    /// While a backlog lasts: a read filled the whole buffer, so more was waiting. Reads go
+    /// here instead of `inline` until it is drained after a read that did not fill it.
+    burst: Option<Box<[u8]>>,
+    /// The buffered bytes, in `burst` when there is one, else in `inline`.
     start: usize,
     end: usize,
-    /// A frame too large for the inline buffer, being filled: (buffer, bytes filled).
+    /// The last read left room in the buffer: the backlog is gone.
+    caught_up: bool,
+    /// A frame too large for the buffer, being filled: (buffer, bytes filled).
     large: Option<(Vec<u8>, usize)>,
 }
 
@@ -45,9 +56,19 @@ impl FrameReader {
         Self {
             max_frame_bytes,
             inline: [0; INLINE_BYTES],
+            burst: None,
             start: 0,
             end: 0,
+            caught_up: true,
             large: None,
+        }
+    }
+
+    /// The buffer reads go to now.
+    fn buffer(&mut self) -> &mut [u8] {
+        match &mut self.burst {
+            Some(burst) => burst,
+            None => &mut self.inline,
         }
     }
 
@@ -70,12 +91,16 @@ impl FrameReader {
                 *filled += n;
                 continue;
             }
-            if self.start > 0 {
-                self.inline.copy_within(self.start..self.end, 0);
-                self.end -= self.start;
+            let (start, end) = (self.start, self.end);
+            if start > 0 {
+                self.buffer().copy_within(start..end, 0);
+                self.end -= start;
                 self.start = 0;
             }
-            let n = stream.read(&mut self.inline[self.end..]).await?;
+            let end = self.end;
+            let buffer = self.buffer();
+            let room = buffer.len() - end;
+            let n = stream.read(&mut buffer[end..]).await?;
             if n == 0 {
                 return if self.end == 0 {
                     Ok(None)
@@ -84,11 +109,17 @@ impl FrameReader {
                 };
             }
             self.end += n;
+            self.caught_up = n < room;
+            if !self.caught_up && self.burst.is_none() {
+                let mut burst = vec![0u8; BURST_BYTES].into_boxed_slice();
+                burst[..self.end].copy_from_slice(&self.inline[..self.end]);
+                self.burst = Some(burst);
+            }
         }
     }
 
     /// Returns a complete frame if one is buffered; moves a started large frame out of the
-    /// inline buffer.
+    /// buffer; gives the burst buffer back once it is drained and the backlog is gone.
     fn take_buffered_frame(&mut self) -> Result<Option<Bytes>, FrameError> {
         if let Some((buf, filled)) = &self.large {
             if *filled < buf.len() {
@@ -99,22 +130,26 @@ impl FrameReader {
         }
         let available = self.end - self.start;
         if available < LENGTH_PREFIX_BYTES {
+            if available == 0 && self.caught_up {
+                self.burst = None;
+            }
             return Ok(None);
         }
-        let prefix: [u8; 4] = self.inline[self.start..self.start + 4]
-            .try_into()
-            .expect("four bytes");
+        let (start, end) = (self.start, self.end);
+        let max_frame_bytes = self.max_frame_bytes;
+        let buffer = self.buffer();
+        let prefix: [u8; 4] = buffer[start..start + 4].try_into().expect("four bytes");
         let len = u32::from_be_bytes(prefix) as usize;
-        if len > self.max_frame_bytes {
+        if len > max_frame_bytes {
             return Err(FrameError::TooLarge {
                 len,
-                max: self.max_frame_bytes,
+                max: max_frame_bytes,
             });
         }
-        let body_start = self.start + LENGTH_PREFIX_BYTES;
+        let body_start = start + LENGTH_PREFIX_BYTES;
         let buffered_body = available - LENGTH_PREFIX_BYTES;
         if buffered_body >= len {
-            let frame = Bytes::copy_from_slice(&self.inline[body_start..body_start + len]);
+            let frame = Bytes::copy_from_slice(&buffer[body_start..body_start + len]);
             self.start = body_start + len;
             if self.start == self.end {
                 self.start = 0;
@@ -122,9 +157,9 @@ impl FrameReader {
             }
             return Ok(Some(frame));
         }
-        if LENGTH_PREFIX_BYTES + len > INLINE_BYTES {
+        if LENGTH_PREFIX_BYTES + len > buffer.len() {
             let mut buf = vec![0u8; len];
-            buf[..buffered_body].copy_from_slice(&self.inline[body_start..self.end]);
+            buf[..buffered_body].copy_from_slice(&buffer[body_start..end]);
             self.large = Some((buf, buffered_body));
             self.start = 0;
             self.end = 0;
@@ -211,6 +246,57 @@ mod tests {
             let frames = read_all(wire, chunk, 4096).unwrap();
             prop_assert_eq!(frames, payloads);
         }
+    }
+
+    /// A stream that counts the reads it answers.
+    struct Counting {
+        inner: Chunked,
+        reads: usize,
+    }
+
+    impl AsyncRead for Counting {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            self.reads += 1;
+            Pin::new(&mut self.inner).poll_read(cx, buf)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_backlog_is_read_many_frames_at_a_time_and_the_large_buffer_given_back() {
+        let mut wire = Vec::new();
+        for n in 0..64u8 {
+            put_frame(&mut wire, &[n; 150]);
+        }
+        let backlog = wire.len();
+        // The whole backlog is waiting: each read takes as much as the buffer holds.
+        let mut stream = Counting {
+            inner: Chunked {
+                data: wire,
+                pos: 0,
+                chunk: usize::MAX,
+            },
+            reads: 0,
+        };
+        let mut reader = FrameReader::new(4096);
+        for n in 0..64u8 {
+            let frame = reader.read_frame(&mut stream).await.unwrap().unwrap();
+            assert_eq!(&frame[..], &[n; 150][..]);
+        }
+        let inline_reads = backlog.div_ceil(INLINE_BYTES);
+        assert!(
+            stream.reads <= 3,
+            "{} reads for {backlog} bytes (the inline buffer alone would take {inline_reads})",
+            stream.reads
+        );
+        assert!(reader.burst.is_some(), "no read has come up short yet");
+        // A read that comes up short ends the backlog; drained, the reader holds only its
+        // inline buffer again.
+        assert!(reader.read_frame(&mut stream).await.unwrap().is_none());
+        assert!(reader.burst.is_none());
     }
 
     #[test]

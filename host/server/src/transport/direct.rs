@@ -15,7 +15,7 @@ use std::task::{Context, Poll, ready};
 
 use im_proto::codec::LENGTH_PREFIX_BYTES;
 use parking_lot::{Mutex, MutexGuard};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
 
 /// A plain TCP connection's socket with its direct-write state.
@@ -160,13 +160,33 @@ impl AsyncRead for SharedTcp {
         let socket = &self.0.socket;
         loop {
             ready!(socket.poll_read_ready(cx))?;
-            match socket.try_read(buf.initialize_unfilled()) {
-                Ok(n) => {
-                    buf.advance(n);
+            let unfilled = buf.initialize_unfilled();
+            let room = unfilled.len();
+            let mut read = 0;
+            // A read that leaves room in the buffer has drained the socket (epoll is
+            // edge-triggered), so the closure says "would block" after it, which clears the
+            // readiness, as tokio's own `TcpStream` does: the next read waits for new data
+            // instead of finding out with a read that fails.
+            let outcome = socket.try_io(Interest::READABLE, || {
+                read = io::Read::read(&mut &*socket2::SockRef::from(socket), unfilled)?;
+                if read > 0 && read < room {
+                    Err(io::ErrorKind::WouldBlock.into())
+                } else {
+                    Ok(())
+                }
+            });
+            match outcome {
+                Ok(()) => {
+                    buf.advance(read);
                     return Poll::Ready(Ok(()));
                 }
-                // Readiness was stale; `try_read` cleared it, so the next poll waits.
-                Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
+                    if read > 0 {
+                        buf.advance(read);
+                        return Poll::Ready(Ok(()));
+                    }
+                    // Readiness was stale; it is cleared, so the next poll waits.
+                }
                 Err(err) => return Poll::Ready(Err(err)),
             }
         }

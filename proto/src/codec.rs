@@ -38,9 +38,10 @@ pub enum FrameError {
 pub struct FrameReader {
     max_frame_bytes: usize,
     inline: [u8; INLINE_BYTES],
-    /// While a backlog lasts: a read filled the whole buffer, so more was waiting. Reads go
-    /// here instead of `inline` until it is drained after a read that did not fill it.
-    burst: Option<Box<[u8]>>,
+    /// While a backlog lasts (a read filled the whole buffer, so more was waiting), reads go
+    /// here instead of `inline` until it is drained after a read that did not fill it. Its
+    /// length is `end`: it is read into without being zeroed first.
+    burst: Option<Vec<u8>>,
     /// The buffered bytes, in `burst` when there is one, else in `inline`.
     start: usize,
     end: usize,
@@ -64,12 +65,35 @@ impl FrameReader {
         }
     }
 
-    /// The buffer reads go to now.
+    /// The buffered bytes (and, inline, the room after them).
     fn buffer(&mut self) -> &mut [u8] {
         match &mut self.burst {
             Some(burst) => burst,
             None => &mut self.inline,
         }
+    }
+
+    /// The most the buffer holds.
+    fn capacity(&self) -> usize {
+        match &self.burst {
+            Some(burst) => burst.capacity(),
+            None => INLINE_BYTES,
+        }
+    }
+
+    /// Reads once into the room after the buffered bytes; returns the bytes read and the
+    /// room there was.
+    async fn read_more<R: AsyncRead + Unpin + ?Sized>(
+        &mut self,
+        stream: &mut R,
+    ) -> std::io::Result<(usize, usize)> {
+        let room = self.capacity() - self.end;
+        let n = match &mut self.burst {
+            // `read_buf` fills the spare capacity, which `room` bytes of it are.
+            Some(burst) => stream.read_buf(burst).await?,
+            None => stream.read(&mut self.inline[self.end..]).await?,
+        };
+        Ok((n, room))
     }
 
     /// Reads the next frame. `Ok(None)` means the stream ended cleanly between frames.
@@ -94,13 +118,13 @@ impl FrameReader {
             let (start, end) = (self.start, self.end);
             if start > 0 {
                 self.buffer().copy_within(start..end, 0);
+                if let Some(burst) = &mut self.burst {
+                    burst.truncate(end - start);
+                }
                 self.end -= start;
                 self.start = 0;
             }
-            let end = self.end;
-            let buffer = self.buffer();
-            let room = buffer.len() - end;
-            let n = stream.read(&mut buffer[end..]).await?;
+            let (n, room) = self.read_more(stream).await?;
             if n == 0 {
                 return if self.end == 0 {
                     Ok(None)
@@ -111,8 +135,8 @@ impl FrameReader {
             self.end += n;
             self.caught_up = n < room;
             if !self.caught_up && self.burst.is_none() {
-                let mut burst = vec![0u8; BURST_BYTES].into_boxed_slice();
-                burst[..self.end].copy_from_slice(&self.inline[..self.end]);
+                let mut burst = Vec::with_capacity(BURST_BYTES);
+                burst.extend_from_slice(&self.inline[..self.end]);
                 self.burst = Some(burst);
             }
         }
@@ -137,6 +161,7 @@ impl FrameReader {
         }
         let (start, end) = (self.start, self.end);
         let max_frame_bytes = self.max_frame_bytes;
+        let capacity = self.capacity();
         let buffer = self.buffer();
         let prefix: [u8; 4] = buffer[start..start + 4].try_into().expect("four bytes");
         let len = u32::from_be_bytes(prefix) as usize;
@@ -152,19 +177,26 @@ impl FrameReader {
             let frame = Bytes::copy_from_slice(&buffer[body_start..body_start + len]);
             self.start = body_start + len;
             if self.start == self.end {
-                self.start = 0;
-                self.end = 0;
+                self.clear();
             }
             return Ok(Some(frame));
         }
-        if LENGTH_PREFIX_BYTES + len > buffer.len() {
+        if LENGTH_PREFIX_BYTES + len > capacity {
             let mut buf = vec![0u8; len];
             buf[..buffered_body].copy_from_slice(&buffer[body_start..end]);
             self.large = Some((buf, buffered_body));
-            self.start = 0;
-            self.end = 0;
+            self.clear();
         }
         Ok(None)
+    }
+
+    /// Forgets the buffered bytes (all taken).
+    fn clear(&mut self) {
+        self.start = 0;
+        self.end = 0;
+        if let Some(burst) = &mut self.burst {
+            burst.clear();
+        }
     }
 }
 

@@ -1,24 +1,34 @@
 //! Length-prefixed framing over byte streams: each frame is a 4-byte big-endian length, then that many bytes.
 //!
-//! [`FrameReader`] holds only a small inline buffer while a connection is idle (no heap
-//! allocation), takes a larger one while frames arrive faster than it reads them (so one
-//! read takes many), and allocates exactly one buffer of the announced size for a frame that
-//! fits in neither. Its [`FrameReader::read_frame`] is cancel-safe, so it can sit in a
-//! `tokio::select!` next to outbound traffic and timers.
+//! [`FrameReader`] reads into its thread's scratch buffer, so one read takes whatever has
+//! arrived (many frames, or one larger than a connection keeps), and keeps only the bytes
+//! of frames not yet taken: inline while they are few (an idle connection allocates
+//! nothing), else in a heap buffer freed once they are taken. Its
+//! [`FrameReader::read_frame`] is cancel-safe, so it can sit in a `tokio::select!` next to
+//! outbound traffic and timers.
+
+use std::cell::RefCell;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
 
 use bytes::Bytes;
-use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::io::{AsyncRead, ReadBuf};
 
 /// Bytes of the length prefix.
 pub const LENGTH_PREFIX_BYTES: usize = 4;
 
-/// Size of the inline buffer: small frames (acks, pings, short messages) are read
-/// several at a time with one `read` call and need no allocation.
+/// Size of a connection's inline buffer: the bytes of small frames (acks, pings, short
+/// messages) not yet taken fit in it and need no allocation.
 const INLINE_BYTES: usize = 256;
 
-/// Size of the buffer a reader takes while a backlog lasts: one read takes a window of
-/// frames (64 sends of a few hundred bytes) where the inline buffer took one or two.
-const BURST_BYTES: usize = 16 * 1024;
+/// Size of each thread's scratch buffer, the most one read takes.
+const SCRATCH_BYTES: usize = 64 * 1024;
+
+thread_local! {
+    /// Where the readers on this thread read to: each moves what it read out before its
+    /// poll returns, so one buffer serves every connection.
+    static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0; SCRATCH_BYTES].into_boxed_slice());
+}
 
 /// Why a frame could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -37,18 +47,13 @@ pub enum FrameError {
 /// Incremental, cancel-safe reader of length-prefixed frames.
 pub struct FrameReader {
     max_frame_bytes: usize,
+    /// Bytes read and not yet taken, `inline[start..end]`, while `spill` is empty.
     inline: [u8; INLINE_BYTES],
-    /// While a backlog lasts (a read filled the whole buffer, so more was waiting), reads go
-    /// here instead of `inline` until it is drained after a read that did not fill it. Its
-    /// length is `end`: it is read into without being zeroed first.
-    burst: Option<Vec<u8>>,
-    /// The buffered bytes, in `burst` when there is one, else in `inline`.
+    /// Bytes read and not yet taken, `spill[start..]`, when they did not fit inline; freed
+    /// once they are all taken.
+    spill: Vec<u8>,
     start: usize,
     end: usize,
-    /// The last read left room in the buffer: the backlog is gone.
-    caught_up: bool,
-    /// A frame too large for the buffer, being filled: (buffer, bytes filled).
-    large: Option<(Vec<u8>, usize)>,
 }
 
 impl FrameReader {
@@ -57,43 +62,19 @@ impl FrameReader {
         Self {
             max_frame_bytes,
             inline: [0; INLINE_BYTES],
-            burst: None,
+            spill: Vec::new(),
             start: 0,
             end: 0,
-            caught_up: true,
-            large: None,
         }
     }
 
-    /// The buffered bytes (and, inline, the room after them).
-    fn buffer(&mut self) -> &mut [u8] {
-        match &mut self.burst {
-            Some(burst) => burst,
-            None => &mut self.inline,
+    /// The bytes read and not yet taken.
+    fn held(&self) -> &[u8] {
+        if self.spill.is_empty() {
+            &self.inline[self.start..self.end]
+        } else {
+            &self.spill[self.start..]
         }
-    }
-
-    /// The most the buffer holds.
-    fn capacity(&self) -> usize {
-        match &self.burst {
-            Some(burst) => burst.capacity(),
-            None => INLINE_BYTES,
-        }
-    }
-
-    /// Reads once into the room after the buffered bytes; returns the bytes read and the
-    /// room there was.
-    async fn read_more<R: AsyncRead + Unpin + ?Sized>(
-        &mut self,
-        stream: &mut R,
-    ) -> std::io::Result<(usize, usize)> {
-        let room = self.capacity() - self.end;
-        let n = match &mut self.burst {
-            // `read_buf` fills the spare capacity, which `room` bytes of it are.
-            Some(burst) => stream.read_buf(burst).await?,
-            None => stream.read(&mut self.inline[self.end..]).await?,
-        };
-        Ok((n, room))
     }
 
     /// Reads the next frame. `Ok(None)` means the stream ended cleanly between frames.
@@ -107,96 +88,92 @@ impl FrameReader {
             if let Some(frame) = self.take_buffered_frame()? {
                 return Ok(Some(frame));
             }
-            if let Some((buf, filled)) = &mut self.large {
-                let n = stream.read(&mut buf[*filled..]).await?;
-                if n == 0 {
-                    return Err(FrameError::Truncated);
-                }
-                *filled += n;
-                continue;
-            }
-            let (start, end) = (self.start, self.end);
-            if start > 0 {
-                self.buffer().copy_within(start..end, 0);
-                if let Some(burst) = &mut self.burst {
-                    burst.truncate(end - start);
-                }
-                self.end -= start;
-                self.start = 0;
-            }
-            let (n, room) = self.read_more(stream).await?;
+            let n = std::future::poll_fn(|cx| self.poll_read_once(stream, cx)).await?;
             if n == 0 {
-                return if self.end == 0 {
+                return if self.held().is_empty() {
                     Ok(None)
                 } else {
                     Err(FrameError::Truncated)
                 };
             }
-            self.end += n;
-            self.caught_up = n < room;
-            if !self.caught_up && self.burst.is_none() {
-                let mut burst = Vec::with_capacity(BURST_BYTES);
-                burst.extend_from_slice(&self.inline[..self.end]);
-                self.burst = Some(burst);
-            }
         }
     }
 
-    /// Returns a complete frame if one is buffered; moves a started large frame out of the
-    /// buffer; gives the burst buffer back once it is drained and the backlog is gone.
-    fn take_buffered_frame(&mut self) -> Result<Option<Bytes>, FrameError> {
-        if let Some((buf, filled)) = &self.large {
-            if *filled < buf.len() {
-                return Ok(None);
+    /// Reads once into the thread's scratch buffer and keeps what came.
+    fn poll_read_once<R: AsyncRead + Unpin + ?Sized>(
+        &mut self,
+        stream: &mut R,
+        cx: &mut Context<'_>,
+    ) -> Poll<std::io::Result<usize>> {
+        SCRATCH.with_borrow_mut(|scratch| {
+            let mut buf = ReadBuf::new(scratch);
+            ready!(Pin::new(stream).poll_read(cx, &mut buf))?;
+            let read = buf.filled();
+            self.keep(read);
+            Poll::Ready(Ok(read.len()))
+        })
+    }
+
+    /// Appends `read` to the bytes not yet taken: inline if they all fit there, else in
+    /// the spill buffer.
+    fn keep(&mut self, read: &[u8]) {
+        if !self.spill.is_empty() {
+            if self.start > 0 {
+                self.spill.drain(..self.start);
+                self.start = 0;
             }
-            let (buf, _) = self.large.take().expect("checked above");
-            return Ok(Some(Bytes::from(buf)));
+            self.spill.extend_from_slice(read);
+            return;
         }
-        let available = self.end - self.start;
-        if available < LENGTH_PREFIX_BYTES {
-            if available == 0 && self.caught_up {
-                self.burst = None;
+        let held = self.end - self.start;
+        if held + read.len() <= INLINE_BYTES {
+            self.inline.copy_within(self.start..self.end, 0);
+            self.inline[held..held + read.len()].copy_from_slice(read);
+            self.start = 0;
+            self.end = held + read.len();
+            return;
+        }
+        let mut spill = Vec::with_capacity(held + read.len());
+        spill.extend_from_slice(&self.inline[self.start..self.end]);
+        spill.extend_from_slice(read);
+        self.spill = spill;
+        self.start = 0;
+        self.end = 0;
+    }
+
+    /// Returns a complete frame if one is buffered. Once every byte is taken the spill
+    /// buffer is freed: an idle connection holds only its inline buffer.
+    fn take_buffered_frame(&mut self) -> Result<Option<Bytes>, FrameError> {
+        let held = self.held();
+        if held.len() < LENGTH_PREFIX_BYTES {
+            return Ok(None);
+        }
+        let prefix: [u8; 4] = held[..LENGTH_PREFIX_BYTES].try_into().expect("four bytes");
+        let len = u32::from_be_bytes(prefix) as usize;
+        if len > self.max_frame_bytes {
+            return Err(FrameError::TooLarge {
+                len,
+                max: self.max_frame_bytes,
+            });
+        }
+        let whole = LENGTH_PREFIX_BYTES + len;
+        if held.len() < whole {
+            // The rest of a frame that did not fit inline is appended to the spill buffer
+            // read by read: room for all of it now, not a regrowth per read.
+            if !self.spill.is_empty() {
+                let missing = whole - held.len();
+                self.spill.reserve(missing);
             }
             return Ok(None);
         }
-        let (start, end) = (self.start, self.end);
-        let max_frame_bytes = self.max_frame_bytes;
-        let capacity = self.capacity();
-        let buffer = self.buffer();
-        let prefix: [u8; 4] = buffer[start..start + 4].try_into().expect("four bytes");
-        let len = u32::from_be_bytes(prefix) as usize;
-        if len > max_frame_bytes {
-            return Err(FrameError::TooLarge {
-                len,
-                max: max_frame_bytes,
-            });
+        let frame = Bytes::copy_from_slice(&held[LENGTH_PREFIX_BYTES..whole]);
+        self.start += whole;
+        if self.held().is_empty() {
+            self.spill = Vec::new();
+            self.start = 0;
+            self.end = 0;
         }
-        let body_start = start + LENGTH_PREFIX_BYTES;
-        let buffered_body = available - LENGTH_PREFIX_BYTES;
-        if buffered_body >= len {
-            let frame = Bytes::copy_from_slice(&buffer[body_start..body_start + len]);
-            self.start = body_start + len;
-            if self.start == self.end {
-                self.clear();
-            }
-            return Ok(Some(frame));
-        }
-        if LENGTH_PREFIX_BYTES + len > capacity {
-            let mut buf = vec![0u8; len];
-            buf[..buffered_body].copy_from_slice(&buffer[body_start..end]);
-            self.large = Some((buf, buffered_body));
-            self.clear();
-        }
-        Ok(None)
-    }
-
-    /// Forgets the buffered bytes (all taken).
-    fn clear(&mut self) {
-        self.start = 0;
-        self.end = 0;
-        if let Some(burst) = &mut self.burst {
-            burst.clear();
-        }
+        Ok(Some(frame))
     }
 }
 
@@ -297,38 +274,57 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn a_backlog_is_read_many_frames_at_a_time_and_the_large_buffer_given_back() {
-        let mut wire = Vec::new();
-        for n in 0..64u8 {
-            put_frame(&mut wire, &[n; 150]);
-        }
-        let backlog = wire.len();
-        // The whole backlog is waiting: each read takes as much as the buffer holds.
+    /// Reads every frame of `wire`, handed out in reads of at most `chunk` bytes; returns
+    /// the frames, the reads it took and the reader.
+    async fn read_counting(wire: Vec<u8>, chunk: usize) -> (Vec<Bytes>, usize, FrameReader) {
         let mut stream = Counting {
             inner: Chunked {
                 data: wire,
                 pos: 0,
-                chunk: usize::MAX,
+                chunk,
             },
             reads: 0,
         };
-        let mut reader = FrameReader::new(4096);
-        for n in 0..64u8 {
-            let frame = reader.read_frame(&mut stream).await.unwrap().unwrap();
-            assert_eq!(&frame[..], &[n; 150][..]);
+        let mut reader = FrameReader::new(1 << 20);
+        let mut frames = Vec::new();
+        while let Some(frame) = reader.read_frame(&mut stream).await.unwrap() {
+            frames.push(frame);
         }
-        let inline_reads = backlog.div_ceil(INLINE_BYTES);
+        (frames, stream.reads, reader)
+    }
+
+    #[tokio::test]
+    async fn what_has_arrived_is_taken_with_one_read_and_only_small_leftovers_are_kept() {
+        // A backlog of small frames, and one frame larger than a connection keeps inline.
+        let mut wire = Vec::new();
+        for n in 0..64u8 {
+            put_frame(&mut wire, &[n; 150]);
+        }
+        put_frame(&mut wire, &[9; 1000]);
+        let (frames, reads, reader) = read_counting(wire, usize::MAX).await;
+        assert_eq!(frames.len(), 65);
         assert!(
-            stream.reads <= 3,
-            "{} reads for {backlog} bytes (the inline buffer alone would take {inline_reads})",
-            stream.reads
+            frames[..64]
+                .iter()
+                .enumerate()
+                .all(|(n, f)| f[..] == [n as u8; 150])
         );
-        assert!(reader.burst.is_some(), "no read has come up short yet");
-        // A read that comes up short ends the backlog; drained, the reader holds only its
-        // inline buffer again.
-        assert!(reader.read_frame(&mut stream).await.unwrap().is_none());
-        assert!(reader.burst.is_none());
+        assert_eq!(&frames[64][..], &[9; 1000][..]);
+        // One read for all of it, one for the end of the stream.
+        assert_eq!(reads, 2);
+        assert_eq!(reader.spill.capacity(), 0, "nothing left to keep");
+
+        // Read by read, as it trickles in: the same frames.
+        let mut wire = Vec::new();
+        put_frame(&mut wire, &[1; 300]);
+        put_frame(&mut wire, &[2; 10]);
+        let (frames, _, reader) = read_counting(wire, 7).await;
+        assert_eq!(frames.len(), 2);
+        assert_eq!(
+            (&frames[0][..], &frames[1][..]),
+            (&[1; 300][..], &[2; 10][..])
+        );
+        assert_eq!(reader.spill.capacity(), 0);
     }
 
     #[test]

@@ -295,15 +295,29 @@ pub struct FanoutResult {
 ///
 /// Not tokio's timer: it fires on whole milliseconds, so a send scheduled every 200 µs would
 /// leave up to 1 ms late, and that lateness would be counted as latency of the system under
-/// test. A thread of its own wakes each sleeper at its instant; its timer slack is set to the
-/// minimum, so the kernel does not defer its wake-ups by the default 50 µs.
+/// test. Each thread's sleepers share a `timerfd` (nanosecond expiry, and no timer slack,
+/// which the kernel applies to sleeping threads, not to timerfds) that the runtime's reactor
+/// polls with the sockets: a sleeper is woken by the thread that runs it, where a timer
+/// thread of its own cost the load generator a third of its CPU in the round trip, in its
+/// own wake-ups and in waking the runtime's thread.
 pub async fn sleep_until(at: Instant) {
     if at <= Instant::now() {
         return;
     }
     let (woken, wake) = tokio::sync::oneshot::channel();
-    PreciseTimer::get().add(at, woken);
+    let timer = PRECISE_TIMER.with_borrow_mut(|timer| {
+        timer
+            .get_or_insert_with(|| PreciseTimer::start().expect("create the benchmark's timerfd"))
+            .clone()
+    });
+    timer.add(at, woken);
     let _ = wake.await;
+}
+
+thread_local! {
+    /// This thread's timer, made on its first sleep (in the runtime the thread runs).
+    static PRECISE_TIMER: std::cell::RefCell<Option<std::sync::Arc<PreciseTimer>>> =
+        const { std::cell::RefCell::new(None) };
 }
 
 /// One sleeper of [`PreciseTimer`], ordered by its instant (then arrival).
@@ -330,31 +344,46 @@ impl Ord for Sleeper {
     }
 }
 
-#[derive(Default)]
+/// Sleepers in instant order and a timerfd armed for the first of them, which a task of
+/// the runtime awaits.
 struct PreciseTimer {
     sleepers: std::sync::Mutex<(
         std::collections::BinaryHeap<std::cmp::Reverse<Sleeper>>,
         u64,
     )>,
-    changed: std::sync::Condvar,
+    fd: tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>,
 }
 
 impl PreciseTimer {
-    fn get() -> &'static PreciseTimer {
-        static TIMER: OnceLock<&'static PreciseTimer> = OnceLock::new();
-        TIMER.get_or_init(|| {
-            let timer: &'static PreciseTimer = Box::leak(Box::default());
-            std::thread::Builder::new()
-                .name("bench-timer".into())
-                .spawn(move || {
-                    // SAFETY: PR_SET_TIMERSLACK takes a plain integer and changes only this
-                    // thread's slack; a failure leaves the default slack, which is harmless.
-                    unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong) };
-                    timer.run()
-                })
-                .expect("start the benchmark timer thread");
-            timer
-        })
+    /// A timer whose timerfd the current runtime polls, with the task that wakes its
+    /// sleepers.
+    fn start() -> std::io::Result<std::sync::Arc<Self>> {
+        use std::os::fd::FromRawFd;
+        // SAFETY: timerfd_create takes two integer arguments and returns a new descriptor
+        // (or -1), which is owned from here on.
+        let raw = unsafe {
+            libc::timerfd_create(
+                libc::CLOCK_MONOTONIC,
+                libc::TFD_NONBLOCK | libc::TFD_CLOEXEC,
+            )
+        };
+        if raw < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `raw` is a descriptor just created and owned by nothing else.
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) };
+        // SAFETY: an OwnedFd's descriptor is open and stays the same until it is dropped,
+        // which the AsyncFd owning it does last.
+        let fd = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
+        }
+        .map_err(std::io::Error::from)?;
+        let timer = std::sync::Arc::new(Self {
+            sleepers: Default::default(),
+            fd,
+        });
+        tokio::spawn(timer.clone().drive());
+        Ok(timer)
     }
 
     fn add(&self, at: Instant, wake: tokio::sync::oneshot::Sender<()>) {
@@ -368,28 +397,61 @@ impl PreciseTimer {
             wake,
         }));
         if earliest {
-            self.changed.notify_one();
+            self.arm(at);
         }
     }
 
-    fn run(&self) {
-        let mut guard = self.sleepers.lock().unwrap_or_else(|p| p.into_inner());
+    /// Sets the timerfd to expire at `at` (armed under the sleepers' lock, so the last
+    /// arming is for the first sleeper).
+    fn arm(&self, at: Instant) {
+        use std::os::fd::AsRawFd;
+        // Zero would disarm it: a due instant expires at once instead.
+        let after = at
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_nanos(1));
+        let spec = libc::itimerspec {
+            it_interval: libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            },
+            it_value: libc::timespec {
+                tv_sec: after.as_secs() as libc::time_t,
+                tv_nsec: after.subsec_nanos() as libc::c_long,
+            },
+        };
+        // SAFETY: the descriptor is a timerfd this timer owns; `spec` is a valid
+        // itimerspec and the old value is not asked for.
+        unsafe { libc::timerfd_settime(self.fd.as_raw_fd(), 0, &spec, std::ptr::null_mut()) };
+    }
+
+    /// Wakes the sleepers whose instant has come, each time the timerfd expires.
+    async fn drive(self: std::sync::Arc<Self>) {
+        use std::os::fd::AsRawFd;
         loop {
+            let Ok(mut ready) = self.fd.readable().await else {
+                return;
+            };
+            let mut expirations = [0u8; 8];
+            // SAFETY: reads at most 8 bytes into an 8-byte buffer from the timerfd; it
+            // fails with EAGAIN when the timer was re-armed since it expired, which is
+            // harmless: the sleepers are checked against the clock below.
+            unsafe {
+                libc::read(
+                    self.fd.as_raw_fd(),
+                    expirations.as_mut_ptr().cast(),
+                    expirations.len(),
+                )
+            };
+            ready.clear_ready();
+            let mut guard = self.sleepers.lock().unwrap_or_else(|p| p.into_inner());
             let now = Instant::now();
-            match guard.0.peek().map(|first| first.0.at) {
-                None => guard = self.changed.wait(guard).unwrap_or_else(|p| p.into_inner()),
-                Some(at) if at <= now => {
-                    if let Some(std::cmp::Reverse(due)) = guard.0.pop() {
-                        let _ = due.wake.send(());
-                    }
+            while guard.0.peek().is_some_and(|first| first.0.at <= now) {
+                if let Some(std::cmp::Reverse(due)) = guard.0.pop() {
+                    let _ = due.wake.send(());
                 }
-                Some(at) => {
-                    guard = self
-                        .changed
-                        .wait_timeout(guard, at - now)
-                        .unwrap_or_else(|p| p.into_inner())
-                        .0;
-                }
+            }
+            if let Some(first) = guard.0.peek() {
+                self.arm(first.0.at);
             }
         }
     }
@@ -398,6 +460,38 @@ impl PreciseTimer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn sleepers_wake_at_their_instants_in_order() {
+        let start = Instant::now();
+        // Added out of order, on one thread's timer, as concurrent senders would.
+        let offsets_ms = [30u64, 5, 20, 5, 12];
+        let mut sleepers = tokio::task::JoinSet::new();
+        for (n, ms) in offsets_ms.into_iter().enumerate() {
+            let at = start + Duration::from_millis(ms);
+            sleepers.spawn(async move {
+                sleep_until(at).await;
+                (n, at, Instant::now())
+            });
+        }
+        let mut woken = Vec::new();
+        while let Some(joined) = sleepers.join_next().await {
+            woken.push(joined.unwrap());
+        }
+        for (n, at, woke) in &woken {
+            assert!(woke >= at, "sleeper {n} woke {:?} early", *at - *woke);
+            // Generous: a loaded machine may wake it late, but not by a whole second.
+            assert!(
+                woke.duration_since(*at) < Duration::from_secs(1),
+                "sleeper {n}"
+            );
+        }
+        woken.sort_by_key(|(_, _, woke)| *woke);
+        let order: Vec<u64> = woken.iter().map(|(n, ..)| offsets_ms[*n]).collect();
+        assert!(order.is_sorted(), "woken in the order {order:?}");
+        // An instant already past returns at once.
+        sleep_until(start).await;
+    }
 
     #[test]
     fn payload_ages_and_percentiles() {
@@ -427,12 +521,18 @@ mod tests {
     fn this_process_uses_cpu_and_memory() {
         let pid = std::process::id();
         let start = cpu_seconds(pid);
+        // Busy until the counter moves (it counts clock ticks), for at most a few seconds.
+        let deadline = Instant::now() + Duration::from_secs(5);
         let mut x = 0u64;
-        for i in 0..50_000_000u64 {
-            x = x.wrapping_mul(31).wrapping_add(i);
+        while cpu_seconds(pid) <= start && Instant::now() < deadline {
+            for i in 0..1_000_000u64 {
+                x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(i));
+            }
         }
-        assert!(x != 1);
-        assert!(cpu_seconds(pid) > start);
+        assert!(
+            cpu_seconds(pid) > start,
+            "no CPU time counted after {x} rounds"
+        );
         assert!(rss_bytes(pid) > 1024 * 1024);
         assert!(slab_bytes() > 0);
     }

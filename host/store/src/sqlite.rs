@@ -1016,6 +1016,17 @@ mod tests {
         assert_eq!(after.applier_messages, 5);
         assert!(after.applier_commits >= 1, "{after:?}");
         assert!(after.applier_seconds > 0.0, "{after:?}");
+        // The applier's commit wakes the checkpointer, whose pass is counted once done.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let checkpointed = loop {
+            let stats = store.stats().unwrap();
+            if stats.checkpoints > 0 || std::time::Instant::now() > deadline {
+                break stats;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert!(checkpointed.checkpoints >= 1, "{checkpointed:?}");
+        assert!(checkpointed.checkpoint_seconds > 0.0, "{checkpointed:?}");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -50,7 +50,7 @@ pub struct FrameReader {
     /// Bytes read and not yet taken, `inline[start..end]`, while `spill` is empty.
     inline: [u8; INLINE_BYTES],
     /// Bytes read and not yet taken, `spill[start..]`, when they did not fit inline; freed
-    /// once they are all taken.
+    /// (or moved back inline) once what is left fits inline.
     spill: Vec<u8>,
     start: usize,
     end: usize,
@@ -99,7 +99,9 @@ impl FrameReader {
         }
     }
 
-    /// Reads once into the thread's scratch buffer and keeps what came.
+    /// Reads once into the thread's scratch buffer and keeps what came. The buffer is
+    /// borrowed while `stream` is polled: a stream whose reads poll another `FrameReader`
+    /// on the same thread would find it taken (and panic); none here does.
     fn poll_read_once<R: AsyncRead + Unpin + ?Sized>(
         &mut self,
         stream: &mut R,
@@ -166,12 +168,32 @@ impl FrameReader {
             }
             return Ok(None);
         }
+        if self.start == 0
+            && held.len() == whole
+            && !self.spill.is_empty()
+            && self.spill.capacity() <= whole + whole / 4
+        {
+            // A spill buffer that holds just this frame (a large one, read by several
+            // reads) is handed out as it is, not copied. Not one with more room: the
+            // frame's parts (a message body) may outlive it and would keep all of it.
+            let spill = std::mem::take(&mut self.spill);
+            self.end = 0;
+            return Ok(Some(Bytes::from(spill).slice(LENGTH_PREFIX_BYTES..whole)));
+        }
         let frame = Bytes::copy_from_slice(&held[LENGTH_PREFIX_BYTES..whole]);
         self.start += whole;
-        if self.held().is_empty() {
+        let left = self.held().len();
+        if left == 0 {
             self.spill = Vec::new();
             self.start = 0;
             self.end = 0;
+        } else if !self.spill.is_empty() && left <= INLINE_BYTES {
+            // What is left fits inline: a connection that goes quiet now holds no heap.
+            let start = self.start;
+            self.inline[..left].copy_from_slice(&self.spill[start..]);
+            self.spill = Vec::new();
+            self.start = 0;
+            self.end = left;
         }
         Ok(Some(frame))
     }
@@ -325,6 +347,63 @@ mod tests {
             (&[1; 300][..], &[2; 10][..])
         );
         assert_eq!(reader.spill.capacity(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_short_leftover_after_a_large_read_goes_back_inline() {
+        let mut wire = Vec::new();
+        put_frame(&mut wire, &[5; 1000]);
+        put_frame(&mut wire, &[6; 100]);
+        // One read brings the large frame and the first 10 bytes of the next one.
+        let first_read = 4 + 1000 + 10;
+        let mut stream = Chunked {
+            data: wire,
+            pos: 0,
+            chunk: first_read,
+        };
+        let mut reader = FrameReader::new(4096);
+        let frame = reader.read_frame(&mut stream).await.unwrap().unwrap();
+        assert_eq!(&frame[..], &[5; 1000][..]);
+        assert_eq!(reader.spill.capacity(), 0, "10 bytes are kept inline");
+        assert_eq!(reader.held().len(), 10);
+        let frame = reader.read_frame(&mut stream).await.unwrap().unwrap();
+        assert_eq!(&frame[..], &[6; 100][..]);
+    }
+
+    #[tokio::test]
+    async fn a_read_abandoned_mid_frame_loses_nothing() {
+        let mut wire = Vec::new();
+        put_frame(&mut wire, &[7; 700]);
+        let (mut client, mut server) = tokio::io::duplex(64 * 1024);
+        let mut reader = FrameReader::new(4096);
+        // Half the frame arrives; the read is polled, then dropped (a select! that chose
+        // another branch).
+        tokio::io::AsyncWriteExt::write_all(&mut client, &wire[..350])
+            .await
+            .unwrap();
+        {
+            let mut read = std::pin::pin!(reader.read_frame(&mut server));
+            let polled = std::future::poll_fn(|cx| Poll::Ready(read.as_mut().poll(cx))).await;
+            assert!(polled.is_pending(), "half a frame is not a frame");
+        }
+        tokio::io::AsyncWriteExt::write_all(&mut client, &wire[350..])
+            .await
+            .unwrap();
+        let frame = reader.read_frame(&mut server).await.unwrap().unwrap();
+        assert_eq!(&frame[..], &[7; 700][..]);
+    }
+
+    #[test]
+    fn an_oversized_prefix_behind_a_large_frame_is_refused() {
+        let mut wire = Vec::new();
+        put_frame(&mut wire, &[1; 600]);
+        wire.extend_from_slice(&(1_000_000u32).to_be_bytes());
+        // Everything in one read: the second prefix is read from the spill buffer.
+        let mut stream_frames = read_all(wire, usize::MAX, 1000);
+        assert!(matches!(
+            stream_frames.as_mut().unwrap_err(),
+            FrameError::TooLarge { len: 1_000_000, .. }
+        ));
     }
 
     #[test]

@@ -297,18 +297,22 @@ pub struct FanoutResult {
 /// leave up to 1 ms late, and that lateness would be counted as latency of the system under
 /// test. Each thread's sleepers share a `timerfd` (nanosecond expiry, and no timer slack,
 /// which the kernel applies to sleeping threads, not to timerfds) that the runtime's reactor
-/// polls with the sockets: a sleeper is woken by the thread that runs it, where a timer
-/// thread of its own cost the load generator a third of its CPU in the round trip, in its
-/// own wake-ups and in waking the runtime's thread.
+/// polls with the sockets, so on the round trip's one-thread runtime a sender is woken by
+/// the thread that runs it (on the multi-thread runtime, by whichever worker polls the
+/// timer's task), where a timer thread of its own cost the load generator a third of its
+/// CPU in the round trip, in its own wake-ups and in waking the runtime's thread.
 pub async fn sleep_until(at: Instant) {
     if at <= Instant::now() {
         return;
     }
     let (woken, wake) = tokio::sync::oneshot::channel();
     let timer = PRECISE_TIMER.with_borrow_mut(|timer| {
-        timer
-            .get_or_insert_with(|| PreciseTimer::start().expect("create the benchmark's timerfd"))
-            .clone()
+        // A timer whose task ended with the runtime it was made in is replaced: this
+        // thread now runs another one.
+        if timer.as_ref().is_none_or(|t| !t.driven()) {
+            *timer = Some(PreciseTimer::start().expect("create the benchmark's timerfd"));
+        }
+        timer.clone().expect("set above")
     });
     timer.add(at, woken);
     let _ = wake.await;
@@ -352,6 +356,19 @@ struct PreciseTimer {
         u64,
     )>,
     fd: tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>,
+    /// Its task is alive (false once the runtime that ran it is gone).
+    driven: std::sync::atomic::AtomicBool,
+}
+
+/// Marks its timer undriven when the timer's task ends or is dropped with its runtime.
+struct Driving(std::sync::Arc<PreciseTimer>);
+
+impl Drop for Driving {
+    fn drop(&mut self) {
+        self.0
+            .driven
+            .store(false, std::sync::atomic::Ordering::Release);
+    }
 }
 
 impl PreciseTimer {
@@ -381,9 +398,15 @@ impl PreciseTimer {
         let timer = std::sync::Arc::new(Self {
             sleepers: Default::default(),
             fd,
+            driven: std::sync::atomic::AtomicBool::new(true),
         });
-        tokio::spawn(timer.clone().drive());
+        tokio::spawn(Driving(timer.clone()).drive());
         Ok(timer)
+    }
+
+    /// Whether its task still runs, so that sleepers are woken.
+    fn driven(&self) -> bool {
+        self.driven.load(std::sync::atomic::Ordering::Acquire)
     }
 
     fn add(&self, at: Instant, wake: tokio::sync::oneshot::Sender<()>) {
@@ -421,14 +444,20 @@ impl PreciseTimer {
         };
         // SAFETY: the descriptor is a timerfd this timer owns; `spec` is a valid
         // itimerspec and the old value is not asked for.
-        unsafe { libc::timerfd_settime(self.fd.as_raw_fd(), 0, &spec, std::ptr::null_mut()) };
+        let armed =
+            unsafe { libc::timerfd_settime(self.fd.as_raw_fd(), 0, &spec, std::ptr::null_mut()) };
+        // It fails only for a bad descriptor or value, neither of which can be here.
+        debug_assert_eq!(armed, 0, "{}", std::io::Error::last_os_error());
     }
+}
 
+impl Driving {
     /// Wakes the sleepers whose instant has come, each time the timerfd expires.
-    async fn drive(self: std::sync::Arc<Self>) {
+    async fn drive(self) {
         use std::os::fd::AsRawFd;
+        let timer = &self.0;
         loop {
-            let Ok(mut ready) = self.fd.readable().await else {
+            let Ok(mut ready) = timer.fd.readable().await else {
                 return;
             };
             let mut expirations = [0u8; 8];
@@ -437,13 +466,13 @@ impl PreciseTimer {
             // harmless: the sleepers are checked against the clock below.
             unsafe {
                 libc::read(
-                    self.fd.as_raw_fd(),
+                    timer.fd.as_raw_fd(),
                     expirations.as_mut_ptr().cast(),
                     expirations.len(),
                 )
             };
             ready.clear_ready();
-            let mut guard = self.sleepers.lock().unwrap_or_else(|p| p.into_inner());
+            let mut guard = timer.sleepers.lock().unwrap_or_else(|p| p.into_inner());
             let now = Instant::now();
             while guard.0.peek().is_some_and(|first| first.0.at <= now) {
                 if let Some(std::cmp::Reverse(due)) = guard.0.pop() {
@@ -451,7 +480,7 @@ impl PreciseTimer {
                 }
             }
             if let Some(first) = guard.0.peek() {
-                self.arm(first.0.at);
+                timer.arm(first.0.at);
             }
         }
     }
@@ -460,6 +489,22 @@ impl PreciseTimer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_thread_that_runs_a_second_runtime_gets_a_timer_of_its_own() {
+        for _ in 0..2 {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                let at = Instant::now() + Duration::from_millis(5);
+                tokio::time::timeout(Duration::from_secs(5), sleep_until(at))
+                    .await
+                    .expect("the sleeper is woken");
+            });
+        }
+    }
 
     #[tokio::test]
     async fn sleepers_wake_at_their_instants_in_order() {

@@ -237,6 +237,40 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn reads_that_drain_the_socket_wait_for_more_and_see_the_end() {
+        use tokio::io::AsyncWriteExt;
+        let (socket, mut client) = pair().await;
+        let mut reading = SharedTcp(socket);
+        let mut buf = [0u8; 64];
+        client.write_all(b"hello").await.unwrap();
+        // A read that leaves room clears the readiness: the next one must still be woken
+        // by new data.
+        assert_eq!(reading.read(&mut buf).await.unwrap(), 5);
+        let next = tokio::spawn(async move {
+            let n = reading.read(&mut buf).await.unwrap();
+            (reading, buf[..n].to_vec())
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        client.write_all(b"world").await.unwrap();
+        let (mut reading, got) = next.await.unwrap();
+        assert_eq!(got, b"world");
+        // More than the buffer holds, then the end: a full read, the rest, then end of file.
+        client.write_all(&[9u8; 100]).await.unwrap();
+        client.shutdown().await.unwrap();
+        let mut buf = [0u8; 64];
+        let mut total = 0;
+        loop {
+            let n = reading.read(&mut buf).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            assert!(buf[..n].iter().all(|&b| b == 9));
+            total += n;
+        }
+        assert_eq!(total, 100);
+    }
+
+    #[tokio::test]
     async fn a_direct_write_waits_until_the_task_has_written_everything() {
         let (socket, mut client) = pair().await;
         // Busy until the task's loop first finds nothing to write.

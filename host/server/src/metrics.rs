@@ -173,6 +173,8 @@ impl NodeMetrics {
                 metrics::gauge!("im_store_applier_busy_seconds").set(store.applier_seconds);
                 metrics::counter!("im_store_checkpoints_total").absolute(store.checkpoints);
                 metrics::gauge!("im_store_checkpoint_busy_seconds").set(store.checkpoint_seconds);
+                metrics::counter!("im_store_wal_restarts_total").absolute(store.wal_restarts);
+                metrics::gauge!("im_store_wal_restart_busy_seconds").set(store.wal_restart_seconds);
             }
             for plugin in plugins.map(PluginHost::list).unwrap_or_default() {
                 let id = plugin.id.clone();
@@ -244,6 +246,8 @@ mod tests {
             applier_seconds: 0.25,
             checkpoints: 2,
             checkpoint_seconds: 0.5,
+            wal_restarts: 1,
+            wal_restart_seconds: 0.125,
         };
         let text = node.render((0, 0), 0, Some(stats), None);
         for line in [
@@ -253,6 +257,8 @@ mod tests {
             "im_store_applier_busy_seconds 0.25",
             "im_store_checkpoints_total 2",
             "im_store_checkpoint_busy_seconds 0.5",
+            "im_store_wal_restarts_total 1",
+            "im_store_wal_restart_busy_seconds 0.125",
         ] {
             assert!(text.lines().any(|l| l == line), "no {line:?} in {text}");
         }

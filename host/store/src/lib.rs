@@ -115,6 +115,11 @@ pub struct StoreStats {
     pub checkpoints: u64,
     /// Time spent in them.
     pub checkpoint_seconds: f64,
+    /// Restarts of the write-ahead log (its file is written from the start again), each a
+    /// pause of the applier.
+    pub wal_restarts: u64,
+    /// Time spent in them.
+    pub wal_restart_seconds: f64,
 }
 
 /// A known user.

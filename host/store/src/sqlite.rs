@@ -7,7 +7,7 @@
 use std::path::Path;
 use std::str::FromStr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -63,10 +63,12 @@ struct Writer {
     checkpointer: Arc<Checkpointer>,
 }
 
-/// WAL size (in frames, one page each) past which the checkpointer also restarts the log.
-/// Restarting makes later commits overwrite the WAL file from its start instead of growing it;
-/// it waits for the writer briefly, so it runs once per this many frames, not per commit.
-const RESTART_WAL_FRAMES: i64 = 65_536;
+/// WAL size (in frames, one page each) past which the log is restarted. Restarting makes
+/// later commits overwrite the WAL file from its start instead of growing it. Under steady
+/// writes it never happens by itself (a passive pass copies only the frames it saw when it
+/// started, and the applier commits during every pass), and the restart holds the applier
+/// up while it copies the rest, so it runs once per this many frames, not per commit.
+const RESTART_WAL_FRAMES: i64 = if cfg!(test) { 64 } else { 65_536 };
 
 /// Least time between two checkpoints: each one syncs the WAL and the database file.
 const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(200);
@@ -102,6 +104,13 @@ struct Checkpointer {
     task: tokio::task::JoinHandle<()>,
     /// Checkpoints done, for [`Store::stats`].
     done: Arc<BusyTime>,
+    /// A passive pass found the WAL long: the journal's applier restarts it between two of
+    /// its transactions, where no writer is in the way and the wait for readers is short
+    /// (a restart from this task waited for the applier's lock, then held the applier up,
+    /// with SQLite's busy handler sleeping up to a second and more).
+    restart_wanted: Arc<AtomicBool>,
+    /// Restarts the applier did, for [`Store::stats`].
+    restarts: BusyTime,
 }
 
 impl Checkpointer {
@@ -110,12 +119,19 @@ impl Checkpointer {
         let woken = wake.clone();
         let done = Arc::new(BusyTime::default());
         let counted = done.clone();
+        let restart_wanted = Arc::new(AtomicBool::new(false));
+        let long = restart_wanted.clone();
         let task = tokio::spawn(async move {
             loop {
                 woken.notified().await;
                 let started = Instant::now();
                 match checkpoint(&mut conn).await {
-                    Ok(()) => counted.record(started.elapsed()),
+                    Ok(wal_frames) => {
+                        counted.record(started.elapsed());
+                        if wal_frames >= RESTART_WAL_FRAMES {
+                            long.store(true, Ordering::Release);
+                        }
+                    }
                     Err(err) => {
                         tracing::warn!(error = %err, "WAL checkpoint failed; retrying after the next commit");
                     }
@@ -123,12 +139,29 @@ impl Checkpointer {
                 tokio::time::sleep(CHECKPOINT_INTERVAL).await;
             }
         });
-        Self { wake, task, done }
+        Self {
+            wake,
+            task,
+            done,
+            restart_wanted,
+            restarts: BusyTime::default(),
+        }
     }
 
     /// Called after each commit.
     fn committed(&self) {
         self.wake.notify_one();
+    }
+
+    /// Whether the WAL is long enough to be restarted now.
+    fn restart_wanted(&self) -> bool {
+        self.restart_wanted.load(Ordering::Acquire)
+    }
+
+    /// The applier restarted the WAL, which took `took`.
+    fn restarted(&self, took: Duration) {
+        self.restart_wanted.store(false, Ordering::Release);
+        self.restarts.record(took);
     }
 
     fn stop(&self) {
@@ -142,19 +175,13 @@ impl Drop for Checkpointer {
     }
 }
 
-/// One PASSIVE checkpoint (never waits for the writer), then a RESTART once the WAL is long.
-async fn checkpoint(conn: &mut SqliteConnection) -> Result<(), sqlx::Error> {
+/// One PASSIVE checkpoint (never waits for the writer); returns the WAL's length in frames.
+async fn checkpoint(conn: &mut SqliteConnection) -> Result<i64, sqlx::Error> {
     let (_busy, wal_frames, _copied): (i64, i64, i64) =
         sqlx::query_as("PRAGMA wal_checkpoint(PASSIVE)")
             .fetch_one(&mut *conn)
             .await?;
-    if wal_frames >= RESTART_WAL_FRAMES {
-        // Only the frames committed since the passive pass are left to copy.
-        sqlx::query("PRAGMA wal_checkpoint(RESTART)")
-            .execute(&mut *conn)
-            .await?;
-    }
-    Ok(())
+    Ok(wal_frames)
 }
 
 fn backend(err: impl std::fmt::Display) -> StoreError {
@@ -242,7 +269,7 @@ impl SqliteStore {
 impl Writer {
     /// A write transaction that holds the write lock from its start. (A deferred one that
     /// reads first cannot wait for the lock later: it would fail with SQLITE_BUSY while the
-    /// checkpointer restarts the WAL.)
+    /// applier restarts the WAL.)
     async fn begin_write(&self) -> StoreResult<sqlx::Transaction<'static, sqlx::Sqlite>> {
         self.pool
             .begin_with("BEGIN IMMEDIATE")
@@ -638,9 +665,12 @@ impl Store for SqliteStore {
 
     fn stats(&self) -> Option<StoreStats> {
         let checkpoints = &self.writer.checkpointer.done;
+        let restarts = &self.writer.checkpointer.restarts;
         Some(StoreStats {
             checkpoints: checkpoints.runs(),
             checkpoint_seconds: checkpoints.seconds(),
+            wal_restarts: restarts.runs(),
+            wal_restart_seconds: restarts.seconds(),
             ..self.journal.stats()
         })
     }
@@ -1027,6 +1057,45 @@ mod tests {
         };
         assert!(checkpointed.checkpoints >= 1, "{checkpointed:?}");
         assert!(checkpointed.checkpoint_seconds > 0.0, "{checkpointed:?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_long_wal_is_restarted_between_the_appliers_transactions() {
+        let (_dir, _, store) = open_temp().await;
+        assert_eq!(store.stats().unwrap().wal_restarts, 0);
+        // Tests restart at RESTART_WAL_FRAMES (64) frames: a few hundred messages, each
+        // round applied (a read waits for it) and followed by a checkpoint's chance.
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let mut round = 0;
+        let restarted = loop {
+            let batch =
+                crate::conformance::direct_batch("wr-a", "wr-b", &format!("wal{round}"), 50);
+            store.append_messages(&batch).await.unwrap();
+            store
+                .messages_after(&batch[0].conversation_id, 0, 1)
+                .await
+                .unwrap();
+            let stats = store.stats().unwrap();
+            if stats.wal_restarts > 0 || std::time::Instant::now() > deadline {
+                break stats;
+            }
+            round += 1;
+            tokio::time::sleep(CHECKPOINT_INTERVAL / 4).await;
+        };
+        assert!(restarted.wal_restarts >= 1, "{restarted:?}");
+        assert!(restarted.wal_restart_seconds > 0.0, "{restarted:?}");
+        // Every message is still there, in order, after the restart.
+        let conversation = crate::conformance::direct_batch("wr-a", "wr-b", "wal0", 1)[0]
+            .conversation_id
+            .clone();
+        let total = 50 * (round + 1) as u64;
+        assert_eq!(store.last_seq(&conversation).await.unwrap(), total);
+        let last_round = store
+            .messages_after(&conversation, total - 50, 100)
+            .await
+            .unwrap();
+        assert_eq!(last_round.len(), 50);
+        assert_eq!(last_round[49].seq, total);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -872,7 +872,7 @@ fn create_segment(dir: &Path, number: u64, fsync: bool) -> StoreResult<(File, u6
 /// transactions begin `IMMEDIATE` and wait (busy timeout) while the other writes.
 fn open_applier_connection(db_path: &Path, fsync: bool) -> StoreResult<rusqlite::Connection> {
     let db = rusqlite::Connection::open(db_path).map_err(backend)?;
-    db.busy_timeout(Duration::from_secs(10)).map_err(backend)?;
+    db.busy_timeout(APPLIER_BUSY_TIMEOUT).map_err(backend)?;
     db.execute_batch(&format!(
         "PRAGMA synchronous = {}; PRAGMA wal_autocheckpoint = 0; PRAGMA temp_store = memory; \
          PRAGMA cache_size = -16000;",
@@ -905,6 +905,36 @@ fn replay(dir: &Path, db: &rusqlite::Connection) -> StoreResult<u64> {
         std::fs::remove_file(path).map_err(backend)?;
     }
     Ok(next)
+}
+
+/// How long the applier's connection waits for a lock held elsewhere (another writer's
+/// transaction) before its transaction fails.
+const APPLIER_BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a WAL restart waits for a checkpoint or a reader in progress before it gives up
+/// until the applier's next commit: the applier applies nothing while it waits.
+const WAL_RESTART_WAIT: Duration = Duration::from_millis(20);
+
+/// Restarts the WAL between two of the applier's transactions: copies the frames the
+/// checkpointer's passes have not and lets the next commit write the log from its start.
+fn restart_wal(db: &rusqlite::Connection, checkpointer: &Checkpointer) {
+    let started = Instant::now();
+    let outcome = db.busy_timeout(WAL_RESTART_WAIT).and_then(|()| {
+        db.query_row("PRAGMA wal_checkpoint(RESTART)", [], |row| {
+            row.get::<_, i64>(0)
+        })
+    });
+    if let Err(err) = db.busy_timeout(APPLIER_BUSY_TIMEOUT) {
+        tracing::warn!(error = %err, "restoring the applier's busy timeout failed");
+    }
+    match outcome {
+        Ok(0) => checkpointer.restarted(started.elapsed()),
+        // Blocked by a checkpoint or reader in progress: tried again after the next commit.
+        Ok(_) => {}
+        Err(err) => {
+            tracing::warn!(error = %err, "restarting the WAL failed; trying again after the next commit");
+        }
+    }
 }
 
 /// The applier: writes journaled batches into SQLite in order, several per transaction,
@@ -964,7 +994,13 @@ fn apply(
         shared
             .applier_messages
             .fetch_add(messages.len() as u64, Ordering::Relaxed);
-        checkpointer.committed();
+        // A restart copies what the checkpointer has not; a passive pass running beside it
+        // would only be in its way.
+        if checkpointer.restart_wanted() {
+            restart_wal(db, checkpointer);
+        } else {
+            checkpointer.committed();
+        }
         shared.applied(&messages, applied);
     }
 }

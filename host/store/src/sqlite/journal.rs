@@ -994,14 +994,14 @@ fn apply(
         shared
             .applier_messages
             .fetch_add(messages.len() as u64, Ordering::Relaxed);
-        // A restart copies what the checkpointer has not; a passive pass running beside it
-        // would only be in its way.
+        // Readers waiting for these messages go first; then a restart, if one is due, copies
+        // what the checkpointer has not (a passive pass beside it would only be in its way).
+        shared.applied(&messages, applied);
         if checkpointer.restart_wanted() {
             restart_wal(db, checkpointer);
         } else {
             checkpointer.committed();
         }
-        shared.applied(&messages, applied);
     }
 }
 

@@ -73,9 +73,6 @@ const RESTART_WAL_FRAMES: i64 = if cfg!(test) { 64 } else { 65_536 };
 /// Least time between two checkpoints: each one syncs the WAL and the database file.
 const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(200);
 
-/// Copies the WAL into the database file on a connection of its own, so that commits never
-/// run a checkpoint (with SQLite's automatic checkpoints a commit every 1,000 pages copies
-/// them and waits for two fsyncs). Woken after commits; stops when the store is closed.
 /// How many times a piece of background work ran, and for how long in all.
 #[derive(Default)]
 struct BusyTime {
@@ -99,6 +96,9 @@ impl BusyTime {
     }
 }
 
+/// Copies the WAL into the database file on a connection of its own, so that commits never
+/// run a checkpoint (with SQLite's automatic checkpoints a commit every 1,000 pages copies
+/// them and waits for two fsyncs). Woken after commits; stops when the store is closed.
 struct Checkpointer {
     wake: Arc<Notify>,
     task: tokio::task::JoinHandle<()>,

@@ -581,6 +581,9 @@ async fn chat(conn: ConnArgs, with: String) -> anyhow::Result<()> {
     for m in history.messages.iter().rev() {
         print_message(m);
     }
+    // The stream may still carry what history showed (the device's stored cursor can lag
+    // behind its acks): each message is printed once.
+    let mut shown = history.messages.iter().map(|m| m.seq).max().unwrap_or(0);
     let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
     loop {
         tokio::select! {
@@ -596,7 +599,12 @@ async fn chat(conn: ConnArgs, with: String) -> anyhow::Result<()> {
                 }
             }
             event = events.next() => match event {
-                Some(Event::Message(m)) if m.conversation_id == conversation => print_message(&m),
+                Some(Event::Message(m)) if m.conversation_id == conversation => {
+                    if m.seq > shown {
+                        shown = m.seq;
+                        print_message(&m);
+                    }
+                }
                 Some(Event::Message(m)) => eprintln!("# new message in {} from {}", m.conversation_id, m.sender_id),
                 Some(Event::Disconnected { reason }) => eprintln!("# disconnected: {reason}; reconnecting"),
                 Some(Event::Connected { resumed: true, .. }) => eprintln!("# reconnected"),

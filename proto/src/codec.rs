@@ -221,11 +221,24 @@ mod tests {
     use std::task::{Context, Poll};
     use tokio::io::ReadBuf;
 
-    /// An AsyncRead that hands out its data in fixed chunk sizes, to exercise partial reads.
+    /// An AsyncRead that hands out its data in fixed chunk sizes, to exercise partial reads,
+    /// and counts the reads it answers.
     struct Chunked {
         data: Vec<u8>,
         pos: usize,
         chunk: usize,
+        reads: usize,
+    }
+
+    impl Chunked {
+        fn new(data: Vec<u8>, chunk: usize) -> Self {
+            Self {
+                data,
+                pos: 0,
+                chunk,
+                reads: 0,
+            }
+        }
     }
 
     impl AsyncRead for Chunked {
@@ -234,6 +247,7 @@ mod tests {
             _cx: &mut Context<'_>,
             buf: &mut ReadBuf<'_>,
         ) -> Poll<std::io::Result<()>> {
+            self.reads += 1;
             let n = self
                 .chunk
                 .min(buf.remaining())
@@ -245,23 +259,34 @@ mod tests {
         }
     }
 
+    /// Reads every frame of `wire`, handed out in reads of at most `chunk` bytes, with
+    /// frames up to `max` bytes; returns the frames (or the first error), the reads it took
+    /// and the reader.
+    async fn read_frames(
+        wire: Vec<u8>,
+        chunk: usize,
+        max: usize,
+    ) -> (Result<Vec<Bytes>, FrameError>, usize, FrameReader) {
+        let mut stream = Chunked::new(wire, chunk);
+        let mut reader = FrameReader::new(max);
+        let mut frames = Vec::new();
+        let result = loop {
+            match reader.read_frame(&mut stream).await {
+                Ok(Some(frame)) => frames.push(frame),
+                Ok(None) => break Ok(frames),
+                Err(err) => break Err(err),
+            }
+        };
+        (result, stream.reads, reader)
+    }
+
+    /// [`read_frames`] on a runtime of its own, for synchronous tests.
     fn read_all(data: Vec<u8>, chunk: usize, max: usize) -> Result<Vec<Vec<u8>>, FrameError> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();
-        rt.block_on(async {
-            let mut stream = Chunked {
-                data,
-                pos: 0,
-                chunk,
-            };
-            let mut reader = FrameReader::new(max);
-            let mut frames = Vec::new();
-            while let Some(frame) = reader.read_frame(&mut stream).await? {
-                frames.push(frame.to_vec());
-            }
-            Ok(frames)
-        })
+        let (frames, _, _) = rt.block_on(read_frames(data, chunk, max));
+        Ok(frames?.iter().map(|f| f.to_vec()).collect())
     }
 
     proptest! {
@@ -279,42 +304,6 @@ mod tests {
         }
     }
 
-    /// A stream that counts the reads it answers.
-    struct Counting {
-        inner: Chunked,
-        reads: usize,
-    }
-
-    impl AsyncRead for Counting {
-        fn poll_read(
-            mut self: Pin<&mut Self>,
-            cx: &mut Context<'_>,
-            buf: &mut ReadBuf<'_>,
-        ) -> Poll<std::io::Result<()>> {
-            self.reads += 1;
-            Pin::new(&mut self.inner).poll_read(cx, buf)
-        }
-    }
-
-    /// Reads every frame of `wire`, handed out in reads of at most `chunk` bytes; returns
-    /// the frames, the reads it took and the reader.
-    async fn read_counting(wire: Vec<u8>, chunk: usize) -> (Vec<Bytes>, usize, FrameReader) {
-        let mut stream = Counting {
-            inner: Chunked {
-                data: wire,
-                pos: 0,
-                chunk,
-            },
-            reads: 0,
-        };
-        let mut reader = FrameReader::new(1 << 20);
-        let mut frames = Vec::new();
-        while let Some(frame) = reader.read_frame(&mut stream).await.unwrap() {
-            frames.push(frame);
-        }
-        (frames, stream.reads, reader)
-    }
-
     #[tokio::test]
     async fn what_has_arrived_is_taken_with_one_read_and_only_small_leftovers_are_kept() {
         // A backlog of small frames, and one frame larger than a connection keeps inline.
@@ -323,7 +312,8 @@ mod tests {
             put_frame(&mut wire, &[n; 150]);
         }
         put_frame(&mut wire, &[9; 1000]);
-        let (frames, reads, reader) = read_counting(wire, usize::MAX).await;
+        let (frames, reads, reader) = read_frames(wire, usize::MAX, 1 << 20).await;
+        let frames = frames.unwrap();
         assert_eq!(frames.len(), 65);
         assert!(
             frames[..64]
@@ -340,7 +330,8 @@ mod tests {
         let mut wire = Vec::new();
         put_frame(&mut wire, &[1; 300]);
         put_frame(&mut wire, &[2; 10]);
-        let (frames, _, reader) = read_counting(wire, 7).await;
+        let (frames, _, reader) = read_frames(wire, 7, 1 << 20).await;
+        let frames = frames.unwrap();
         assert_eq!(frames.len(), 2);
         assert_eq!(
             (&frames[0][..], &frames[1][..]),
@@ -356,11 +347,7 @@ mod tests {
         put_frame(&mut wire, &[6; 100]);
         // One read brings the large frame and the first 10 bytes of the next one.
         let first_read = 4 + 1000 + 10;
-        let mut stream = Chunked {
-            data: wire,
-            pos: 0,
-            chunk: first_read,
-        };
+        let mut stream = Chunked::new(wire, first_read);
         let mut reader = FrameReader::new(4096);
         let frame = reader.read_frame(&mut stream).await.unwrap().unwrap();
         assert_eq!(&frame[..], &[5; 1000][..]);

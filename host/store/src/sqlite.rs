@@ -1047,10 +1047,10 @@ mod tests {
         assert!(after.applier_commits >= 1, "{after:?}");
         assert!(after.applier_seconds > 0.0, "{after:?}");
         // The applier's commit wakes the checkpointer, whose pass is counted once done.
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + Duration::from_secs(10);
         let checkpointed = loop {
             let stats = store.stats().unwrap();
-            if stats.checkpoints > 0 || std::time::Instant::now() > deadline {
+            if stats.checkpoints > 0 || Instant::now() > deadline {
                 break stats;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -1065,7 +1065,7 @@ mod tests {
         assert_eq!(store.stats().unwrap().wal_restarts, 0);
         // Tests restart at RESTART_WAL_FRAMES (64) frames: a few hundred messages, each
         // round applied (a read waits for it) and followed by a checkpoint's chance.
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + Duration::from_secs(20);
         let mut round = 0;
         let restarted = loop {
             let batch =
@@ -1076,7 +1076,7 @@ mod tests {
                 .await
                 .unwrap();
             let stats = store.stats().unwrap();
-            if stats.wal_restarts > 0 || std::time::Instant::now() > deadline {
+            if stats.wal_restarts > 0 || Instant::now() > deadline {
                 break stats;
             }
             round += 1;

@@ -267,13 +267,8 @@ impl RttSamples {
 /// The stamps' origin ([`epoch`]) on CLOCK_MONOTONIC, in ns. `Instant` reads that clock on
 /// Linux; the two readings here are taken back to back, so the offset is good to about a µs.
 fn monotonic_ns_of_epoch() -> u64 {
-    let mut now = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
     let at = Instant::now();
-    // SAFETY: clock_gettime writes only the timespec it is given.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    let now = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
     let monotonic = now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64;
     monotonic.saturating_sub(stamp(at))
 }
@@ -375,20 +370,11 @@ impl PreciseTimer {
     /// A timer whose timerfd the current runtime polls, with the task that wakes its
     /// sleepers.
     fn start() -> std::io::Result<std::sync::Arc<Self>> {
-        use std::os::fd::FromRawFd;
-        // SAFETY: timerfd_create takes two integer arguments and returns a new descriptor
-        // (or -1), which is owned from here on.
-        let raw = unsafe {
-            libc::timerfd_create(
-                libc::CLOCK_MONOTONIC,
-                libc::TFD_NONBLOCK | libc::TFD_CLOEXEC,
-            )
-        };
-        if raw < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: `raw` is a descriptor just created and owned by nothing else.
-        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) };
+        use rustix::time::{TimerfdClockId, TimerfdFlags, timerfd_create};
+        let fd = timerfd_create(
+            TimerfdClockId::Monotonic,
+            TimerfdFlags::NONBLOCK | TimerfdFlags::CLOEXEC,
+        )?;
         // SAFETY: an OwnedFd's descriptor is open and stays the same until it is dropped,
         // which the AsyncFd owning it does last.
         let fd = unsafe {
@@ -427,50 +413,36 @@ impl PreciseTimer {
     /// Sets the timerfd to expire at `at` (armed under the sleepers' lock, so the last
     /// arming is for the first sleeper).
     fn arm(&self, at: Instant) {
-        use std::os::fd::AsRawFd;
+        use rustix::time::{Itimerspec, TimerfdTimerFlags, Timespec, timerfd_settime};
         // Zero would disarm it: a due instant expires at once instead.
         let after = at
             .saturating_duration_since(Instant::now())
             .max(Duration::from_nanos(1));
-        let spec = libc::itimerspec {
-            it_interval: libc::timespec {
+        let spec = Itimerspec {
+            it_interval: Timespec {
                 tv_sec: 0,
                 tv_nsec: 0,
             },
-            it_value: libc::timespec {
-                tv_sec: after.as_secs() as libc::time_t,
-                tv_nsec: after.subsec_nanos() as libc::c_long,
-            },
+            it_value: Timespec::try_from(after).expect("a sleep shorter than 292 years"),
         };
-        // SAFETY: the descriptor is a timerfd this timer owns; `spec` is a valid
-        // itimerspec and the old value is not asked for.
-        let armed =
-            unsafe { libc::timerfd_settime(self.fd.as_raw_fd(), 0, &spec, std::ptr::null_mut()) };
         // It fails only for a bad descriptor or value, neither of which can be here.
-        debug_assert_eq!(armed, 0, "{}", std::io::Error::last_os_error());
+        let armed = timerfd_settime(self.fd.get_ref(), TimerfdTimerFlags::empty(), &spec);
+        debug_assert!(armed.is_ok(), "{armed:?}");
     }
 }
 
 impl Driving {
     /// Wakes the sleepers whose instant has come, each time the timerfd expires.
     async fn drive(self) {
-        use std::os::fd::AsRawFd;
         let timer = &self.0;
         loop {
             let Ok(mut ready) = timer.fd.readable().await else {
                 return;
             };
-            let mut expirations = [0u8; 8];
-            // SAFETY: reads at most 8 bytes into an 8-byte buffer from the timerfd; it
-            // fails with EAGAIN when the timer was re-armed since it expired, which is
-            // harmless: the sleepers are checked against the clock below.
-            unsafe {
-                libc::read(
-                    timer.fd.as_raw_fd(),
-                    expirations.as_mut_ptr().cast(),
-                    expirations.len(),
-                )
-            };
+            // Takes the expiration count; fails with EAGAIN when the timer was re-armed
+            // since it expired, which is harmless: the sleepers are checked against the
+            // clock below.
+            let _ = rustix::io::read(timer.fd.get_ref(), &mut [0u8; 8]);
             ready.clear_ready();
             let mut guard = timer.sleepers.lock().unwrap_or_else(|p| p.into_inner());
             let now = Instant::now();

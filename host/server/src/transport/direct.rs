@@ -252,7 +252,11 @@ mod tests {
         });
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         client.write_all(b"world").await.unwrap();
-        let (mut reading, got) = next.await.unwrap();
+        // A lost wake-up would leave the read waiting: bounded, so it fails instead.
+        let (mut reading, got) = tokio::time::timeout(std::time::Duration::from_secs(5), next)
+            .await
+            .expect("the read was woken by the new data")
+            .unwrap();
         assert_eq!(got, b"world");
         // More than the buffer holds, then the end: a full read, the rest, then end of file.
         client.write_all(&[9u8; 100]).await.unwrap();

@@ -175,6 +175,10 @@ impl NodeMetrics {
                 metrics::gauge!("im_store_checkpoint_busy_seconds").set(store.checkpoint_seconds);
                 metrics::counter!("im_store_wal_restarts_total").absolute(store.wal_restarts);
                 metrics::gauge!("im_store_wal_restart_busy_seconds").set(store.wal_restart_seconds);
+                metrics::counter!("im_store_wal_restarts_given_up_total")
+                    .absolute(store.wal_restarts_given_up);
+                metrics::gauge!("im_store_wal_restart_wait_seconds")
+                    .set(store.wal_restart_wait_seconds);
             }
             for plugin in plugins.map(PluginHost::list).unwrap_or_default() {
                 let id = plugin.id.clone();
@@ -248,6 +252,8 @@ mod tests {
             checkpoint_seconds: 0.5,
             wal_restarts: 1,
             wal_restart_seconds: 0.125,
+            wal_restarts_given_up: 4,
+            wal_restart_wait_seconds: 0.08,
         };
         let text = node.render((0, 0), 0, Some(stats), None);
         for line in [
@@ -259,6 +265,8 @@ mod tests {
             "im_store_checkpoint_busy_seconds 0.5",
             "im_store_wal_restarts_total 1",
             "im_store_wal_restart_busy_seconds 0.125",
+            "im_store_wal_restarts_given_up_total 4",
+            "im_store_wal_restart_wait_seconds 0.08",
         ] {
             assert!(text.lines().any(|l| l == line), "no {line:?} in {text}");
         }

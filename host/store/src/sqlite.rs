@@ -111,6 +111,9 @@ struct Checkpointer {
     restart_wanted: Arc<AtomicBool>,
     /// Restarts the applier did, for [`Store::stats`].
     restarts: BusyTime,
+    /// Restarts that gave up (a reader's snapshot or a checkpoint in the way), and the
+    /// applier's time waiting in them.
+    restarts_given_up: BusyTime,
 }
 
 impl Checkpointer {
@@ -145,6 +148,7 @@ impl Checkpointer {
             done,
             restart_wanted,
             restarts: BusyTime::default(),
+            restarts_given_up: BusyTime::default(),
         }
     }
 
@@ -162,6 +166,11 @@ impl Checkpointer {
     fn restarted(&self, took: Duration) {
         self.restart_wanted.store(false, Ordering::Release);
         self.restarts.record(took);
+    }
+
+    /// A restart gave up after waiting `waited`; the WAL stays long, so it is wanted still.
+    fn restart_gave_up(&self, waited: Duration) {
+        self.restarts_given_up.record(waited);
     }
 
     fn stop(&self) {
@@ -666,11 +675,14 @@ impl Store for SqliteStore {
     fn stats(&self) -> Option<StoreStats> {
         let checkpoints = &self.writer.checkpointer.done;
         let restarts = &self.writer.checkpointer.restarts;
+        let given_up = &self.writer.checkpointer.restarts_given_up;
         Some(StoreStats {
             checkpoints: checkpoints.runs(),
             checkpoint_seconds: checkpoints.seconds(),
             wal_restarts: restarts.runs(),
             wal_restart_seconds: restarts.seconds(),
+            wal_restarts_given_up: given_up.runs(),
+            wal_restart_wait_seconds: given_up.seconds(),
             ..self.journal.stats()
         })
     }
@@ -1096,6 +1108,76 @@ mod tests {
             .unwrap();
         assert_eq!(last_round.len(), 50);
         assert_eq!(last_round[49].seq, total);
+    }
+
+    /// Appends a round of 50 messages and reads it back (which waits for the applier).
+    async fn wal_round(store: &SqliteStore, round: usize) -> StoreStats {
+        let batch = crate::conformance::direct_batch("wr-a", "wr-b", &format!("wal{round}"), 50);
+        store.append_messages(&batch).await.unwrap();
+        let read = store
+            .messages_after(&batch[0].conversation_id, 0, 1)
+            .await
+            .unwrap();
+        assert_eq!(read.len(), 1, "round {round}");
+        store.stats().unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_reader_that_keeps_its_snapshot_delays_the_wal_restart_but_not_the_applier() {
+        let (_dir, path, store) = open_temp().await;
+        // A reader in the middle of a read transaction holds its snapshot of the WAL (which
+        // has frames by then), which a restart must wait for.
+        wal_round(&store, 0).await;
+        let reader = rusqlite::Connection::open(&path).unwrap();
+        reader.execute_batch("BEGIN").unwrap();
+        let _: i64 = reader
+            .query_row("SELECT COUNT(*) FROM messages", [], |row| row.get(0))
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut round = 1;
+        let blocked = loop {
+            let stats = wal_round(&store, round).await;
+            round += 1;
+            if stats.wal_restarts_given_up > 0 || Instant::now() > deadline {
+                break stats;
+            }
+            tokio::time::sleep(CHECKPOINT_INTERVAL / 4).await;
+        };
+        assert!(blocked.wal_restarts_given_up >= 1, "{blocked:?}");
+        assert_eq!(blocked.wal_restarts, 0, "{blocked:?}");
+        // While the reader holds on, the applier keeps applying (each round's read waits
+        // for it) and tries the restart later and later, not after each of its commits.
+        let watched_until = Instant::now() + Duration::from_millis(1500);
+        let mut commits_watched = 0;
+        let held = loop {
+            let stats = wal_round(&store, round).await;
+            round += 1;
+            commits_watched += 1;
+            if Instant::now() > watched_until {
+                break stats;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert_eq!(held.wal_restarts, 0, "{held:?}");
+        let tries = held.wal_restarts_given_up - blocked.wal_restarts_given_up;
+        assert!(
+            tries <= 6,
+            "{tries} restarts tried in {commits_watched} rounds while the reader held on"
+        );
+        // Once the reader lets go, a later try restarts the WAL.
+        reader.execute_batch("COMMIT").unwrap();
+        drop(reader);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let restarted = loop {
+            let stats = wal_round(&store, round).await;
+            round += 1;
+            if stats.wal_restarts > 0 || Instant::now() > deadline {
+                break stats;
+            }
+            tokio::time::sleep(CHECKPOINT_INTERVAL / 4).await;
+        };
+        assert!(restarted.wal_restarts >= 1, "{restarted:?}");
+        assert!(restarted.wal_restart_wait_seconds > 0.0, "{restarted:?}");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -912,12 +912,77 @@ fn replay(dir: &Path, db: &rusqlite::Connection) -> StoreResult<u64> {
 const APPLIER_BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long a WAL restart waits for a checkpoint or a reader in progress before it gives up
-/// until the applier's next commit: the applier applies nothing while it waits.
+/// (the applier applies nothing while it waits).
 const WAL_RESTART_WAIT: Duration = Duration::from_millis(20);
+
+/// After a restart gave up, the applier waits this long before trying again, doubling
+/// the wait after each further try that gives up, up to [`RESTART_RETRY_MAX`]: a reader
+/// that holds its snapshot for long would otherwise cost the applier a 20 ms wait after
+/// every commit.
+const RESTART_RETRY_FIRST: Duration = Duration::from_millis(100);
+const RESTART_RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// How long restarts may keep giving up before the applier warns that the WAL grows.
+const RESTART_BLOCKED_WARNING: Duration = Duration::from_secs(60);
+
+/// What one try to restart the WAL came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RestartOutcome {
+    Restarted,
+    /// A checkpoint or a reader's snapshot was in the way for the whole wait.
+    GaveUp,
+}
+
+/// When the applier may try to restart the WAL again, and since when tries give up.
+struct RestartRetry {
+    not_before: Option<Instant>,
+    wait: Duration,
+    giving_up_since: Option<Instant>,
+    warned: bool,
+}
+
+impl RestartRetry {
+    fn new() -> Self {
+        Self {
+            not_before: None,
+            wait: RESTART_RETRY_FIRST,
+            giving_up_since: None,
+            warned: false,
+        }
+    }
+
+    fn due(&self, now: Instant) -> bool {
+        self.not_before.is_none_or(|at| now >= at)
+    }
+
+    fn record(&mut self, outcome: RestartOutcome, now: Instant) {
+        match outcome {
+            RestartOutcome::Restarted => {
+                if self.warned {
+                    tracing::info!("the WAL was restarted again after a long wait");
+                }
+                *self = Self::new();
+            }
+            RestartOutcome::GaveUp => {
+                self.not_before = Some(now + self.wait);
+                self.wait = (self.wait * 2).min(RESTART_RETRY_MAX);
+                let since = *self.giving_up_since.get_or_insert(now);
+                if !self.warned && now.duration_since(since) >= RESTART_BLOCKED_WARNING {
+                    self.warned = true;
+                    tracing::warn!(
+                        blocked_for_s = now.duration_since(since).as_secs(),
+                        "the WAL cannot be restarted: a reader (or a long checkpoint) keeps \
+                         its snapshot, so the WAL file grows until it lets go"
+                    );
+                }
+            }
+        }
+    }
+}
 
 /// Restarts the WAL between two of the applier's transactions: copies the frames the
 /// checkpointer's passes have not and lets the next commit write the log from its start.
-fn restart_wal(db: &rusqlite::Connection, checkpointer: &Checkpointer) {
+fn restart_wal(db: &rusqlite::Connection, checkpointer: &Checkpointer) -> RestartOutcome {
     let started = Instant::now();
     let outcome = db.busy_timeout(WAL_RESTART_WAIT).and_then(|()| {
         db.query_row("PRAGMA wal_checkpoint(RESTART)", [], |row| {
@@ -928,11 +993,18 @@ fn restart_wal(db: &rusqlite::Connection, checkpointer: &Checkpointer) {
         tracing::warn!(error = %err, "restoring the applier's busy timeout failed");
     }
     match outcome {
-        Ok(0) => checkpointer.restarted(started.elapsed()),
-        // Blocked by a checkpoint or reader in progress: tried again after the next commit.
-        Ok(_) => {}
+        Ok(0) => {
+            checkpointer.restarted(started.elapsed());
+            RestartOutcome::Restarted
+        }
+        Ok(_) => {
+            checkpointer.restart_gave_up(started.elapsed());
+            RestartOutcome::GaveUp
+        }
         Err(err) => {
-            tracing::warn!(error = %err, "restarting the WAL failed; trying again after the next commit");
+            tracing::warn!(error = %err, "restarting the WAL failed; trying again later");
+            checkpointer.restart_gave_up(started.elapsed());
+            RestartOutcome::GaveUp
         }
     }
 }
@@ -947,6 +1019,7 @@ fn apply(
 ) {
     let mut taken: Vec<Batch> = Vec::new();
     let mut last_commit = Instant::now();
+    let mut restart_retry = RestartRetry::new();
     while let Some(first) = batches.blocking_recv() {
         let mut taken_messages = first.messages.len();
         taken.push(first);
@@ -997,8 +1070,9 @@ fn apply(
         // Readers waiting for these messages go first; then a restart, if one is due, copies
         // what the checkpointer has not (a passive pass beside it would only be in its way).
         shared.applied(&messages, applied);
-        if checkpointer.restart_wanted() {
-            restart_wal(db, checkpointer);
+        if checkpointer.restart_wanted() && restart_retry.due(Instant::now()) {
+            let outcome = restart_wal(db, checkpointer);
+            restart_retry.record(outcome, Instant::now());
         } else {
             checkpointer.committed();
         }

@@ -6,6 +6,8 @@
 //!   cargo run --release -p im-plugins --example hook_bench [iterations] [only]
 //!
 //! `only` keeps the cases whose label contains it (for profiling one case).
+//! `HOOK_BENCH_WORDS=<list>` replaces the keyword filters' word list (default
+//! `badword,scam,诈骗`).
 //! `HOOK_BENCH_EVICT_KIB=<n>` measures the filter calls cold: before each call the bench
 //! writes every cache line of an `n` KiB buffer, as a server's other work between two
 //! messages would, and times the call alone.
@@ -32,7 +34,8 @@ fn component(name: &str) -> Vec<u8> {
 fn manifest(id: &str, order: i32) -> String {
     format!(
         "id = \"{id}\"\nversion = \"1.0.0\"\nhooks = [\"message-filter\"]\norder = {order}\n\
-         [config]\nwords = \"badword,scam,诈骗\"\naction = \"mask\"\n"
+         [config]\nwords = \"{}\"\naction = \"mask\"\n",
+        std::env::var("HOOK_BENCH_WORDS").unwrap_or_else(|_| "badword,scam,诈骗".into())
     )
 }
 

@@ -10,6 +10,15 @@ use std::sync::OnceLock;
 use aho_corasick::{AhoCorasick, MatchKind};
 use im_plugin_sdk::filter::{MessageFilter, Rewrite, Verdict};
 use im_plugin_sdk::{CallContext, Message, config};
+use memchr::memmem::Finder;
+
+/// Up to this many ASCII words, ASCII text is first searched for each word on its own
+/// (memchr's SIMD substring search, a few instructions a byte per word), which proves most
+/// messages clean without the automaton. The automaton has no such skip in WebAssembly (its
+/// SIMD prefilters are x86-64 and ARM only, and case folding rules out the others) and
+/// steps through every byte, about 40 instructions each: past about eight words, searching
+/// word by word costs more than that (`hook_bench`, docs/benchmarks.md).
+const MAX_WORDS_SEARCHED_ONE_BY_ONE: usize = 6;
 
 /// What to do with a message that contains a word.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -21,6 +30,9 @@ pub enum Action {
 /// The compiled word list.
 pub struct WordFilter {
     automaton: Option<AhoCorasick>,
+    /// The list's ASCII words, each searched on its own in lowercased ASCII text before the
+    /// automaton runs; `None` when the list has more than [`MAX_WORDS_SEARCHED_ONE_BY_ONE`].
+    ascii_words: Option<Vec<Finder<'static>>>,
     action: Action,
     mask: char,
 }
@@ -59,8 +71,15 @@ impl WordFilter {
                 .build(&words)
                 .expect("plain word lists always build")
         });
+        let ascii_words: Vec<Finder<'static>> = words
+            .iter()
+            .filter(|w| w.is_ascii())
+            .map(|w| Finder::new(w.as_bytes()).into_owned())
+            .collect();
         Self {
             automaton,
+            ascii_words: (ascii_words.len() <= MAX_WORDS_SEARCHED_ONE_BY_ONE)
+                .then_some(ascii_words),
             action,
             mask,
         }
@@ -82,6 +101,13 @@ impl WordFilter {
     pub fn check(&self, text: &str) -> Option<Result<String, String>> {
         let automaton = self.automaton.as_ref()?;
         if text.is_ascii() {
+            if let Some(words) = &self.ascii_words {
+                // Most messages hold no word: proven here, the automaton never runs.
+                let lowercase = text.to_ascii_lowercase();
+                if words.iter().all(|w| w.find(lowercase.as_bytes()).is_none()) {
+                    return None;
+                }
+            }
             return self.check_ascii(automaton, text);
         }
         // Fold while remembering, for each folded byte, which original character it came from.
@@ -188,6 +214,47 @@ mod tests {
             Some(Err("message contains a blocked word".into()))
         );
         assert_eq!(f.check("fine"), None);
+    }
+
+    #[test]
+    fn short_and_long_word_lists_find_the_same_words() {
+        let words = [
+            "badword", "scam", "fraud", "spam", "idiot", "moron", "casino", "lottery",
+        ];
+        let texts = [
+            "the quick brown fox jumps over the lazy dog",
+            "Win the LOTTERY at our Casino",
+            "no SCAM here, only spam: a BadWord",
+            "scamming spammers",
+            "",
+        ];
+        for count in 1..=words.len() {
+            let list = words[..count].join(",");
+            let filter = WordFilter::new(&list, Action::Mask, '*');
+            // Searched word by word first, or by the automaton alone.
+            assert_eq!(
+                filter.ascii_words.is_some(),
+                count <= MAX_WORDS_SEARCHED_ONE_BY_ONE
+            );
+            for text in texts {
+                let mut masked = text.to_owned();
+                for word in &words[..count] {
+                    let lowercase = masked.to_ascii_lowercase();
+                    for (at, _) in lowercase.match_indices(word) {
+                        masked.replace_range(at..at + word.len(), &"*".repeat(word.len()));
+                    }
+                }
+                let expected = (masked != text).then_some(Ok(masked));
+                assert_eq!(filter.check(text), expected, "{count} words, {text:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn ascii_text_never_holds_a_cjk_word() {
+        let f = WordFilter::new("诈骗", Action::Reject, '*');
+        assert_eq!(f.check("zha pian"), None);
+        assert!(f.check("这是诈骗").is_some());
     }
 
     #[test]

@@ -39,13 +39,21 @@ fn manifest(id: &str, order: i32) -> String {
     )
 }
 
-fn message(len: usize) -> PluginMessage {
-    // Text without blocked words, so the keyword filter scans it all and allows it.
-    let body: Vec<u8> = "the quick brown fox jumps over the lazy dog "
-        .bytes()
-        .cycle()
-        .take(len)
-        .collect();
+/// English text without blocked words, so the keyword filter scans it all and allows it.
+const ENGLISH: &str = "the quick brown fox jumps over the lazy dog ";
+/// Chinese text without blocked words (three bytes a character in UTF-8).
+const CHINESE: &str = "今天天气很好我们下午一起去公园散步吧";
+
+/// A message of `source` repeated to `len` bytes, or as many whole characters as fit.
+fn message_of(source: &str, len: usize) -> PluginMessage {
+    let mut body = String::with_capacity(len);
+    for c in source.chars().cycle() {
+        if body.len() + c.len_utf8() > len {
+            break;
+        }
+        body.push(c);
+    }
+    let body = body.into_bytes();
     PluginMessage {
         conversation_id: "u:alice:bob".into(),
         sender: types::Principal {
@@ -59,6 +67,11 @@ fn message(len: usize) -> PluginMessage {
     }
 }
 
+/// An English message of `len` bytes.
+fn message(len: usize) -> PluginMessage {
+    message_of(ENGLISH, len)
+}
+
 /// Batches per row.
 const BATCHES: u32 = 20;
 
@@ -68,6 +81,18 @@ fn evict_kib() -> Option<usize> {
 }
 
 async fn measure(host: &PluginHost, label: &str, len: usize, iterations: u32, only: &str) {
+    measure_text(host, label, ENGLISH, len, iterations, only).await;
+}
+
+/// [`measure`] on a message of `source` repeated.
+async fn measure_text(
+    host: &PluginHost,
+    label: &str,
+    source: &str,
+    len: usize,
+    iterations: u32,
+    only: &str,
+) {
     if !format!("{label} {len} B").contains(only) {
         return;
     }
@@ -76,7 +101,7 @@ async fn measure(host: &PluginHost, label: &str, len: usize, iterations: u32, on
         remote_ip: Some("127.0.0.1".into()),
     };
     // The message is reused: the chain only lends it to the plugins.
-    let mut msg = message(len);
+    let mut msg = message_of(source, len);
     for _ in 0..1000 {
         let _ = host.filter(&origin, &mut msg).await;
     }
@@ -150,6 +175,10 @@ async fn main() -> anyhow::Result<()> {
         .await?;
     for len in [100, 1024, 16 * 1024] {
         measure(&keyword, "keyword filter", len, iterations, &only).await;
+    }
+    for len in [100, 1024] {
+        let label = "keyword filter (Chinese text)";
+        measure_text(&keyword, label, CHINESE, len, iterations, &only).await;
     }
 
     let chain = PluginHost::start(config("chain"), store.clone()).await?;

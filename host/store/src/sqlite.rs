@@ -1122,6 +1122,24 @@ mod tests {
         store.stats().unwrap()
     }
 
+    /// Runs [`wal_round`]s, a quarter checkpoint interval apart, until `done` holds of the
+    /// stats or 20 s have passed; returns the last stats.
+    async fn wal_rounds_until(
+        store: &SqliteStore,
+        round: &mut usize,
+        done: impl Fn(&StoreStats) -> bool,
+    ) -> StoreStats {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let stats = wal_round(store, *round).await;
+            *round += 1;
+            if done(&stats) || Instant::now() > deadline {
+                return stats;
+            }
+            tokio::time::sleep(CHECKPOINT_INTERVAL / 4).await;
+        }
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_reader_that_keeps_its_snapshot_delays_the_wal_restart_but_not_the_applier() {
         let (_dir, path, store) = open_temp().await;
@@ -1133,16 +1151,8 @@ mod tests {
         let _: i64 = reader
             .query_row("SELECT COUNT(*) FROM messages", [], |row| row.get(0))
             .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(20);
         let mut round = 1;
-        let blocked = loop {
-            let stats = wal_round(&store, round).await;
-            round += 1;
-            if stats.wal_restarts_given_up > 0 || Instant::now() > deadline {
-                break stats;
-            }
-            tokio::time::sleep(CHECKPOINT_INTERVAL / 4).await;
-        };
+        let blocked = wal_rounds_until(&store, &mut round, |s| s.wal_restarts_given_up > 0).await;
         assert!(blocked.wal_restarts_given_up >= 1, "{blocked:?}");
         assert_eq!(blocked.wal_restarts, 0, "{blocked:?}");
         // While the reader holds on, the applier keeps applying (each round's read waits
@@ -1167,15 +1177,7 @@ mod tests {
         // Once the reader lets go, a later try restarts the WAL.
         reader.execute_batch("COMMIT").unwrap();
         drop(reader);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let restarted = loop {
-            let stats = wal_round(&store, round).await;
-            round += 1;
-            if stats.wal_restarts > 0 || Instant::now() > deadline {
-                break stats;
-            }
-            tokio::time::sleep(CHECKPOINT_INTERVAL / 4).await;
-        };
+        let restarted = wal_rounds_until(&store, &mut round, |s| s.wal_restarts > 0).await;
         assert!(restarted.wal_restarts >= 1, "{restarted:?}");
         assert!(restarted.wal_restart_wait_seconds > 0.0, "{restarted:?}");
     }

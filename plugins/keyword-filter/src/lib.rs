@@ -69,7 +69,13 @@ const HANGUL_LAST: char = '\u{D7A3}';
 /// Whether [`fold_char`] leaves `c` as it is, as far as a quick look tells (`false` may
 /// be wrong, `true` is not).
 fn folds_to_itself(c: char) -> bool {
-    matches!(c, '\0'..='@' | '['..='\u{7F}' | CASELESS_CJK_FIRST..=CASELESS_CJK_LAST | HANGUL_FIRST..=HANGUL_LAST)
+    matches!(
+        c,
+        '\0'..='@'
+            | '['..='\u{7F}'
+            | CASELESS_CJK_FIRST..=CASELESS_CJK_LAST
+            | HANGUL_FIRST..=HANGUL_LAST
+    )
 }
 
 /// Folds a whole string.

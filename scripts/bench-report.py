@@ -139,14 +139,16 @@ def durable_table(doc):
     # The median of the interleaved rounds per filter count: single runs on a shared
     # 2-core machine vary by tens of percent.
     by_filters = {}
+    by_round = {}
     for e in rows(doc, "plugins-saturation"):
         by_filters.setdefault(e["params"]["filters"], []).append(e["result"]["acked_per_s"])
+        by_round.setdefault(e["params"]["round"], {})[e["params"]["filters"]] = e["result"]["acked_per_s"]
     sat = {f: statistics.median(v) for f, v in by_filters.items()}
     if 0 in sat and 3 in sat and sat[0]:
         rounds = len(by_filters[0])
-        # Each round's own cost too (0 and 3 filters measured back to back): their spread
-        # shows how far one figure can be trusted on this machine.
-        per_round = [100 * (1 - three / none) for none, three in zip(by_filters[0], by_filters[3]) if none]
+        # Each round's own cost too (0 and 3 filters measured in the same round): their
+        # spread shows how far one figure can be trusted on this machine.
+        per_round = [100 * (1 - r[3] / r[0]) for r in by_round.values() if r.get(0) and 3 in r]
         spread = f"; round by round {min(per_round):.1f}-{max(per_round):.1f}%" if per_round else ""
         lines.append(
             f"| 3 filters cost (median of {rounds} rounds: {sat[0]:.0f}/s with 0, {sat[3]:.0f}/s with 3{spread}) "

@@ -22,6 +22,23 @@ fn imctl(server: &ServerProcess, args: &[&str]) -> Command {
     command
 }
 
+/// The chat's next line of output; if none comes within [`WAIT`], fails with the chat's
+/// stderr, which tells how far it got (its sends and their acks, reconnections).
+async fn next_chat_line(
+    chat: &mut tokio::process::Child,
+    stdout: &mut tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
+    awaited: &str,
+) -> String {
+    if let Ok(line) = tokio::time::timeout(WAIT, stdout.next_line()).await {
+        return line.unwrap().expect("the chat ended early");
+    }
+    chat.start_kill().unwrap();
+    let mut said = String::new();
+    let _ =
+        tokio::io::AsyncReadExt::read_to_string(&mut chat.stderr.take().unwrap(), &mut said).await;
+    panic!("the chat printed no {awaited} within {WAIT:?}; its stderr: {said}");
+}
+
 async fn output(mut command: Command) -> String {
     let out = tokio::time::timeout(WAIT, command.output())
         .await
@@ -79,20 +96,7 @@ async fn imctl_sends_chats_tails_and_reads_history() {
     let mut stdin = chat.stdin.take().unwrap();
     let mut stdout = BufReader::new(chat.stdout.take().unwrap()).lines();
     // The chat first shows recent history.
-    let first = match tokio::time::timeout(WAIT, stdout.next_line()).await {
-        Ok(line) => line.unwrap().unwrap(),
-        Err(_) => {
-            // Say what the chat was doing: its stderr tells how far it got.
-            chat.start_kill().unwrap();
-            let mut said = String::new();
-            let _ = tokio::io::AsyncReadExt::read_to_string(
-                &mut chat.stderr.take().unwrap(),
-                &mut said,
-            )
-            .await;
-            panic!("the chat printed no history within {WAIT:?}; its stderr: {said}");
-        }
-    };
+    let first = next_chat_line(&mut chat, &mut stdout, "history").await;
     assert_eq!(first, "[u:alice:bob #1] bob: hi alice");
     stdin.write_all(b"typed in chat\n").await.unwrap();
     assert_eq!(
@@ -100,11 +104,7 @@ async fn imctl_sends_chats_tails_and_reads_history() {
         text("typed in chat")
     );
     _alice.send_text("bob", "reply to chat").await.unwrap();
-    let printed = tokio::time::timeout(WAIT, stdout.next_line())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let printed = next_chat_line(&mut chat, &mut stdout, "alice's reply").await;
     assert_eq!(printed, "[u:alice:bob #3] alice: reply to chat");
     drop(stdin);
     let status = tokio::time::timeout(WAIT, chat.wait())

@@ -34,8 +34,11 @@ fn component(name: &str) -> Vec<u8> {
 fn manifest(id: &str, order: i32) -> String {
     format!(
         "id = \"{id}\"\nversion = \"1.0.0\"\nhooks = [\"message-filter\"]\norder = {order}\n\
-         [config]\nwords = \"{}\"\naction = \"mask\"\n",
-        std::env::var("HOOK_BENCH_WORDS").unwrap_or_else(|_| "badword,scam,诈骗".into())
+         [config]\nwords = {}\naction = \"mask\"\n",
+        // Quoted as TOML, whatever the list holds.
+        toml::Value::from(
+            std::env::var("HOOK_BENCH_WORDS").unwrap_or_else(|_| "badword,scam,诈骗".into())
+        )
     )
 }
 

@@ -120,8 +120,8 @@ pub struct StoreStats {
     pub wal_restarts: u64,
     /// Time spent in them.
     pub wal_restart_seconds: f64,
-    /// Restarts that gave up because a reader kept its snapshot (or a checkpoint ran):
-    /// retried later and later; while they give up, the WAL file grows.
+    /// Restarts that gave up because a reader kept its snapshot (or a checkpoint ran), or
+    /// that failed: retried later and later; while they give up, the WAL file grows.
     pub wal_restarts_given_up: u64,
     /// Time the applier waited in them.
     pub wal_restart_wait_seconds: f64,

@@ -18,7 +18,8 @@ use memchr::memmem::Finder;
 /// messages clean without the automaton. The automaton has no such skip in WebAssembly (its
 /// SIMD prefilters are x86-64 and ARM only, and case folding rules out the others) and
 /// steps through every byte, about 40 instructions each: past about eight words, searching
-/// word by word costs more than that (`hook_bench`, docs/benchmarks.md).
+/// word by word costs more than that (`hook_bench`, docs/benchmarks.md). Six leaves room
+/// for texts in which the words' first bytes come up more often than in the benchmark's.
 const MAX_WORDS_SEARCHED_ONE_BY_ONE: usize = 6;
 
 /// What to do with a message that contains a word.

@@ -570,8 +570,11 @@ async fn run_async() -> anyhow::Result<()> {
 }
 
 async fn chat(conn: ConnArgs, with: String) -> anyhow::Result<()> {
-    // Recent history is printed first; the live stream carries only what comes after.
-    let (client, mut events) = conn.connect(Resume::Latest).await?;
+    // Recent history is printed first, then the stream's messages after it. The stream
+    // resumes from the device's cursor, not from the latest message: with `Latest`, a
+    // message stored while the client reads its conversation list counts as history and
+    // is skipped, although history may have been read before it came.
+    let (client, mut events) = conn.connect(Resume::DeviceCursor).await?;
     let conversation = im_client::ids::direct_conversation_id(client.user_id(), &with);
     eprintln!(
         "# chatting with {with} as {}; type a line and press enter, Ctrl-D to quit",

@@ -572,8 +572,9 @@ async fn run_async() -> anyhow::Result<()> {
 async fn chat(conn: ConnArgs, with: String) -> anyhow::Result<()> {
     // Recent history is printed first, then the stream's messages after it. The stream
     // resumes from the device's cursor, not from the latest message: with `Latest`, a
-    // message stored while the client reads its conversation list counts as history and
-    // is skipped, although history may have been read before it came.
+    // message stored while the client reads its conversation list can count as history
+    // (the SDK lets a push lower that floor, but a sync page that came first cannot),
+    // although this history may have been read before it came.
     let (client, mut events) = conn.connect(Resume::DeviceCursor).await?;
     let conversation = im_client::ids::direct_conversation_id(client.user_id(), &with);
     eprintln!(

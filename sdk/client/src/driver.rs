@@ -771,9 +771,9 @@ impl Driver {
                             Resume::DeviceCursor => self
                                 .timelines
                                 .set_floor(&c.conversation_id, c.delivered_seq),
-                            Resume::Latest => {
-                                self.timelines.set_floor(&c.conversation_id, c.last_seq)
-                            }
+                            Resume::Latest => self
+                                .timelines
+                                .set_latest_floor(&c.conversation_id, c.last_seq),
                             Resume::Beginning => {}
                         }
                     }

@@ -15,6 +15,8 @@ struct Timeline {
     /// (the application has them from `send`).
     ahead: BTreeMap<u64, Option<Message>>,
     sync_in_flight: bool,
+    /// `last` is a [`Timelines::set_latest_floor`] that nothing has confirmed yet.
+    latest_floor: bool,
 }
 
 /// What processing produced.
@@ -43,6 +45,18 @@ impl Timelines {
         t.ahead = t.ahead.split_off(&(t.last + 1));
     }
 
+    /// Only what comes after `seq` is wanted, where `seq` is the conversation's last seq as
+    /// read some time after this client logged in: it may already count messages stored
+    /// since the login, which are pushed to this client and are news, not history. So the
+    /// first push of the conversation lowers the floor to just below itself, unless a sync
+    /// page or an own send came first (then the floor stands: later pushes follow them).
+    pub fn set_latest_floor(&mut self, conversation_id: &str, seq: u64) {
+        self.set_floor(conversation_id, seq);
+        if let Some(t) = self.conversations.get_mut(conversation_id) {
+            t.latest_floor = true;
+        }
+    }
+
     /// The highest seq handed out for `conversation_id` (0 if none).
     pub fn last(&self, conversation_id: &str) -> u64 {
         self.conversations
@@ -59,12 +73,25 @@ impl Timelines {
     pub fn on_message(&mut self, message: Message) -> Progress {
         let conversation_id = message.conversation_id.clone();
         let seq = message.seq;
+        if let Some(t) = self.conversations.get_mut(&conversation_id)
+            && std::mem::take(&mut t.latest_floor)
+        {
+            t.last = t.last.min(seq.saturating_sub(1));
+        }
         self.accept(&conversation_id, seq, Some(message))
     }
 
     /// This client's own send was stored at `seq`.
     pub fn on_own_send(&mut self, conversation_id: &str, seq: u64) -> Progress {
+        self.confirm_floor(conversation_id);
         self.accept(conversation_id, seq, None)
+    }
+
+    /// A latest floor is final once anything but a push has moved past it.
+    fn confirm_floor(&mut self, conversation_id: &str) {
+        if let Some(t) = self.conversations.get_mut(conversation_id) {
+            t.latest_floor = false;
+        }
     }
 
     /// The server holds `conversation_id` up to `server_last`: sync if behind.
@@ -90,6 +117,7 @@ impl Timelines {
     ) -> Progress {
         let mut progress = Progress::default();
         let got_any = !messages.is_empty();
+        self.confirm_floor(conversation_id);
         for m in messages {
             let p = self.accept(conversation_id, m.seq, Some(m));
             progress.ready.extend(p.ready);
@@ -254,6 +282,34 @@ mod tests {
         assert!(t.on_message(own).ready.is_empty());
         assert_eq!(t.last("c"), 2);
         assert_eq!(seqs(&t.on_message(msg(3))), vec![3]);
+    }
+
+    #[test]
+    fn a_latest_floor_gives_way_to_the_first_push_after_it() {
+        let mut t = Timelines::default();
+        // The list said 5, but 4 and 5 were stored after the login and are pushed.
+        t.set_latest_floor("c", 5);
+        assert_eq!(seqs(&t.on_message(msg(4))), vec![4]);
+        assert_eq!(seqs(&t.on_message(msg(5))), vec![5]);
+        assert!(t.on_message(msg(4)).ready.is_empty());
+        // A first push above the floor confirms it: a lower one after it is a repeat.
+        let mut other = Timelines::default();
+        other.set_latest_floor("c", 5);
+        assert_eq!(seqs(&other.on_message(msg(6))), vec![6]);
+        assert!(other.on_message(msg(5)).ready.is_empty());
+    }
+
+    #[test]
+    fn a_latest_floor_passed_by_a_sync_or_an_own_send_stands() {
+        let mut t = Timelines::default();
+        t.set_latest_floor("c", 5);
+        assert_eq!(seqs(&t.on_sync_page("c", vec![msg(6)], false)), vec![6]);
+        assert!(t.on_message(msg(5)).ready.is_empty());
+        let mut own = Timelines::default();
+        own.set_latest_floor("c", 5);
+        assert!(own.on_own_send("c", 6).ready.is_empty());
+        assert!(own.on_message(msg(5)).ready.is_empty());
+        assert_eq!(seqs(&own.on_message(msg(7))), vec![7]);
     }
 
     #[test]

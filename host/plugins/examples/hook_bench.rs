@@ -70,11 +70,6 @@ fn message_of(source: &str, len: usize) -> PluginMessage {
     }
 }
 
-/// An English message of `len` bytes.
-fn message(len: usize) -> PluginMessage {
-    message_of(ENGLISH, len)
-}
-
 /// Batches per row.
 const BATCHES: u32 = 20;
 
@@ -83,12 +78,8 @@ fn evict_kib() -> Option<usize> {
     std::env::var("HOOK_BENCH_EVICT_KIB").ok()?.parse().ok()
 }
 
-async fn measure(host: &PluginHost, label: &str, len: usize, iterations: u32, only: &str) {
-    measure_text(host, label, ENGLISH, len, iterations, only).await;
-}
-
-/// [`measure`] on a message of `source` repeated.
-async fn measure_text(
+/// Filter calls on a message of `source` repeated to `len` bytes.
+async fn measure(
     host: &PluginHost,
     label: &str,
     source: &str,
@@ -163,13 +154,13 @@ async fn main() -> anyhow::Result<()> {
     println!("|---|---|---|");
 
     let empty = PluginHost::start(config("empty"), store.clone()).await?;
-    measure(&empty, "no plugins", 100, iterations, &only).await;
+    measure(&empty, "no plugins", ENGLISH, 100, iterations, &only).await;
 
     let noop = PluginHost::start(config("noop"), store.clone()).await?;
     noop.install(&manifest("noop", 1), component("noop_filter.wasm"))
         .await?;
     for len in [100, 16 * 1024] {
-        measure(&noop, "no-op filter", len, iterations, &only).await;
+        measure(&noop, "no-op filter", ENGLISH, len, iterations, &only).await;
     }
 
     let keyword = PluginHost::start(config("keyword"), store.clone()).await?;
@@ -177,11 +168,11 @@ async fn main() -> anyhow::Result<()> {
         .install(&manifest("keyword", 1), component("keyword_filter.wasm"))
         .await?;
     for len in [100, 1024, 16 * 1024] {
-        measure(&keyword, "keyword filter", len, iterations, &only).await;
+        measure(&keyword, "keyword filter", ENGLISH, len, iterations, &only).await;
     }
     for len in [100, 1024] {
         let label = "keyword filter (Chinese text)";
-        measure_text(&keyword, label, CHINESE, len, iterations, &only).await;
+        measure(&keyword, label, CHINESE, len, iterations, &only).await;
     }
 
     let chain = PluginHost::start(config("chain"), store.clone()).await?;
@@ -190,7 +181,7 @@ async fn main() -> anyhow::Result<()> {
             .install(&manifest(id, i as i32), component("keyword_filter.wasm"))
             .await?;
     }
-    measure(&chain, "3 keyword filters", 100, iterations, &only).await;
+    measure(&chain, "3 keyword filters", ENGLISH, 100, iterations, &only).await;
 
     let risk = PluginHost::start(config("risk"), store.clone()).await?;
     risk.install(RISK_MANIFEST, component("risk_control.wasm"))
@@ -215,7 +206,7 @@ async fn measure_risk(host: &PluginHost, iterations: u32, only: &str) {
         transport: "tcp",
         remote_ip: Some("127.0.0.1".into()),
     };
-    let mut msg = message(100);
+    let mut msg = message_of(ENGLISH, 100);
     let mut sequence = 0u64;
     let mut assess = async |msg: &mut PluginMessage| {
         sequence += 1;

@@ -73,11 +73,6 @@ impl Timelines {
     pub fn on_message(&mut self, message: Message) -> Progress {
         let conversation_id = message.conversation_id.clone();
         let seq = message.seq;
-        if let Some(t) = self.conversations.get_mut(&conversation_id)
-            && std::mem::take(&mut t.latest_floor)
-        {
-            t.last = t.last.min(seq.saturating_sub(1));
-        }
         self.accept(&conversation_id, seq, Some(message))
     }
 
@@ -157,6 +152,11 @@ impl Timelines {
                 .entry(conversation_id.to_owned())
                 .or_default(),
         };
+        // Only a push finds a latest floor unconfirmed: own sends and sync pages confirm
+        // it before they get here.
+        if std::mem::take(&mut t.latest_floor) {
+            t.last = t.last.min(seq.saturating_sub(1));
+        }
         let mut progress = Progress::default();
         if seq <= t.last {
             return progress;

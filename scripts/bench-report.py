@@ -123,8 +123,8 @@ def fanout_table(doc):
 
 def durable_table(doc):
     lines = [
-        "| run | offered | acked | acked/s | ack p50 | ack p99 | ack p99.9 | server CPU | loadgen CPU |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| system | run | offered | acked | acked/s | ack p50 | ack p99 | ack p99.9 | server CPU | loadgen CPU |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for scenario in ("durable", "durable-saturation", "plugins-fixed-rate", "plugins-saturation"):
         for e in rows(doc, scenario):
@@ -133,9 +133,23 @@ def durable_table(doc):
             params = ", ".join(f"{k}={v}" for k, v in e["params"].items())
             offered = f"{r['offered_per_s']}/s" if "offered_per_s" in r else f"window {r['window']} x {r['senders']}"
             lines.append(
-                f"| {scenario} ({params}) | {offered} | {r['acked']} | {r['acked_per_s']:.0f} | {lat['p50_us']} µs | {lat['p99_us']} µs | "
+                f"| {e['system']} | {scenario} ({params}) | {offered} | {r['acked']} | {r['acked_per_s']:.0f} | {lat['p50_us']} µs | {lat['p99_us']} µs | "
                 f"{lat['p999_us']} µs | {r['cpu']['server_cores']:.2f} | {r['cpu']['loadgen_cores']:.2f} |"
             )
+    # Against JetStream, the peer that stores and acknowledges each message as we do.
+    p99_by_rate = {}
+    for e in rows(doc, "durable"):
+        p99_by_rate.setdefault(e["params"]["rate"], {})[e["system"]] = e["result"]["ack_latency"]["p99_us"]
+    for rate, systems in sorted(p99_by_rate.items()):
+        if "im" in systems and "nats" in systems:
+            lines.append(
+                f"| ratio im / nats | durable ack p99 | {rate}/s | | | | {ratio(systems['im'], systems['nats'], True)} | | | |"
+            )
+    saturated = {e["system"]: e["result"]["acked_per_s"] for e in rows(doc, "durable-saturation")}
+    if "im" in saturated and "nats" in saturated:
+        lines.append(
+            f"| ratio im / nats | durable-saturation acked/s | | | {ratio(saturated['im'], saturated['nats'], False)} | | | | | |"
+        )
     # The median of the interleaved rounds per filter count: single runs on a shared
     # 2-core machine vary by tens of percent.
     by_filters = {}
@@ -151,7 +165,7 @@ def durable_table(doc):
         per_round = [100 * (1 - r[3] / r[0]) for r in by_round.values() if r.get(0) and 3 in r]
         spread = f"; round by round {min(per_round):.1f}-{max(per_round):.1f}%" if per_round else ""
         lines.append(
-            f"| 3 filters cost (median of {rounds} rounds: {sat[0]:.0f}/s with 0, {sat[3]:.0f}/s with 3{spread}) "
+            f"| im | 3 filters cost (median of {rounds} rounds: {sat[0]:.0f}/s with 0, {sat[3]:.0f}/s with 3{spread}) "
             f"| | | {100 * (1 - sat[3] / sat[0]):.1f}% of throughput | | | | | |"
         )
     return "\n".join(lines)

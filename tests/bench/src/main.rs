@@ -312,7 +312,7 @@ async fn run_all(args: AllArgs) -> anyhow::Result<()> {
             "durability": {
                 "im": "ack after the batch is appended to the message journal (one write per batch, applied to SQLite WAL, synchronous=NORMAL, behind the ack): survives SIGKILL of the server, not power loss",
                 "mosquitto": "QoS 1, persistence off (messages in memory)",
-                "nats": "core pub/sub, no persistence",
+                "nats": "core pub/sub, no persistence; durable sends: JetStream file store, nats-server's defaults (a publish is acknowledged once stored, the store synced to disk every 2 minutes)",
             },
             "pinning": cpus::current().map(|p| json!({"server_cpus": p.server, "loadgen_cpus": p.loadgen})),
             "server_worker_threads": args.server_workers,
@@ -481,6 +481,34 @@ async fn run_all(args: AllArgs) -> anyhow::Result<()> {
             json!({"config": "plugins off"}),
             result,
         )?;
+        drop(server);
+        if !args.no_peers {
+            // JetStream is the peer that stores and acknowledges each message, as we do.
+            let peer = PeerServer::start(PeerKind::Nats, true)?;
+            let config = peer.durability();
+            for &rate in &plan.durable_rates {
+                let senders = peers::jetstream_senders(&peer, plan.durable_senders).await?;
+                let result = scenarios::durable_at_rate(senders, peer.pid, rate, d, plan.body)
+                    .await
+                    .with_context(|| format!("JetStream durable sends at {rate}/s"))?;
+                results.push(
+                    "durable",
+                    "nats",
+                    json!({"rate": rate, "senders": plan.durable_senders, "config": config}),
+                    result,
+                )?;
+            }
+            let senders = peers::jetstream_senders(&peer, plan.durable_senders).await?;
+            let result = scenarios::saturate_with(senders, peer.pid, 64, d, plan.body)
+                .await
+                .context("JetStream durable saturation")?;
+            results.push(
+                "durable-saturation",
+                "nats",
+                json!({"config": config}),
+                result,
+            )?;
+        }
     }
 
     if wanted("plugins") {

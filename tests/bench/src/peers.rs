@@ -1,4 +1,4 @@
-//! The peers we compare with: starting mosquitto and nats-server, and the round-trip and fan-out scenarios over their client libraries.
+//! The peers we compare with: starting mosquitto and nats-server, and the round-trip, fan-out and (JetStream) durable-send scenarios over their client libraries.
 
 use std::fs::File;
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -8,13 +8,17 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use async_nats::jetstream::context::{Publish, PublishError};
+use async_nats::jetstream::publish::PublishAck;
 use bytes::Bytes;
+use futures_util::FutureExt;
 use futures_util::future::try_join_all;
 use futures_util::stream::{self, BoxStream, StreamExt};
 use rumqttc::{AsyncClient, Event, MqttOptions, NetworkOptions, Packet, QoS};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
+use crate::scenarios;
 use crate::stats::{
     CpuMeter, FanoutResult, Latency, LatencySamples, RttResult, RttSamples, age_at, payload,
     sleep_until,
@@ -38,6 +42,9 @@ const MQTT_REQUEST_CAPACITY: usize = 10_000;
 const MQTT_MAX_PACKET: usize = 1 << 20;
 /// Messages a NATS subscription buffers before the client drops them as a slow consumer.
 const NATS_SUBSCRIPTION_CAPACITY: usize = 1 << 18;
+/// The JetStream stream that durable sends go to, and the subjects it stores.
+const DURABLE_STREAM: &str = "BENCH";
+const DURABLE_SUBJECTS: &str = "bench.durable.>";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub enum PeerKind {
@@ -324,14 +331,7 @@ impl Conn {
                     .await
                     .with_context(|| format!("connecting {role} to mosquitto"))?,
             )),
-            PeerKind::Nats => {
-                let client = async_nats::ConnectOptions::new()
-                    .subscription_capacity(NATS_SUBSCRIPTION_CAPACITY)
-                    .connect(format!("127.0.0.1:{}", peer.port))
-                    .await
-                    .with_context(|| format!("connecting {role} to nats-server"))?;
-                Ok(Conn::Nats(client))
-            }
+            PeerKind::Nats => Ok(Conn::Nats(nats_client(peer, role).await?)),
         }
     }
 
@@ -387,6 +387,88 @@ impl Conn {
         }
         Ok(())
     }
+}
+
+async fn nats_client(peer: &PeerServer, role: &str) -> anyhow::Result<async_nats::Client> {
+    async_nats::ConnectOptions::new()
+        .subscription_capacity(NATS_SUBSCRIPTION_CAPACITY)
+        .connect(format!("127.0.0.1:{}", peer.port))
+        .await
+        .with_context(|| format!("connecting {role} to nats-server"))
+}
+
+/// A JetStream publisher on a connection of its own: each message goes to its own subject
+/// of the durable stream with a `Nats-Msg-Id` (JetStream's idempotency key, as our client
+/// message id is ours), and is acknowledged once the stream has stored it.
+pub struct JetStreamSender {
+    client: async_nats::Client,
+    jetstream: async_nats::jetstream::Context,
+    subject: String,
+    next_id: AtomicU64,
+}
+
+impl scenarios::DurableSender for JetStreamSender {
+    type Ack = futures_util::future::Map<
+        <async_nats::jetstream::context::PublishAckFuture as IntoFuture>::IntoFuture,
+        fn(Result<PublishAck, PublishError>) -> anyhow::Result<()>,
+    >;
+
+    async fn send(&self, at: Instant, body: usize) -> anyhow::Result<Self::Ack> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let publish = Publish::build()
+            .payload(payload(at, body))
+            .message_id(format!("{}-{id}", self.subject));
+        let ack = self
+            .jetstream
+            .send_publish(self.subject.clone(), publish)
+            .await?;
+        Ok(ack.into_future().map(stored as fn(_) -> _))
+    }
+
+    async fn close(self) {
+        let _ = self.client.drain().await;
+    }
+}
+
+/// JetStream's answer to a publish, as a [`scenarios::DurableSender::Ack`] resolves.
+fn stored(answer: Result<PublishAck, PublishError>) -> anyhow::Result<()> {
+    answer.map(drop).map_err(Into::into)
+}
+
+/// Creates the durable stream (file storage, the server's defaults otherwise) if it is not
+/// there yet, and connects `count` publishers to it, each with subjects of its own.
+pub async fn jetstream_senders(
+    peer: &PeerServer,
+    count: usize,
+) -> anyhow::Result<Vec<JetStreamSender>> {
+    anyhow::ensure!(
+        peer.kind == PeerKind::Nats && peer.jetstream,
+        "durable sends are compared with nats-server's JetStream only"
+    );
+    let setup = async_nats::jetstream::new(nats_client(peer, "jetstream-setup").await?);
+    setup
+        .get_or_create_stream(async_nats::jetstream::stream::Config {
+            name: DURABLE_STREAM.into(),
+            subjects: vec![DURABLE_SUBJECTS.into()],
+            storage: async_nats::jetstream::stream::StorageType::File,
+            ..Default::default()
+        })
+        .await
+        .context("creating the JetStream stream")?;
+    // Subjects differ from run to run, so no message id repeats one still in the stream's
+    // duplicate window.
+    let run = crate::stats::stamp(Instant::now());
+    let mut senders = Vec::with_capacity(count);
+    for n in 0..count {
+        let client = nats_client(peer, &format!("jetstream-{n}")).await?;
+        senders.push(JetStreamSender {
+            jetstream: async_nats::jetstream::new(client.clone()),
+            client,
+            subject: format!("bench.durable.{run}.{n}"),
+            next_id: AtomicU64::new(0),
+        });
+    }
+    Ok(senders)
 }
 
 /// Messages a run of `duration` at `rate` msgs/s sends.

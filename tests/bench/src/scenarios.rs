@@ -3,6 +3,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use futures_util::FutureExt;
 use im_client::{Client, Event, v1};
 use serde::Serialize;
 use tokio::sync::mpsc;
@@ -237,11 +238,59 @@ pub struct DurableResult {
     pub cpu: CpuUsage,
 }
 
-/// Prepares `senders` pairs: connected senders and recipients that exist but are offline.
+/// A connection that sends durable messages and learns when each one is stored: one of our
+/// clients, or a JetStream publisher (peers.rs).
+pub trait DurableSender: Send + 'static {
+    /// Resolves once the system has acknowledged the message as stored.
+    type Ack: Future<Output = anyhow::Result<()>> + Send + 'static;
+
+    /// Sends one message of `body` bytes stamped with `at`.
+    fn send(
+        &self,
+        at: Instant,
+        body: usize,
+    ) -> impl Future<Output = anyhow::Result<Self::Ack>> + Send;
+
+    fn close(self) -> impl Future<Output = ()> + Send;
+}
+
+/// One of our clients sending to an offline user.
+pub struct ImDurableSender {
+    client: Client,
+    to: String,
+}
+
+impl DurableSender for ImDurableSender {
+    type Ack = futures_util::future::Map<
+        im_client::PendingAck,
+        fn(Result<v1::SendAck, im_client::ClientError>) -> anyhow::Result<()>,
+    >;
+
+    async fn send(&self, at: Instant, body: usize) -> anyhow::Result<Self::Ack> {
+        let id = self.client.new_client_msg_id();
+        let ack = self
+            .client
+            .queue_send(&self.to, &id, payload(at, body), "")
+            .await?;
+        Ok(ack.map(stored as fn(_) -> _))
+    }
+
+    async fn close(self) {
+        self.client.close().await;
+    }
+}
+
+/// Our client's answer to a send, as a [`DurableSender::Ack`] resolves.
+fn stored(answer: Result<v1::SendAck, im_client::ClientError>) -> anyhow::Result<()> {
+    answer.map(drop).map_err(Into::into)
+}
+
+/// Prepares `senders` connected senders, each to its own recipient that exists but is
+/// offline.
 async fn durable_senders(
     server: &ImServer,
     senders: usize,
-) -> anyhow::Result<Vec<(Client, String)>> {
+) -> anyhow::Result<Vec<ImDurableSender>> {
     let tag = stamp(Instant::now());
     let recipients = connect_many(server, &format!("dur-r-{tag}-"), senders).await?;
     for (client, _) in &recipients {
@@ -251,7 +300,10 @@ async fn durable_senders(
     Ok(clients
         .into_iter()
         .enumerate()
-        .map(|(n, (client, _events))| (client, format!("dur-r-{tag}-{n}")))
+        .map(|(n, (client, _events))| ImDurableSender {
+            client,
+            to: format!("dur-r-{tag}-{n}"),
+        })
         .collect())
 }
 
@@ -262,13 +314,27 @@ pub async fn durable(
     duration: Duration,
     body: usize,
 ) -> anyhow::Result<DurableResult> {
-    let pairs = durable_senders(server, senders).await?;
-    let per_sender = (rate / senders as u64).max(1);
+    let senders = durable_senders(server, senders).await?;
+    durable_at_rate(senders, server.pid, rate, duration, body).await
+}
+
+/// Durable sends at `rate` in all, shared evenly by `senders`, open loop, for `duration`;
+/// `pid` is the system's server process, whose CPU is measured.
+pub async fn durable_at_rate<S: DurableSender>(
+    senders: Vec<S>,
+    pid: u32,
+    rate: u64,
+    duration: Duration,
+    body: usize,
+) -> anyhow::Result<DurableResult> {
+    let count = senders.len();
+    anyhow::ensure!(count > 0, "durable sends need a sender");
+    let per_sender = (rate / count as u64).max(1);
     let total_each = per_sender * duration.as_secs();
-    let meter = CpuMeter::start(server.pid);
+    let meter = CpuMeter::start(pid);
     let start = Instant::now() + Duration::from_millis(100);
     let mut tasks = JoinSet::new();
-    for (n, (client, to)) in pairs.into_iter().enumerate() {
+    for (n, sender) in senders.into_iter().enumerate() {
         // Offset each sender within the first interval so sends interleave evenly.
         let offset = Duration::from_nanos(n as u64 * 1_000_000_000 / rate.max(1));
         tasks.spawn(async move {
@@ -277,7 +343,7 @@ pub async fn durable(
                 let mut latency = Latency::new();
                 let mut last = Instant::now();
                 while let Some((at, ack)) = acks.recv().await {
-                    let ack: im_client::PendingAck = ack;
+                    let ack: S::Ack = ack;
                     if ack.await.is_ok() {
                         last = Instant::now();
                         latency.record(last.saturating_duration_since(at));
@@ -288,13 +354,12 @@ pub async fn durable(
             for i in 0..total_each {
                 let at = scheduled(start + offset, i, per_sender);
                 sleep_until(at).await;
-                let id = client.new_client_msg_id();
-                let ack = client.queue_send(&to, &id, payload(at, body), "").await?;
+                let ack = sender.send(at, body).await?;
                 acks_tx.send((at, ack)).await.ok();
             }
             drop(acks_tx);
             let outcome = waiter.await?;
-            client.close().await;
+            sender.close().await;
             anyhow::Ok(outcome)
         });
     }
@@ -308,7 +373,7 @@ pub async fn durable(
     let cpu = meter.finish();
     let acked = latency.count();
     Ok(DurableResult {
-        offered_per_s: per_sender * senders as u64,
+        offered_per_s: per_sender * count as u64,
         acked,
         acked_per_s: acked as f64
             / last
@@ -339,23 +404,32 @@ pub async fn saturate(
     duration: Duration,
     body: usize,
 ) -> anyhow::Result<SaturationResult> {
-    let pairs = durable_senders(server, senders).await?;
-    let meter = CpuMeter::start(server.pid);
+    let senders = durable_senders(server, senders).await?;
+    saturate_with(senders, server.pid, window, duration, body).await
+}
+
+/// Saturation with these `senders`, each keeping `window` sends in flight; `pid` is the
+/// system's server process.
+pub async fn saturate_with<S: DurableSender>(
+    senders: Vec<S>,
+    pid: u32,
+    window: usize,
+    duration: Duration,
+    body: usize,
+) -> anyhow::Result<SaturationResult> {
+    let count = senders.len();
+    let meter = CpuMeter::start(pid);
     let start = Instant::now();
     let stop = start + duration;
     let mut tasks = JoinSet::new();
-    for (client, to) in pairs {
+    for sender in senders {
         tasks.spawn(async move {
             let mut latency = Latency::new();
             let mut in_flight = std::collections::VecDeque::with_capacity(window);
             while Instant::now() < stop || !in_flight.is_empty() {
                 while in_flight.len() < window && Instant::now() < stop {
                     let at = Instant::now();
-                    let id = client.new_client_msg_id();
-                    in_flight.push_back((
-                        at,
-                        client.queue_send(&to, &id, payload(at, body), "").await?,
-                    ));
+                    in_flight.push_back((at, sender.send(at, body).await?));
                 }
                 if let Some((at, ack)) = in_flight.pop_front() {
                     let at: Instant = at;
@@ -363,7 +437,7 @@ pub async fn saturate(
                     latency.record(at.elapsed());
                 }
             }
-            client.close().await;
+            sender.close().await;
             anyhow::Ok(latency)
         });
     }
@@ -374,7 +448,7 @@ pub async fn saturate(
     let took = start.elapsed();
     let cpu = meter.finish();
     Ok(SaturationResult {
-        senders,
+        senders: count,
         window,
         acked: latency.count(),
         acked_per_s: latency.count() as f64 / took.as_secs_f64(),

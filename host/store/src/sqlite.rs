@@ -1182,6 +1182,121 @@ mod tests {
         assert!(restarted.wal_restart_wait_seconds > 0.0, "{restarted:?}");
     }
 
+    /// A database written before migration 0004 (messages clustered by conversation and
+    /// seq) keeps every message, its seq and its idempotency key through the upgrade.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn messages_stored_before_arrival_order_survive_the_upgrade() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("im.db");
+        let earlier = dir.path().join("migrations-before-0004");
+        std::fs::create_dir(&earlier).unwrap();
+        let all = Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations/sqlite");
+        for entry in std::fs::read_dir(all).unwrap() {
+            let entry = entry.unwrap();
+            if entry.file_name().to_string_lossy().as_ref() < "0004" {
+                std::fs::copy(entry.path(), earlier.join(entry.file_name())).unwrap();
+            }
+        }
+        let old = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(
+                SqliteConnectOptions::new()
+                    .filename(&path)
+                    .create_if_missing(true),
+            )
+            .await
+            .unwrap();
+        sqlx::migrate::Migrator::new(earlier.as_path())
+            .await
+            .unwrap()
+            .run(&old)
+            .await
+            .unwrap();
+        // Two conversations, interleaved, written as the store before 0004 wrote them.
+        let first = crate::conformance::direct_batch("ann", "bob", "old", 3);
+        let second = crate::conformance::direct_batch("cid", "dan", "old", 2);
+        let mut expected = Vec::new();
+        for msg in first
+            .iter()
+            .zip(&second)
+            .flat_map(|(a, b)| [a, b])
+            .chain(&first[2..])
+        {
+            let seq = 1 + expected
+                .iter()
+                .filter(|m: &&StoredMessage| m.conversation_id == msg.conversation_id)
+                .count() as u64;
+            let stored = msg.stored(seq);
+            sqlx::query(
+                "INSERT INTO messages (conversation_id, seq, server_msg_id, sender_id, \
+                 sender_device_id, recipient_id, client_msg_id, body, content_type, \
+                 server_time_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            )
+            .bind(&stored.conversation_id)
+            .bind(seq as i64)
+            .bind(&stored.server_msg_id)
+            .bind(&stored.sender_id)
+            .bind(&stored.sender_device_id)
+            .bind(&stored.recipient_id)
+            .bind(&stored.client_msg_id)
+            .bind(stored.body.as_ref())
+            .bind(&stored.content_type)
+            .bind(stored.server_time_ms)
+            .execute(&old)
+            .await
+            .unwrap();
+            sqlx::query(
+                "INSERT INTO conversations (conversation_id, last_seq, last_time_ms) \
+                 VALUES (?, ?, 0) ON CONFLICT (conversation_id) DO UPDATE SET last_seq = excluded.last_seq",
+            )
+            .bind(&stored.conversation_id)
+            .bind(seq as i64)
+            .execute(&old)
+            .await
+            .unwrap();
+            expected.push(stored);
+        }
+        old.close().await;
+
+        let store = SqliteStore::open(&path, SqliteOptions::default())
+            .await
+            .unwrap();
+        for batch in [&first, &second] {
+            let conversation = &batch[0].conversation_id;
+            let read = store.messages_after(conversation, 0, 100).await.unwrap();
+            let want: Vec<StoredMessage> = expected
+                .iter()
+                .filter(|m| &m.conversation_id == conversation)
+                .cloned()
+                .collect();
+            assert_eq!(read, want);
+            assert_eq!(
+                store.last_seq(conversation).await.unwrap(),
+                batch.len() as u64
+            );
+        }
+        let again = store.append_messages(&first[1..2]).await.unwrap();
+        assert!(
+            matches!(&again[0], Appended::Duplicate(m) if m.seq == 2),
+            "{again:?}"
+        );
+        let next = crate::conformance::direct_batch("ann", "bob", "new", 1);
+        let appended = store.append_messages(&next).await.unwrap();
+        assert!(
+            matches!(&appended[0], Appended::New(m) if m.seq == 4),
+            "{appended:?}"
+        );
+        assert_eq!(
+            store
+                .messages_after(&next[0].conversation_id, 3, 10)
+                .await
+                .unwrap()[0]
+                .client_msg_id,
+            "new-0"
+        );
+        store.close().await;
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn data_survives_reopen() {
         let (_dir, path, store) = open_temp().await;

@@ -121,6 +121,13 @@ def fanout_table(doc):
     return "\n".join(lines)
 
 
+def failed(result):
+    """Sends that got an error or no answer in time, when there were any (results written
+    before the kit counted them have no such field)."""
+    n = result.get("failed", 0)
+    return f" ({n} failed)" if n else ""
+
+
 def durable_table(doc):
     lines = [
         "| system | run | offered | acked | acked/s | ack p50 | ack p99 | ack p99.9 | server CPU | loadgen CPU |",
@@ -133,7 +140,7 @@ def durable_table(doc):
             params = ", ".join(f"{k}={v}" for k, v in e["params"].items())
             offered = f"{r['offered_per_s']}/s" if "offered_per_s" in r else f"window {r['window']} x {r['senders']}"
             lines.append(
-                f"| {e['system']} | {scenario} ({params}) | {offered} | {r['acked']} | {r['acked_per_s']:.0f} | {lat['p50_us']} µs | {lat['p99_us']} µs | "
+                f"| {e['system']} | {scenario} ({params}) | {offered} | {r['acked']}{failed(r)} | {r['acked_per_s']:.0f} | {lat['p50_us']} µs | {lat['p99_us']} µs | "
                 f"{lat['p999_us']} µs | {r['cpu']['server_cores']:.2f} | {r['cpu']['loadgen_cores']:.2f} |"
             )
     # Against JetStream, the peer that stores and acknowledges each message as we do.

@@ -200,6 +200,19 @@ fn backend(err: impl std::fmt::Display) -> StoreError {
 const MESSAGE_COLUMNS: &str = "conversation_id, seq, server_msg_id, sender_id, sender_device_id, \
      recipient_id, client_msg_id, body, content_type, server_time_ms";
 
+/// Applies the migrations on a connection of their own: one that may spill the sorts of a
+/// table's rebuild to temporary files (the store's other connections keep temporary data
+/// in memory), and that gives the WAL's space back after a large migration.
+async fn migrate(options: &SqliteConnectOptions) -> StoreResult<()> {
+    let mut conn = options.connect().await.map_err(backend)?;
+    MIGRATOR.run(&mut conn).await.map_err(backend)?;
+    sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+        .execute(&mut conn)
+        .await
+        .map_err(backend)?;
+    sqlx::Connection::close(conn).await.map_err(backend)
+}
+
 fn message_from_row(row: &SqliteRow) -> StoredMessage {
     StoredMessage {
         conversation_id: row.get("conversation_id"),
@@ -222,7 +235,7 @@ fn clamp_limit(limit: u32) -> i64 {
 impl SqliteStore {
     /// Opens (creating if needed) the database file at `path` and applies migrations.
     pub async fn open(path: &Path, options: SqliteOptions) -> StoreResult<Self> {
-        let connect = SqliteConnectOptions::from_str("sqlite://")
+        let base = SqliteConnectOptions::from_str("sqlite://")
             .map_err(backend)?
             .filename(path)
             .create_if_missing(true)
@@ -233,9 +246,11 @@ impl SqliteStore {
                 SqliteSynchronous::Normal
             })
             .busy_timeout(Duration::from_secs(10))
-            .pragma("cache_size", "-16000")
-            // Statement journals and temporary tables stay off the disk (multi-row and
-            // upsert statements open one per commit otherwise).
+            .pragma("cache_size", "-16000");
+        migrate(&base).await?;
+        // Statement journals and temporary tables stay off the disk (multi-row and
+        // upsert statements open one per commit otherwise).
+        let connect = base
             .pragma("temp_store", "memory")
             .statement_cache_capacity(64);
         // Commits never checkpoint; the checkpointer's own connection does.
@@ -247,7 +262,6 @@ impl SqliteStore {
             .await
             .map_err(backend)?;
         let checkpointer = Checkpointer::start(writing.connect().await.map_err(backend)?);
-        MIGRATOR.run(&writer).await.map_err(backend)?;
         let writer = Writer {
             pool: writer,
             checkpointer: Arc::new(checkpointer),
@@ -1270,11 +1284,25 @@ mod tests {
                 .cloned()
                 .collect();
             assert_eq!(read, want);
-            assert_eq!(
-                store.last_seq(conversation).await.unwrap(),
-                batch.len() as u64
-            );
         }
+        // Both indexes still refuse what they refused before the upgrade.
+        let raw = rusqlite::Connection::open(&path).unwrap();
+        let copy_of = |seq: i64, client_msg_id: &str| {
+            raw.execute(
+                "INSERT INTO messages (conversation_id, seq, server_msg_id, sender_id, \
+                 sender_device_id, recipient_id, client_msg_id, body, content_type, \
+                 server_time_ms) SELECT conversation_id, ?1, server_msg_id, sender_id, \
+                 sender_device_id, recipient_id, ?2, body, content_type, server_time_ms \
+                 FROM messages WHERE conversation_id = ?3 AND seq = 1",
+                rusqlite::params![seq, client_msg_id, first[0].conversation_id],
+            )
+        };
+        assert!(copy_of(1, "another-id").is_err(), "a seq stored twice");
+        assert!(
+            copy_of(9, &first[0].client_msg_id).is_err(),
+            "a client id stored twice"
+        );
+        drop(raw);
         let again = store.append_messages(&first[1..2]).await.unwrap();
         assert!(
             matches!(&again[0], Appended::Duplicate(m) if m.seq == 2),

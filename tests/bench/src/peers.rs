@@ -430,9 +430,15 @@ impl scenarios::DurableSender for JetStreamSender {
     }
 }
 
-/// JetStream's answer to a publish, as a [`scenarios::DurableSender::Ack`] resolves.
+/// JetStream's answer to a publish, as a [`scenarios::DurableSender::Ack`] resolves. Every
+/// message id is new, so an ack that calls one a duplicate is a failure, not a store.
 fn stored(answer: Result<PublishAck, PublishError>) -> anyhow::Result<()> {
-    answer.map(drop).map_err(Into::into)
+    let ack = answer?;
+    anyhow::ensure!(
+        !ack.duplicate,
+        "JetStream took a new message for a duplicate"
+    );
+    Ok(())
 }
 
 /// Creates the durable stream (file storage, the server's defaults otherwise) if it is not

@@ -233,6 +233,8 @@ pub async fn fanout(
 pub struct DurableResult {
     pub offered_per_s: u64,
     pub acked: u64,
+    /// Sends answered with an error or not answered in time (not in the latencies).
+    pub failed: u64,
     pub acked_per_s: f64,
     pub ack_latency: LatencySummary,
     pub cpu: CpuUsage,
@@ -341,15 +343,18 @@ pub async fn durable_at_rate<S: DurableSender>(
             let (acks_tx, mut acks) = mpsc::channel(1 << 16);
             let waiter = tokio::spawn(async move {
                 let mut latency = Latency::new();
+                let mut failed = 0u64;
                 let mut last = Instant::now();
                 while let Some((at, ack)) = acks.recv().await {
                     let ack: S::Ack = ack;
                     if ack.await.is_ok() {
                         last = Instant::now();
                         latency.record(last.saturating_duration_since(at));
+                    } else {
+                        failed += 1;
                     }
                 }
-                (latency, last)
+                (latency, failed, last)
             });
             for i in 0..total_each {
                 let at = scheduled(start + offset, i, per_sender);
@@ -364,10 +369,12 @@ pub async fn durable_at_rate<S: DurableSender>(
         });
     }
     let mut latency = Latency::new();
+    let mut failed = 0;
     let mut last = start;
     while let Some(done) = tasks.join_next().await {
-        let (l, at) = done??;
+        let (l, f, at) = done??;
         latency.merge(&l);
+        failed += f;
         last = last.max(at);
     }
     let cpu = meter.finish();
@@ -375,6 +382,7 @@ pub async fn durable_at_rate<S: DurableSender>(
     Ok(DurableResult {
         offered_per_s: per_sender * count as u64,
         acked,
+        failed,
         acked_per_s: acked as f64
             / last
                 .saturating_duration_since(start)
@@ -392,6 +400,8 @@ pub struct SaturationResult {
     pub senders: usize,
     pub window: usize,
     pub acked: u64,
+    /// Sends answered with an error or not answered in time (not in the latencies).
+    pub failed: u64,
     pub acked_per_s: f64,
     pub ack_latency: LatencySummary,
     pub cpu: CpuUsage,
@@ -425,6 +435,8 @@ pub async fn saturate_with<S: DurableSender>(
     for sender in senders {
         tasks.spawn(async move {
             let mut latency = Latency::new();
+            let mut failed = 0u64;
+            let mut last = start;
             let mut in_flight = std::collections::VecDeque::with_capacity(window);
             while Instant::now() < stop || !in_flight.is_empty() {
                 while in_flight.len() < window && Instant::now() < stop {
@@ -433,24 +445,38 @@ pub async fn saturate_with<S: DurableSender>(
                 }
                 if let Some((at, ack)) = in_flight.pop_front() {
                     let at: Instant = at;
-                    ack.await?;
-                    latency.record(at.elapsed());
+                    let ack: S::Ack = ack;
+                    if ack.await.is_ok() {
+                        last = Instant::now();
+                        latency.record(last.saturating_duration_since(at));
+                    } else {
+                        failed += 1;
+                    }
                 }
             }
+            // Closing is not part of the rate: the last ack ends this sender's run.
             sender.close().await;
-            anyhow::Ok(latency)
+            anyhow::Ok((latency, failed, last))
         });
     }
     let mut latency = Latency::new();
+    let mut failed = 0;
+    let mut last = start;
     while let Some(done) = tasks.join_next().await {
-        latency.merge(&done??);
+        let (l, f, at) = done??;
+        latency.merge(&l);
+        failed += f;
+        last = last.max(at);
     }
-    let took = start.elapsed();
+    let took = last
+        .saturating_duration_since(start)
+        .max(Duration::from_millis(1));
     let cpu = meter.finish();
     Ok(SaturationResult {
         senders: count,
         window,
         acked: latency.count(),
+        failed,
         acked_per_s: latency.count() as f64 / took.as_secs_f64(),
         ack_latency: latency.summary(),
         cpu,

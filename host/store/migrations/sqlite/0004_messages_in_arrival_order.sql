@@ -19,11 +19,13 @@ CREATE TABLE messages_in_arrival_order (
     server_time_ms   INTEGER NOT NULL
 );
 
+-- In the old table's order, by conversation: no sort, and a conversation's old messages
+-- stay together.
 INSERT INTO messages_in_arrival_order (conversation_id, seq, server_msg_id, sender_id,
     sender_device_id, recipient_id, client_msg_id, body, content_type, server_time_ms)
 SELECT conversation_id, seq, server_msg_id, sender_id, sender_device_id, recipient_id,
     client_msg_id, body, content_type, server_time_ms
-FROM messages ORDER BY server_time_ms, conversation_id, seq;
+FROM messages;
 
 -- Also drops messages_by_client_id, created again below.
 DROP TABLE messages;

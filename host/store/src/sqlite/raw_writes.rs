@@ -177,7 +177,15 @@ fn persist_in_transaction(db: &Connection, batch: &[Arc<StoredMessage>]) -> Stor
         if seq <= conversation.0 {
             continue;
         }
-        conversation.1 = conversation.1.max(seq);
+        // The journal assigns seqs one after another, so a gap or a repeat is a bug; the
+        // table's index does not catch a repeat by another sender (it holds the sender too).
+        if seq != conversation.1 + 1 {
+            return Err(StoreError::Backend(format!(
+                "seq {seq} of {} does not follow {}; nothing of this batch is written",
+                msg.conversation_id, conversation.1
+            )));
+        }
+        conversation.1 = seq;
         conversation.2 = msg.server_time_ms;
         insert
             .execute(params![
@@ -260,4 +268,33 @@ fn persist_in_transaction(db: &Connection, batch: &[Arc<StoredMessage>]) -> Stor
             .map_err(backend)?;
     }
     Ok(written)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_batch_whose_seqs_do_not_follow_on_is_refused_whole() {
+        let (_dir, path, store) = crate::sqlite::tests::open_temp().await;
+        store.close().await;
+        let db = Connection::open(&path).unwrap();
+        let sent = crate::conformance::direct_batch("ann", "bob", "gap", 3);
+        let count = |db: &Connection| -> i64 {
+            db.query_row("SELECT COUNT(*) FROM messages", [], |row| row.get(0))
+                .unwrap()
+        };
+        let gap = [Arc::new(sent[0].stored(1)), Arc::new(sent[1].stored(3))];
+        assert!(persist_sequenced(&db, &gap).is_err());
+        assert_eq!(count(&db), 0);
+        let repeat = [Arc::new(sent[0].stored(1)), Arc::new(sent[1].stored(1))];
+        assert!(persist_sequenced(&db, &repeat).is_err());
+        assert_eq!(count(&db), 0);
+        let in_order = [Arc::new(sent[0].stored(1)), Arc::new(sent[1].stored(2))];
+        assert_eq!(persist_sequenced(&db, &in_order).unwrap(), 2);
+        // Replayed after a crash: what is stored already is skipped, the rest follows on.
+        let replayed = [Arc::new(sent[1].stored(2)), Arc::new(sent[2].stored(3))];
+        assert_eq!(persist_sequenced(&db, &replayed).unwrap(), 1);
+        assert_eq!(count(&db), 3);
+    }
 }

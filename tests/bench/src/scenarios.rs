@@ -282,6 +282,57 @@ impl DurableSender for ImDurableSender {
     }
 }
 
+/// What a durable run's acks came to: their latencies, the sends that failed, and when the
+/// last ack came.
+struct AckTally {
+    start: Instant,
+    latency: Latency,
+    failed: u64,
+    last: Instant,
+}
+
+impl AckTally {
+    fn new(start: Instant) -> Self {
+        Self {
+            start,
+            latency: Latency::new(),
+            failed: 0,
+            last: start,
+        }
+    }
+
+    /// Waits for the ack of a send made (or scheduled) at `at`.
+    async fn settle<S: DurableSender>(&mut self, at: Instant, ack: S::Ack) {
+        if ack.await.is_ok() {
+            self.last = Instant::now();
+            self.latency.record(self.last.saturating_duration_since(at));
+        } else {
+            self.failed += 1;
+        }
+    }
+
+    /// The senders' tallies in one.
+    async fn gather(
+        start: Instant,
+        mut tasks: JoinSet<anyhow::Result<AckTally>>,
+    ) -> anyhow::Result<AckTally> {
+        let mut all = AckTally::new(start);
+        while let Some(done) = tasks.join_next().await {
+            let one = done??;
+            all.latency.merge(&one.latency);
+            all.failed += one.failed;
+            all.last = all.last.max(one.last);
+        }
+        Ok(all)
+    }
+
+    /// Acks per second from the start to the last ack.
+    fn per_second(&self) -> f64 {
+        let took = self.last.saturating_duration_since(self.start);
+        self.latency.count() as f64 / took.as_secs_f64().max(1e-9)
+    }
+}
+
 /// Our client's answer to a send, as a [`DurableSender::Ack`] resolves.
 fn stored(answer: Result<v1::SendAck, im_client::ClientError>) -> anyhow::Result<()> {
     answer.map(drop).map_err(Into::into)
@@ -342,19 +393,11 @@ pub async fn durable_at_rate<S: DurableSender>(
         tasks.spawn(async move {
             let (acks_tx, mut acks) = mpsc::channel(1 << 16);
             let waiter = tokio::spawn(async move {
-                let mut latency = Latency::new();
-                let mut failed = 0u64;
-                let mut last = Instant::now();
+                let mut tally = AckTally::new(start);
                 while let Some((at, ack)) = acks.recv().await {
-                    let ack: S::Ack = ack;
-                    if ack.await.is_ok() {
-                        last = Instant::now();
-                        latency.record(last.saturating_duration_since(at));
-                    } else {
-                        failed += 1;
-                    }
+                    tally.settle::<S>(at, ack).await;
                 }
-                (latency, failed, last)
+                tally
             });
             for i in 0..total_each {
                 let at = scheduled(start + offset, i, per_sender);
@@ -368,27 +411,14 @@ pub async fn durable_at_rate<S: DurableSender>(
             anyhow::Ok(outcome)
         });
     }
-    let mut latency = Latency::new();
-    let mut failed = 0;
-    let mut last = start;
-    while let Some(done) = tasks.join_next().await {
-        let (l, f, at) = done??;
-        latency.merge(&l);
-        failed += f;
-        last = last.max(at);
-    }
+    let tally = AckTally::gather(start, tasks).await?;
     let cpu = meter.finish();
-    let acked = latency.count();
     Ok(DurableResult {
         offered_per_s: per_sender * count as u64,
-        acked,
-        failed,
-        acked_per_s: acked as f64
-            / last
-                .saturating_duration_since(start)
-                .as_secs_f64()
-                .max(1e-9),
-        ack_latency: latency.summary(),
+        acked: tally.latency.count(),
+        failed: tally.failed,
+        acked_per_s: tally.per_second(),
+        ack_latency: tally.latency.summary(),
         cpu,
     })
 }
@@ -434,9 +464,7 @@ pub async fn saturate_with<S: DurableSender>(
     let mut tasks = JoinSet::new();
     for sender in senders {
         tasks.spawn(async move {
-            let mut latency = Latency::new();
-            let mut failed = 0u64;
-            let mut last = start;
+            let mut tally = AckTally::new(start);
             let mut in_flight = std::collections::VecDeque::with_capacity(window);
             while Instant::now() < stop || !in_flight.is_empty() {
                 while in_flight.len() < window && Instant::now() < stop {
@@ -444,41 +472,23 @@ pub async fn saturate_with<S: DurableSender>(
                     in_flight.push_back((at, sender.send(at, body).await?));
                 }
                 if let Some((at, ack)) = in_flight.pop_front() {
-                    let at: Instant = at;
-                    let ack: S::Ack = ack;
-                    if ack.await.is_ok() {
-                        last = Instant::now();
-                        latency.record(last.saturating_duration_since(at));
-                    } else {
-                        failed += 1;
-                    }
+                    tally.settle::<S>(at, ack).await;
                 }
             }
             // Closing is not part of the rate: the last ack ends this sender's run.
             sender.close().await;
-            anyhow::Ok((latency, failed, last))
+            anyhow::Ok(tally)
         });
     }
-    let mut latency = Latency::new();
-    let mut failed = 0;
-    let mut last = start;
-    while let Some(done) = tasks.join_next().await {
-        let (l, f, at) = done??;
-        latency.merge(&l);
-        failed += f;
-        last = last.max(at);
-    }
-    let took = last
-        .saturating_duration_since(start)
-        .max(Duration::from_millis(1));
+    let tally = AckTally::gather(start, tasks).await?;
     let cpu = meter.finish();
     Ok(SaturationResult {
         senders: count,
         window,
-        acked: latency.count(),
-        failed,
-        acked_per_s: latency.count() as f64 / took.as_secs_f64(),
-        ack_latency: latency.summary(),
+        acked: tally.latency.count(),
+        failed: tally.failed,
+        acked_per_s: tally.per_second(),
+        ack_latency: tally.latency.summary(),
         cpu,
     })
 }

@@ -65,6 +65,10 @@ struct AllArgs {
     /// Round-trip rates (messages/s) instead of the mode's.
     #[arg(long, value_delimiter = ',')]
     rtt_rates: Vec<u64>,
+    /// Durable senders instead of the mode's 50 (each writes to its own offline recipient,
+    /// so as many conversations; for nats-server as many JetStream publishers).
+    #[arg(long)]
+    durable_senders: Option<usize>,
     /// Server configurations of the round trip: `on` (keyword filter and risk control),
     /// `keyword` (keyword filter only), `risk` (risk control only), `off` (no plugins).
     #[arg(long, value_delimiter = ',', default_values = ["on", "off"])]
@@ -295,6 +299,9 @@ async fn run_all(args: AllArgs) -> anyhow::Result<()> {
         stats::RttSamples::enable();
     }
     let mut plan = Plan::new(args.quick);
+    if let Some(senders) = args.durable_senders {
+        plan.durable_senders = senders.max(1);
+    }
     if !args.rtt_rates.is_empty() {
         plan.rtt_rates = args.rtt_rates.clone();
     }

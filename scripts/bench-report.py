@@ -184,6 +184,11 @@ def line_plot(out, name, title, xlabel, ylabel, series):
     for system, pts in series.items():
         if pts:
             ax.plot(*zip(*sorted(pts)), marker="o", label=f"{system} p99")
+    ys = [y for pts in series.values() for _, y in pts]
+    # A peer far behind would flatten every other line: past a factor of 20, a log scale.
+    if ys and min(ys) > 0 and max(ys) / min(ys) > 20:
+        ax.set_yscale("log")
+        ylabel += " (log scale)"
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)

@@ -471,50 +471,30 @@ async fn run_all(args: AllArgs) -> anyhow::Result<()> {
 
     if wanted("durable") {
         let server = ImServer::start(bin, &plain)?;
-        for &rate in &plan.durable_rates {
-            let result =
-                scenarios::durable(&server, plan.durable_senders, rate, d, plan.body).await?;
-            results.push(
-                "durable",
-                "im",
-                json!({"rate": rate, "senders": plan.durable_senders, "config": "plugins off"}),
-                result,
-            )?;
-        }
-        let result = scenarios::saturate(&server, plan.durable_senders, 64, d, plan.body).await?;
-        results.push(
-            "durable-saturation",
+        let senders = || scenarios::durable_senders(&server, plan.durable_senders);
+        durable_runs(
+            &mut results,
+            &plan,
             "im",
-            json!({"config": "plugins off"}),
-            result,
-        )?;
+            "plugins off",
+            server.pid,
+            senders,
+        )
+        .await?;
         drop(server);
         if !args.no_peers {
             // JetStream is the peer that stores and acknowledges each message, as we do.
             let peer = PeerServer::start(PeerKind::Nats, true)?;
-            let config = peer.durability();
-            for &rate in &plan.durable_rates {
-                let senders = peers::jetstream_senders(&peer, plan.durable_senders).await?;
-                let result = scenarios::durable_at_rate(senders, peer.pid, rate, d, plan.body)
-                    .await
-                    .with_context(|| format!("JetStream durable sends at {rate}/s"))?;
-                results.push(
-                    "durable",
-                    "nats",
-                    json!({"rate": rate, "senders": plan.durable_senders, "config": config}),
-                    result,
-                )?;
-            }
-            let senders = peers::jetstream_senders(&peer, plan.durable_senders).await?;
-            let result = scenarios::saturate_with(senders, peer.pid, 64, d, plan.body)
-                .await
-                .context("JetStream durable saturation")?;
-            results.push(
-                "durable-saturation",
+            let senders = || peers::jetstream_senders(&peer, plan.durable_senders);
+            durable_runs(
+                &mut results,
+                &plan,
                 "nats",
-                json!({"config": config}),
-                result,
-            )?;
+                peer.durability(),
+                peer.pid,
+                senders,
+            )
+            .await?;
         }
     }
 
@@ -534,8 +514,9 @@ async fn run_all(args: AllArgs) -> anyhow::Result<()> {
             .collect::<anyhow::Result<Vec<_>>>()?;
         for round in 0..PLUGIN_ROUNDS {
             for (server, filters) in servers.iter().zip(filter_counts) {
+                let senders = scenarios::durable_senders(server, plan.durable_senders).await?;
                 let saturated =
-                    scenarios::saturate(server, plan.durable_senders, 64, d, plan.body).await?;
+                    scenarios::saturate(senders, server.pid, DURABLE_WINDOW, d, plan.body).await?;
                 results.push(
                     "plugins-saturation",
                     "im",
@@ -545,8 +526,8 @@ async fn run_all(args: AllArgs) -> anyhow::Result<()> {
             }
         }
         for (server, filters) in servers.iter().zip(filter_counts) {
-            let fixed =
-                scenarios::durable(server, plan.durable_senders, 10_000, d, plan.body).await?;
+            let senders = scenarios::durable_senders(server, plan.durable_senders).await?;
+            let fixed = scenarios::durable(senders, server.pid, 10_000, d, plan.body).await?;
             results.push(
                 "plugins-fixed-rate",
                 "im",
@@ -568,6 +549,47 @@ enum RttSystem {
 
 /// Saturation rounds per filter count in the plugin-cost scenario.
 const PLUGIN_ROUNDS: usize = 3;
+
+/// Sends each durable sender keeps in flight at saturation.
+const DURABLE_WINDOW: usize = 64;
+
+/// The durable scenario for one system: sends at each of the plan's rates, then saturated,
+/// each run by senders `connect` makes afresh (each run's senders close at its end).
+async fn durable_runs<S, Connect, Connecting>(
+    results: &mut Results,
+    plan: &Plan,
+    system: &str,
+    config: &str,
+    pid: u32,
+    connect: Connect,
+) -> anyhow::Result<()>
+where
+    S: scenarios::DurableSender,
+    Connect: Fn() -> Connecting,
+    Connecting: Future<Output = anyhow::Result<Vec<S>>>,
+{
+    let (d, body, senders) = (plan.duration, plan.body, plan.durable_senders);
+    for &rate in &plan.durable_rates {
+        let result = scenarios::durable(connect().await?, pid, rate, d, body)
+            .await
+            .with_context(|| format!("{system} durable sends at {rate}/s"))?;
+        results.push(
+            "durable",
+            system,
+            json!({"rate": rate, "senders": senders, "config": config}),
+            result,
+        )?;
+    }
+    let result = scenarios::saturate(connect().await?, pid, DURABLE_WINDOW, d, body)
+        .await
+        .with_context(|| format!("{system} durable saturation"))?;
+    results.push(
+        "durable-saturation",
+        system,
+        json!({"config": config}),
+        result,
+    )
+}
 
 fn peer_name(kind: PeerKind) -> &'static str {
     match kind {

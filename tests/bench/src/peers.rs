@@ -42,9 +42,9 @@ const MQTT_REQUEST_CAPACITY: usize = 10_000;
 const MQTT_MAX_PACKET: usize = 1 << 20;
 /// Messages a NATS subscription buffers before the client drops them as a slow consumer.
 const NATS_SUBSCRIPTION_CAPACITY: usize = 1 << 18;
-/// The JetStream stream that durable sends go to, and the subjects it stores.
+/// The JetStream stream that durable sends go to, and the prefix of the subjects it stores.
 const DURABLE_STREAM: &str = "BENCH";
-const DURABLE_SUBJECTS: &str = "bench.durable.>";
+const DURABLE_SUBJECT_PREFIX: &str = "bench.durable";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub enum PeerKind {
@@ -455,7 +455,7 @@ pub async fn jetstream_senders(
     setup
         .get_or_create_stream(async_nats::jetstream::stream::Config {
             name: DURABLE_STREAM.into(),
-            subjects: vec![DURABLE_SUBJECTS.into()],
+            subjects: vec![format!("{DURABLE_SUBJECT_PREFIX}.>")],
             storage: async_nats::jetstream::stream::StorageType::File,
             ..Default::default()
         })
@@ -470,7 +470,7 @@ pub async fn jetstream_senders(
         senders.push(JetStreamSender {
             jetstream: async_nats::jetstream::new(client.clone()),
             client,
-            subject: format!("bench.durable.{run}.{n}"),
+            subject: format!("{DURABLE_SUBJECT_PREFIX}.{run}.{n}"),
             next_id: AtomicU64::new(0),
         });
     }

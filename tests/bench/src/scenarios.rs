@@ -340,7 +340,7 @@ fn stored(answer: Result<v1::SendAck, im_client::ClientError>) -> anyhow::Result
 
 /// Prepares `senders` connected senders, each to its own recipient that exists but is
 /// offline.
-async fn durable_senders(
+pub async fn durable_senders(
     server: &ImServer,
     senders: usize,
 ) -> anyhow::Result<Vec<ImDurableSender>> {
@@ -360,20 +360,9 @@ async fn durable_senders(
         .collect())
 }
 
-pub async fn durable(
-    server: &ImServer,
-    senders: usize,
-    rate: u64,
-    duration: Duration,
-    body: usize,
-) -> anyhow::Result<DurableResult> {
-    let senders = durable_senders(server, senders).await?;
-    durable_at_rate(senders, server.pid, rate, duration, body).await
-}
-
 /// Durable sends at `rate` in all, shared evenly by `senders`, open loop, for `duration`;
 /// `pid` is the system's server process, whose CPU is measured.
-pub async fn durable_at_rate<S: DurableSender>(
+pub async fn durable<S: DurableSender>(
     senders: Vec<S>,
     pid: u32,
     rate: u64,
@@ -437,20 +426,9 @@ pub struct SaturationResult {
     pub cpu: CpuUsage,
 }
 
-pub async fn saturate(
-    server: &ImServer,
-    senders: usize,
-    window: usize,
-    duration: Duration,
-    body: usize,
-) -> anyhow::Result<SaturationResult> {
-    let senders = durable_senders(server, senders).await?;
-    saturate_with(senders, server.pid, window, duration, body).await
-}
-
 /// Saturation with these `senders`, each keeping `window` sends in flight; `pid` is the
 /// system's server process.
-pub async fn saturate_with<S: DurableSender>(
+pub async fn saturate<S: DurableSender>(
     senders: Vec<S>,
     pid: u32,
     window: usize,

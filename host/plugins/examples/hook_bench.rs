@@ -11,6 +11,8 @@
 //! `HOOK_BENCH_EVICT_KIB=<n>` measures the filter calls cold: before each call the bench
 //! writes every cache line of an `n` KiB buffer, as a server's other work between two
 //! messages would, and times the call alone.
+//! `HOOK_BENCH_THREADS=<n>` measures the filter calls with `n` threads calling the same
+//! chain at once, as a server's runtime workers do (the figure is one thread's per call).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -73,6 +75,15 @@ fn message_of(source: &str, len: usize) -> PluginMessage {
 /// Batches per row.
 const BATCHES: u32 = 20;
 
+/// `HOOK_BENCH_THREADS`: threads calling the chain at once (1 unless set).
+fn threads() -> usize {
+    std::env::var("HOOK_BENCH_THREADS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(1)
+        .max(1)
+}
+
 /// `HOOK_BENCH_EVICT_KIB`: the other work between calls of the cold measurement.
 fn evict_kib() -> Option<usize> {
     std::env::var("HOOK_BENCH_EVICT_KIB").ok()?.parse().ok()
@@ -117,21 +128,62 @@ async fn measure(
         println!("| {label} (cold: {kib} KiB between calls) | {len} B | {mean:.0} ns |");
         return;
     }
-    // The mean of each of BATCHES batches; the median batch is reported, so a burst of
-    // interference from other processes on this shared machine does not skew the figure.
+    let threads = threads();
+    // The other threads call the same chain, each on its own copy of the message, until
+    // the measuring thread is done.
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let median = std::thread::scope(|scope| {
+        for _ in 1..threads {
+            scope.spawn(|| {
+                let mut msg = message_of(source, len);
+                let runtime = tokio::runtime::Builder::new_current_thread().build()?;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    runtime.block_on(host.filter(&origin, &mut msg));
+                }
+                anyhow::Ok(())
+            });
+        }
+        let median = median_batch_ns(iterations, || {
+            let outcome = ready_now(host.filter(&origin, &mut msg));
+            assert!(matches!(outcome, FilterOutcome::Pass { .. }), "{outcome:?}");
+        });
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        median
+    });
+    let threads = if threads > 1 {
+        format!(" ({threads} threads at once)")
+    } else {
+        String::new()
+    };
+    println!("| {label}{threads} | {len} B | {median:.0} ns |");
+}
+
+/// The output of a future that finishes on its first poll, as calls of plugins called
+/// directly (without a fiber) do: the measuring thread is inside a scope, not a task.
+fn ready_now<F: std::future::Future>(future: F) -> F::Output {
+    let mut context = std::task::Context::from_waker(std::task::Waker::noop());
+    match std::pin::pin!(future).poll(&mut context) {
+        std::task::Poll::Ready(output) => output,
+        std::task::Poll::Pending => {
+            panic!("a benchmarked plugin waited: it is not called directly")
+        }
+    }
+}
+
+/// The mean of each of BATCHES batches of `call`; the median batch is returned, so a burst
+/// of interference from other processes on this shared machine does not skew the figure.
+fn median_batch_ns(iterations: u32, mut call: impl FnMut()) -> f64 {
     let per_batch = (iterations / BATCHES).max(1);
     let mut means = Vec::with_capacity(BATCHES as usize);
     for _ in 0..BATCHES {
         let start = Instant::now();
         for _ in 0..per_batch {
-            let outcome = host.filter(&origin, &mut msg).await;
-            assert!(matches!(outcome, FilterOutcome::Pass { .. }), "{outcome:?}");
+            call();
         }
         means.push(start.elapsed().as_nanos() as f64 / f64::from(per_batch));
     }
     means.sort_by(f64::total_cmp);
-    let median = means[means.len() / 2];
-    println!("| {label} | {len} B | {median:.0} ns |");
+    means[means.len() / 2]
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 1)]

@@ -12,6 +12,7 @@ use wasmtime::error::Context as _;
 use wasmtime::{Config, Engine};
 
 use crate::bindings::AllHooks;
+use crate::per_core::PerCore;
 use crate::state::HostState;
 
 /// Milliseconds per epoch tick: call deadlines are rounded up to whole ticks.
@@ -26,8 +27,9 @@ const IDLE_TICKS_BEFORE_SLEEP: u32 = 100;
 /// code holds a [`GuestRun`], which wakes a sleeping ticker, so no call runs without its
 /// deadline advancing.
 pub struct EpochTicker {
-    /// Guest runs in progress.
-    running: AtomicUsize,
+    /// Guest runs in progress, counted in the slot of the core that began each (every call
+    /// begins one: a single shared counter bounced between the cores).
+    running: PerCore<AtomicUsize>,
     /// Set by each guest run, cleared by the ticker at every tick.
     ran: AtomicBool,
     /// The ticker is asleep (or deciding to sleep) and must be woken by the next run.
@@ -39,7 +41,7 @@ pub struct EpochTicker {
 impl EpochTicker {
     fn start(engine: Engine) -> wasmtime::Result<Arc<Self>> {
         let ticker = Arc::new(Self {
-            running: AtomicUsize::new(0),
+            running: PerCore::one_per_core(|| AtomicUsize::new(0)),
             ran: AtomicBool::new(false),
             asleep: AtomicBool::new(false),
             stop: AtomicBool::new(false),
@@ -60,7 +62,7 @@ impl EpochTicker {
             std::thread::sleep(Duration::from_millis(EPOCH_TICK_MS));
             engine.increment_epoch();
             let ran = self.ran.swap(false, Ordering::Relaxed);
-            if ran || self.running.load(Ordering::Relaxed) > 0 {
+            if ran || self.any_running(Ordering::Relaxed) {
                 idle_ticks = 0;
                 continue;
             }
@@ -71,7 +73,7 @@ impl EpochTicker {
             // Announce the sleep, then look again: a run that began before the announcement
             // is seen in `running`; one that begins after it sees `asleep` and wakes us.
             self.asleep.store(true, Ordering::SeqCst);
-            if self.running.load(Ordering::SeqCst) > 0 {
+            if self.any_running(Ordering::SeqCst) {
                 self.asleep.store(false, Ordering::SeqCst);
                 continue;
             }
@@ -82,9 +84,16 @@ impl EpochTicker {
         }
     }
 
+    /// Whether any guest run is in progress.
+    fn any_running(&self, order: Ordering) -> bool {
+        self.running.iter().any(|count| count.load(order) > 0)
+    }
+
     /// Marks guest code about to run; the deadline ticks until the returned guard drops.
     pub fn guest_run(&self) -> GuestRun<'_> {
-        self.running.fetch_add(1, Ordering::SeqCst);
+        // The guard remembers its counter: a call may end on another core.
+        let running = self.running.local();
+        running.fetch_add(1, Ordering::SeqCst);
         if self.asleep.load(Ordering::SeqCst)
             && self.asleep.swap(false, Ordering::SeqCst)
             && let Some(thread) = self.thread.get()
@@ -94,7 +103,7 @@ impl EpochTicker {
         if !self.ran.load(Ordering::Relaxed) {
             self.ran.store(true, Ordering::Relaxed);
         }
-        GuestRun(self)
+        GuestRun(running)
     }
 
     /// Whether the ticker is asleep (for tests).
@@ -111,11 +120,11 @@ impl EpochTicker {
 }
 
 /// Guest code may be running while this lives (see [`EpochTicker::guest_run`]).
-pub struct GuestRun<'a>(&'a EpochTicker);
+pub struct GuestRun<'a>(&'a AtomicUsize);
 
 impl Drop for GuestRun<'_> {
     fn drop(&mut self) {
-        self.0.running.fetch_sub(1, Ordering::SeqCst);
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

@@ -135,7 +135,7 @@ fn info(entry: &Installed) -> PluginInfo {
         calls,
         failures,
         verdicts: m.verdicts(),
-        mean_call_ns: m.total_ns.load(Relaxed).checked_div(calls).unwrap_or(0),
+        mean_call_ns: m.total_ns().checked_div(calls).unwrap_or(0),
         max_call_ns: m.max_ns.load(Relaxed),
         breaker_open: p.breaker_open(),
         breaker_trips: p.breaker_trips(),

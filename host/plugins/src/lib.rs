@@ -7,6 +7,7 @@
 //! - [`state`]: per-instance host state and the imports (log, config, kv, clock);
 //! - [`kv`]: the per-plugin key-value store with quotas and TTLs;
 //! - [`manifest`]: plugin manifests and their validation;
+//! - [`per_core`]: state every call writes (instance pools, counters), one slot per core;
 //! - [`plugin`]: one loaded plugin: instances, deadlines, circuit breaker, metrics;
 //! - [`host`]: installed plugins, hook chains, hot lifecycle, the hook calls.
 
@@ -16,6 +17,7 @@ pub mod engine;
 pub mod host;
 pub mod kv;
 pub mod manifest;
+pub mod per_core;
 pub mod plugin;
 pub mod state;
 

@@ -13,6 +13,7 @@ use wasmtime::component::{ComponentExportIndex, Instance, InstancePre, Resource,
 
 use crate::bindings::{authenticator, group_policy, message_filter, risk_control};
 use crate::manifest::{Hook, Manifest};
+use crate::per_core::PerCore;
 use crate::state::{CallContextData, CallOrigin, HostState, MessageSlot, PluginShared};
 
 /// How a call failed.
@@ -179,20 +180,38 @@ impl Verdict {
 }
 
 /// Per-plugin counters. Every finished call counts once, as a verdict or as a failure, so
-/// the number of calls is their sum (one shared counter less to update per call: these are
-/// written by every runtime thread).
-#[derive(Default)]
+/// the number of calls is their sum. The counters every call writes (its verdict, its
+/// time) are kept per core ([`PerCore`]) and summed when read.
 pub struct Metrics {
     pub failures_timeout: AtomicU64,
     pub failures_memory: AtomicU64,
     pub failures_trap: AtomicU64,
     pub failures_unavailable: AtomicU64,
+    per_core: PerCore<CallCounters>,
+    /// Longest call, nanoseconds.
+    pub max_ns: AtomicU64,
+}
+
+/// What the calls on one core add up to.
+#[derive(Default)]
+struct CallCounters {
     /// Verdicts given, indexed by `Verdict as usize`.
     verdicts: [AtomicU64; Verdict::ALL.len()],
     /// Sum of call durations, nanoseconds.
-    pub total_ns: AtomicU64,
-    /// Longest call, nanoseconds.
-    pub max_ns: AtomicU64,
+    total_ns: AtomicU64,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            failures_timeout: AtomicU64::default(),
+            failures_memory: AtomicU64::default(),
+            failures_trap: AtomicU64::default(),
+            failures_unavailable: AtomicU64::default(),
+            per_core: PerCore::one_per_core(CallCounters::default),
+            max_ns: AtomicU64::default(),
+        }
+    }
 }
 
 impl Metrics {
@@ -207,17 +226,21 @@ impl Metrics {
 
     /// Counts one verdict.
     pub fn verdict(&self, verdict: Verdict) {
-        self.verdicts[verdict as usize].fetch_add(1, Ordering::Relaxed);
+        self.per_core.local().verdicts[verdict as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// How many times `verdict` was given.
+    fn verdict_count(&self, verdict: Verdict) -> u64 {
+        self.per_core
+            .iter()
+            .map(|counters| counters.verdicts[verdict as usize].load(Ordering::Relaxed))
+            .sum()
     }
 
     /// Calls that ran to a verdict or failed in the guest (calls the open circuit breaker
     /// refused are not counted).
     pub fn calls(&self) -> u64 {
-        let verdicts: u64 = self
-            .verdicts
-            .iter()
-            .map(|v| v.load(Ordering::Relaxed))
-            .sum();
+        let verdicts: u64 = Verdict::ALL.iter().map(|v| self.verdict_count(*v)).sum();
         verdicts
             + [FailureKind::Timeout, FailureKind::Memory, FailureKind::Trap]
                 .into_iter()
@@ -225,9 +248,20 @@ impl Metrics {
                 .sum::<u64>()
     }
 
+    /// Sum of call durations, nanoseconds.
+    pub fn total_ns(&self) -> u64 {
+        self.per_core
+            .iter()
+            .map(|counters| counters.total_ns.load(Ordering::Relaxed))
+            .sum()
+    }
+
     /// Records a call's duration.
     fn timed(&self, ns: u64) {
-        self.total_ns.fetch_add(ns, Ordering::Relaxed);
+        self.per_core
+            .local()
+            .total_ns
+            .fetch_add(ns, Ordering::Relaxed);
         // Read first: the longest call rarely changes, and a read leaves the cache line
         // shared between the threads where a read-modify-write would take it over.
         if ns > self.max_ns.load(Ordering::Relaxed) {
@@ -239,8 +273,7 @@ impl Metrics {
     pub fn verdicts(&self) -> std::collections::BTreeMap<&'static str, u64> {
         Verdict::ALL
             .iter()
-            .zip(&self.verdicts)
-            .map(|(verdict, count)| (verdict.as_str(), count.load(Ordering::Relaxed)))
+            .map(|verdict| (verdict.as_str(), self.verdict_count(*verdict)))
             .filter(|(_, count)| *count > 0)
             .collect()
     }
@@ -267,9 +300,13 @@ pub struct LoadedPlugin {
     pub shared: Arc<PluginShared>,
     pre: InstancePre<HostState>,
     indices: HookIndices,
+    /// Idle instances, a pool per core: a call takes an instance of its core's pool where
+    /// it can, so an instance's memory stays in one core's cache.
     // Boxed: an instance moves out of and back into the pool on every call.
     #[allow(clippy::vec_box)]
-    idle: Mutex<Vec<Box<Ready>>>,
+    idle: PerCore<Mutex<Vec<Box<Ready>>>>,
+    /// Idle instances each pool keeps (together at most `limits.instances`).
+    idle_per_pool: usize,
     breaker: Mutex<Breaker>,
     /// Whether the breaker has counted failures or is open: while false, calls skip its lock.
     breaker_engaged: std::sync::atomic::AtomicBool,
@@ -297,6 +334,8 @@ impl LoadedPlugin {
         ticker: Arc<crate::engine::EpochTicker>,
     ) -> Self {
         let indices = HookIndices::new(&pre);
+        let instances = manifest.limits.instances.max(1) as usize;
+        let pools = crate::per_core::slot_count().min(instances);
         let memory_bytes = manifest.limits.memory_mib as usize * 1024 * 1024;
         let deadline_ticks = u64::from(manifest.limits.deadline_ms)
             .div_ceil(crate::engine::EPOCH_TICK_MS)
@@ -308,7 +347,8 @@ impl LoadedPlugin {
             shared,
             pre,
             indices,
-            idle: Mutex::new(Vec::new()),
+            idle: PerCore::new(pools, || Mutex::new(Vec::new())),
+            idle_per_pool: instances / pools,
             breaker: Mutex::new(Breaker {
                 consecutive_failures: 0,
                 open_until: None,
@@ -451,8 +491,7 @@ impl LoadedPlugin {
         self.admit()?;
         let _run = self.ticker.guest_run();
         let started = Instant::now();
-        let ready = self.idle.lock().pop();
-        let mut ready = match ready {
+        let mut ready = match self.take_idle() {
             Some(ready) => ready,
             None => match self.instantiate().await {
                 Ok(ready) => ready,
@@ -477,8 +516,7 @@ impl LoadedPlugin {
         self.admit()?;
         let _run = self.ticker.guest_run();
         let started = Instant::now();
-        let ready = self.idle.lock().pop();
-        let mut ready = match ready {
+        let mut ready = match self.take_idle() {
             Some(ready) => ready,
             None => match self.instantiate_direct() {
                 Ok(ready) => ready,
@@ -488,6 +526,14 @@ impl LoadedPlugin {
         let handles = ready.lend(self.deadline_ticks, origin);
         let result = f(&mut ready.store, &ready.exports, handles);
         self.settle(ready, result, started)
+    }
+
+    /// An idle instance: this core's pool's last returned, else another pool's (an
+    /// instance is cheaper to move than to create).
+    fn take_idle(&self) -> Option<Box<Ready>> {
+        self.idle
+            .iter_from_local()
+            .find_map(|pool| pool.lock().pop())
     }
 
     /// Fails fast while the circuit breaker is open.
@@ -517,9 +563,15 @@ impl LoadedPlugin {
         match result {
             Ok(result) => {
                 self.succeeded(started);
-                let mut idle = self.idle.lock();
-                if idle.len() < self.manifest.limits.instances as usize {
-                    idle.push(ready);
+                // This core's pool, unless it is full (say, the instance came from
+                // another pool); beyond every pool's share the instance is dropped.
+                let mut ready = Some(ready);
+                for pool in self.idle.iter_from_local() {
+                    let mut pool = pool.lock();
+                    if pool.len() < self.idle_per_pool {
+                        pool.extend(ready.take());
+                        break;
+                    }
                 }
                 Ok(result)
             }
@@ -564,7 +616,9 @@ impl LoadedPlugin {
             breaker.backoff = (backoff * 2).min(MAX_BACKOFF);
             breaker.trips += 1;
             // Reload: the next trial starts from fresh instances.
-            self.idle.lock().clear();
+            for pool in self.idle.iter() {
+                pool.lock().clear();
+            }
             tracing::error!(
                 plugin = self.id(),
                 failures = breaker.consecutive_failures,

@@ -85,6 +85,27 @@ impl Pipeline {
         (Self { jobs }, task)
     }
 
+    /// Queues a send if the pipeline has room, without waiting.
+    // The refusal hands the job back as it came, like tokio's `TrySendError`: boxing it
+    // would allocate for nothing on the path that matters.
+    #[allow(clippy::result_large_err)]
+    pub fn try_submit(&self, job: SendJob) -> Result<(), Refused> {
+        self.jobs.try_send(Job::Send(job)).map_err(|e| {
+            let (job, full) = match e {
+                mpsc::error::TrySendError::Full(job) => (job, true),
+                mpsc::error::TrySendError::Closed(job) => (job, false),
+            };
+            let Job::Send(job) = job else {
+                unreachable!("a send was submitted")
+            };
+            if full {
+                Refused::Full(job)
+            } else {
+                Refused::Stopped(job)
+            }
+        })
+    }
+
     /// Queues a send; waits while the pipeline is full (back-pressure on the sender).
     pub async fn submit(&self, job: SendJob) -> Result<(), SendJob> {
         self.jobs.send(Job::Send(job)).await.map_err(|e| match e.0 {
@@ -97,6 +118,14 @@ impl Pipeline {
     pub async fn submit_group(&self, job: GroupJob) -> Result<(), ()> {
         self.jobs.send(Job::Group(job)).await.map_err(|_| ())
     }
+}
+
+/// Why [`Pipeline::try_submit`] gave a send back.
+pub enum Refused {
+    /// No room now: wait with [`Pipeline::submit`].
+    Full(SendJob),
+    /// The pipeline has stopped.
+    Stopped(SendJob),
 }
 
 /// Committed batches the dispatcher may lag behind the committer.
@@ -640,7 +669,17 @@ mod tests {
                     request_id: i + 1,
                 },
             };
-            assert!(pipeline.submit(job).await.is_ok());
+            // Half the sends take the path without a wait, as sessions do while there is
+            // room; the order holds across both.
+            if i % 2 == 0 {
+                assert!(pipeline.submit(job).await.is_ok());
+                continue;
+            }
+            match pipeline.try_submit(job) {
+                Ok(()) => {}
+                Err(Refused::Full(job)) => assert!(pipeline.submit(job).await.is_ok()),
+                Err(Refused::Stopped(_)) => panic!("the pipeline is running"),
+            }
         }
         for i in 1..=SENDS {
             let Body::SendAck(ack) = decode(acks.recv_async().await.unwrap()) else {

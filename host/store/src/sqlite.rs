@@ -1089,13 +1089,16 @@ mod tests {
     async fn a_long_wal_is_restarted_between_the_appliers_transactions() {
         let (_dir, _, store) = open_temp().await;
         assert_eq!(store.stats().unwrap().wal_restarts, 0);
-        // Tests restart at RESTART_WAL_FRAMES (64) frames: a few hundred messages, each
-        // round applied (a read waits for it) and followed by a checkpoint's chance.
+        // Tests restart at RESTART_WAL_FRAMES (64) frames: rounds of messages, each applied
+        // (a read waits for it) and followed by a checkpoint's chance. A round is large
+        // enough to pass that length in the few rounds between two checkpoints even on a
+        // loaded machine (rounds of 50 could all be checkpointed before the WAL got long).
+        const ROUND: usize = 250;
         let deadline = Instant::now() + Duration::from_secs(20);
         let mut round = 0;
         let restarted = loop {
             let batch =
-                crate::conformance::direct_batch("wr-a", "wr-b", &format!("wal{round}"), 50);
+                crate::conformance::direct_batch("wr-a", "wr-b", &format!("wal{round}"), ROUND);
             store.append_messages(&batch).await.unwrap();
             store
                 .messages_after(&batch[0].conversation_id, 0, 1)
@@ -1114,14 +1117,14 @@ mod tests {
         let conversation = crate::conformance::direct_batch("wr-a", "wr-b", "wal0", 1)[0]
             .conversation_id
             .clone();
-        let total = 50 * (round + 1) as u64;
+        let total = (ROUND * (round + 1)) as u64;
         assert_eq!(store.last_seq(&conversation).await.unwrap(), total);
         let last_round = store
-            .messages_after(&conversation, total - 50, 100)
+            .messages_after(&conversation, total - ROUND as u64, 1000)
             .await
             .unwrap();
-        assert_eq!(last_round.len(), 50);
-        assert_eq!(last_round[49].seq, total);
+        assert_eq!(last_round.len(), ROUND);
+        assert_eq!(last_round[ROUND - 1].seq, total);
     }
 
     /// Appends a round of 50 messages and reads it back (which waits for the applier).

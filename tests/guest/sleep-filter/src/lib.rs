@@ -1,6 +1,7 @@
-//! Sleeps for a millisecond when a message body starts with "sleep", then allows it; allows
+//! Sleeps for a second when a message body starts with "sleep", then allows it; allows
 //! others at once. Its imports (clocks, stdio) all return without waiting, so the host calls
-//! it directly, where a wait is refused: the sleeping call must fail, the others pass.
+//! it directly, where a wait is refused: the sleeping call must fail, the others pass. (A
+//! millisecond's sleep could be over before the host first looked, on a loaded machine.)
 use im_plugin_sdk::filter::{MessageFilter, Verdict};
 use im_plugin_sdk::{CallContext, Message};
 
@@ -9,7 +10,7 @@ struct Sleeps;
 impl MessageFilter for Sleeps {
     fn filter(_ctx: &CallContext, message: &Message) -> Verdict {
         if message.body().starts_with(b"sleep") {
-            std::thread::sleep(std::time::Duration::from_millis(1));
+            std::thread::sleep(std::time::Duration::from_secs(1));
         }
         Verdict::Allow
     }

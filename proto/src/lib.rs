@@ -41,6 +41,12 @@ impl v1::Frame {
         Self::decode(bytes)
     }
 
+    /// Decodes a frame whose `bytes` fields (message bodies) share `frame`'s buffer instead
+    /// of being copied out of it: the buffer lives as long as any of them.
+    pub fn from_shared(frame: bytes::Bytes) -> Result<Self, prost::DecodeError> {
+        Self::decode(frame)
+    }
+
     /// An error answer to the request `request_id`.
     pub fn error(request_id: u64, code: v1::ErrorCode, message: impl Into<String>) -> Self {
         Self::new(
@@ -62,5 +68,33 @@ impl v1::Frame {
                 message: message.into(),
             }),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::v1;
+
+    #[test]
+    fn a_frame_decoded_from_shared_bytes_lends_its_body_without_a_copy() {
+        let body = bytes::Bytes::from_static(b"a body long enough to matter");
+        let send = v1::SendRequest {
+            client_msg_id: "c1".into(),
+            body: body.clone(),
+            content_type: "text/plain".into(),
+            target: Some(v1::send_request::Target::ToUser("bob".into())),
+        };
+        let wire = v1::Frame::new(7, v1::frame::Body::Send(send.clone())).to_bytes();
+        let decoded = v1::Frame::from_shared(wire.clone()).unwrap();
+        assert_eq!(decoded, v1::Frame::from_bytes(&wire).unwrap());
+        let Some(v1::frame::Body::Send(decoded)) = decoded.body else {
+            panic!("not a send")
+        };
+        assert_eq!(decoded, send);
+        let within = wire.as_ptr_range();
+        assert!(
+            within.contains(&decoded.body.as_ptr()),
+            "the body was copied out of the frame"
+        );
     }
 }

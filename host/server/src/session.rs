@@ -601,7 +601,7 @@ impl LoggedIn {
                     match received {
                         Ok(Some(bytes)) => {
                             self.handle.control.heard(monotonic_ms());
-                            if let Some(handler) = self.handle_frame(&bytes)
+                            if let Some(handler) = self.handle_frame(bytes)
                                 && let Err(end) = handler.await
                             {
                                 return end;
@@ -711,8 +711,10 @@ impl LoggedIn {
     /// for every frame.
     // Out of line, so that profiles (scripts/callgrind-per-message.py) see a frame's decoding.
     #[inline(never)]
-    fn handle_frame(&mut self, bytes: &[u8]) -> Option<Handler<'_>> {
-        let frame = match v1::Frame::from_bytes(bytes) {
+    fn handle_frame(&mut self, bytes: Bytes) -> Option<Handler<'_>> {
+        // A send's body shares the frame's buffer (a buffer of its own per frame, see
+        // `im_proto::codec`) all the way to the journal and the pushes: no copy.
+        let frame = match v1::Frame::from_shared(bytes) {
             Ok(frame) => frame,
             Err(err) => {
                 self.out.push(error_bytes(

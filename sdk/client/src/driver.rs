@@ -486,7 +486,8 @@ impl Driver {
                     };
                     last_received = Instant::now();
                     probe_sent = None;
-                    let Ok(frame) = v1::Frame::from_bytes(&bytes) else {
+                    // Bodies share the frame's buffer: a push is not copied again.
+                    let Ok(frame) = v1::Frame::from_shared(bytes) else {
                         tracing::warn!("undecodable frame from the server");
                         continue;
                     };

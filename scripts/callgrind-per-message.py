@@ -2,7 +2,7 @@
 """Per-message counts from callgrind dumps of the server (see scripts/callgrind-rtt.sh).
 
 For each dump: instructions per message and calls per message of the allocator, String
-clones and SipHash writes, where a message is one call of `im_server::pipeline::to_proto`.
+clones and SipHash writes, where a message is one push encoded (MESSAGE below).
 Dumps with fewer than 500 messages (startup, shutdown) are skipped; the last line sums
 the others.
 """
@@ -15,7 +15,9 @@ COUNTED = {
     "string_clone": re.compile(r"<alloc::string::String as core::clone::Clone>::clone$"),
     "siphash_write": re.compile(r"<core::hash::sip::Hasher<S> as core::hash::Hasher>::write$"),
 }
-MESSAGE = re.compile(r"im_server::pipeline::to_proto$")
+# A message: one push encoded (`to_proto` until 2026-12-07, then `deliver_frame`; the
+# round trip's recipients are online, so every message is pushed once).
+MESSAGE = re.compile(r"(im_server::pipeline::to_proto|im_proto::encode::deliver_frame)$")
 # The message path's entry points, whose inclusive instructions leave out what a window
 # holds besides messages (idle wake-ups, WAL checkpoints, logins): a frame's handling in
 # the session (filters, risk check, the hand-off to the pipeline), the commit, the answers

@@ -3,9 +3,11 @@
 //! Layout:
 //! - [`v1`]: prost types generated from `proto/im/v1/im.proto` (the source of truth);
 //! - [`codec`]: 4-byte big-endian length-prefixed framing for byte streams (TCP, TLS, QUIC);
+//! - [`encode`]: the per-message pushes and acks encoded from borrowed fields;
 //! - [`ids`]: validation of user/device ids and 1:1 conversation ids.
 
 pub mod codec;
+pub mod encode;
 pub mod ids;
 
 /// Types generated from `im/v1/im.proto`.

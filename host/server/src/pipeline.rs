@@ -12,8 +12,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use im_proto::ids;
 use im_proto::v1::{self, frame::Body};
+use im_proto::{encode, ids};
 use im_store::{Appended, GroupInfo, NewMessage, Store, StoreError, StoreResult, StoredMessage};
 use tokio::sync::{mpsc, oneshot};
 
@@ -425,20 +425,19 @@ impl Dispatcher {
         members: Option<&Members>,
         also: &[String],
     ) {
-        let push = Arc::new(DeliverPush {
-            conversation_id: m.conversation_id.as_str().into(),
-            seq: m.seq,
-            committed_at: Instant::now(),
-            frame: v1::Frame::new(
-                0,
-                Body::Deliver(v1::Deliver {
-                    message: Some(to_proto(m)),
-                }),
-            )
-            .to_bytes(),
-        });
+        // Encoded for the first device online, once for all of them: a message to users
+        // who are all offline is not encoded at all.
+        let mut push: Option<Arc<DeliverPush>> = None;
         let mut offer = |device: &ConnHandle| {
             if Some(device.conn_id) != sending_conn {
+                let push = push.get_or_insert_with(|| {
+                    Arc::new(DeliverPush {
+                        conversation_id: m.conversation_id.as_str().into(),
+                        seq: m.seq,
+                        committed_at: Instant::now(),
+                        frame: encode::deliver_frame(&wire_fields(m)),
+                    })
+                });
                 device.offer(Outbound::Deliver(push.clone()));
             }
         };
@@ -459,19 +458,35 @@ impl Dispatcher {
 }
 
 fn ack_frame(request_id: u64, m: &StoredMessage, duplicate: bool) -> bytes::Bytes {
-    v1::Frame::new(
+    encode::send_ack_frame(
         request_id,
-        Body::SendAck(v1::SendAck {
-            client_msg_id: m.client_msg_id.clone(),
-            conversation_id: m.conversation_id.clone(),
+        &encode::SendAckFields {
+            client_msg_id: &m.client_msg_id,
+            conversation_id: &m.conversation_id,
             seq: m.seq,
-            server_msg_id: m.server_msg_id.clone(),
+            server_msg_id: &m.server_msg_id,
             server_time_ms: m.server_time_ms,
             duplicate,
             dropped: false,
-        }),
+        },
     )
-    .to_bytes()
+}
+
+/// A stored message's fields as the wire's `Message`, borrowed (for frames encoded
+/// without building one).
+fn wire_fields(m: &StoredMessage) -> encode::MessageFields<'_> {
+    encode::MessageFields {
+        conversation_id: &m.conversation_id,
+        seq: m.seq,
+        server_msg_id: &m.server_msg_id,
+        sender_id: &m.sender_id,
+        sender_device_id: &m.sender_device_id,
+        recipient_id: &m.recipient_id,
+        client_msg_id: &m.client_msg_id,
+        body: &m.body,
+        content_type: &m.content_type,
+        server_time_ms: m.server_time_ms,
+    }
 }
 
 /// The wire form of a stored message.

@@ -308,7 +308,7 @@ async fn await_login<C: FrameConn>(
     let deadline = Instant::now() + ctx.login_timeout();
     loop {
         let received = tokio::select! {
-            _ = ctx.shutdown.cancelled() => return Err(End::Close(CloseReason::ServerShutdown, "server shutting down".into())),
+            _ = ctx.shutdown.cancelled() => return Err(shutting_down()),
             _ = tokio::time::sleep_until(deadline) => return Err(End::Close(CloseReason::IdleTimeout, "no login in time".into())),
             received = conn.recv() => received,
         };
@@ -1148,10 +1148,7 @@ impl LoggedIn {
                     },
                 };
                 if self.ctx.pipeline.submit_group(job).await.is_err() {
-                    return Err(End::Close(
-                        CloseReason::ServerShutdown,
-                        "server shutting down".into(),
-                    ));
+                    return Err(shutting_down());
                 }
             }
             Err(refusal) => self

@@ -130,6 +130,23 @@ impl WordFilter {
         Self::new(&config::get_or("words", ""), action, mask)
     }
 
+    /// For a body the caller owns: when it is ASCII, lowercases it in place and tells
+    /// whether it is proven clean (`Some(true)`: no word occurs) or may hold a word
+    /// (`Some(false)`: [`Self::check`] the original text, which this changed). `None`:
+    /// this cannot tell, the body is untouched. Most messages are clean ASCII, and this
+    /// proves it without the copy `check` lowercases into.
+    pub fn clean_ascii_in_place(&self, body: &mut [u8]) -> Option<bool> {
+        if self.automaton.is_none() {
+            return Some(true);
+        }
+        let words = self.short_list.as_ref()?;
+        if !body.is_ascii() {
+            return None;
+        }
+        body.make_ascii_lowercase();
+        Some(!occurs_in(&words[..self.ascii_words], body))
+    }
+
     /// The verdict for `text`: `None` when no word occurs, else the masked text or a
     /// rejection reason.
     pub fn check(&self, text: &str) -> Option<Result<String, String>> {
@@ -208,7 +225,11 @@ impl WordFilter {
 
 /// Whether any of `words` occurs in `text`.
 fn occurs(words: &[Finder<'_>], text: &str) -> bool {
-    words.iter().any(|w| w.find(text.as_bytes()).is_some())
+    occurs_in(words, text.as_bytes())
+}
+
+fn occurs_in(words: &[Finder<'_>], text: &[u8]) -> bool {
+    words.iter().any(|w| w.find(text).is_some())
 }
 
 fn filter() -> &'static WordFilter {
@@ -222,7 +243,13 @@ impl MessageFilter for KeywordFilter {
     fn filter(_ctx: &CallContext, message: &Message) -> Verdict {
         // The body first: most messages hold no word, and their verdict does not depend on
         // the content type, so they cost one host call instead of two.
-        let body = message.body();
+        let mut body = message.body();
+        match filter().clean_ascii_in_place(&mut body) {
+            Some(true) => return Verdict::Allow,
+            // Lowercased in place: the rare message that may hold a word is read again.
+            Some(false) => body = message.body(),
+            None => {}
+        }
         let Ok(text) = std::str::from_utf8(&body) else {
             return Verdict::Allow;
         };
@@ -258,6 +285,31 @@ mod tests {
         assert_eq!(f.check("ＢＡＤｗｏｒｄ!"), Some(Ok("*******!".into())));
         assert_eq!(f.check("这是诈骗信息"), Some(Ok("这是**信息".into())));
         assert_eq!(f.check("scam scam"), Some(Ok("**** ****".into())));
+    }
+
+    #[test]
+    fn ascii_bodies_are_proven_clean_in_place_and_others_left_to_check() {
+        let f = WordFilter::new("badword, 诈骗\nscam", Action::Mask, '*');
+        let mut clean = b"Hello THERE".to_vec();
+        assert_eq!(f.clean_ascii_in_place(&mut clean), Some(true));
+        let mut dirty = b"a BadWord here".to_vec();
+        assert_eq!(f.clean_ascii_in_place(&mut dirty), Some(false));
+        let mut chinese = "这是诈骗信息".as_bytes().to_vec();
+        assert_eq!(f.clean_ascii_in_place(&mut chinese), None);
+        assert_eq!(chinese, "这是诈骗信息".as_bytes(), "left as it was");
+        let nothing = WordFilter::new("", Action::Mask, '*');
+        assert_eq!(
+            nothing.clean_ascii_in_place(&mut b"SCAM".to_vec()),
+            Some(true)
+        );
+        // A list too long to search word by word leaves every body to `check`.
+        let long: Vec<String> = (0..=MAX_WORDS_SEARCHED_ONE_BY_ONE)
+            .map(|n| format!("w{n}x"))
+            .collect();
+        let long = WordFilter::new(&long.join(","), Action::Mask, '*');
+        let mut body = b"W1X".to_vec();
+        assert_eq!(long.clean_ascii_in_place(&mut body), None);
+        assert_eq!(body, b"W1X");
     }
 
     #[test]

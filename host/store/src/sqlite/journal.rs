@@ -36,7 +36,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use foldhash::{HashMap, HashMapExt};
+use foldhash::{HashMap, HashMapExt, HashSet};
 use growable_bloom_filter::GrowableBloom;
 use rusqlite::{OpenFlags, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
@@ -219,8 +219,9 @@ enum Decision {
 struct Pending {
     /// Every unapplied message by sender, then client message id: two levels, so a lookup
     /// borrows both ids instead of copying them into a key (every append looks up each of
-    /// its messages).
-    by_client_id: HashMap<String, HashMap<String, Arc<StoredMessage>>>,
+    /// its messages), and the inner level is keyed by the message itself, which holds its
+    /// client id (no copy of it per message).
+    by_client_id: HashMap<String, HashSet<ByClientId>>,
     /// How many messages `by_client_id` holds.
     messages: usize,
     /// Per conversation with unapplied messages: its last seq and how many are unapplied.
@@ -245,19 +246,44 @@ struct Shared {
     applier_messages: AtomicU64,
 }
 
+/// A pending message, found by its client message id.
+struct ByClientId(Arc<StoredMessage>);
+
+impl std::borrow::Borrow<str> for ByClientId {
+    fn borrow(&self) -> &str {
+        &self.0.client_msg_id
+    }
+}
+
+impl std::hash::Hash for ByClientId {
+    // As the `str` it borrows as hashes, which `Borrow` requires.
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.client_msg_id.as_str().hash(state);
+    }
+}
+
+impl PartialEq for ByClientId {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.client_msg_id == other.0.client_msg_id
+    }
+}
+
+impl Eq for ByClientId {}
+
 impl Pending {
     fn original(&self, sender_id: &str, client_msg_id: &str) -> Option<&Arc<StoredMessage>> {
-        self.by_client_id.get(sender_id)?.get(client_msg_id)
+        let pending = self.by_client_id.get(sender_id)?.get(client_msg_id)?;
+        Some(&pending.0)
     }
 
     fn insert(&mut self, m: &Arc<StoredMessage>) {
         // A sender or conversation with messages pending already has its key: look it up
         // by reference, copying the id only for a new one.
         let previous = match self.by_client_id.get_mut(m.sender_id.as_str()) {
-            Some(sent) => sent.insert(m.client_msg_id.clone(), m.clone()),
+            Some(sent) => sent.replace(ByClientId(m.clone())),
             None => {
-                let mut sent = HashMap::default();
-                sent.insert(m.client_msg_id.clone(), m.clone());
+                let mut sent = HashSet::default();
+                sent.insert(ByClientId(m.clone()));
                 self.by_client_id.insert(m.sender_id.clone(), sent);
                 None
             }
@@ -279,7 +305,7 @@ impl Pending {
 
     fn remove(&mut self, m: &StoredMessage) {
         if let Some(sent) = self.by_client_id.get_mut(&m.sender_id) {
-            if sent.remove(&m.client_msg_id).is_some() {
+            if sent.remove(m.client_msg_id.as_str()) {
                 self.messages -= 1;
             }
             if sent.is_empty() {

@@ -581,13 +581,21 @@ impl LoggedIn {
         if let Some(socket) = self.handle.control.direct_socket() {
             socket.end_write(|| self.queue.is_empty());
         }
+        // One wait on the queue for as long as it waits, not a new one per loop (each
+        // registered a waiter with the channel, an allocation, and removed it again when a
+        // frame came in first).
+        let queue = self.queue.clone();
+        let mut queued = std::pin::pin!(queue.recv_async());
         loop {
             self.arm_retry_timer();
             let mut took_queued = false;
             tokio::select! {
                 biased;
                 (reason, message) = self.handle.control.requested() => return End::Close(reason, message),
-                Ok(item) = self.queue.recv_async() => {
+                // The connection's own handle holds a sender: the queue never disconnects
+                // while this runs.
+                Ok(item) = &mut queued => {
+                    queued.set(queue.recv_async());
                     took_queued = true;
                     self.take_outbound(item);
                     while self.out.len() < MAX_WRITE_BATCH {

@@ -27,6 +27,23 @@ pub struct MessageFields<'a> {
     pub server_time_ms: i64,
 }
 
+impl<'a> From<&'a crate::v1::Message> for MessageFields<'a> {
+    fn from(m: &'a crate::v1::Message) -> Self {
+        Self {
+            conversation_id: &m.conversation_id,
+            seq: m.seq,
+            server_msg_id: &m.server_msg_id,
+            sender_id: &m.sender_id,
+            sender_device_id: &m.sender_device_id,
+            recipient_id: &m.recipient_id,
+            client_msg_id: &m.client_msg_id,
+            body: &m.body,
+            content_type: &m.content_type,
+            server_time_ms: m.server_time_ms,
+        }
+    }
+}
+
 /// A send's acknowledgement, borrowed: encodes as `v1::SendAck`.
 #[derive(Clone, Copy, Debug)]
 pub struct SendAckFields<'a> {
@@ -183,21 +200,6 @@ mod tests {
         }
     }
 
-    fn fields(m: &v1::Message) -> MessageFields<'_> {
-        MessageFields {
-            conversation_id: &m.conversation_id,
-            seq: m.seq,
-            server_msg_id: &m.server_msg_id,
-            sender_id: &m.sender_id,
-            sender_device_id: &m.sender_device_id,
-            recipient_id: &m.recipient_id,
-            client_msg_id: &m.client_msg_id,
-            body: &m.body,
-            content_type: &m.content_type,
-            server_time_ms: m.server_time_ms,
-        }
-    }
-
     #[test]
     fn a_deliver_frame_is_byte_for_byte_what_prost_writes() {
         for i in 0..40 {
@@ -209,7 +211,7 @@ mod tests {
                 }),
             )
             .to_bytes();
-            assert_eq!(deliver_frame(&fields(&m)), expected, "message {i}");
+            assert_eq!(deliver_frame(&(&m).into()), expected, "message {i}");
         }
     }
 

@@ -12,7 +12,7 @@ use wasmtime::error::Context as _;
 use wasmtime::{Config, Engine};
 
 use crate::bindings::AllHooks;
-use crate::per_core::PerCore;
+use crate::per_core::{Core, PerCore};
 use crate::state::HostState;
 
 /// Milliseconds per epoch tick: call deadlines are rounded up to whole ticks.
@@ -89,10 +89,11 @@ impl EpochTicker {
         self.running.iter().any(|count| count.load(order) > 0)
     }
 
-    /// Marks guest code about to run; the deadline ticks until the returned guard drops.
-    pub fn guest_run(&self) -> GuestRun<'_> {
+    /// Marks guest code about to run on `core`; the deadline ticks until the returned
+    /// guard drops.
+    pub fn guest_run(&self, core: Core) -> GuestRun<'_> {
         // The guard remembers its counter: a call may end on another core.
-        let running = self.running.local();
+        let running = self.running.at(core);
         running.fetch_add(1, Ordering::SeqCst);
         if self.asleep.load(Ordering::SeqCst)
             && self.asleep.swap(false, Ordering::SeqCst)

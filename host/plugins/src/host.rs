@@ -542,21 +542,20 @@ impl PluginHost {
                     result.map(|(verdict,)| verdict)
                 })
             } else {
-                // Boxed: a call on a fiber has a large future, which would otherwise be
-                // part of every message's, fiber or not.
-                Box::pin(plugin.call(origin, async |store, exports, handles| {
-                    let guest = exports
-                        .message_filter
-                        .as_ref()
-                        .expect("chain members export their hook");
-                    std::mem::swap(&mut store.data_mut().message, message);
-                    let result = guest
-                        .call_filter(&mut *store, handles.context, handles.message)
-                        .await;
-                    std::mem::swap(&mut store.data_mut().message, message);
-                    result
-                }))
-                .await
+                plugin
+                    .call(origin, async |store, exports, handles| {
+                        let guest = exports
+                            .message_filter
+                            .as_ref()
+                            .expect("chain members export their hook");
+                        std::mem::swap(&mut store.data_mut().message, message);
+                        let result = guest
+                            .call_filter(&mut *store, handles.context, handles.message)
+                            .await;
+                        std::mem::swap(&mut store.data_mut().message, message);
+                        result
+                    })
+                    .await
             };
             match result {
                 Ok(message_filter::FilterVerdict::Allow) => plugin.metrics.verdict(Verdict::Allow),
@@ -637,29 +636,29 @@ impl PluginHost {
                     result.map(|(verdict,)| verdict)
                 })
             } else {
-                // Boxed, as in `filter`.
-                Box::pin(plugin.call(origin, async |store, exports, handles| {
-                    let guest = exports
-                        .risk_control
-                        .as_ref()
-                        .expect("chain members export their hook");
-                    match &mut subject {
-                        RiskSubject::Login(attempt) => {
-                            let event = risk_control::RiskEvent::Login(attempt.clone());
-                            guest.call_assess(store, handles.context, &event).await
+                plugin
+                    .call(origin, async |store, exports, handles| {
+                        let guest = exports
+                            .risk_control
+                            .as_ref()
+                            .expect("chain members export their hook");
+                        match &mut subject {
+                            RiskSubject::Login(attempt) => {
+                                let event = risk_control::RiskEvent::Login(attempt.clone());
+                                guest.call_assess(store, handles.context, &event).await
+                            }
+                            RiskSubject::Send(message) => {
+                                std::mem::swap(&mut store.data_mut().message, message);
+                                let event = risk_control::RiskEvent::Send(handles.message);
+                                let result = guest
+                                    .call_assess(&mut *store, handles.context, &event)
+                                    .await;
+                                std::mem::swap(&mut store.data_mut().message, message);
+                                result
+                            }
                         }
-                        RiskSubject::Send(message) => {
-                            std::mem::swap(&mut store.data_mut().message, message);
-                            let event = risk_control::RiskEvent::Send(handles.message);
-                            let result = guest
-                                .call_assess(&mut *store, handles.context, &event)
-                                .await;
-                            std::mem::swap(&mut store.data_mut().message, message);
-                            result
-                        }
-                    }
-                }))
-                .await
+                    })
+                    .await
             };
             match result {
                 Ok(risk_control::RiskVerdict::Allow) => plugin.metrics.verdict(Verdict::Allow),

@@ -12,8 +12,7 @@ pub fn slot_count() -> usize {
     *COUNT.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
-/// The core this thread runs on now (a vDSO call, no system call). It may change right
-/// after: that costs a cache miss, never correctness, as the slots are shared safely.
+/// The cpu this thread runs on now, else a number of its own.
 fn current_core() -> usize {
     #[cfg(target_os = "linux")]
     {
@@ -36,6 +35,19 @@ fn thread_index() -> usize {
     INDEX.with(|index| *index)
 }
 
+/// The core a call runs on, looked up once per call and used for every slot it touches.
+/// The thread may move on: that costs a cache miss, never correctness, as the slots are
+/// shared safely.
+#[derive(Clone, Copy, Debug)]
+pub struct Core(usize);
+
+impl Core {
+    /// The core this thread runs on now (a vDSO call, no system call).
+    pub fn current() -> Self {
+        Self(current_core())
+    }
+}
+
 /// `T` once per slot, each on cache lines of its own.
 pub struct PerCore<T> {
     slots: Box<[CachePadded<T>]>,
@@ -43,8 +55,7 @@ pub struct PerCore<T> {
 
 impl<T> PerCore<T> {
     /// `slots` copies (at least one) made by `make`; cores share them modulo their number.
-    pub fn new(slots: usize, make: impl FnMut() -> T) -> Self {
-        let mut make = make;
+    pub fn new(slots: usize, mut make: impl FnMut() -> T) -> Self {
         Self {
             slots: (0..slots.max(1))
                 .map(|_| CachePadded::new(make()))
@@ -57,21 +68,20 @@ impl<T> PerCore<T> {
         Self::new(slot_count(), make)
     }
 
-    /// The index of the running core's slot.
-    pub fn local_index(&self) -> usize {
-        current_core() % self.slots.len()
+    /// `core`'s slot.
+    pub fn at(&self, core: Core) -> &T {
+        &self.slots[core.0 % self.slots.len()]
     }
 
-    /// The running core's slot.
+    /// The running core's slot, for a caller that touches no other slot.
     pub fn local(&self) -> &T {
-        &self.slots[self.local_index()]
+        self.at(Core::current())
     }
 
-    /// Every slot, starting with the running core's.
-    pub fn iter_from_local(&self) -> impl Iterator<Item = &T> {
-        let start = self.local_index();
+    /// Every slot, starting with `core`'s.
+    pub fn iter_from(&self, core: Core) -> impl Iterator<Item = &T> {
         let len = self.slots.len();
-        (0..len).map(move |i| &*self.slots[(start + i) % len])
+        (0..len).map(move |i| &*self.slots[(core.0 + i) % len])
     }
 
     /// Every slot.
@@ -88,13 +98,12 @@ mod tests {
     #[test]
     fn calls_start_at_their_cores_slot_and_visit_every_slot_once() {
         let slots = PerCore::new(3, || AtomicUsize::new(0));
-        let index = slots.local_index();
-        assert!(index < 3);
-        let order: Vec<*const AtomicUsize> =
-            slots.iter_from_local().map(|s| s as *const _).collect();
+        let core = Core::current();
+        assert!(std::ptr::eq(slots.local(), &*slots.slots[core.0 % 3]));
+        let order: Vec<*const AtomicUsize> = slots.iter_from(core).map(|s| s as *const _).collect();
         assert_eq!(order.len(), 3, "every slot once");
         for (step, slot) in order.iter().enumerate() {
-            assert_eq!(*slot, &*slots.slots[(index + step) % 3] as *const _);
+            assert_eq!(*slot, &*slots.slots[(core.0 + step) % 3] as *const _);
         }
         #[cfg(target_os = "linux")]
         for cpu in 0..slot_count() {
@@ -107,13 +116,15 @@ mod tests {
                         libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
                             == 0
                     };
-                    pinned.then(|| slots.local_index())
+                    // An address, which may cross threads where a pointer may not.
+                    pinned.then(|| slots.local() as *const AtomicUsize as usize)
                 })
                 .join()
                 .unwrap()
             });
-            if let Some(index) = on_that_core {
-                assert_eq!(index, cpu % 3, "a thread on cpu {cpu}");
+            if let Some(slot) = on_that_core {
+                let expected = &*slots.slots[cpu % 3] as *const AtomicUsize as usize;
+                assert_eq!(slot, expected, "a thread on cpu {cpu}");
             }
         }
     }

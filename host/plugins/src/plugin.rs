@@ -13,7 +13,7 @@ use wasmtime::component::{ComponentExportIndex, Instance, InstancePre, Resource,
 
 use crate::bindings::{authenticator, group_policy, message_filter, risk_control};
 use crate::manifest::{Hook, Manifest};
-use crate::per_core::PerCore;
+use crate::per_core::{Core, PerCore};
 use crate::state::{CallContextData, CallOrigin, HostState, MessageSlot, PluginShared};
 
 /// How a call failed.
@@ -256,10 +256,10 @@ impl Metrics {
             .sum()
     }
 
-    /// Records a call's duration.
-    fn timed(&self, ns: u64) {
+    /// Records the duration of a call on `core`.
+    fn timed(&self, core: Core, ns: u64) {
         self.per_core
-            .local()
+            .at(core)
             .total_ns
             .fetch_add(ns, Ordering::Relaxed);
         // Read first: the longest call rarely changes, and a read leaves the cache line
@@ -400,7 +400,7 @@ impl LoadedPlugin {
         if self.direct {
             return self.instantiate_direct();
         }
-        let _run = self.ticker.guest_run();
+        let _run = self.ticker.guest_run(Core::current());
         let mut store = self.new_store();
         let instance = self.pre.instantiate_async(&mut store).await?;
         self.ready(store, instance)
@@ -408,7 +408,7 @@ impl LoadedPlugin {
 
     /// Creates a fresh instance of a direct plugin on the calling thread.
     fn instantiate_direct(&self) -> wasmtime::Result<Box<Ready>> {
-        let _run = self.ticker.guest_run();
+        let _run = self.ticker.guest_run(Core::current());
         let mut store = self.new_store();
         let instance = self.pre.instantiate(&mut store)?;
         self.ready(store, instance)
@@ -488,19 +488,33 @@ impl LoadedPlugin {
         origin: &CallOrigin,
         f: impl AsyncFnOnce(&mut Store<HostState>, &Exports, Handles) -> wasmtime::Result<R>,
     ) -> Result<R, CallFailure> {
+        // Boxed: a call on a fiber has a large future, which would otherwise be part of
+        // every caller's, the message chains' too, whose plugins are mostly called directly.
+        Box::pin(self.call_boxed(origin, f)).await
+    }
+
+    /// [`Self::call`]'s body.
+    async fn call_boxed<R>(
+        &self,
+        origin: &CallOrigin,
+        f: impl AsyncFnOnce(&mut Store<HostState>, &Exports, Handles) -> wasmtime::Result<R>,
+    ) -> Result<R, CallFailure> {
         self.admit()?;
-        let _run = self.ticker.guest_run();
+        // Where the call starts: its instance and counters are that core's, even if it
+        // ends on another.
+        let core = Core::current();
+        let _run = self.ticker.guest_run(core);
         let started = Instant::now();
-        let mut ready = match self.take_idle() {
+        let mut ready = match self.take_idle(core) {
             Some(ready) => ready,
             None => match self.instantiate().await {
                 Ok(ready) => ready,
-                Err(err) => return Err(self.failed(&err, started)),
+                Err(err) => return Err(self.failed(&err, core, started)),
             },
         };
         let handles = ready.lend(self.deadline_ticks, origin);
         let result = f(&mut ready.store, &ready.exports, handles).await;
-        self.settle(ready, result, started)
+        self.settle(ready, result, core, started)
     }
 
     /// [`Self::call`] for a direct plugin: `f` calls the guest on this thread, without a
@@ -514,26 +528,25 @@ impl LoadedPlugin {
         f: impl FnOnce(&mut Store<HostState>, &Exports, Handles) -> wasmtime::Result<R>,
     ) -> Result<R, CallFailure> {
         self.admit()?;
-        let _run = self.ticker.guest_run();
+        let core = Core::current();
+        let _run = self.ticker.guest_run(core);
         let started = Instant::now();
-        let mut ready = match self.take_idle() {
+        let mut ready = match self.take_idle(core) {
             Some(ready) => ready,
             None => match self.instantiate_direct() {
                 Ok(ready) => ready,
-                Err(err) => return Err(self.failed(&err, started)),
+                Err(err) => return Err(self.failed(&err, core, started)),
             },
         };
         let handles = ready.lend(self.deadline_ticks, origin);
         let result = f(&mut ready.store, &ready.exports, handles);
-        self.settle(ready, result, started)
+        self.settle(ready, result, core, started)
     }
 
-    /// An idle instance: this core's pool's last returned, else another pool's (an
-    /// instance is cheaper to move than to create).
-    fn take_idle(&self) -> Option<Box<Ready>> {
-        self.idle
-            .iter_from_local()
-            .find_map(|pool| pool.lock().pop())
+    /// An idle instance: `core`'s pool's last returned, else another pool's (an instance
+    /// is cheaper to move than to create).
+    fn take_idle(&self, core: Core) -> Option<Box<Ready>> {
+        self.idle.iter_from(core).find_map(|pool| pool.lock().pop())
     }
 
     /// Fails fast while the circuit breaker is open.
@@ -558,15 +571,16 @@ impl LoadedPlugin {
         &self,
         ready: Box<Ready>,
         result: wasmtime::Result<R>,
+        core: Core,
         started: Instant,
     ) -> Result<R, CallFailure> {
         match result {
             Ok(result) => {
-                self.succeeded(started);
-                // This core's pool, unless it is full (say, the instance came from
+                self.succeeded(core, started);
+                // `core`'s pool, unless it is full (say, the instance came from
                 // another pool); beyond every pool's share the instance is dropped.
                 let mut ready = Some(ready);
-                for pool in self.idle.iter_from_local() {
+                for pool in self.idle.iter_from(core) {
                     let mut pool = pool.lock();
                     if pool.len() < self.idle_per_pool {
                         pool.extend(ready.take());
@@ -576,12 +590,13 @@ impl LoadedPlugin {
                 Ok(result)
             }
             // The instance is dropped here: never reuse a store that trapped.
-            Err(err) => Err(self.failed(&err, started)),
+            Err(err) => Err(self.failed(&err, core, started)),
         }
     }
 
-    fn succeeded(&self, started: Instant) {
-        self.metrics.timed(started.elapsed().as_nanos() as u64);
+    fn succeeded(&self, core: Core, started: Instant) {
+        self.metrics
+            .timed(core, started.elapsed().as_nanos() as u64);
         if !self.breaker_engaged.load(Ordering::Acquire) {
             return;
         }
@@ -600,11 +615,12 @@ impl LoadedPlugin {
         }
     }
 
-    fn failed(&self, err: &wasmtime::Error, started: Instant) -> CallFailure {
+    fn failed(&self, err: &wasmtime::Error, core: Core, started: Instant) -> CallFailure {
         let kind = classify(err);
         let detail = format!("{err:#}");
         self.metrics.failures(kind).fetch_add(1, Ordering::Relaxed);
-        self.metrics.timed(started.elapsed().as_nanos() as u64);
+        self.metrics
+            .timed(core, started.elapsed().as_nanos() as u64);
         tracing::warn!(plugin = self.id(), kind = kind.as_str(), error = %detail, "plugin call failed");
         let mut breaker = self.breaker.lock();
         self.breaker_engaged.store(true, Ordering::Release);

@@ -90,19 +90,10 @@ impl Pipeline {
     // would allocate for nothing on the path that matters.
     #[allow(clippy::result_large_err)]
     pub fn try_submit(&self, job: SendJob) -> Result<(), Refused> {
-        self.jobs.try_send(Job::Send(job)).map_err(|e| {
-            let (job, full) = match e {
-                mpsc::error::TrySendError::Full(job) => (job, true),
-                mpsc::error::TrySendError::Closed(job) => (job, false),
-            };
-            let Job::Send(job) = job else {
-                unreachable!("a send was submitted")
-            };
-            if full {
-                Refused::Full(job)
-            } else {
-                Refused::Stopped(job)
-            }
+        self.jobs.try_send(Job::Send(job)).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(Job::Send(job)) => Refused::Full(job),
+            mpsc::error::TrySendError::Closed(Job::Send(job)) => Refused::Stopped(job),
+            _ => unreachable!("a send was submitted"),
         })
     }
 

@@ -4,6 +4,7 @@
 //! counts. Hot paths hold pre-registered handles; plugin statistics are copied from the
 //! plugin host's own counters at scrape time.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use im_plugins::PluginHost;
@@ -16,6 +17,12 @@ const LATENCY_BUCKETS: [f64; 16] = [
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
     2.5, 5.0,
 ];
+
+/// How often histogram samples are folded into their buckets. The recorder keeps every
+/// sample until then (or until a scrape), so without upkeep a node nobody scrapes grew by
+/// 16 bytes per delivery (161 MB for ten million samples in a scratch test): 5.8 GB an
+/// hour at 100,000 deliveries/s.
+const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Transport names as sessions report them.
 pub const TRANSPORTS: [&str; 5] = ["tcp", "tcp+tls", "ws", "wss", "quic"];
@@ -152,6 +159,24 @@ impl NodeMetrics {
         self.slow_consumers.increment(1);
     }
 
+    /// Folds the histogram samples recorded since the last upkeep or scrape into their
+    /// buckets, freeing them.
+    pub fn upkeep(&self) {
+        self.handle.run_upkeep();
+    }
+
+    /// Runs [`Self::upkeep`] every few seconds until `shutdown` is cancelled.
+    pub async fn keep_up(self: Arc<Self>, shutdown: tokio_util::sync::CancellationToken) {
+        let mut tick = tokio::time::interval(UPKEEP_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => self.upkeep(),
+                () = shutdown.cancelled() => return,
+            }
+        }
+    }
+
     /// The scrape text: the node's own metrics, then node state, the store's background
     /// work and plugin statistics read now.
     pub fn render(
@@ -238,6 +263,26 @@ mod tests {
             other.contains("im_messages_in_total{kind=\"group\"} 0"),
             "{other}"
         );
+    }
+
+    #[test]
+    fn upkeep_folds_samples_into_the_buckets_without_losing_any() {
+        let node = NodeMetrics::new();
+        for micros in [30, 70, 70, 2_000] {
+            node.delivery(Duration::from_micros(micros));
+        }
+        node.upkeep();
+        node.delivery(Duration::from_micros(70));
+        node.upkeep();
+        let text = node.render((0, 0), 0, None, None);
+        for line in [
+            "im_delivery_seconds_bucket{le=\"0.00005\"} 1",
+            "im_delivery_seconds_bucket{le=\"0.0001\"} 4",
+            "im_delivery_seconds_bucket{le=\"0.0025\"} 5",
+            "im_delivery_seconds_count 5",
+        ] {
+            assert!(text.contains(line), "{line} missing from\n{text}");
+        }
     }
 
     #[test]

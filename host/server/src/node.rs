@@ -335,6 +335,9 @@ impl RunningNode {
                 config.idle_timeout(),
                 node.shutdown.clone(),
             )));
+        node.background.push(tokio::spawn(
+            ctx.metrics.clone().keep_up(node.shutdown.clone()),
+        ));
         Ok(node)
     }
 

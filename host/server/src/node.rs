@@ -327,8 +327,8 @@ impl RunningNode {
             listeners.spawn(quic::serve(endpoint, ctx.clone(), sessions.clone()));
         }
         listeners.close();
-        // Spawned last: it ends only with the shutdown token, so a start that fails before
-        // here must not leave it running.
+        // Spawned last, the idle sweep and the metrics upkeep: they end only with the
+        // shutdown token, so a start that fails before here must not leave them running.
         node.background
             .push(tokio::spawn(crate::session::sweep_idle_connections(
                 ctx.router.clone(),

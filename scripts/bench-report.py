@@ -274,6 +274,19 @@ def main():
         durable_table(doc),
         "",
     ]
+    apart = out / "apart"
+    if (apart / "results.json").exists():
+        apart_doc = load(apart)
+        parts += [
+            "### 1:1 round trip, servers pinned apart from the load generator",
+            "",
+            pinning_line(apart_doc) + " Left to the kernel (the table above), a "
+            "single-threaded server tends to share the load generator's cpu; pinned apart, "
+            "every system pays the same hand-offs between cpus, as with clients on other machines.",
+            "",
+            rtt_table(apart_doc),
+            "",
+        ]
     for png in plot(out, doc):
         parts.append(f"![{png}]({png})")
     (out / "results.md").write_text("\n".join(parts) + "\n")

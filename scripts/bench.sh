@@ -4,7 +4,7 @@
 # scenario and renders results.json, results.md and PNG plots into the output directory.
 #
 #   ./scripts/bench.sh                 # full run (about 30 minutes)
-#   ./scripts/bench.sh --quick         # quick mode (under 10 minutes)
+#   ./scripts/bench.sh --quick         # quick mode (under 10 minutes; about 7 here)
 #   ./scripts/bench.sh --quick --only rtt,fanout --no-peers
 #
 # Environment: BENCH_OUT (default target/bench); HALT_POLL_NS: on a KVM guest whose idle
@@ -37,5 +37,28 @@ if [ -n "${HALT_POLL_NS:-}" ]; then
 fi
 echo "== running (results in $out)"
 ./target/release/im-bench all --out "$out" "$@"
+# The round trip once more with every server on cpu 0 and the load generator on cpu 1, as
+# clients on other machines would be: left to the kernel, a single-threaded server shares
+# the load generator's cpu and a multi-threaded one mostly does not, and that placement
+# moves a round trip's p50 by a factor of two here (docs/benchmarks.md). Skipped when the
+# run has no round trip, is pinned already, or the machine has one cpu.
+only="" pinned="" apart_args=() skip_next=""
+for arg in "$@"; do
+    if [ -n "$skip_next" ]; then
+        [ "$skip_next" = only ] && only="$arg"
+        skip_next=""
+        continue
+    fi
+    case "$arg" in
+        --only) skip_next=only ;;
+        --only=*) only="${arg#--only=}" ;;
+        --pin|--pin=*) pinned=1; apart_args+=("$arg") ;;
+        *) apart_args+=("$arg") ;;
+    esac
+done
+if [ -z "$pinned" ] && [ "$(nproc)" -ge 2 ] && { [ -z "$only" ] || [[ ",$only," == *,rtt,* ]]; }; then
+    echo "== round trip pinned apart (results in $out/apart)"
+    ./target/release/im-bench all --out "$out/apart" --only rtt --pin 0:1 "${apart_args[@]}"
+fi
 python3 scripts/bench-report.py "$out"
 echo "== wrote $out/results.json, $out/results.md and $out/*.png"

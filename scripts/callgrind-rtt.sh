@@ -4,10 +4,10 @@
 # at 300 round trips/s (two rounds of 10 s) under valgrind, dumps the counters every 4 s,
 # and prints, for each window that carried traffic and for all of them together, the
 # instructions, allocations, String clones and SipHash writes per message (a message: one
-# push encoded: `pipeline::to_proto`, since 2026-12-07 `encode::deliver_frame`). The window's instructions per message vary with what
-# else fell into it (a WAL checkpoint, a login, idle wake-ups); the message path's (the
-# inclusive instructions of a frame's handling, the commit, the answers and the applier)
-# are the figure to compare builds by.
+# push encoded: `pipeline::to_proto`, since 2026-12-07 `encode::deliver_frame`). The
+# window's instructions per message vary with what else fell into it (a WAL checkpoint, a
+# login, idle wake-ups); the message path's (the inclusive instructions of a frame's
+# handling, the commit, the answers and the applier) are the figure to compare builds by.
 #
 #   ./scripts/callgrind-rtt.sh [SERVER_BINARY]     # default target/release/im-server
 #

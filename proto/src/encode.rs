@@ -27,23 +27,6 @@ pub struct MessageFields<'a> {
     pub server_time_ms: i64,
 }
 
-impl<'a> From<&'a crate::v1::Message> for MessageFields<'a> {
-    fn from(m: &'a crate::v1::Message) -> Self {
-        Self {
-            conversation_id: &m.conversation_id,
-            seq: m.seq,
-            server_msg_id: &m.server_msg_id,
-            sender_id: &m.sender_id,
-            sender_device_id: &m.sender_device_id,
-            recipient_id: &m.recipient_id,
-            client_msg_id: &m.client_msg_id,
-            body: &m.body,
-            content_type: &m.content_type,
-            server_time_ms: m.server_time_ms,
-        }
-    }
-}
-
 /// A send's acknowledgement, borrowed: encodes as `v1::SendAck`.
 #[derive(Clone, Copy, Debug)]
 pub struct SendAckFields<'a> {
@@ -172,6 +155,24 @@ pub fn send_ack_frame(request_id: u64, ack: &SendAckFields<'_>) -> Bytes {
 mod tests {
     use super::*;
     use crate::v1;
+
+    // The tests' mapping; the server encodes from its stored messages instead.
+    impl<'a> From<&'a v1::Message> for MessageFields<'a> {
+        fn from(m: &'a v1::Message) -> Self {
+            Self {
+                conversation_id: &m.conversation_id,
+                seq: m.seq,
+                server_msg_id: &m.server_msg_id,
+                sender_id: &m.sender_id,
+                sender_device_id: &m.sender_device_id,
+                recipient_id: &m.recipient_id,
+                client_msg_id: &m.client_msg_id,
+                body: &m.body,
+                content_type: &m.content_type,
+                server_time_ms: m.server_time_ms,
+            }
+        }
+    }
 
     fn message(i: u64) -> v1::Message {
         v1::Message {

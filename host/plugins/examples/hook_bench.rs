@@ -268,17 +268,9 @@ async fn measure_risk(host: &PluginHost, iterations: u32, only: &str) {
     for _ in 0..1000 {
         let _ = assess(&mut msg).await;
     }
-    let per_batch = (iterations / BATCHES).max(1);
-    let mut means = Vec::with_capacity(BATCHES as usize);
-    for _ in 0..BATCHES {
-        let start = Instant::now();
-        for _ in 0..per_batch {
-            let outcome = assess(&mut msg).await;
-            assert!(matches!(outcome, RiskOutcome::Allow), "{outcome:?}");
-        }
-        means.push(start.elapsed().as_nanos() as f64 / f64::from(per_batch));
-    }
-    means.sort_by(f64::total_cmp);
-    let median = means[means.len() / 2];
+    let median = median_batch_ns(iterations, || {
+        let outcome = ready_now(assess(&mut msg));
+        assert!(matches!(outcome, RiskOutcome::Allow), "{outcome:?}");
+    });
     println!("| {label} | 100 B | {median:.0} ns |");
 }

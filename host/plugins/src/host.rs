@@ -18,7 +18,7 @@ use crate::bindings::{authenticator, group_policy, message_filter, risk_control}
 use crate::engine::PluginEngine;
 use crate::kv::KvStore;
 use crate::manifest::{FailurePolicy, Hook, Manifest};
-use crate::plugin::{CallFailure, LoadedPlugin, Verdict};
+use crate::plugin::{CallFailure, LoadedPlugin};
 use crate::state::{CallOrigin, PluginMessage, PluginShared, now_ms};
 
 const MANIFEST_FILE: &str = "manifest.toml";
@@ -500,13 +500,11 @@ impl PluginHost {
                 .await;
             match result {
                 Ok(authenticator::AuthResult::Allow(identity)) => {
-                    plugin.metrics.verdict(Verdict::Allow);
                     return AuthOutcome::Allowed {
                         user_id: identity.user_id,
                     };
                 }
                 Ok(authenticator::AuthResult::Deny(reason)) => {
-                    plugin.metrics.verdict(Verdict::Deny);
                     last_reason = reason;
                 }
                 Err(failure) => {
@@ -558,19 +556,16 @@ impl PluginHost {
                     .await
             };
             match result {
-                Ok(message_filter::FilterVerdict::Allow) => plugin.metrics.verdict(Verdict::Allow),
+                Ok(message_filter::FilterVerdict::Allow) => {}
                 Ok(message_filter::FilterVerdict::Modify(rewrite)) => {
-                    plugin.metrics.verdict(Verdict::Modify);
                     message.body = rewrite.body.into();
                     message.content_type = rewrite.content_type;
                     modified = true;
                 }
                 Ok(message_filter::FilterVerdict::Reject(reason)) => {
-                    plugin.metrics.verdict(Verdict::Reject);
                     return FilterOutcome::Reject { reason };
                 }
                 Ok(message_filter::FilterVerdict::Drop) => {
-                    plugin.metrics.verdict(Verdict::Drop);
                     return FilterOutcome::Drop;
                 }
                 Err(failure) => match plugin.manifest.failure_for(Hook::MessageFilter) {
@@ -661,16 +656,14 @@ impl PluginHost {
                     .await
             };
             match result {
-                Ok(risk_control::RiskVerdict::Allow) => plugin.metrics.verdict(Verdict::Allow),
+                Ok(risk_control::RiskVerdict::Allow) => {}
                 Ok(risk_control::RiskVerdict::Throttle(t)) => {
-                    plugin.metrics.verdict(Verdict::Throttle);
                     return RiskOutcome::Throttle {
                         retry_after_ms: t.retry_after_ms,
                         reason: t.reason,
                     };
                 }
                 Ok(risk_control::RiskVerdict::Block(reason)) => {
-                    plugin.metrics.verdict(Verdict::Block);
                     return RiskOutcome::Block { reason };
                 }
                 Err(failure) => {
@@ -705,9 +698,8 @@ impl PluginHost {
                 })
                 .await;
             match result {
-                Ok(group_policy::GroupDecision::Allow) => plugin.metrics.verdict(Verdict::Allow),
+                Ok(group_policy::GroupDecision::Allow) => {}
                 Ok(group_policy::GroupDecision::Deny(reason)) => {
-                    plugin.metrics.verdict(Verdict::Deny);
                     return GroupOutcome::Deny { reason };
                 }
                 Err(failure) => {

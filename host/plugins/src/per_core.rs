@@ -73,11 +73,6 @@ impl<T> PerCore<T> {
         &self.slots[core.0 % self.slots.len()]
     }
 
-    /// The running core's slot, for a caller that touches no other slot.
-    pub fn local(&self) -> &T {
-        self.at(Core::current())
-    }
-
     /// Every slot, starting with `core`'s.
     pub fn iter_from(&self, core: Core) -> impl Iterator<Item = &T> {
         let len = self.slots.len();
@@ -99,7 +94,10 @@ mod tests {
     fn calls_start_at_their_cores_slot_and_visit_every_slot_once() {
         let slots = PerCore::new(3, || AtomicUsize::new(0));
         let core = Core::current();
-        assert!(std::ptr::eq(slots.local(), &*slots.slots[core.0 % 3]));
+        assert!(std::ptr::eq(
+            slots.at(Core::current()),
+            &*slots.slots[core.0 % 3]
+        ));
         let order: Vec<*const AtomicUsize> = slots.iter_from(core).map(|s| s as *const _).collect();
         assert_eq!(order.len(), 3, "every slot once");
         for (step, slot) in order.iter().enumerate() {
@@ -117,7 +115,7 @@ mod tests {
                             == 0
                     };
                     // An address, which may cross threads where a pointer may not.
-                    pinned.then(|| slots.local() as *const AtomicUsize as usize)
+                    pinned.then(|| slots.at(Core::current()) as *const AtomicUsize as usize)
                 })
                 .join()
                 .unwrap()

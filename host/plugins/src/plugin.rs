@@ -179,6 +179,50 @@ impl Verdict {
     }
 }
 
+/// A hook's answer, counted by its verdict when the call returns it.
+pub trait HookAnswer {
+    fn verdict(&self) -> Verdict;
+}
+
+impl HookAnswer for authenticator::AuthResult {
+    fn verdict(&self) -> Verdict {
+        match self {
+            Self::Allow(_) => Verdict::Allow,
+            Self::Deny(_) => Verdict::Deny,
+        }
+    }
+}
+
+impl HookAnswer for message_filter::FilterVerdict {
+    fn verdict(&self) -> Verdict {
+        match self {
+            Self::Allow => Verdict::Allow,
+            Self::Modify(_) => Verdict::Modify,
+            Self::Reject(_) => Verdict::Reject,
+            Self::Drop => Verdict::Drop,
+        }
+    }
+}
+
+impl HookAnswer for risk_control::RiskVerdict {
+    fn verdict(&self) -> Verdict {
+        match self {
+            Self::Allow => Verdict::Allow,
+            Self::Throttle(_) => Verdict::Throttle,
+            Self::Block(_) => Verdict::Block,
+        }
+    }
+}
+
+impl HookAnswer for group_policy::GroupDecision {
+    fn verdict(&self) -> Verdict {
+        match self {
+            Self::Allow => Verdict::Allow,
+            Self::Deny(_) => Verdict::Deny,
+        }
+    }
+}
+
 /// Per-plugin counters. Every finished call counts once, as a verdict or as a failure, so
 /// the number of calls is their sum. The counters every call writes (its verdict, its
 /// time) are kept per core ([`PerCore`]) and summed when read.
@@ -224,9 +268,9 @@ impl Metrics {
         }
     }
 
-    /// Counts one verdict.
-    pub fn verdict(&self, verdict: Verdict) {
-        self.per_core.local().verdicts[verdict as usize].fetch_add(1, Ordering::Relaxed);
+    /// Counts one verdict, given by a call on `core`.
+    fn verdict(&self, core: Core, verdict: Verdict) {
+        self.per_core.at(core).verdicts[verdict as usize].fetch_add(1, Ordering::Relaxed);
     }
 
     /// How many times `verdict` was given.
@@ -483,7 +527,7 @@ impl LoadedPlugin {
 
     /// Runs `f` on an instance, within the plugin's deadline and memory cap. `f` gets the
     /// call-context handle to pass to the hook, describing `origin`.
-    pub async fn call<R>(
+    pub async fn call<R: HookAnswer>(
         &self,
         origin: &CallOrigin,
         f: impl AsyncFnOnce(&mut Store<HostState>, &Exports, Handles) -> wasmtime::Result<R>,
@@ -494,7 +538,7 @@ impl LoadedPlugin {
     }
 
     /// [`Self::call`]'s body.
-    async fn call_boxed<R>(
+    async fn call_boxed<R: HookAnswer>(
         &self,
         origin: &CallOrigin,
         f: impl AsyncFnOnce(&mut Store<HostState>, &Exports, Handles) -> wasmtime::Result<R>,
@@ -522,7 +566,7 @@ impl LoadedPlugin {
     /// deadline and memory cap hold as on a fiber: the epoch interrupt traps the guest.
     ///
     /// Must only be used when [`Self::direct`] holds (the engine refuses otherwise).
-    pub fn call_direct<R>(
+    pub fn call_direct<R: HookAnswer>(
         &self,
         origin: &CallOrigin,
         f: impl FnOnce(&mut Store<HostState>, &Exports, Handles) -> wasmtime::Result<R>,
@@ -567,7 +611,7 @@ impl LoadedPlugin {
     }
 
     /// Returns a healthy instance to the pool and counts the outcome.
-    fn settle<R>(
+    fn settle<R: HookAnswer>(
         &self,
         ready: Box<Ready>,
         result: wasmtime::Result<R>,
@@ -576,7 +620,7 @@ impl LoadedPlugin {
     ) -> Result<R, CallFailure> {
         match result {
             Ok(result) => {
-                self.succeeded(core, started);
+                self.succeeded(core, started, result.verdict());
                 // `core`'s pool, unless it is full (say, the instance came from
                 // another pool); beyond every pool's share the instance is dropped.
                 let mut ready = Some(ready);
@@ -594,7 +638,8 @@ impl LoadedPlugin {
         }
     }
 
-    fn succeeded(&self, core: Core, started: Instant) {
+    fn succeeded(&self, core: Core, started: Instant, verdict: Verdict) {
+        self.metrics.verdict(core, verdict);
         self.metrics
             .timed(core, started.elapsed().as_nanos() as u64);
         if !self.breaker_engaged.load(Ordering::Acquire) {

@@ -12,7 +12,7 @@ struct Pending {
     /// The push's seq, kept beside it: every push and ack compares it with each entry,
     /// and reading it through `push` cost a cache miss per entry (the push's scan was
     /// 2.1 % of the server's samples in the kit's group fan-out, where each device acks
-    /// every 100 ms; 1.7 % with the seq here).
+    /// every 100 ms; 1.7 % with the seq here: docs/benchmarks.md, 2026-12-07 later).
     seq: u64,
     push: Arc<DeliverPush>,
     attempts: u32,

@@ -155,7 +155,7 @@ impl WordFilter {
             if let Some(words) = &self.short_list {
                 // Most messages hold no word: proven here, the automaton never runs.
                 let lowercase = text.to_ascii_lowercase();
-                if !occurs(&words[..self.ascii_words], &lowercase) {
+                if !occurs_in(&words[..self.ascii_words], lowercase.as_bytes()) {
                     return None;
                 }
             }
@@ -170,7 +170,7 @@ impl WordFilter {
             std::borrow::Cow::Owned(fold(text))
         };
         let maybe = match &self.short_list {
-            Some(words) => occurs(words, &folded),
+            Some(words) => occurs_in(words, folded.as_bytes()),
             None => automaton.is_match(folded.as_ref()),
         };
         if !maybe {
@@ -224,10 +224,6 @@ impl WordFilter {
 }
 
 /// Whether any of `words` occurs in `text`.
-fn occurs(words: &[Finder<'_>], text: &str) -> bool {
-    occurs_in(words, text.as_bytes())
-}
-
 fn occurs_in(words: &[Finder<'_>], text: &[u8]) -> bool {
     words.iter().any(|w| w.find(text).is_some())
 }

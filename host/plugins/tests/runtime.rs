@@ -539,6 +539,25 @@ async fn risk_control_throttles_bursts_and_blocks_repeats() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn risk_control_remembers_as_many_bodies_as_configured() {
+    let f = fixture().await;
+    // One slot: a body is forgotten as soon as another is sent.
+    let config = "[config]\nsend_rate = \"1000\"\nsend_burst = \"1000\"\nrepeat_limit = \"1\"\nrepeat_slots = \"1\"";
+    let m = manifest("risk-control", "\"risk-control\"", config);
+    f.host
+        .install(&m, component("risk_control.wasm"))
+        .await
+        .unwrap();
+    let send = async |text: &str| f.host.assess_send(&origin(), &mut message(text)).await;
+    assert_eq!(send("one").await, RiskOutcome::Allow);
+    assert_eq!(send("two").await, RiskOutcome::Allow);
+    assert_eq!(send("one").await, RiskOutcome::Allow, "one was forgotten");
+    assert!(
+        matches!(send("one").await, RiskOutcome::Block { reason } if reason.contains("2 times"))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn group_policy_decides_through_the_component() {
     use im_plugins::GroupOutcome;
     use im_plugins::bindings::group_policy::{Group, GroupAction, GroupRequest, Role};

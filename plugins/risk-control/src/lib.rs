@@ -29,14 +29,14 @@ pub fn take(bucket: Bucket, state: Option<&str>, now_ms: i64) -> Result<String, 
 const SEND_HEADER: usize = 16;
 
 /// Assesses one send in the user's state `state` at `now_ms`: takes a token from `bucket`
-/// (or says how long to wait) and counts the body's repeats. Returns the new state and the
-/// body's count within its window.
+/// (or says how long to wait) and counts the body's repeats under `repeats`. Returns the
+/// new state and the body's count within its window.
 pub fn assess_send(
     state: Option<&[u8]>,
     bucket: Bucket,
     fingerprint: u64,
     now_ms: i64,
-    window_ms: i64,
+    repeats: Repeats,
 ) -> Result<(Vec<u8>, u32), u64> {
     let (header, ring) = match state {
         Some(state) if state.len() >= SEND_HEADER => {
@@ -50,11 +50,12 @@ pub fn assess_send(
     let tokens = take_token(bucket, header, now_ms)?;
     // The new state is written once, in place: the old ring is copied behind the new
     // header and the body is counted there.
-    let mut next = Vec::with_capacity(SEND_HEADER + ring_len(ring) + SEEN_BYTES);
+    let kept = kept_slots(ring, repeats.slots);
+    let mut next = Vec::with_capacity(SEND_HEADER + kept.len() + SEEN_BYTES);
     next.extend_from_slice(&tokens.to_le_bytes());
     next.extend_from_slice(&now_ms.to_le_bytes());
-    next.extend_from_slice(&ring[..ring_len(ring)]);
-    let count = count_in_ring(&mut next, SEND_HEADER, fingerprint, now_ms, window_ms);
+    next.extend_from_slice(kept);
+    let count = count_in_ring(&mut next, SEND_HEADER, fingerprint, now_ms, repeats);
     Ok((next, count))
 }
 
@@ -105,13 +106,14 @@ fn assess_send_in_kv(
     key: &str,
     bucket: Bucket,
     fingerprint: u64,
-    window_ms: u64,
+    repeats: Repeats,
 ) -> Result<i64, u64> {
-    let window = i64::try_from(window_ms).unwrap_or(i64::MAX);
     // Kept as long as the longer of the two: the ring's window and the bucket's refill.
-    let ttl_ms = window_ms.max(refill_ttl_ms(bucket));
+    let ttl_ms = u64::try_from(repeats.window_ms)
+        .unwrap_or(0)
+        .max(refill_ttl_ms(bucket));
     update_in_kv(key, ttl_ms, |state, now| {
-        assess_send(state, bucket, fingerprint, now, window)
+        assess_send(state, bucket, fingerprint, now, repeats)
     })
     .map(i64::from)
 }
@@ -143,9 +145,24 @@ pub fn fingerprint(bytes: &[u8]) -> u64 {
     })
 }
 
-/// Distinct recent bodies remembered per user for repeat detection. One KV entry per user
-/// holds them all (a key per body would write a new row for nearly every message).
-pub const REPEAT_SLOTS: usize = 64;
+/// How repeats of one body are counted: within `window_ms` of its first sending, among
+/// the `slots` distinct bodies a user sent most recently.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Repeats {
+    pub window_ms: i64,
+    pub slots: usize,
+}
+
+/// Distinct recent bodies remembered per user unless configured (`repeat_slots`). One KV
+/// entry per user holds them all (a key per body would write a new row for nearly every
+/// message), and every check moves that entry across the sandbox three times (read, and
+/// the swap's expected and new values): 16 slots make it 336 bytes. With 64 a check took
+/// 18.7-25.9 µs after an idle millisecond against 9.2-10.8 µs with 16, 2.6 against 2.3 µs
+/// back to back (docs/benchmarks.md, 2026-12-07, "Risk control's state").
+pub const DEFAULT_REPEAT_SLOTS: usize = 16;
+
+/// The most slots `repeat_slots` may ask for.
+pub const MAX_REPEAT_SLOTS: usize = 256;
 
 /// One remembered body: fingerprint, times seen, start of its window; 20 bytes encoded.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -158,25 +175,27 @@ struct Seen {
 const SEEN_BYTES: usize = 20;
 
 /// Counts one more sending of the body with `fingerprint` at `now_ms` in a user's state
-/// (`None`: nothing remembered). A body's count restarts once `window_ms` passed since its
-/// first sending; beyond [`REPEAT_SLOTS`] bodies the one remembered longest is forgotten.
+/// (`None`: nothing remembered). A body's count restarts once the window passed since its
+/// first sending; beyond `repeats.slots` bodies the one remembered longest is forgotten.
 /// Returns the new state and the body's count within its window.
 pub fn count_repeat(
     state: Option<&[u8]>,
     fingerprint: u64,
     now_ms: i64,
-    window_ms: i64,
+    repeats: Repeats,
 ) -> (Vec<u8>, u32) {
-    let ring = state.unwrap_or_default();
-    let mut next = Vec::with_capacity(ring_len(ring) + SEEN_BYTES);
-    next.extend_from_slice(&ring[..ring_len(ring)]);
-    let count = count_in_ring(&mut next, 0, fingerprint, now_ms, window_ms);
+    let kept = kept_slots(state.unwrap_or_default(), repeats.slots);
+    let mut next = Vec::with_capacity(kept.len() + SEEN_BYTES);
+    next.extend_from_slice(kept);
+    let count = count_in_ring(&mut next, 0, fingerprint, now_ms, repeats);
     (next, count)
 }
 
-/// The length of the whole slots of `ring`, at most [`REPEAT_SLOTS`] of them.
-fn ring_len(ring: &[u8]) -> usize {
-    (ring.len() / SEEN_BYTES).min(REPEAT_SLOTS) * SEEN_BYTES
+/// The newest `slots` whole slots of `ring` (kept oldest first): a ring written under a
+/// larger `repeat_slots` loses its oldest bodies, not its latest.
+fn kept_slots(ring: &[u8], slots: usize) -> &[u8] {
+    let whole = ring.len() / SEEN_BYTES;
+    &ring[whole.saturating_sub(slots) * SEEN_BYTES..whole * SEEN_BYTES]
 }
 
 /// The little-endian u64 at `at` in `bytes`.
@@ -211,7 +230,7 @@ fn put_seen(state: &mut Vec<u8>, start: usize, slot: usize, seen: Seen) {
 /// Counts the body with `fingerprint` in the ring that fills `state` from `start`, in
 /// place. The ring is kept oldest first: a body's count restarts at one, as the newest,
 /// once its window has passed; a new body is added at the end, and the oldest is forgotten
-/// when its window has passed or the ring holds [`REPEAT_SLOTS`]. So only fingerprints are
+/// when its window has passed or the ring is full. So only fingerprints are
 /// compared: most bodies are new (every time-stamped payload is), and a pass that also
 /// looked for a free and the oldest slot among all of them cost 2,400 more of the call's
 /// 25,600 instructions (callgrind over hook_bench).
@@ -220,8 +239,9 @@ fn count_in_ring(
     start: usize,
     fingerprint: u64,
     now_ms: i64,
-    window_ms: i64,
+    repeats: Repeats,
 ) -> u32 {
+    let window_ms = repeats.window_ms;
     let slots = (state.len() - start) / SEEN_BYTES;
     let found = state[start..start + slots * SEEN_BYTES]
         .chunks_exact(SEEN_BYTES)
@@ -239,7 +259,7 @@ fn count_in_ring(
         None if slots == 0 => None,
         None => {
             let oldest_expired = now_ms - seen_at(state, start, 0).since_ms >= window_ms;
-            (slots >= REPEAT_SLOTS || oldest_expired).then_some(0)
+            (slots >= repeats.slots || oldest_expired).then_some(0)
         }
     };
     if let Some(slot) = forget {
@@ -263,7 +283,7 @@ struct Settings {
     send: Bucket,
     login: Bucket,
     repeat_limit: i64,
-    repeat_window_ms: u64,
+    repeats: Repeats,
 }
 
 fn settings() -> &'static Settings {
@@ -272,9 +292,15 @@ fn settings() -> &'static Settings {
         send: bucket("send_rate", "send_burst", "20", "40"),
         login: bucket("login_rate", "login_burst", "5", "20"),
         repeat_limit: config::get_or("repeat_limit", "5").parse().unwrap_or(5),
-        repeat_window_ms: config::get_or("repeat_window_ms", "60000")
-            .parse()
-            .unwrap_or(60_000),
+        repeats: Repeats {
+            window_ms: config::get_or("repeat_window_ms", "60000")
+                .parse::<u64>()
+                .map_or(60_000, |ms| i64::try_from(ms).unwrap_or(i64::MAX)),
+            slots: config::get_or("repeat_slots", "")
+                .parse()
+                .unwrap_or(DEFAULT_REPEAT_SLOTS)
+                .clamp(1, MAX_REPEAT_SLOTS),
+        },
     })
 }
 
@@ -288,16 +314,16 @@ impl RiskControl for Limits {
                 let sender = message.sender();
                 let user = &sender.user_id;
                 let limit = settings.send;
-                let window = settings.repeat_window_ms;
+                let repeats = settings.repeats;
                 let fingerprint = fingerprint(&message.body());
-                match assess_send_in_kv(&format!("user:{user}"), limit, fingerprint, window) {
+                match assess_send_in_kv(&format!("user:{user}"), limit, fingerprint, repeats) {
                     Err(retry_after_ms) => RiskVerdict::Throttle(Throttle {
                         retry_after_ms,
                         reason: format!("user {user} sends faster than {} messages/s", limit.rate),
                     }),
                     Ok(count) if count > settings.repeat_limit => RiskVerdict::Block(format!(
                         "the same message was sent {count} times within {} s",
-                        window / 1000
+                        repeats.window_ms / 1000
                     )),
                     Ok(_) => RiskVerdict::Allow,
                 }
@@ -325,6 +351,15 @@ im_plugin_sdk::export_risk_control!(Limits);
 mod tests {
     use super::*;
 
+    const SLOTS: usize = DEFAULT_REPEAT_SLOTS;
+
+    fn within(window_ms: i64) -> Repeats {
+        Repeats {
+            window_ms,
+            slots: SLOTS,
+        }
+    }
+
     #[test]
     fn bucket_allows_the_burst_then_refills_at_the_rate() {
         let b = Bucket {
@@ -346,7 +381,7 @@ mod tests {
         let (a, b) = (fingerprint(b"a"), fingerprint(b"b"));
         let mut state: Option<Vec<u8>> = None;
         let mut send = |fp, now| {
-            let (next, count) = count_repeat(state.as_deref(), fp, now, 1_000);
+            let (next, count) = count_repeat(state.as_deref(), fp, now, within(1_000));
             state = Some(next);
             count
         };
@@ -362,17 +397,17 @@ mod tests {
     #[test]
     fn repeat_state_is_bounded_and_forgets_the_oldest_body() {
         let mut state: Option<Vec<u8>> = None;
-        for n in 0..(REPEAT_SLOTS as u64 + 10) {
-            let (next, count) = count_repeat(state.as_deref(), n, n as i64, 1_000_000);
+        for n in 0..(SLOTS as u64 + 10) {
+            let (next, count) = count_repeat(state.as_deref(), n, n as i64, within(1_000_000));
             assert_eq!(count, 1);
             state = Some(next);
         }
-        assert_eq!(state.as_ref().unwrap().len(), REPEAT_SLOTS * SEEN_BYTES);
+        assert_eq!(state.as_ref().unwrap().len(), SLOTS * SEEN_BYTES);
         // The first bodies were forgotten; the latest is remembered.
-        let (_, count) = count_repeat(state.as_deref(), 0, 100, 1_000_000);
+        let (_, count) = count_repeat(state.as_deref(), 0, 100, within(1_000_000));
         assert_eq!(count, 1);
-        let last = REPEAT_SLOTS as u64 + 9;
-        let (_, count) = count_repeat(state.as_deref(), last, 100, 1_000_000);
+        let last = SLOTS as u64 + 9;
+        let (_, count) = count_repeat(state.as_deref(), last, 100, within(1_000_000));
         assert_eq!(count, 2);
     }
 
@@ -381,37 +416,62 @@ mod tests {
         let mut state: Option<Vec<u8>> = None;
         // Body 0 at time 0, then bodies 1.. at 500..: with a window of 1,000, body 0's
         // slot is the only one expired at 1,000.
-        for n in 0..REPEAT_SLOTS as u64 {
+        for n in 0..SLOTS as u64 {
             let now = if n == 0 { 0 } else { 500 + n as i64 };
-            state = Some(count_repeat(state.as_deref(), n, now, 1_000).0);
+            state = Some(count_repeat(state.as_deref(), n, now, within(1_000)).0);
         }
-        let (next, count) = count_repeat(state.as_deref(), 1_000, 1_000, 1_000);
+        let (next, count) = count_repeat(state.as_deref(), 1_000, 1_000, within(1_000));
         assert_eq!(count, 1);
-        assert_eq!(next.len(), REPEAT_SLOTS * SEEN_BYTES, "no slot is added");
+        assert_eq!(next.len(), SLOTS * SEEN_BYTES, "no slot is added");
         // Every live body is still counted: none was forgotten for the new one.
-        for n in 1..REPEAT_SLOTS as u64 {
-            assert_eq!(count_repeat(Some(&next), n, 1_001, 1_000).1, 2, "body {n}");
+        for n in 1..SLOTS as u64 {
+            assert_eq!(
+                count_repeat(Some(&next), n, 1_001, within(1_000)).1,
+                2,
+                "body {n}"
+            );
         }
-        assert_eq!(count_repeat(Some(&next), 1_000, 1_001, 1_000).1, 2);
+        assert_eq!(count_repeat(Some(&next), 1_000, 1_001, within(1_000)).1, 2);
     }
 
     #[test]
     fn a_body_counted_again_after_its_window_is_kept_as_the_newest() {
         let mut state: Option<Vec<u8>> = None;
         // Body 0 at time 0, bodies 1.. at 10..: a full ring, nothing expired at 1,000 but 0.
-        for n in 0..REPEAT_SLOTS as u64 {
+        for n in 0..SLOTS as u64 {
             let now = if n == 0 { 0 } else { 9 + n as i64 };
-            state = Some(count_repeat(state.as_deref(), n, now, 1_000).0);
+            state = Some(count_repeat(state.as_deref(), n, now, within(1_000)).0);
         }
-        let (next, count) = count_repeat(state.as_deref(), 0, 1_000, 1_000);
+        let (next, count) = count_repeat(state.as_deref(), 0, 1_000, within(1_000));
         assert_eq!(count, 1, "its window passed: counted from one again");
         // A new body forgets the body remembered longest, 1, not 0.
-        let (next, count) = count_repeat(Some(&next), 1_000, 1_001, 1_000);
+        let (next, count) = count_repeat(Some(&next), 1_000, 1_001, within(1_000));
         assert_eq!(count, 1);
-        assert_eq!(next.len(), REPEAT_SLOTS * SEEN_BYTES);
-        assert_eq!(count_repeat(Some(&next), 0, 1_002, 1_000).1, 2);
-        assert_eq!(count_repeat(Some(&next), 1, 1_002, 1_000).1, 1);
-        assert_eq!(count_repeat(Some(&next), 2, 1_002, 1_000).1, 2);
+        assert_eq!(next.len(), SLOTS * SEEN_BYTES);
+        assert_eq!(count_repeat(Some(&next), 0, 1_002, within(1_000)).1, 2);
+        assert_eq!(count_repeat(Some(&next), 1, 1_002, within(1_000)).1, 1);
+        assert_eq!(count_repeat(Some(&next), 2, 1_002, within(1_000)).1, 2);
+    }
+
+    #[test]
+    fn a_ring_longer_than_the_configured_slots_keeps_its_newest_bodies() {
+        let mut state: Option<Vec<u8>> = None;
+        for n in 0..8u64 {
+            state = Some(count_repeat(state.as_deref(), n, n as i64, within(1_000)).0);
+        }
+        let three = Repeats {
+            window_ms: 1_000,
+            slots: 3,
+        };
+        let (next, count) = count_repeat(state.as_deref(), 7, 10, three);
+        assert_eq!(count, 2, "the newest body is still counted");
+        assert_eq!(next.len(), 3 * SEEN_BYTES);
+        assert_eq!(count_repeat(Some(&next), 5, 11, three).1, 2);
+        assert_eq!(
+            count_repeat(Some(&next), 4, 11, three).1,
+            1,
+            "older ones are gone"
+        );
     }
 
     #[test]
@@ -421,16 +481,24 @@ mod tests {
             burst: 2.0,
         };
         let fp = fingerprint(b"hi");
-        let (state, count) = assess_send(None, bucket, fp, 0, 60_000).unwrap();
+        let (state, count) = assess_send(None, bucket, fp, 0, within(60_000)).unwrap();
         assert_eq!(count, 1);
-        let (state, count) = assess_send(Some(&state), bucket, fp, 10, 60_000).unwrap();
+        let (state, count) = assess_send(Some(&state), bucket, fp, 10, within(60_000)).unwrap();
         assert_eq!(count, 2);
         // The burst of two is spent: the third send waits for a token, and counts nothing.
-        assert_eq!(assess_send(Some(&state), bucket, fp, 10, 60_000), Err(990));
-        let (_, count) = assess_send(Some(&state), bucket, fp, 1_010, 60_000).unwrap();
+        assert_eq!(
+            assess_send(Some(&state), bucket, fp, 10, within(60_000)),
+            Err(990)
+        );
+        let (_, count) = assess_send(Some(&state), bucket, fp, 1_010, within(60_000)).unwrap();
         assert_eq!(count, 3);
         // A state too short to hold the bucket is taken as none.
-        assert_eq!(assess_send(Some(b"x"), bucket, fp, 0, 60_000).unwrap().1, 1);
+        assert_eq!(
+            assess_send(Some(b"x"), bucket, fp, 0, within(60_000))
+                .unwrap()
+                .1,
+            1
+        );
     }
 
     #[test]

@@ -92,32 +92,46 @@ def rtt_table(doc):
     return "\n".join(lines)
 
 
-def ratio_lines(doc, scenario, value, what, lower_is_better):
+def fanout_groups(doc):
+    """Fan-out runs grouped by (system, offered rate), in first-seen order; each group's
+    figures are the medians over its rounds (results from before the kit ran rounds are
+    groups of one)."""
+    groups = {}
+    for e in rows(doc, "fanout"):
+        groups.setdefault((e["system"], e["result"]["offered_msgs_per_s"]), []).append(e["result"])
     out = []
-    by_rate = {}
-    for e in rows(doc, scenario):
-        by_rate.setdefault(e["params"]["rate"], {})[e["system"]] = value(e["result"])
-    for rate, systems in sorted(by_rate.items()):
-        for peer in ("mosquitto", "nats"):
-            if "im" in systems and peer in systems:
-                out.append(f"| ratio im / {peer} {what} | | {rate}/s | | | {ratio(systems['im'], systems[peer], lower_is_better)} | | | |")
+    for (system, rate), runs in groups.items():
+        med = lambda f: statistics.median(f(r) for r in runs)  # noqa: E731
+        p99s = [r["latency"]["p99_us"] for r in runs]
+        out.append({
+            "system": system, "rate": rate, "runs": len(runs), "subscribers": runs[0]["subscribers"],
+            "deliveries": sum(r["deliveries"] for r in runs), "expected": sum(r["expected"] for r in runs),
+            "per_s": med(lambda r: r["deliveries_per_s"]),
+            "p50": med(lambda r: r["latency"]["p50_us"]), "p99": med(lambda r: r["latency"]["p99_us"]),
+            "p999": med(lambda r: r["latency"]["p999_us"]), "p99_range": (min(p99s), max(p99s)),
+            "server_cores": med(lambda r: r["cpu"]["server_cores"]), "loadgen_cores": med(lambda r: r["cpu"]["loadgen_cores"]),
+        })
     return out
 
 
 def fanout_table(doc):
     lines = [
-        "| system | offered msgs/s | subscribers | deliveries | deliveries/s | p50 | p99 | p99.9 | server CPU | loadgen CPU |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| system | offered msgs/s | subscribers | runs | deliveries | deliveries/s (median) | p50 (median) | p99 (median) | p99 range | p99.9 (median) | server CPU | loadgen CPU |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for e in rows(doc, "fanout"):
-        r = e["result"]
-        lat = r["latency"]
+    groups = fanout_groups(doc)
+    for g in groups:
         lines.append(
-            f"| {e['system']} | {r['offered_msgs_per_s']} | {r['subscribers']} | {r['deliveries']} / {r['expected']} | {r['deliveries_per_s']:.0f} | "
-            f"{lat['p50_us']} µs | {lat['p99_us']} µs | {lat['p999_us']} µs | {r['cpu']['server_cores']:.2f} | {r['cpu']['loadgen_cores']:.2f} |"
+            f"| {g['system']} | {g['rate']} | {g['subscribers']} | {g['runs']} | {g['deliveries']} / {g['expected']} | {g['per_s']:.0f} | "
+            f"{g['p50'] / 1000:.1f} ms | {g['p99'] / 1000:.1f} ms | {g['p99_range'][0] / 1000:.1f}-{g['p99_range'][1] / 1000:.1f} ms | "
+            f"{g['p999'] / 1000:.1f} ms | {g['server_cores']:.2f} | {g['loadgen_cores']:.2f} |"
         )
-    for rate_ratio in ratio_lines(doc, "fanout", lambda r: r["latency"]["p99_us"], "p99", True):
-        lines.append(rate_ratio + " |")
+    ours = {g["rate"]: g for g in groups if g["system"] == "im"}
+    for g in groups:
+        if g["system"] != "im" and g["rate"] in ours:
+            lines.append(
+                f"| ratio im / {g['system']} p99 | {g['rate']} | | | | | | {ratio(ours[g['rate']]['p99'], g['p99'], True)} | | | | |"
+            )
     return "\n".join(lines)
 
 
@@ -206,8 +220,7 @@ def plot(out, doc):
         for system in SYSTEMS
     }
     fanout = {
-        system: [(e["result"]["offered_msgs_per_s"] * e["result"]["subscribers"], e["result"]["latency"]["p99_us"] / 1000)
-                 for e in rows(doc, "fanout") if e["system"] == system]
+        system: [(g["rate"] * g["subscribers"], g["p99"] / 1000) for g in fanout_groups(doc) if g["system"] == system]
         for system in SYSTEMS
     }
     written = [

@@ -3,8 +3,8 @@
 # generator, installs the peers (mosquitto, nats-server) from Debian's packages, runs every
 # scenario and renders results.json, results.md and PNG plots into the output directory.
 #
-#   ./scripts/bench.sh                 # full run (about 30 minutes)
-#   ./scripts/bench.sh --quick         # quick mode (under 10 minutes; about 7 here)
+#   ./scripts/bench.sh                 # full run (about 40 minutes)
+#   ./scripts/bench.sh --quick         # quick mode (under 10 minutes; about 8 here)
 #   ./scripts/bench.sh --quick --only rtt,fanout --no-peers
 #
 # Environment: BENCH_OUT (default target/bench); HALT_POLL_NS: on a KVM guest whose idle

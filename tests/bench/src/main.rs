@@ -78,8 +78,9 @@ struct AllArgs {
     /// trips up with server events logged on the same clock.
     #[arg(long)]
     rtt_samples: bool,
-    /// Round-trip runs per system, configuration and rate, interleaved (the report gives
-    /// each percentile's median: single runs on a shared 2-core machine vary widely).
+    /// Round-trip and fan-out runs per system, configuration and rate, interleaved (the
+    /// report gives each figure's median: single runs on a shared 2-core machine vary
+    /// widely).
     #[arg(long, default_value_t = 3)]
     repeat: usize,
     /// Pin the servers under test and the load generator to separate cores:
@@ -396,24 +397,24 @@ async fn run_all(args: AllArgs) -> anyhow::Result<()> {
             };
             for &(binary, suffix) in &binaries {
                 let server = ImServer::start(binary, &options)?;
-                systems.push(RttSystem::Im(format!("{label}{suffix}"), server));
+                systems.push(RunningSystem::Im(format!("{label}{suffix}"), server));
             }
         }
         if !args.no_peers {
             for kind in [PeerKind::Mosquitto, PeerKind::Nats] {
-                systems.push(RttSystem::Peer(PeerServer::start(kind, false)?));
+                systems.push(RunningSystem::Peer(PeerServer::start(kind, false)?));
             }
         }
         for round in 0..args.repeat.max(1) {
             for system in &systems {
                 for &rate in &plan.rtt_rates {
                     let (name, config, result) = match system {
-                        RttSystem::Im(label, server) => (
+                        RunningSystem::Im(label, server) => (
                             "im",
                             label.as_str(),
                             on_one_thread(scenarios::rtt(server, rate, d, plan.body)),
                         ),
-                        RttSystem::Peer(peer) => (
+                        RunningSystem::Peer(peer) => (
                             peer_name(peer.kind),
                             peer.durability(),
                             on_one_thread(peers::rtt(peer, rate, d, plan.body)),
@@ -445,25 +446,40 @@ async fn run_all(args: AllArgs) -> anyhow::Result<()> {
     }
 
     if wanted("fanout") {
-        let server = ImServer::start(bin, &with_plugins)?;
-        for &rate in &plan.fanout_rates {
-            let result =
-                scenarios::fanout(&server, plan.fanout_members, rate, d, plan.body).await?;
-            results.push(
-                "fanout",
-                "im",
-                json!({"rate": rate, "members": plan.fanout_members, "config": "plugins on"}),
-                result,
-            )?;
-        }
-        drop(server);
+        // Interleaved rounds, as for the round trip: one run's p99 moved by half between
+        // two runs of one build here, more than the gap to nats-server it was read against.
+        let mut systems = vec![RunningSystem::Im(
+            "plugins on".into(),
+            ImServer::start(bin, &with_plugins)?,
+        )];
         if !args.no_peers {
             for kind in [PeerKind::Mosquitto, PeerKind::Nats] {
-                let peer = PeerServer::start(kind, false)?;
+                systems.push(RunningSystem::Peer(PeerServer::start(kind, false)?));
+            }
+        }
+        for round in 0..args.repeat.max(1) {
+            for system in &systems {
                 for &rate in &plan.fanout_rates {
-                    let result =
-                        peers::fanout(&peer, plan.fanout_members - 1, rate, d, plan.body).await?;
-                    results.push("fanout", peer_name(kind), json!({"rate": rate, "members": plan.fanout_members, "config": peer.durability()}), result)?;
+                    let members = plan.fanout_members;
+                    let (name, config, result) = match system {
+                        RunningSystem::Im(label, server) => (
+                            "im",
+                            label.as_str(),
+                            scenarios::fanout(server, members, rate, d, plan.body).await,
+                        ),
+                        RunningSystem::Peer(peer) => (
+                            peer_name(peer.kind),
+                            peer.durability(),
+                            peers::fanout(peer, members - 1, rate, d, plan.body).await,
+                        ),
+                    };
+                    let result = result.with_context(|| format!("{name} fan-out at {rate}/s"))?;
+                    results.push(
+                        "fanout",
+                        name,
+                        json!({"rate": rate, "members": members, "config": config, "round": round}),
+                        result,
+                    )?;
                 }
             }
         }
@@ -540,8 +556,8 @@ async fn run_all(args: AllArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A system the round trip runs against.
-enum RttSystem {
+/// A system the round trip or the fan-out runs against, up for the whole scenario.
+enum RunningSystem {
     /// Our server in a labelled configuration.
     Im(String, ImServer),
     Peer(PeerServer),

@@ -508,15 +508,24 @@ async fn lifecycle_install_upgrade_disable_enable_uninstall_and_restart() {
     assert!(restarted.list().is_empty());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn risk_control_throttles_bursts_and_blocks_repeats() {
+/// A fixture with risk control installed under `config` (the manifest's `[config]` lines).
+async fn risk_control_with(config: &str) -> Fixture {
     let f = fixture().await;
-    let config = "[config]\nsend_rate = \"1\"\nsend_burst = \"5\"\nrepeat_limit = \"2\"";
-    let m = manifest("risk-control", "\"risk-control\"", config);
+    let m = manifest(
+        "risk-control",
+        "\"risk-control\"",
+        &format!("[config]\n{config}"),
+    );
     f.host
         .install(&m, component("risk_control.wasm"))
         .await
         .unwrap();
+    f
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn risk_control_throttles_bursts_and_blocks_repeats() {
+    let f = risk_control_with("send_rate = \"1\"\nsend_burst = \"5\"\nrepeat_limit = \"2\"").await;
     let send = async |text: &str| f.host.assess_send(&origin(), &mut message(text)).await;
     assert_eq!(send("one").await, RiskOutcome::Allow);
     assert_eq!(send("one").await, RiskOutcome::Allow);
@@ -540,14 +549,11 @@ async fn risk_control_throttles_bursts_and_blocks_repeats() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn risk_control_remembers_as_many_bodies_as_configured() {
-    let f = fixture().await;
     // One slot: a body is forgotten as soon as another is sent.
-    let config = "[config]\nsend_rate = \"1000\"\nsend_burst = \"1000\"\nrepeat_limit = \"1\"\nrepeat_slots = \"1\"";
-    let m = manifest("risk-control", "\"risk-control\"", config);
-    f.host
-        .install(&m, component("risk_control.wasm"))
-        .await
-        .unwrap();
+    let f = risk_control_with(
+        "send_rate = \"1000\"\nsend_burst = \"1000\"\nrepeat_limit = \"1\"\nrepeat_slots = \"1\"",
+    )
+    .await;
     let send = async |text: &str| f.host.assess_send(&origin(), &mut message(text)).await;
     assert_eq!(send("one").await, RiskOutcome::Allow);
     assert_eq!(send("two").await, RiskOutcome::Allow);

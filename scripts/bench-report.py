@@ -171,25 +171,171 @@ def durable_table(doc):
         lines.append(
             f"| ratio im / nats | durable-saturation acked/s | | | {ratio(saturated['im'], saturated['nats'], False)} | | | | | |"
         )
-    # The median of the interleaved rounds per filter count: single runs on a shared
-    # 2-core machine vary by tens of percent.
+    cost = filter_cost(doc)
+    if cost:
+        lines.append(
+            f"| im | 3 filters cost ({cost['detail']}) | | | {cost['percent']:.1f}% of throughput | | | | | |"
+        )
+    return "\n".join(lines)
+
+
+def filter_cost(doc):
+    """What three filters cost of the saturated rate: the medians of the interleaved rounds
+    per filter count (single runs on a shared 2-core machine vary by tens of percent), with
+    each round's own figure for its spread; None without both configurations."""
     by_filters = {}
     by_round = {}
     for e in rows(doc, "plugins-saturation"):
         by_filters.setdefault(e["params"]["filters"], []).append(e["result"]["acked_per_s"])
         by_round.setdefault(e["params"]["round"], {})[e["params"]["filters"]] = e["result"]["acked_per_s"]
     sat = {f: statistics.median(v) for f, v in by_filters.items()}
-    if 0 in sat and 3 in sat and sat[0]:
-        rounds = len(by_filters[0])
-        # Each round's own cost too (0 and 3 filters measured in the same round): their
-        # spread shows how far one figure can be trusted on this machine.
-        per_round = [100 * (1 - r[3] / r[0]) for r in by_round.values() if r.get(0) and 3 in r]
-        spread = f"; round by round {min(per_round):.1f}-{max(per_round):.1f}%" if per_round else ""
-        lines.append(
-            f"| im | 3 filters cost (median of {rounds} rounds: {sat[0]:.0f}/s with 0, {sat[3]:.0f}/s with 3{spread}) "
-            f"| | | {100 * (1 - sat[3] / sat[0]):.1f}% of throughput | | | | | |"
-        )
+    if not (0 in sat and 3 in sat and sat[0]):
+        return None
+    per_round = [100 * (1 - r[3] / r[0]) for r in by_round.values() if r.get(0) and 3 in r]
+    spread = f"; round by round {min(per_round):.1f}-{max(per_round):.1f}%" if per_round else ""
+    return {
+        "percent": 100 * (1 - sat[3] / sat[0]),
+        "detail": f"median of {len(by_filters[0])} rounds: {sat[0]:,.0f}/s with 0, {sat[3]:,.0f}/s with 3{spread}",
+    }
+
+
+def load_hooks(out, name):
+    """hook_bench's rows (`HOOK_BENCH_JSON`) by (case, body bytes), if the run wrote them."""
+    path = out / name
+    if not path.exists():
+        return {}
+    return {(r["case"], r["body_bytes"]): r["ns"] for r in json.loads(path.read_text())}
+
+
+def hooks_table(hooks, cold):
+    lines = ["| chain | body | back to back | after 1 ms idle |", "|---|---|---|---|"]
+    for (case, body), ns in hooks.items():
+        idle = cold.get((case, body))
+        lines.append(f"| {case} | {body} B | {ns:.0f} ns | {f'{idle:.0f} ns' if idle else ''} |")
     return "\n".join(lines)
+
+
+# The hooks the per-hook target is read on: each plugin kind's call on a 100 B message.
+TARGET_HOOKS = ["no-op filter", "keyword filter", "risk control (send)"]
+
+
+def verdict(ok):
+    return "**met**" if ok else "**missed**"
+
+
+def verdicts(**parts):
+    """One verdict per part of a target, e.g. `rate met, p99 missed`; `met` when all are."""
+    if all(parts.values()):
+        return verdict(True)
+    return "**" + ", ".join(f"{name} {'met' if ok else 'missed'}" for name, ok in parts.items()) + "**"
+
+
+def targets_table(doc, apart_doc, hooks):
+    """The issue's targets read from this run: the figure each is checked on and the
+    verdict, or why this run does not read it."""
+    lines = ["| target | this run | verdict |", "|---|---|---|"]
+
+    idle = {e["params"]["transport"]: e["result"] for e in rows(doc, "idle") if e["system"] == "im"}
+    if "tcp" in idle and "ws" in idle:
+        tcp, ws = idle["tcp"], idle["ws"]
+        figure = (f"TCP {tcp['rss_per_connection'] / 1024:.2f} KiB at {tcp['connections']:,}, "
+                  f"WS {ws['rss_per_connection'] / 1024:.2f} KiB at {ws['connections']:,}")
+        if min(tcp["connections"], ws["connections"]) >= 19_000:
+            ok = max(tcp["rss_per_connection"], ws["rss_per_connection"]) <= 4096 and not (tcp["failed"] or ws["failed"])
+            lines.append(f"| <= 4 KiB per idle TCP / WebSocket connection at 19,000 | {figure} | {verdict(ok)} |")
+        else:
+            lines.append(f"| <= 4 KiB per idle TCP / WebSocket connection at 19,000 | {figure} | not read: fewer than 19,000 connections (full mode reads it) |")
+    if "quic" in idle:
+        q = idle["quic"]
+        figure = f"{q['rss_per_connection'] / 1024:.2f} KiB at {q['connections']:,} ({q['failed']} failed)"
+        if q["connections"] >= 50_000:
+            ok = q["rss_per_connection"] <= 16 * 1024 and not q["failed"]
+            lines.append(f"| QUIC: >= 50,000 connections in one process at <= 16 KiB each | {figure} | {verdict(ok)} |")
+        else:
+            lines.append(f"| QUIC: >= 50,000 connections in one process at <= 16 KiB each | {figure} | not read: fewer than 50,000 connections (full mode reads it) |")
+
+    for name, d in (("", doc), (", pinned apart", apart_doc)):
+        if not d:
+            continue
+        rtt = [g for g in rtt_groups(d) if g["system"] == "im" and g["config"] == "plugins on" and g["rate"] == 5000]
+        if rtt:
+            g = rtt[0]
+            lines.append(f"| 1:1 round trip p50 <= 250 µs, p99 <= 1 ms at 5,000/s, plugins on{name} | "
+                         f"p50 {g['p50']:,.0f} µs, p99 {g['p99']:,.0f} µs (medians of {g['runs']} runs) | "
+                         f"{verdicts(p50=g['p50'] <= 250, p99=g['p99'] <= 1000)} |")
+
+    fan = [g for g in fanout_groups(doc) if g["system"] == "im"]
+    if fan:
+        best = max(fan, key=lambda g: g["per_s"])
+        near = min(fan, key=lambda g: abs(g["rate"] * g["subscribers"] - 100_000))
+        ok = verdicts(rate=best["per_s"] >= 150_000, p99=near["p99"] <= 10_000)
+        lines.append(f"| fan-out >= 150,000 deliveries/s; p99 <= 10 ms at 100,000/s | "
+                     f"{best['per_s']:,.0f}/s at {best['rate']} msgs/s; p99 {near['p99'] / 1000:.1f} ms at "
+                     f"{near['rate'] * near['subscribers']:,} deliveries/s offered (medians of {near['runs']} runs) | {ok} |")
+
+    saturated = [e["result"]["acked_per_s"] for e in rows(doc, "durable-saturation") if e["system"] == "im"]
+    at_50k = [e["result"]["ack_latency"]["p99_us"] for e in rows(doc, "durable")
+              if e["system"] == "im" and e["params"]["rate"] == 50_000]
+    if saturated and at_50k:
+        ok = verdicts(rate=saturated[0] >= 50_000, p99=at_50k[0] <= 10_000)
+        lines.append(f"| >= 50,000 durable messages/s, p99 ack <= 10 ms | {saturated[0]:,.0f}/s saturated; "
+                     f"p99 {at_50k[0] / 1000:.1f} ms at 50,000/s | {ok} |")
+
+    measured = {case: hooks[(case, 100)] for case in TARGET_HOOKS if (case, 100) in hooks}
+    if measured:
+        over = [case for case, ns in measured.items() if ns > 1000]
+        figure = ", ".join(f"{case} {ns:,.0f} ns" for case, ns in measured.items())
+        lines.append(f"| each plugin hook <= 1 µs on a 100 B message | {figure} (back to back, `hook_bench`) | "
+                     f"{verdict(not over)}{': ' + ', '.join(over) if over else ''} |")
+    cost = filter_cost(doc)
+    if cost:
+        lines.append(f"| three filters cost <= 15 % of throughput | {cost['percent']:.1f} % ({cost['detail']}) | {verdict(cost['percent'] <= 15)} |")
+
+    for scenario, compared in peer_ratios(doc, apart_doc):
+        behind = [what for what, r in compared if r >= 1]
+        figure = ", ".join(f"{what} {r:.2f}" for what, r in compared)
+        lines.append(f"| ahead of mosquitto and nats-server: {scenario} (ours / theirs, lower is better) | {figure} | "
+                     f"{verdict(not behind)}{f' (behind on {len(behind)} of {len(compared)})' if behind else ''} |")
+    return "\n".join(lines)
+
+
+def peer_ratios(doc, apart_doc):
+    """Per shared scenario, (what, ours / theirs) for every figure this run has of ours and
+    a peer's, lower better (a rate's ratio is theirs / ours)."""
+    out = []
+    idle = {(e["system"], e["params"]["transport"]): e["result"]["rss_per_connection"] for e in rows(doc, "idle")}
+    compared = [(peer, idle[("im", "tcp")] / idle[(peer, "tcp")])
+                for peer in ("mosquitto", "nats") if ("im", "tcp") in idle and (peer, "tcp") in idle]
+    if compared:
+        out.append(("idle memory per TCP connection", compared))
+    for name, d in (("1:1 round trip, plugins on", doc), ("1:1 round trip pinned apart, plugins on", apart_doc)):
+        if not d:
+            continue
+        groups = rtt_groups(d)
+        ours = {g["rate"]: g for g in groups if g["system"] == "im" and g["config"] == "plugins on"}
+        compared = [(f"{g['system']} {what} at {g['rate']:,}/s", ours[g["rate"]][what] / g[what])
+                    for g in groups if g["system"] != "im" and g["rate"] in ours for what in ("p50", "p99")]
+        if compared:
+            out.append((name, compared))
+    fan = fanout_groups(doc)
+    ours = {g["rate"]: g for g in fan if g["system"] == "im"}
+    compared = [(f"{g['system']} p99 at {g['rate']} msgs/s", ours[g["rate"]]["p99"] / g["p99"])
+                for g in fan if g["system"] != "im" and g["rate"] in ours]
+    if compared:
+        out.append(("group fan-out", compared))
+    compared = []
+    durable = {}
+    for e in rows(doc, "durable"):
+        durable.setdefault(e["params"]["rate"], {})[e["system"]] = e["result"]["ack_latency"]["p99_us"]
+    for rate, systems in sorted(durable.items()):
+        if "im" in systems and "nats" in systems:
+            compared.append((f"ack p99 at {rate:,}/s", systems["im"] / systems["nats"]))
+    saturated = {e["system"]: e["result"]["acked_per_s"] for e in rows(doc, "durable-saturation")}
+    if saturated.get("im") and saturated.get("nats"):
+        compared.append(("saturated rate", saturated["nats"] / saturated["im"]))
+    if compared:
+        out.append(("durable sends against JetStream", compared))
+    return out
 
 
 def line_plot(out, name, title, xlabel, ylabel, series):
@@ -287,9 +433,17 @@ def main():
         durable_table(doc),
         "",
     ]
+    hooks, hooks_cold = load_hooks(out, "hooks.json"), load_hooks(out, "hooks-cold.json")
+    if hooks:
+        parts += [
+            "### Plugin hook calls (`hook_bench`, 100 B unless stated)",
+            "",
+            hooks_table(hooks, hooks_cold),
+            "",
+        ]
     apart = out / "apart"
-    if (apart / "results.json").exists():
-        apart_doc = load(apart)
+    apart_doc = load(apart) if (apart / "results.json").exists() else None
+    if apart_doc:
         parts += [
             "### 1:1 round trip, servers pinned apart from the load generator",
             "",
@@ -300,6 +454,7 @@ def main():
             rtt_table(apart_doc),
             "",
         ]
+    parts += ["### Against the targets", "", targets_table(doc, apart_doc, hooks), ""]
     for png in plot(out, doc):
         parts.append(f"![{png}]({png})")
     (out / "results.md").write_text("\n".join(parts) + "\n")

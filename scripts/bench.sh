@@ -4,7 +4,7 @@
 # scenario and renders results.json, results.md and PNG plots into the output directory.
 #
 #   ./scripts/bench.sh                 # full run (about 40 minutes)
-#   ./scripts/bench.sh --quick         # quick mode (under 10 minutes; about 8 here)
+#   ./scripts/bench.sh --quick         # quick mode (under 10 minutes; about 9 here)
 #   ./scripts/bench.sh --quick --only rtt,fanout --no-peers
 #
 # Environment: BENCH_OUT (default target/bench); HALT_POLL_NS: on a KVM guest whose idle
@@ -26,7 +26,9 @@ fi
 python3 -c "import matplotlib" 2>/dev/null || python3 -m pip install --quiet matplotlib
 echo "== building"
 (cd plugins && cargo build --release --locked)
+(cd tests/guest && cargo build --release --locked)   # hook_bench's no-op filter
 cargo build --release --locked -p im-server -p im-bench
+cargo build --release --locked -p im-plugins --example hook_bench
 mkdir -p "$out"
 halt_poll=/sys/module/haltpoll/parameters/guest_halt_poll_ns
 if [ -n "${HALT_POLL_NS:-}" ]; then
@@ -56,6 +58,13 @@ for arg in "$@"; do
         *) apart_args+=("$arg") ;;
     esac
 done
+# The plugin hooks' own cost, read against the per-hook target: each case back to back, then
+# after an idle millisecond (as between two messages of a lightly loaded server).
+if [ -z "$only" ] || [[ ",$only," == *,plugins,* ]]; then
+    echo "== plugin hook calls (results in $out/hooks.json, $out/hooks-cold.json)"
+    HOOK_BENCH_JSON="$out/hooks.json" ./target/release/examples/hook_bench 200000
+    HOOK_BENCH_JSON="$out/hooks-cold.json" HOOK_BENCH_IDLE_US=1000 ./target/release/examples/hook_bench 20000
+fi
 if [ -z "$pinned" ] && [ "$(nproc)" -ge 2 ] && { [ -z "$only" ] || [[ ",$only," == *,rtt,* ]]; }; then
     echo "== round trip pinned apart (results in $out/apart)"
     ./target/release/im-bench all --out "$out/apart" --only rtt --pin 0:1 "${apart_args[@]}"

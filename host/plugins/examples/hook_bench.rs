@@ -16,6 +16,8 @@
 //! something else on it), as between two messages of a lightly loaded server.
 //! `HOOK_BENCH_THREADS=<n>` measures the filter calls with `n` threads calling the same
 //! chain at once, as a server's runtime workers do (the figure is one thread's per call).
+//! `HOOK_BENCH_JSON=<file>` also writes the rows to `file` as JSON (`case`, `body_bytes`,
+//! `ns`, and `cold` when measured cold), which the benchmark kit's report reads.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -159,7 +161,7 @@ async fn measure(
             let outcome = ready_now(host.filter(&origin, &mut msg));
             assert!(matches!(outcome, FilterOutcome::Pass { .. }), "{outcome:?}");
         });
-        println!("| {label} ({}) | {len} B | {median:.0} ns |", cold.label());
+        row(label, Some(&cold), len, median);
         return;
     }
     let threads = threads();
@@ -187,7 +189,24 @@ async fn measure(
     } else {
         String::new()
     };
-    println!("| {label}{threads} | {len} B | {median:.0} ns |");
+    row(&format!("{label}{threads}"), None, len, median);
+}
+
+/// The rows measured so far, for `HOOK_BENCH_JSON`.
+static ROWS: std::sync::Mutex<Vec<serde_json::Value>> = std::sync::Mutex::new(Vec::new());
+
+/// Prints one row of the table and keeps it for `HOOK_BENCH_JSON`.
+fn row(case: &str, cold: Option<&Cold>, body_bytes: usize, ns: f64) {
+    let label = match cold {
+        Some(cold) => format!("{case} ({})", cold.label()),
+        None => case.to_owned(),
+    };
+    println!("| {label} | {body_bytes} B | {ns:.0} ns |");
+    let mut row = serde_json::json!({"case": case, "body_bytes": body_bytes, "ns": ns.round()});
+    if let Some(cold) = cold {
+        row["cold"] = cold.label().into();
+    }
+    ROWS.lock().expect("rows").push(row);
 }
 
 /// The output of a future that finishes on its first poll, as calls of plugins called
@@ -271,6 +290,10 @@ async fn main() -> anyhow::Result<()> {
     risk.install(RISK_MANIFEST, component("risk_control.wasm"))
         .await?;
     measure_risk(&risk, iterations, &only).await;
+    if let Some(path) = std::env::var_os("HOOK_BENCH_JSON") {
+        let rows = std::mem::take(&mut *ROWS.lock().expect("rows"));
+        std::fs::write(&path, serde_json::to_vec_pretty(&rows)?)?;
+    }
     Ok(())
 }
 
@@ -308,9 +331,9 @@ async fn measure_risk(host: &PluginHost, iterations: u32, only: &str) {
     };
     if let Some(mut cold) = Cold::from_env() {
         let median = cold.median_ns((iterations / 10).max(1), check);
-        println!("| {label} ({}) | 100 B | {median:.0} ns |", cold.label());
+        row(label, Some(&cold), 100, median);
         return;
     }
     let median = median_batch_ns(iterations, check);
-    println!("| {label} | 100 B | {median:.0} ns |");
+    row(label, None, 100, median);
 }

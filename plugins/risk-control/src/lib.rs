@@ -276,6 +276,16 @@ fn count_in_ring(
     1
 }
 
+/// A window for people: whole seconds as seconds, anything else in milliseconds (a window
+/// of 1,500 ms is not "1 s").
+fn duration_text(ms: i64) -> String {
+    if ms >= 1000 && ms % 1000 == 0 {
+        format!("{} s", ms / 1000)
+    } else {
+        format!("{ms} ms")
+    }
+}
+
 /// The plugin's configuration, read once per instance: an instance lives within one
 /// installed version, whose configuration never changes (a new configuration is a new
 /// version, with new instances), and each read is a host call.
@@ -322,8 +332,8 @@ impl RiskControl for Limits {
                         reason: format!("user {user} sends faster than {} messages/s", limit.rate),
                     }),
                     Ok(count) if count > settings.repeat_limit => RiskVerdict::Block(format!(
-                        "the same message was sent {count} times within {} s",
-                        repeats.window_ms / 1000
+                        "the same message was sent {count} times within {}",
+                        duration_text(repeats.window_ms)
                     )),
                     Ok(_) => RiskVerdict::Allow,
                 }
@@ -499,6 +509,13 @@ mod tests {
                 .1,
             1
         );
+    }
+
+    #[test]
+    fn windows_are_told_in_seconds_only_when_whole() {
+        assert_eq!(duration_text(60_000), "60 s");
+        assert_eq!(duration_text(1_500), "1500 ms");
+        assert_eq!(duration_text(500), "500 ms");
     }
 
     #[test]

@@ -156,9 +156,10 @@ pub struct Repeats {
 /// Distinct recent bodies remembered per user unless configured (`repeat_slots`). One KV
 /// entry per user holds them all (a key per body would write a new row for nearly every
 /// message), and every check moves that entry across the sandbox three times (read, and
-/// the swap's expected and new values): 16 slots make it 336 bytes. With 64 a check took
-/// 18.7-25.9 µs after an idle millisecond against 9.2-10.8 µs with 16, 2.6 against 2.3 µs
-/// back to back (docs/benchmarks.md, 2026-12-07, "Risk control's state").
+/// the swap's expected and new values): 16 slots make it 336 bytes. With 64 (1,296 bytes) a
+/// check took 9.0-12.5 µs after an idle millisecond against 8.2-9.3 µs with 16, and 2.5
+/// against 2.35 µs back to back (docs/benchmarks.md, 2026-12-07, third session, "Risk
+/// control's state").
 pub const DEFAULT_REPEAT_SLOTS: usize = 16;
 
 /// The most slots `repeat_slots` may ask for.

@@ -339,7 +339,10 @@ def peer_ratios(doc, apart_doc):
 
 
 def line_plot(out, name, title, xlabel, ylabel, series):
-    """Writes one line per system of `series` (system -> [(x, y)]) to out/name."""
+    """Writes one line per system of `series` (system -> [(x, y)]) to out/name; None, and
+    no file, when the run measured none (say, an `--only plugins` run)."""
+    if not any(series.values()):
+        return None
     fig, ax = plt.subplots(figsize=(7, 4))
     for system, pts in series.items():
         if pts:
@@ -369,10 +372,10 @@ def plot(out, doc):
         system: [(g["rate"] * g["subscribers"], g["p99"] / 1000) for g in fanout_groups(doc) if g["system"] == system]
         for system in SYSTEMS
     }
-    written = [
+    written = [name for name in (
         line_plot(out, "rtt.png", "1:1 round trip p99", "offered round trips/s", "µs", rtt),
         line_plot(out, "fanout.png", "Fan-out to a 1,000-member group: delivery p99", "offered deliveries/s", "ms", fanout),
-    ]
+    ) if name]
     idle = rows(doc, "idle")
     if idle:
         fig, ax = plt.subplots(figsize=(7, 4))

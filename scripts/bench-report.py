@@ -81,15 +81,19 @@ def rtt_table(doc):
             f"{g['p50']:.0f} µs | {g['p50_range'][0]}-{g['p50_range'][1]} µs | {g['p99']:.0f} µs | {g['p999']:.0f} µs | "
             f"{g['server_cores']:.2f} | {g['loadgen_cores']:.2f} |"
         )
-    ours = {g["rate"]: g for g in groups if g["system"] == "im" and g["config"] == "plugins on"}
-    for g in groups:
-        if g["system"] != "im" and g["rate"] in ours:
-            for what in ("p50", "p99"):
-                lines.append(
-                    f"| ratio im (plugins on) / {g['system']} {what} | | {g['rate']}/s | | | "
-                    f"{ratio(ours[g['rate']][what], g[what], True)} | | | | | |"
-                )
+    for ours, g in against_peers(groups, lambda g: g["config"] == "plugins on"):
+        for what in ("p50", "p99"):
+            lines.append(
+                f"| ratio im (plugins on) / {g['system']} {what} | | {g['rate']}/s | | | "
+                f"{ratio(ours[what], g[what], True)} | | | | | |"
+            )
     return "\n".join(lines)
+
+
+def against_peers(groups, ours_wanted=lambda g: True):
+    """(our group, a peer's group) for every peer group with one of ours at its rate."""
+    ours = {g["rate"]: g for g in groups if g["system"] == "im" and ours_wanted(g)}
+    return [(ours[g["rate"]], g) for g in groups if g["system"] != "im" and g["rate"] in ours]
 
 
 def fanout_groups(doc):
@@ -126,12 +130,10 @@ def fanout_table(doc):
             f"{g['p50'] / 1000:.1f} ms | {g['p99'] / 1000:.1f} ms | {g['p99_range'][0] / 1000:.1f}-{g['p99_range'][1] / 1000:.1f} ms | "
             f"{g['p999'] / 1000:.1f} ms | {g['server_cores']:.2f} | {g['loadgen_cores']:.2f} |"
         )
-    ours = {g["rate"]: g for g in groups if g["system"] == "im"}
-    for g in groups:
-        if g["system"] != "im" and g["rate"] in ours:
-            lines.append(
-                f"| ratio im / {g['system']} p99 | {g['rate']} | | | | | | {ratio(ours[g['rate']]['p99'], g['p99'], True)} | | | | |"
-            )
+    for ours, g in against_peers(groups):
+        lines.append(
+            f"| ratio im / {g['system']} p99 | {g['rate']} | | | | | | {ratio(ours['p99'], g['p99'], True)} | | | | |"
+        )
     return "\n".join(lines)
 
 
@@ -157,19 +159,12 @@ def durable_table(doc):
                 f"| {e['system']} | {scenario} ({params}) | {offered} | {r['acked']}{failed(r)} | {r['acked_per_s']:.0f} | {lat['p50_us']} µs | {lat['p99_us']} µs | "
                 f"{lat['p999_us']} µs | {r['cpu']['server_cores']:.2f} | {r['cpu']['loadgen_cores']:.2f} |"
             )
-    # Against JetStream, the peer that stores and acknowledges each message as we do.
-    p99_by_rate = {}
-    for e in rows(doc, "durable"):
-        p99_by_rate.setdefault(e["params"]["rate"], {})[e["system"]] = e["result"]["ack_latency"]["p99_us"]
-    for rate, systems in sorted(p99_by_rate.items()):
-        if "im" in systems and "nats" in systems:
-            lines.append(
-                f"| ratio im / nats | durable ack p99 | {rate}/s | | | | {ratio(systems['im'], systems['nats'], True)} | | | |"
-            )
-    saturated = {e["system"]: e["result"]["acked_per_s"] for e in rows(doc, "durable-saturation")}
-    if "im" in saturated and "nats" in saturated:
+    ack_p99s, saturated = against_jetstream(doc)
+    for rate, ours, theirs in ack_p99s:
+        lines.append(f"| ratio im / nats | durable ack p99 | {rate}/s | | | | {ratio(ours, theirs, True)} | | | |")
+    if saturated:
         lines.append(
-            f"| ratio im / nats | durable-saturation acked/s | | | {ratio(saturated['im'], saturated['nats'], False)} | | | | | |"
+            f"| ratio im / nats | durable-saturation acked/s | | | {ratio(*saturated, False)} | | | | | |"
         )
     cost = filter_cost(doc)
     if cost:
@@ -177,6 +172,19 @@ def durable_table(doc):
             f"| im | 3 filters cost ({cost['detail']}) | | | {cost['percent']:.1f}% of throughput | | | | | |"
         )
     return "\n".join(lines)
+
+
+def against_jetstream(doc):
+    """Against JetStream, the peer that stores and acknowledges each message as we do:
+    [(rate, our ack p99, its ack p99)] and (our saturated rate, its) or None."""
+    p99_by_rate = {}
+    for e in rows(doc, "durable"):
+        p99_by_rate.setdefault(e["params"]["rate"], {})[e["system"]] = e["result"]["ack_latency"]["p99_us"]
+    ack_p99s = [(rate, systems["im"], systems["nats"])
+                for rate, systems in sorted(p99_by_rate.items()) if "im" in systems and "nats" in systems]
+    saturated = {e["system"]: e["result"]["acked_per_s"] for e in rows(doc, "durable-saturation")}
+    both = (saturated["im"], saturated["nats"]) if saturated.get("im") and saturated.get("nats") else None
+    return ack_p99s, both
 
 
 def filter_cost(doc):
@@ -311,28 +319,19 @@ def peer_ratios(doc, apart_doc):
     for name, d in (("1:1 round trip, plugins on", doc), ("1:1 round trip pinned apart, plugins on", apart_doc)):
         if not d:
             continue
-        groups = rtt_groups(d)
-        ours = {g["rate"]: g for g in groups if g["system"] == "im" and g["config"] == "plugins on"}
-        compared = [(f"{g['system']} {what} at {g['rate']:,}/s", ours[g["rate"]][what] / g[what])
-                    for g in groups if g["system"] != "im" and g["rate"] in ours for what in ("p50", "p99")]
+        compared = [(f"{g['system']} {what} at {g['rate']:,}/s", ours[what] / g[what])
+                    for ours, g in against_peers(rtt_groups(d), lambda g: g["config"] == "plugins on")
+                    for what in ("p50", "p99")]
         if compared:
             out.append((name, compared))
-    fan = fanout_groups(doc)
-    ours = {g["rate"]: g for g in fan if g["system"] == "im"}
-    compared = [(f"{g['system']} p99 at {g['rate']} msgs/s", ours[g["rate"]]["p99"] / g["p99"])
-                for g in fan if g["system"] != "im" and g["rate"] in ours]
+    compared = [(f"{g['system']} p99 at {g['rate']} msgs/s", ours["p99"] / g["p99"])
+                for ours, g in against_peers(fanout_groups(doc))]
     if compared:
         out.append(("group fan-out", compared))
-    compared = []
-    durable = {}
-    for e in rows(doc, "durable"):
-        durable.setdefault(e["params"]["rate"], {})[e["system"]] = e["result"]["ack_latency"]["p99_us"]
-    for rate, systems in sorted(durable.items()):
-        if "im" in systems and "nats" in systems:
-            compared.append((f"ack p99 at {rate:,}/s", systems["im"] / systems["nats"]))
-    saturated = {e["system"]: e["result"]["acked_per_s"] for e in rows(doc, "durable-saturation")}
-    if saturated.get("im") and saturated.get("nats"):
-        compared.append(("saturated rate", saturated["nats"] / saturated["im"]))
+    ack_p99s, saturated = against_jetstream(doc)
+    compared = [(f"ack p99 at {rate:,}/s", ours / theirs) for rate, ours, theirs in ack_p99s]
+    if saturated:
+        compared.append(("saturated rate", saturated[1] / saturated[0]))
     if compared:
         out.append(("durable sends against JetStream", compared))
     return out

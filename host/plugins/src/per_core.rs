@@ -94,10 +94,7 @@ mod tests {
     fn calls_start_at_their_cores_slot_and_visit_every_slot_once() {
         let slots = PerCore::new(3, || AtomicUsize::new(0));
         let core = Core::current();
-        assert!(std::ptr::eq(
-            slots.at(Core::current()),
-            &*slots.slots[core.0 % 3]
-        ));
+        assert!(std::ptr::eq(slots.at(core), &*slots.slots[core.0 % 3]));
         let order: Vec<*const AtomicUsize> = slots.iter_from(core).map(|s| s as *const _).collect();
         assert_eq!(order.len(), 3, "every slot once");
         for (step, slot) in order.iter().enumerate() {

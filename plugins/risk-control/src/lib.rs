@@ -422,16 +422,22 @@ mod tests {
         assert_eq!(count, 2);
     }
 
-    #[test]
-    fn a_new_body_takes_an_expired_slot_before_forgetting_a_live_one() {
+    /// A full ring under a window of 1,000: body 0 sent at time 0, each body n > 0 at
+    /// `rest_from + n`.
+    fn full_ring(rest_from: i64) -> Vec<u8> {
         let mut state: Option<Vec<u8>> = None;
-        // Body 0 at time 0, then bodies 1.. at 500..: with a window of 1,000, body 0's
-        // slot is the only one expired at 1,000.
         for n in 0..SLOTS as u64 {
-            let now = if n == 0 { 0 } else { 500 + n as i64 };
+            let now = if n == 0 { 0 } else { rest_from + n as i64 };
             state = Some(count_repeat(state.as_deref(), n, now, within(1_000)).0);
         }
-        let (next, count) = count_repeat(state.as_deref(), 1_000, 1_000, within(1_000));
+        state.expect("at least one slot")
+    }
+
+    #[test]
+    fn a_new_body_takes_an_expired_slot_before_forgetting_a_live_one() {
+        // Bodies 1.. at 501..: body 0's slot is the only one expired at 1,000.
+        let state = full_ring(500);
+        let (next, count) = count_repeat(Some(&state), 1_000, 1_000, within(1_000));
         assert_eq!(count, 1);
         assert_eq!(next.len(), SLOTS * SEEN_BYTES, "no slot is added");
         // Every live body is still counted: none was forgotten for the new one.
@@ -447,13 +453,9 @@ mod tests {
 
     #[test]
     fn a_body_counted_again_after_its_window_is_kept_as_the_newest() {
-        let mut state: Option<Vec<u8>> = None;
-        // Body 0 at time 0, bodies 1.. at 10..: a full ring, nothing expired at 1,000 but 0.
-        for n in 0..SLOTS as u64 {
-            let now = if n == 0 { 0 } else { 9 + n as i64 };
-            state = Some(count_repeat(state.as_deref(), n, now, within(1_000)).0);
-        }
-        let (next, count) = count_repeat(state.as_deref(), 0, 1_000, within(1_000));
+        // Bodies 1.. at 10..: nothing expired at 1,000 but body 0.
+        let state = full_ring(9);
+        let (next, count) = count_repeat(Some(&state), 0, 1_000, within(1_000));
         assert_eq!(count, 1, "its window passed: counted from one again");
         // A new body forgets the body remembered longest, 1, not 0.
         let (next, count) = count_repeat(Some(&next), 1_000, 1_001, within(1_000));

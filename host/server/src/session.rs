@@ -269,7 +269,7 @@ pub fn run_session<C: FrameConn>(
         let mut session = match Box::pin(await_login(&ctx, &mut conn, &origin)).await {
             Ok(login) => LoggedIn::new(&ctx, login, origin),
             Err(end) => {
-                Box::pin(close_connection(&mut conn, peer, end, None)).await;
+                close_connection(&mut conn, peer, end, None).await;
                 ctx.stats.open.fetch_sub(1, Ordering::Relaxed);
                 return;
             }
@@ -290,7 +290,7 @@ pub fn run_session<C: FrameConn>(
             ctx.metrics.slow_consumer();
         }
         drop(session);
-        Box::pin(close_connection(&mut conn, peer, end, unwritten)).await;
+        close_connection(&mut conn, peer, end, unwritten).await;
         ctx.stats.open.fetch_sub(1, Ordering::Relaxed);
     }
 }
@@ -318,7 +318,9 @@ async fn close_connection<C: FrameConn>(
         }
         conn.close(reason, frame).await;
     };
-    let _ = tokio::time::timeout(Duration::from_secs(2), close).await;
+    // Boxed, and only when there is a close frame to write: the closing write's state is
+    // not part of the connection's task for its life.
+    let _ = Box::pin(tokio::time::timeout(Duration::from_secs(2), close)).await;
 }
 
 struct Login {

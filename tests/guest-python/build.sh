@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Builds the Python test plugin with componentize-py (from PyPI, installed into a virtual
-# environment under target/) into target/guest/python/python_filter.wasm.
+# environment under target/) into target/guest/python/python_filter.wasm. It is built
+# against the contract's previous version, 0.2.0, on purpose: the server must keep serving
+# components built before 0.2.1 (tests/tests/plugins.rs runs it).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 venv=target/py

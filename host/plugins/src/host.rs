@@ -14,7 +14,7 @@ use arc_swap::ArcSwap;
 use im_store::Store;
 use parking_lot::Mutex;
 
-use crate::bindings::{authenticator, group_policy, message_filter, risk_control};
+use crate::bindings::{authenticator, group_policy, message_filter, risk_control, send_guard};
 use crate::engine::PluginEngine;
 use crate::kv::KvStore;
 use crate::manifest::{FailurePolicy, Hook, Manifest};
@@ -435,9 +435,9 @@ impl PluginHost {
         for hook in &plugin.manifest.hooks {
             if !plugin.exports(*hook) {
                 return Err(PluginError::InvalidComponent(format!(
-                    "the manifest attaches it to {} but the component does not export im:plugin/{}@0.2.0",
+                    "the manifest attaches it to {} but the component does not export {}",
                     hook.as_str(),
-                    hook.as_str()
+                    hook_exports(*hook)
                 )));
             }
         }
@@ -605,55 +605,21 @@ impl PluginHost {
     }
 
     /// Runs the risk-control chain: the first verdict other than allow decides; a failing
-    /// plugin blocks (risk control fails closed).
+    /// plugin blocks (risk control fails closed). A plugin exporting `send-guard` assesses
+    /// sends there, and logins only if it exports `risk-control` too.
     async fn assess(&self, origin: &CallOrigin, mut subject: RiskSubject<'_>) -> RiskOutcome {
         let generation = self.generation();
+        // The body's digest, computed once for every send-guard in the chain.
+        let mut body_digest = None;
         for plugin in generation.chain(Hook::RiskControl) {
-            let result = if plugin.direct() {
-                plugin.call_direct(origin, |store, exports, handles| {
-                    let assess = exports
-                        .assess
-                        .as_ref()
-                        .expect("chain members export their hook");
-                    let result = match &mut subject {
-                        RiskSubject::Login(attempt) => {
-                            let event = risk_control::RiskEvent::Login(attempt.clone());
-                            assess.call(&mut *store, (handles.context, event))
-                        }
-                        RiskSubject::Send(message) => {
-                            std::mem::swap(&mut store.data_mut().message, message);
-                            let event = risk_control::RiskEvent::Send(handles.message);
-                            let result = assess.call(&mut *store, (handles.context, event));
-                            std::mem::swap(&mut store.data_mut().message, message);
-                            result
-                        }
-                    };
-                    result.map(|(verdict,)| verdict)
-                })
-            } else {
-                plugin
-                    .call(origin, async |store, exports, handles| {
-                        let guest = exports
-                            .risk_control
-                            .as_ref()
-                            .expect("chain members export their hook");
-                        match &mut subject {
-                            RiskSubject::Login(attempt) => {
-                                let event = risk_control::RiskEvent::Login(attempt.clone());
-                                guest.call_assess(store, handles.context, &event).await
-                            }
-                            RiskSubject::Send(message) => {
-                                std::mem::swap(&mut store.data_mut().message, message);
-                                let event = risk_control::RiskEvent::Send(handles.message);
-                                let result = guest
-                                    .call_assess(&mut *store, handles.context, &event)
-                                    .await;
-                                std::mem::swap(&mut store.data_mut().message, message);
-                                result
-                            }
-                        }
-                    })
-                    .await
+            let result = match &mut subject {
+                RiskSubject::Send(message) if plugin.guards_sends() => {
+                    let digest = *body_digest
+                        .get_or_insert_with(|| xxhash_rust::xxh3::xxh3_64(&message.body));
+                    guard_send(plugin, origin, message, digest).await
+                }
+                RiskSubject::Login(_) if !plugin.assesses_risk() => continue,
+                subject => assess_with(plugin, origin, subject).await,
             };
             match result {
                 Ok(risk_control::RiskVerdict::Allow) => {}
@@ -710,6 +676,179 @@ impl PluginHost {
             }
         }
         GroupOutcome::Allow
+    }
+}
+
+/// The export names that serve `hook`, for the error refusing a component without them.
+fn hook_exports(hook: Hook) -> String {
+    let version = crate::bindings::CONTRACT.trim_start_matches("im:plugin@");
+    match hook {
+        Hook::RiskControl => {
+            format!("im:plugin/risk-control@{version} or im:plugin/send-guard@{version}")
+        }
+        hook => format!("im:plugin/{}@{version}", hook.as_str()),
+    }
+}
+
+/// Calls `risk-control.assess` of `plugin` on `subject`.
+async fn assess_with(
+    plugin: &LoadedPlugin,
+    origin: &CallOrigin,
+    subject: &mut RiskSubject<'_>,
+) -> Result<risk_control::RiskVerdict, CallFailure> {
+    if plugin.direct() {
+        plugin.call_direct(origin, |store, exports, handles| {
+            let assess = exports
+                .assess
+                .as_ref()
+                .expect("risk-control chain members assessing this export it");
+            let result = match subject {
+                RiskSubject::Login(attempt) => {
+                    let event = risk_control::RiskEvent::Login(attempt.clone());
+                    assess.call(&mut *store, (handles.context, event))
+                }
+                RiskSubject::Send(message) => {
+                    std::mem::swap(&mut store.data_mut().message, message);
+                    let event = risk_control::RiskEvent::Send(handles.message);
+                    let result = assess.call(&mut *store, (handles.context, event));
+                    std::mem::swap(&mut store.data_mut().message, message);
+                    result
+                }
+            };
+            result.map(|(verdict,)| verdict)
+        })
+    } else {
+        plugin
+            .call(origin, async |store, exports, handles| {
+                let guest = exports
+                    .risk_control
+                    .as_ref()
+                    .expect("risk-control chain members assessing this export it");
+                match subject {
+                    RiskSubject::Login(attempt) => {
+                        let event = risk_control::RiskEvent::Login(attempt.clone());
+                        guest.call_assess(store, handles.context, &event).await
+                    }
+                    RiskSubject::Send(message) => {
+                        std::mem::swap(&mut store.data_mut().message, message);
+                        let event = risk_control::RiskEvent::Send(handles.message);
+                        let result = guest
+                            .call_assess(&mut *store, handles.context, &event)
+                            .await;
+                        std::mem::swap(&mut store.data_mut().message, message);
+                        result
+                    }
+                }
+            })
+            .await
+    }
+}
+
+/// Where a send-guard plugin's state for a sender lives in its key-value store (the WIT
+/// contract names it, so the plugin's own `kv` calls see the same entry).
+fn send_guard_key(user_id: &str) -> String {
+    const PREFIX: &str = "send-guard:";
+    // Not `format!`: its machinery was a twentieth of a check's instructions.
+    let mut key = String::with_capacity(PREFIX.len() + user_id.len());
+    key.push_str(PREFIX);
+    key.push_str(user_id);
+    key
+}
+
+/// How many times a send is assessed against a sender's state that other calls keep
+/// changing before it is refused; each retry means another call replaced the state
+/// between this call's read and its write.
+const SEND_GUARD_ATTEMPTS: usize = 16;
+
+/// Assesses a send with `plugin`'s `send-guard`: the sender's state goes in with the call,
+/// and the state the plugin returns replaces it only if no other call replaced it first
+/// (else the send is assessed again on the newer state).
+async fn guard_send(
+    plugin: &LoadedPlugin,
+    origin: &CallOrigin,
+    message: &mut PluginMessage,
+    body_digest: u64,
+) -> Result<risk_control::RiskVerdict, CallFailure> {
+    let kv = &plugin.shared.kv;
+    let key = send_guard_key(&message.sender.user_id);
+    let body_len = u32::try_from(message.body.len()).unwrap_or(u32::MAX);
+    for _ in 0..SEND_GUARD_ATTEMPTS {
+        let now_ms = now_ms();
+        let (state, stamp) = kv.get_stamped(&key, now_ms).unzip();
+        let check = |handles_message| send_guard::SendCheck {
+            message: handles_message,
+            body_digest,
+            body_len,
+            now_ms,
+            state,
+        };
+        let assessment = if plugin.direct() {
+            plugin.call_direct(origin, |store, exports, handles| {
+                let check_send = exports
+                    .check_send
+                    .as_ref()
+                    .expect("send guards export check-send");
+                std::mem::swap(&mut store.data_mut().message, message);
+                let result =
+                    check_send.call(&mut *store, (handles.context, check(handles.message)));
+                std::mem::swap(&mut store.data_mut().message, message);
+                result.map(|(assessment,)| assessment)
+            })?
+        } else {
+            plugin
+                .call(origin, async |store, exports, handles| {
+                    let guest = exports
+                        .send_guard
+                        .as_ref()
+                        .expect("send guards export send-guard");
+                    std::mem::swap(&mut store.data_mut().message, message);
+                    let result = guest
+                        .call_check_send(&mut *store, handles.context, &check(handles.message))
+                        .await;
+                    std::mem::swap(&mut store.data_mut().message, message);
+                    result
+                })
+                .await?
+        };
+        let written = match assessment.state {
+            send_guard::StateChange::Keep => Ok(true),
+            send_guard::StateChange::Set(write) => {
+                kv.replace_if_stamp(&key, stamp, Some(write.value), write.ttl_ms, now_ms)
+            }
+            send_guard::StateChange::Clear => kv.replace_if_stamp(&key, stamp, None, None, now_ms),
+        };
+        match written {
+            Ok(true) => return Ok(risk_verdict(assessment.verdict)),
+            Ok(false) => continue,
+            Err(err) => {
+                tracing::warn!(plugin = plugin.id(), error = %err, "send-guard state not written; send refused");
+                return Ok(risk_control::RiskVerdict::Throttle(
+                    risk_control::Throttle {
+                        retry_after_ms: 1000,
+                        reason: format!("risk control cannot record the send: {err}"),
+                    },
+                ));
+            }
+        }
+    }
+    Ok(risk_control::RiskVerdict::Throttle(
+        risk_control::Throttle {
+            retry_after_ms: 100,
+            reason: "too many sends of this user assessed at once".into(),
+        },
+    ))
+}
+
+fn risk_verdict(verdict: send_guard::SendVerdict) -> risk_control::RiskVerdict {
+    match verdict {
+        send_guard::SendVerdict::Allow => risk_control::RiskVerdict::Allow,
+        send_guard::SendVerdict::Throttle(t) => {
+            risk_control::RiskVerdict::Throttle(risk_control::Throttle {
+                retry_after_ms: t.retry_after_ms,
+                reason: t.reason,
+            })
+        }
+        send_guard::SendVerdict::Block(reason) => risk_control::RiskVerdict::Block(reason),
     }
 }
 

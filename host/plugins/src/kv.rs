@@ -29,9 +29,20 @@ pub enum KvError {
 struct Entry {
     value: Vec<u8>,
     expires_at_ms: Option<i64>,
+    /// Changes with every write of the entry ([`KvStore::replace_if_stamp`]).
+    stamp: u64,
 }
 
 impl Entry {
+    /// An entry to write: [`KvStore::put`] stamps it.
+    fn new(value: Vec<u8>, expires_at_ms: Option<i64>) -> Self {
+        Self {
+            value,
+            expires_at_ms,
+            stamp: 0,
+        }
+    }
+
     fn live(&self, now_ms: i64) -> bool {
         self.expires_at_ms.is_none_or(|at| at > now_ms)
     }
@@ -46,6 +57,8 @@ struct Inner {
     /// that rewrites one value on every message (risk control's per-user state) copied it
     /// there each time.
     dirty: HashSet<String>,
+    /// The stamp of the next write.
+    next_stamp: u64,
 }
 
 /// One plugin's store.
@@ -107,13 +120,10 @@ impl KvStore {
         let mut inner = self.inner.lock();
         for r in records {
             inner.bytes += cost(&r.key, &r.value);
-            inner.entries.insert(
-                r.key,
-                Entry {
-                    value: r.value,
-                    expires_at_ms: r.expires_at_ms,
-                },
-            );
+            let mut entry = Entry::new(r.value, r.expires_at_ms);
+            entry.stamp = inner.next_stamp;
+            inner.next_stamp += 1;
+            inner.entries.insert(r.key, entry);
         }
     }
 
@@ -137,10 +147,7 @@ impl KvStore {
         self.put(
             &mut inner,
             key,
-            Entry {
-                value,
-                expires_at_ms: expiry(now_ms, ttl_ms),
-            },
+            Entry::new(value, expiry(now_ms, ttl_ms)),
             now_ms,
         )
     }
@@ -169,10 +176,7 @@ impl KvStore {
             None => (0, expiry(now_ms, ttl_ms)),
         };
         let next = current.saturating_add(delta);
-        let entry = Entry {
-            value: next.to_string().into_bytes(),
-            expires_at_ms,
-        };
+        let entry = Entry::new(next.to_string().into_bytes(), expires_at_ms);
         self.put(&mut inner, key, entry, now_ms)?;
         Ok(next)
     }
@@ -198,10 +202,52 @@ impl KvStore {
             Some(value) => self.put(
                 &mut inner,
                 key,
-                Entry {
-                    value,
-                    expires_at_ms: expiry(now_ms, ttl_ms),
-                },
+                Entry::new(value, expiry(now_ms, ttl_ms)),
+                now_ms,
+            )?,
+            None => {
+                remove(&mut inner, key);
+            }
+        }
+        Ok(true)
+    }
+
+    /// The value at `key`, if present and not expired, with its stamp: a number that
+    /// changes whenever the entry is written, for [`Self::replace_if_stamp`].
+    pub fn get_stamped(&self, key: &str, now_ms: i64) -> Option<(Vec<u8>, u64)> {
+        let inner = self.inner.lock();
+        inner
+            .entries
+            .get(key)
+            .filter(|e| e.live(now_ms))
+            .map(|e| (e.value.clone(), e.stamp))
+    }
+
+    /// Sets `key` to `value` (deletes it when `value` is none) only if its entry is still
+    /// the one stamped `stamp` (none: absent or expired); true if it did. Like
+    /// [`Self::compare_and_swap`] without the caller keeping a copy of the old value.
+    pub fn replace_if_stamp(
+        &self,
+        key: &str,
+        stamp: Option<u64>,
+        value: Option<Vec<u8>>,
+        ttl_ms: Option<u64>,
+        now_ms: i64,
+    ) -> Result<bool, KvError> {
+        let mut inner = self.inner.lock();
+        let current = inner
+            .entries
+            .get(key)
+            .filter(|e| e.live(now_ms))
+            .map(|e| e.stamp);
+        if current != stamp {
+            return Ok(false);
+        }
+        match value {
+            Some(value) => self.put(
+                &mut inner,
+                key,
+                Entry::new(value, expiry(now_ms, ttl_ms)),
                 now_ms,
             )?,
             None => {
@@ -238,7 +284,13 @@ impl KvStore {
         changes
     }
 
-    fn put(&self, inner: &mut Inner, key: &str, entry: Entry, now_ms: i64) -> Result<(), KvError> {
+    fn put(
+        &self,
+        inner: &mut Inner,
+        key: &str,
+        mut entry: Entry,
+        now_ms: i64,
+    ) -> Result<(), KvError> {
         if key.is_empty() || key.len() > MAX_KEY_BYTES || entry.value.len() > MAX_VALUE_BYTES {
             return Err(KvError::TooLarge);
         }
@@ -255,6 +307,8 @@ impl KvStore {
             }
         }
         let added = cost(key, &entry.value);
+        entry.stamp = inner.next_stamp;
+        inner.next_stamp += 1;
         let replaced = match inner.entries.get_mut(key) {
             Some(slot) => cost(key, &std::mem::replace(slot, entry).value),
             None => {
@@ -337,6 +391,49 @@ mod tests {
             Ok(true)
         );
         assert_eq!(kv.get("c", 0), None);
+    }
+
+    #[test]
+    fn a_replace_needs_the_stamp_of_the_value_read() {
+        let kv = KvStore::new(10, 1000);
+        assert_eq!(
+            kv.replace_if_stamp("k", None, Some(b"a".to_vec()), None, 0),
+            Ok(true)
+        );
+        let (value, stamp) = kv.get_stamped("k", 0).unwrap();
+        assert_eq!(value, b"a");
+        // Another write, even of the same bytes, outdates the stamp.
+        kv.set("k", b"a".to_vec(), None, 0).unwrap();
+        assert_eq!(
+            kv.replace_if_stamp("k", Some(stamp), Some(b"b".to_vec()), None, 0),
+            Ok(false)
+        );
+        assert_eq!(
+            kv.replace_if_stamp("k", None, Some(b"b".to_vec()), None, 0),
+            Ok(false)
+        );
+        let (_, stamp) = kv.get_stamped("k", 0).unwrap();
+        assert_eq!(
+            kv.replace_if_stamp("k", Some(stamp), Some(b"b".to_vec()), Some(10), 0),
+            Ok(true)
+        );
+        assert_eq!(kv.get("k", 0).as_deref(), Some(&b"b"[..]));
+        // Expired, the entry counts as absent; deleting needs the current stamp.
+        assert_eq!(kv.get_stamped("k", 10), None);
+        assert_eq!(
+            kv.replace_if_stamp("k", None, Some(b"c".to_vec()), None, 10),
+            Ok(true)
+        );
+        let (_, stamp) = kv.get_stamped("k", 10).unwrap();
+        assert_eq!(
+            kv.replace_if_stamp("k", Some(stamp + 1), None, None, 10),
+            Ok(false)
+        );
+        assert_eq!(
+            kv.replace_if_stamp("k", Some(stamp), None, None, 10),
+            Ok(true)
+        );
+        assert_eq!(kv.get("k", 10), None);
     }
 
     #[test]

@@ -11,7 +11,7 @@ use parking_lot::Mutex;
 use wasmtime::Store;
 use wasmtime::component::{ComponentExportIndex, Instance, InstancePre, Resource, TypedFunc};
 
-use crate::bindings::{authenticator, group_policy, message_filter, risk_control};
+use crate::bindings::{authenticator, group_policy, message_filter, risk_control, send_guard};
 use crate::manifest::{Hook, Manifest};
 use crate::per_core::{Core, PerCore};
 use crate::state::{CallContextData, CallOrigin, HostState, MessageSlot, PluginShared};
@@ -60,15 +60,21 @@ pub type FilterFunc =
 pub type AssessFunc =
     TypedFunc<(Resource<CallContextData>, risk_control::RiskEvent), (risk_control::RiskVerdict,)>;
 
+/// `send-guard.check-send`, callable without a fiber.
+pub type CheckSendFunc =
+    TypedFunc<(Resource<CallContextData>, send_guard::SendCheck), (send_guard::Assessment,)>;
+
 /// The exports of one instance, looked up once per instance.
 pub struct Exports {
     pub authenticator: Option<authenticator::Guest>,
     pub message_filter: Option<message_filter::Guest>,
     pub group_policy: Option<group_policy::Guest>,
     pub risk_control: Option<risk_control::Guest>,
+    pub send_guard: Option<send_guard::Guest>,
     /// The per-message hooks as typed functions, for direct calls.
     pub filter: Option<FilterFunc>,
     pub assess: Option<AssessFunc>,
+    pub check_send: Option<CheckSendFunc>,
 }
 
 /// A ready instance.
@@ -105,8 +111,10 @@ pub struct HookIndices {
     pub message_filter: Option<message_filter::GuestIndices>,
     pub group_policy: Option<group_policy::GuestIndices>,
     pub risk_control: Option<risk_control::GuestIndices>,
+    pub send_guard: Option<send_guard::GuestIndices>,
     filter: Option<ComponentExportIndex>,
     assess: Option<ComponentExportIndex>,
+    check_send: Option<ComponentExportIndex>,
 }
 
 /// The index of function `func` of exported interface `interface`.
@@ -128,8 +136,11 @@ impl HookIndices {
             message_filter: message_filter::GuestIndices::new(pre).ok(),
             group_policy: group_policy::GuestIndices::new(pre).ok(),
             risk_control: risk_control::GuestIndices::new(pre).ok(),
-            filter: export_func(pre, "im:plugin/message-filter@0.2.0", "filter"),
-            assess: export_func(pre, "im:plugin/risk-control@0.2.0", "assess"),
+            send_guard: send_guard::GuestIndices::new(pre).ok(),
+            // Export names resolve semver-compatibly: a 0.2.0 component's are found too.
+            filter: export_func(pre, "im:plugin/message-filter@0.2.1", "filter"),
+            assess: export_func(pre, "im:plugin/risk-control@0.2.1", "assess"),
+            check_send: export_func(pre, "im:plugin/send-guard@0.2.1", "check-send"),
         }
     }
 
@@ -138,7 +149,8 @@ impl HookIndices {
             Hook::Authenticator => self.authenticator.is_some(),
             Hook::MessageFilter => self.message_filter.is_some(),
             Hook::GroupPolicy => self.group_policy.is_some(),
-            Hook::RiskControl => self.risk_control.is_some(),
+            // Risk control's sends may be assessed by `send-guard` alone (logins then pass).
+            Hook::RiskControl => self.risk_control.is_some() || self.send_guard.is_some(),
         }
     }
 }
@@ -200,6 +212,16 @@ impl HookAnswer for message_filter::FilterVerdict {
             Self::Modify(_) => Verdict::Modify,
             Self::Reject(_) => Verdict::Reject,
             Self::Drop => Verdict::Drop,
+        }
+    }
+}
+
+impl HookAnswer for send_guard::Assessment {
+    fn verdict(&self) -> Verdict {
+        match self.verdict {
+            send_guard::SendVerdict::Allow => Verdict::Allow,
+            send_guard::SendVerdict::Throttle(_) => Verdict::Throttle,
+            send_guard::SendVerdict::Block(_) => Verdict::Block,
         }
     }
 }
@@ -417,6 +439,16 @@ impl LoadedPlugin {
         &self.manifest.id
     }
 
+    /// Whether sends are assessed by `send-guard.check-send` (else by `risk-control.assess`).
+    pub fn guards_sends(&self) -> bool {
+        self.indices.send_guard.is_some()
+    }
+
+    /// Whether the plugin exports `risk-control.assess` (a send guard need not).
+    pub fn assesses_risk(&self) -> bool {
+        self.indices.risk_control.is_some()
+    }
+
     pub fn exports(&self, hook: Hook) -> bool {
         self.indices.exports(hook)
     }
@@ -474,9 +506,15 @@ impl LoadedPlugin {
             .assess
             .map(|index| instance.get_typed_func(&mut store, index))
             .transpose()?;
+        let check_send = self
+            .indices
+            .check_send
+            .map(|index| instance.get_typed_func(&mut store, index))
+            .transpose()?;
         let exports = Exports {
             filter,
             assess,
+            check_send,
             authenticator: self
                 .indices
                 .authenticator
@@ -498,6 +536,12 @@ impl LoadedPlugin {
             risk_control: self
                 .indices
                 .risk_control
+                .as_ref()
+                .map(|i| i.load(&mut store, &instance))
+                .transpose()?,
+            send_guard: self
+                .indices
+                .send_guard
                 .as_ref()
                 .map(|i| i.load(&mut store, &instance))
                 .transpose()?,

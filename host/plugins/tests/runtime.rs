@@ -564,6 +564,57 @@ async fn risk_control_remembers_as_many_bodies_as_configured() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_guard_counts_every_send_of_a_user_assessed_at_once() {
+    // A burst of 20 that never refills in the test's time: of 128 sends assessed at once on
+    // two threads, exactly 20 may pass. A state change lost between two calls (each writing
+    // over the other's) would let more through.
+    let f =
+        risk_control_with("send_rate = \"0.001\"\nsend_burst = \"20\"\nrepeat_limit = \"1000\"")
+            .await;
+    let host = f.host.clone();
+    let sends = (0..128).map(|n| {
+        let host = host.clone();
+        tokio::spawn(async move {
+            host.assess_send(&origin(), &mut message(&format!("text {n}")))
+                .await
+        })
+    });
+    let mut allowed = 0;
+    for send in sends.collect::<Vec<_>>() {
+        match send.await.unwrap() {
+            RiskOutcome::Allow => allowed += 1,
+            RiskOutcome::Throttle { reason, .. } => {
+                assert!(reason.contains("alice"), "{reason}")
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(allowed, 20);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn risk_control_throttles_logins_per_address() {
+    // Sends go to the plugin's send guard; logins still to its `assess`.
+    let f = risk_control_with("login_rate = \"0.001\"\nlogin_burst = \"2\"").await;
+    let from = |ip: &str| CallOrigin {
+        transport: "tcp",
+        remote_ip: Some(ip.into()),
+    };
+    let login = async |ip: &str| f.host.assess_login(&from(ip), "alice", "phone").await;
+    assert_eq!(login("10.0.0.1").await, RiskOutcome::Allow);
+    assert_eq!(login("10.0.0.1").await, RiskOutcome::Allow);
+    assert!(matches!(
+        login("10.0.0.1").await,
+        RiskOutcome::Throttle { reason, .. } if reason.contains("10.0.0.1")
+    ));
+    assert_eq!(login("10.0.0.2").await, RiskOutcome::Allow);
+    assert_eq!(
+        f.host.assess_send(&origin(), &mut message("hi")).await,
+        RiskOutcome::Allow
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn group_policy_decides_through_the_component() {
     use im_plugins::GroupOutcome;
     use im_plugins::bindings::group_policy::{Group, GroupAction, GroupRequest, Role};

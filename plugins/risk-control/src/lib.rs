@@ -1,7 +1,13 @@
 //! Risk-control plugin: token-bucket rate limits per user (sends) and per IP (logins), and
 //! detection of the same message repeated by one user. State lives in the plugin's KV
-//! store, so limits hold across instances, restarts and upgrades.
+//! store, so limits hold across instances, restarts and upgrades: a user's send state is
+//! the one the host keeps per sender for `send-guard` (handed in with each send and
+//! handed back, no host call), a login bucket an entry the plugin reads and swaps itself.
 
+use im_plugin_sdk::guard::{
+    Assessment, SendCheck, SendGuard, SendVerdict, StateChange, StateWrite,
+    Throttle as SendThrottle,
+};
 use im_plugin_sdk::risk::{RiskControl, RiskEvent, RiskVerdict, Throttle};
 use im_plugin_sdk::{CallContext, clock, config, kv};
 
@@ -24,39 +30,46 @@ pub fn take(bucket: Bucket, state: Option<&str>, now_ms: i64) -> Result<String, 
 
 /// A user's send state, one KV entry: the send bucket (tokens as `f64`, last update in ms
 /// as `i64`, both little-endian) followed by the repeat ring ([`count_repeat`]'s state).
-/// One entry means one read and one compare-and-swap per message, where the bucket and
-/// the ring in entries of their own took two of each.
+/// One state means one value carried in and out of each check, where the bucket and the
+/// ring in KV entries of their own took two reads and two swaps.
 const SEND_HEADER: usize = 16;
 
 /// Assesses one send in the user's state `state` at `now_ms`: takes a token from `bucket`
 /// (or says how long to wait) and counts the body's repeats under `repeats`. Returns the
-/// new state and the body's count within its window.
+/// new state, written over the old one in place (no second buffer: the allocator is a
+/// good part of a check's instructions), and the body's count within its window.
 pub fn assess_send(
-    state: Option<&[u8]>,
+    state: Option<Vec<u8>>,
     bucket: Bucket,
     fingerprint: u64,
     now_ms: i64,
     repeats: Repeats,
 ) -> Result<(Vec<u8>, u32), u64> {
-    let (header, ring) = match state {
-        Some(state) if state.len() >= SEND_HEADER => {
-            let (header, ring) = state.split_at(SEND_HEADER);
-            let tokens = f64::from_le_bytes(header[0..8].try_into().expect("8 bytes"));
-            let updated = i64::from_le_bytes(header[8..16].try_into().expect("8 bytes"));
-            (Some((tokens, updated)), ring)
-        }
-        _ => (None, &[][..]),
-    };
+    let mut state = state
+        .filter(|state| state.len() >= SEND_HEADER)
+        .unwrap_or_default();
+    let header = (!state.is_empty()).then(|| {
+        let tokens = f64::from_le_bytes(state[0..8].try_into().expect("8 bytes"));
+        let updated = i64::from_le_bytes(state[8..16].try_into().expect("8 bytes"));
+        (tokens, updated)
+    });
     let tokens = take_token(bucket, header, now_ms)?;
-    // The new state is written once, in place: the old ring is copied behind the new
-    // header and the body is counted there.
-    let kept = kept_slots(ring, repeats.slots);
-    let mut next = Vec::with_capacity(SEND_HEADER + kept.len() + SEEN_BYTES);
-    next.extend_from_slice(&tokens.to_le_bytes());
-    next.extend_from_slice(&now_ms.to_le_bytes());
-    next.extend_from_slice(kept);
-    let count = count_in_ring(&mut next, SEND_HEADER, fingerprint, now_ms, repeats);
-    Ok((next, count))
+    if state.is_empty() {
+        state.reserve_exact(SEND_HEADER + SEEN_BYTES);
+        state.resize(SEND_HEADER, 0);
+    }
+    state[0..8].copy_from_slice(&tokens.to_le_bytes());
+    state[8..16].copy_from_slice(&now_ms.to_le_bytes());
+    // Only the newest `slots` whole slots of the ring are kept: a ring written under a
+    // larger `repeat_slots` loses its oldest bodies, not its latest.
+    let whole = (state.len() - SEND_HEADER) / SEEN_BYTES;
+    state.truncate(SEND_HEADER + whole * SEEN_BYTES);
+    let forget = whole.saturating_sub(repeats.slots);
+    if forget > 0 {
+        state.drain(SEND_HEADER..SEND_HEADER + forget * SEEN_BYTES);
+    }
+    let count = count_in_ring(&mut state, SEND_HEADER, fingerprint, now_ms, repeats);
+    Ok((state, count))
 }
 
 /// The tokens left after taking one at `now_ms` from a bucket last at `state` (tokens,
@@ -100,24 +113,6 @@ fn update_in_kv<T>(
     Err(100)
 }
 
-/// Assesses a send against the user's state at `key`: `Err(wait ms)` when the user sends
-/// too fast, else the body's count within its window.
-fn assess_send_in_kv(
-    key: &str,
-    bucket: Bucket,
-    fingerprint: u64,
-    repeats: Repeats,
-) -> Result<i64, u64> {
-    // Kept as long as the longer of the two: the ring's window and the bucket's refill.
-    let ttl_ms = u64::try_from(repeats.window_ms)
-        .unwrap_or(0)
-        .max(refill_ttl_ms(bucket));
-    update_in_kv(key, ttl_ms, |state, now| {
-        assess_send(state, bucket, fingerprint, now, repeats)
-    })
-    .map(i64::from)
-}
-
 /// Takes a token from the bucket stored at `key`.
 fn take_from_kv(key: &str, bucket: Bucket) -> Result<(), u64> {
     update_in_kv(key, refill_ttl_ms(bucket), |state, now| {
@@ -138,13 +133,6 @@ fn bucket(rate_key: &str, burst_key: &str, rate: &str, burst: &str) -> Bucket {
     Bucket { rate, burst }
 }
 
-/// FNV-1a: a stable, cheap fingerprint of a body for repeat detection.
-pub fn fingerprint(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf29ce484222325u64, |h, b| {
-        (h ^ u64::from(*b)).wrapping_mul(0x100000001b3)
-    })
-}
-
 /// How repeats of one body are counted: within `window_ms` of its first sending, among
 /// the `slots` distinct bodies a user sent most recently.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -155,8 +143,9 @@ pub struct Repeats {
 
 /// Distinct recent bodies remembered per user unless configured (`repeat_slots`). One KV
 /// entry per user holds them all (a key per body would write a new row for nearly every
-/// message), and every check moves that entry across the sandbox three times (read, and
-/// the swap's expected and new values): 16 slots make it 336 bytes. With 64 (1,296 bytes) a
+/// message), and every check moves that entry across the sandbox (measured when it was
+/// moved three times, read and the swap's expected and new values; now it is moved twice,
+/// in with the call and out with the answer): 16 slots make it 336 bytes. With 64 (1,296 bytes) a
 /// check took 9.0-12.5 µs after an idle millisecond against 8.2-9.3 µs with 16, and 2.5
 /// against 2.35 µs back to back (docs/benchmarks.md, 2026-12-07, third session, "Risk
 /// control's state").
@@ -317,33 +306,57 @@ fn settings() -> &'static Settings {
 
 struct Limits;
 
-impl RiskControl for Limits {
-    fn assess(ctx: &CallContext, event: RiskEvent<'_>) -> RiskVerdict {
+impl SendGuard for Limits {
+    fn check_send(_ctx: &CallContext, check: SendCheck<'_>) -> Assessment {
         let settings = settings();
-        match event {
-            RiskEvent::Send(message) => {
-                let sender = message.sender();
-                let user = &sender.user_id;
-                let limit = settings.send;
-                let repeats = settings.repeats;
-                let fingerprint = fingerprint(&message.body());
-                match assess_send_in_kv(&format!("user:{user}"), limit, fingerprint, repeats) {
-                    Err(retry_after_ms) => RiskVerdict::Throttle(Throttle {
-                        retry_after_ms,
-                        reason: format!("user {user} sends faster than {} messages/s", limit.rate),
-                    }),
-                    Ok(count) if count > settings.repeat_limit => RiskVerdict::Block(format!(
+        let (limit, repeats) = (settings.send, settings.repeats);
+        match assess_send(check.state, limit, check.body_digest, check.now_ms, repeats) {
+            Err(retry_after_ms) => Assessment {
+                // Only a refusal names the user: reading the sender is a host call.
+                verdict: SendVerdict::Throttle(SendThrottle {
+                    retry_after_ms,
+                    reason: format!(
+                        "user {} sends faster than {} messages/s",
+                        check.message.sender().user_id,
+                        limit.rate
+                    ),
+                }),
+                state: StateChange::Keep,
+            },
+            Ok((next, count)) => Assessment {
+                verdict: if i64::from(count) > settings.repeat_limit {
+                    SendVerdict::Block(format!(
                         "the same message was sent {count} times within {}",
                         duration_text(repeats.window_ms)
-                    )),
-                    Ok(_) => RiskVerdict::Allow,
-                }
-            }
+                    ))
+                } else {
+                    SendVerdict::Allow
+                },
+                // Kept as long as the longer of the two: the ring's window and the
+                // bucket's refill.
+                state: StateChange::Set(StateWrite {
+                    value: next,
+                    ttl_ms: Some(
+                        u64::try_from(repeats.window_ms)
+                            .unwrap_or(0)
+                            .max(refill_ttl_ms(limit)),
+                    ),
+                }),
+            },
+        }
+    }
+}
+
+impl RiskControl for Limits {
+    fn assess(ctx: &CallContext, event: RiskEvent<'_>) -> RiskVerdict {
+        match event {
+            // The host assesses sends with `check_send`: this plugin exports send-guard.
+            RiskEvent::Send(_) => RiskVerdict::Allow,
             RiskEvent::Login(attempt) => {
                 let Some(ip) = ctx.remote_ip() else {
                     return RiskVerdict::Allow;
                 };
-                let limit = settings.login;
+                let limit = settings().login;
                 match take_from_kv(&format!("login:{ip}"), limit) {
                     Ok(()) => RiskVerdict::Allow,
                     Err(retry_after_ms) => RiskVerdict::Throttle(Throttle {
@@ -356,6 +369,7 @@ impl RiskControl for Limits {
     }
 }
 
+im_plugin_sdk::export_send_guard!(Limits);
 im_plugin_sdk::export_risk_control!(Limits);
 
 #[cfg(test)]
@@ -389,7 +403,7 @@ mod tests {
 
     #[test]
     fn repeats_are_counted_per_body_within_the_window() {
-        let (a, b) = (fingerprint(b"a"), fingerprint(b"b"));
+        let (a, b) = (0x0a, 0x0b);
         let mut state: Option<Vec<u8>> = None;
         let mut send = |fp, now| {
             let (next, count) = count_repeat(state.as_deref(), fp, now, within(1_000));
@@ -493,21 +507,23 @@ mod tests {
             rate: 1.0,
             burst: 2.0,
         };
-        let fp = fingerprint(b"hi");
+        let fp = 0x4869;
         let (state, count) = assess_send(None, bucket, fp, 0, within(60_000)).unwrap();
         assert_eq!(count, 1);
-        let (state, count) = assess_send(Some(&state), bucket, fp, 10, within(60_000)).unwrap();
+        let (state, count) =
+            assess_send(Some(state.clone()), bucket, fp, 10, within(60_000)).unwrap();
         assert_eq!(count, 2);
         // The burst of two is spent: the third send waits for a token, and counts nothing.
         assert_eq!(
-            assess_send(Some(&state), bucket, fp, 10, within(60_000)),
+            assess_send(Some(state.clone()), bucket, fp, 10, within(60_000)),
             Err(990)
         );
-        let (_, count) = assess_send(Some(&state), bucket, fp, 1_010, within(60_000)).unwrap();
+        let (_, count) =
+            assess_send(Some(state.clone()), bucket, fp, 1_010, within(60_000)).unwrap();
         assert_eq!(count, 3);
         // A state too short to hold the bucket is taken as none.
         assert_eq!(
-            assess_send(Some(b"x"), bucket, fp, 0, within(60_000))
+            assess_send(Some(b"x".to_vec()), bucket, fp, 0, within(60_000))
                 .unwrap()
                 .1,
             1
@@ -519,11 +535,5 @@ mod tests {
         assert_eq!(duration_text(60_000), "60 s");
         assert_eq!(duration_text(1_500), "1500 ms");
         assert_eq!(duration_text(500), "500 ms");
-    }
-
-    #[test]
-    fn fingerprints_differ_for_different_bodies() {
-        assert_ne!(fingerprint(b"a"), fingerprint(b"b"));
-        assert_eq!(fingerprint(b"same"), fingerprint(b"same"));
     }
 }

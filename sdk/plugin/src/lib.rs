@@ -1,7 +1,7 @@
 //! Write plugins for the im server in Rust.
 //!
 //! Enable one cargo feature per hook your plugin serves (`authenticator`, `message-filter`,
-//! `group-policy`, `risk-control`), implement its trait, and export it with its macro:
+//! `group-policy`, `risk-control`, `send-guard`), implement its trait, and export it with its macro:
 //!
 //! ```ignore
 //! use im_plugin_sdk::filter::{MessageFilter, Verdict};
@@ -41,7 +41,7 @@ pub mod __wit_bindgen {
 #[doc(hidden)]
 pub mod base {
     wit_bindgen::generate!({
-        path: "../../wit/im-plugin@0.2.0",
+        path: "../../wit/im-plugin@0.2.1",
         world: "host-api",
         runtime_path: "im_plugin_sdk::__wit_bindgen::rt",
         type_section_suffix: "im-plugin-sdk-host-api",
@@ -94,14 +94,14 @@ macro_rules! hook_bindings {
         #[doc(hidden)]
         pub mod $module {
             wit_bindgen::generate!({
-                path: "../../wit/im-plugin@0.2.0",
+                path: "../../wit/im-plugin@0.2.1",
                 world: $world,
                 with: {
-                    "im:plugin/types@0.2.0": crate::base::im::plugin::types,
-                    "im:plugin/log@0.2.0": crate::base::im::plugin::log,
-                    "im:plugin/config@0.2.0": crate::base::im::plugin::config,
-                    "im:plugin/kv@0.2.0": crate::base::im::plugin::kv,
-                    "im:plugin/clock@0.2.0": crate::base::im::plugin::clock,
+                    "im:plugin/types@0.2.1": crate::base::im::plugin::types,
+                    "im:plugin/log@0.2.1": crate::base::im::plugin::log,
+                    "im:plugin/config@0.2.1": crate::base::im::plugin::config,
+                    "im:plugin/kv@0.2.1": crate::base::im::plugin::kv,
+                    "im:plugin/clock@0.2.1": crate::base::im::plugin::clock,
                 },
                 pub_export_macro: true,
                 export_macro_name: $macro_name,
@@ -139,6 +139,13 @@ hook_bindings!(
     "risk-plugin",
     "__export_risk_plugin",
     "im_plugin_sdk::risk_bindings"
+);
+hook_bindings!(
+    "send-guard",
+    send_guard_bindings,
+    "send-guard-plugin",
+    "__export_send_guard_plugin",
+    "im_plugin_sdk::send_guard_bindings"
 );
 
 /// The authenticator hook: credentials in, a user id or a denial out.
@@ -272,6 +279,42 @@ pub mod risk {
             const _: () = {
                 type ImPluginRiskControl = $crate::risk::Adapter<$t>;
                 $crate::risk_bindings::__export_risk_plugin!(ImPluginRiskControl with_types_in $crate::risk_bindings);
+            };
+        };
+    }
+}
+
+/// The send-guard hook (contract 0.2.1): risk control's sends, with the sender's state
+/// handed in by the host and the new state handed back, so a check needs no host calls.
+/// A plugin exporting it with `risk-control` gets only logins in `RiskControl::assess`.
+#[cfg(feature = "send-guard")]
+pub mod guard {
+    use crate::CallContext;
+    use crate::send_guard_bindings::exports::im::plugin::send_guard::Guest;
+    pub use crate::send_guard_bindings::exports::im::plugin::send_guard::{
+        Assessment, SendCheck, SendVerdict, StateChange, StateWrite, Throttle,
+    };
+
+    pub trait SendGuard {
+        fn check_send(ctx: &CallContext, check: SendCheck<'_>) -> Assessment;
+    }
+
+    #[doc(hidden)]
+    pub struct Adapter<T>(core::marker::PhantomData<T>);
+
+    impl<T: SendGuard> Guest for Adapter<T> {
+        fn check_send(ctx: &CallContext, check: SendCheck<'_>) -> Assessment {
+            T::check_send(ctx, check)
+        }
+    }
+
+    /// Exports a type implementing [`SendGuard`] as this component's send guard.
+    #[macro_export]
+    macro_rules! export_send_guard {
+        ($t:ty) => {
+            const _: () = {
+                type ImPluginSendGuard = $crate::guard::Adapter<$t>;
+                $crate::send_guard_bindings::__export_send_guard_plugin!(ImPluginSendGuard with_types_in $crate::send_guard_bindings);
             };
         };
     }

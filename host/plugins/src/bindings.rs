@@ -1,13 +1,13 @@
-//! The one `bindgen!` site: host-side types and traits generated from `wit/im-plugin@0.2.1`.
+//! The one `bindgen!` site: host-side types and traits generated from `wit/im-plugin@0.2.2`.
 //!
 //! The `all-hooks` world exports every hook; the runtime checks per plugin which hook interfaces
 //! the component really exports (`GuestIndices::new` fails for missing ones), so each hook
-//! is optional. Components built against `0.2.0` link too: 0.2.1 only added to it (the
-//! `send-guard` hook), and wasmtime resolves `@0.2.0` imports and exports to the
-//! semver-compatible `@0.2.1` ones.
+//! is optional. Components built against `0.2.0` or `0.2.1` link too: each later version only
+//! added to them (0.2.1 the `send-guard` hook, 0.2.2 `body-filter`), and wasmtime resolves
+//! their `@0.2.0` and `@0.2.1` imports and exports to the semver-compatible `@0.2.2` ones.
 
 wasmtime::component::bindgen!({
-    path: "../../wit/im-plugin@0.2.1",
+    path: "../../wit/im-plugin@0.2.2",
     world: "all-hooks",
     // Calls are awaited on the server's tokio tasks: WASI's host functions are async, and
     // their blocking (sync) variants must not run on a runtime thread.
@@ -20,9 +20,9 @@ wasmtime::component::bindgen!({
 });
 
 /// The contract version this host serves (and every earlier 0.2 version).
-pub const CONTRACT: &str = "im:plugin@0.2.1";
+pub const CONTRACT: &str = "im:plugin@0.2.2";
 
 pub use exports::im::plugin::{
-    authenticator, group_policy, message_filter, risk_control, send_guard,
+    authenticator, body_filter, group_policy, message_filter, risk_control, send_guard,
 };
 pub use im::plugin::{clock, config, kv, log, types};

@@ -14,7 +14,9 @@ use arc_swap::ArcSwap;
 use im_store::Store;
 use parking_lot::Mutex;
 
-use crate::bindings::{authenticator, group_policy, message_filter, risk_control, send_guard};
+use crate::bindings::{
+    authenticator, body_filter, group_policy, message_filter, risk_control, send_guard,
+};
 use crate::engine::PluginEngine;
 use crate::kv::KvStore;
 use crate::manifest::{FailurePolicy, Hook, Manifest};
@@ -526,7 +528,9 @@ impl PluginHost {
         let generation = self.generation();
         let mut modified = false;
         for plugin in generation.chain(Hook::MessageFilter) {
-            let result = if plugin.direct() {
+            let result = if plugin.filters_bodies() {
+                filter_body_with(plugin, origin, message).await
+            } else if plugin.direct() {
                 plugin.call_direct(origin, |store, exports, handles| {
                     let filter = exports
                         .filter
@@ -686,8 +690,59 @@ fn hook_exports(hook: Hook) -> String {
         Hook::RiskControl => {
             format!("im:plugin/risk-control@{version} or im:plugin/send-guard@{version}")
         }
+        Hook::MessageFilter => {
+            format!("im:plugin/message-filter@{version} or im:plugin/body-filter@{version}")
+        }
         hook => format!("im:plugin/{}@{version}", hook.as_str()),
     }
+}
+
+/// Calls `body-filter.filter-body` of `plugin` on `message`, its body passed with the call.
+/// The verdict comes back as `message-filter`'s (the two have the same cases).
+async fn filter_body_with(
+    plugin: &LoadedPlugin,
+    origin: &CallOrigin,
+    message: &mut PluginMessage,
+) -> Result<message_filter::FilterVerdict, CallFailure> {
+    // A second handle on the body's bytes, not a copy.
+    let body = message.body.clone();
+    let verdict = if plugin.direct() {
+        plugin.call_direct(origin, |store, exports, handles| {
+            let filter_body = exports
+                .filter_body
+                .as_ref()
+                .expect("body filters export filter-body");
+            std::mem::swap(&mut store.data_mut().message, message);
+            let result = filter_body.call(&mut *store, (handles.context, handles.message, body));
+            // Taken back whether or not the call succeeded: a failing filter may be
+            // skipped by policy.
+            std::mem::swap(&mut store.data_mut().message, message);
+            result.map(|(verdict,)| verdict)
+        })
+    } else {
+        plugin
+            .call(origin, async |store, exports, handles| {
+                let guest = exports
+                    .body_filter
+                    .as_ref()
+                    .expect("body filters export body-filter");
+                std::mem::swap(&mut store.data_mut().message, message);
+                let result = guest
+                    .call_filter_body(&mut *store, handles.context, handles.message, &body)
+                    .await;
+                std::mem::swap(&mut store.data_mut().message, message);
+                result
+            })
+            .await
+    }?;
+    Ok(match verdict {
+        body_filter::FilterVerdict::Allow => message_filter::FilterVerdict::Allow,
+        body_filter::FilterVerdict::Modify(body_filter::Rewrite { body, content_type }) => {
+            message_filter::FilterVerdict::Modify(message_filter::Rewrite { body, content_type })
+        }
+        body_filter::FilterVerdict::Reject(reason) => message_filter::FilterVerdict::Reject(reason),
+        body_filter::FilterVerdict::Drop => message_filter::FilterVerdict::Drop,
+    })
 }
 
 /// Calls `risk-control.assess` of `plugin` on `subject`.

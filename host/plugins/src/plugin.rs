@@ -11,7 +11,9 @@ use parking_lot::Mutex;
 use wasmtime::Store;
 use wasmtime::component::{ComponentExportIndex, Instance, InstancePre, Resource, TypedFunc};
 
-use crate::bindings::{authenticator, group_policy, message_filter, risk_control, send_guard};
+use crate::bindings::{
+    authenticator, body_filter, group_policy, message_filter, risk_control, send_guard,
+};
 use crate::manifest::{Hook, Manifest};
 use crate::per_core::{Core, PerCore};
 use crate::state::{CallContextData, CallOrigin, HostState, MessageSlot, PluginShared};
@@ -60,6 +62,16 @@ pub type FilterFunc =
 pub type AssessFunc =
     TypedFunc<(Resource<CallContextData>, risk_control::RiskEvent), (risk_control::RiskVerdict,)>;
 
+/// `body-filter.filter-body`, callable without a fiber (the body is lent, not copied on
+/// the host's side).
+pub type FilterBodyFunc = TypedFunc<
+    (
+        Resource<CallContextData>,
+        Resource<MessageSlot>,
+        bytes::Bytes,
+    ),
+    (body_filter::FilterVerdict,),
+>;
 /// `send-guard.check-send`, callable without a fiber.
 pub type CheckSendFunc =
     TypedFunc<(Resource<CallContextData>, send_guard::SendCheck), (send_guard::Assessment,)>;
@@ -68,11 +80,13 @@ pub type CheckSendFunc =
 pub struct Exports {
     pub authenticator: Option<authenticator::Guest>,
     pub message_filter: Option<message_filter::Guest>,
+    pub body_filter: Option<body_filter::Guest>,
     pub group_policy: Option<group_policy::Guest>,
     pub risk_control: Option<risk_control::Guest>,
     pub send_guard: Option<send_guard::Guest>,
     /// The per-message hooks as typed functions, for direct calls.
     pub filter: Option<FilterFunc>,
+    pub filter_body: Option<FilterBodyFunc>,
     pub assess: Option<AssessFunc>,
     pub check_send: Option<CheckSendFunc>,
 }
@@ -109,10 +123,12 @@ pub struct Handles {
 pub struct HookIndices {
     pub authenticator: Option<authenticator::GuestIndices>,
     pub message_filter: Option<message_filter::GuestIndices>,
+    pub body_filter: Option<body_filter::GuestIndices>,
     pub group_policy: Option<group_policy::GuestIndices>,
     pub risk_control: Option<risk_control::GuestIndices>,
     pub send_guard: Option<send_guard::GuestIndices>,
     filter: Option<ComponentExportIndex>,
+    filter_body: Option<ComponentExportIndex>,
     assess: Option<ComponentExportIndex>,
     check_send: Option<ComponentExportIndex>,
 }
@@ -134,20 +150,23 @@ impl HookIndices {
         Self {
             authenticator: authenticator::GuestIndices::new(pre).ok(),
             message_filter: message_filter::GuestIndices::new(pre).ok(),
+            body_filter: body_filter::GuestIndices::new(pre).ok(),
             group_policy: group_policy::GuestIndices::new(pre).ok(),
             risk_control: risk_control::GuestIndices::new(pre).ok(),
             send_guard: send_guard::GuestIndices::new(pre).ok(),
-            // Export names resolve semver-compatibly: a 0.2.0 component's are found too.
-            filter: export_func(pre, "im:plugin/message-filter@0.2.1", "filter"),
-            assess: export_func(pre, "im:plugin/risk-control@0.2.1", "assess"),
-            check_send: export_func(pre, "im:plugin/send-guard@0.2.1", "check-send"),
+            // Export names resolve semver-compatibly: earlier 0.2 components' are found too.
+            filter: export_func(pre, "im:plugin/message-filter@0.2.2", "filter"),
+            filter_body: export_func(pre, "im:plugin/body-filter@0.2.2", "filter-body"),
+            assess: export_func(pre, "im:plugin/risk-control@0.2.2", "assess"),
+            check_send: export_func(pre, "im:plugin/send-guard@0.2.2", "check-send"),
         }
     }
 
     pub fn exports(&self, hook: Hook) -> bool {
         match hook {
             Hook::Authenticator => self.authenticator.is_some(),
-            Hook::MessageFilter => self.message_filter.is_some(),
+            // A filter may export `body-filter` instead of `message-filter`.
+            Hook::MessageFilter => self.message_filter.is_some() || self.body_filter.is_some(),
             Hook::GroupPolicy => self.group_policy.is_some(),
             // Risk control's sends may be assessed by `send-guard` alone (logins then pass).
             Hook::RiskControl => self.risk_control.is_some() || self.send_guard.is_some(),
@@ -206,6 +225,17 @@ impl HookAnswer for authenticator::AuthResult {
 }
 
 impl HookAnswer for message_filter::FilterVerdict {
+    fn verdict(&self) -> Verdict {
+        match self {
+            Self::Allow => Verdict::Allow,
+            Self::Modify(_) => Verdict::Modify,
+            Self::Reject(_) => Verdict::Reject,
+            Self::Drop => Verdict::Drop,
+        }
+    }
+}
+
+impl HookAnswer for body_filter::FilterVerdict {
     fn verdict(&self) -> Verdict {
         match self {
             Self::Allow => Verdict::Allow,
@@ -439,6 +469,12 @@ impl LoadedPlugin {
         &self.manifest.id
     }
 
+    /// Whether messages are filtered by `body-filter.filter-body` (else by
+    /// `message-filter.filter`).
+    pub fn filters_bodies(&self) -> bool {
+        self.indices.body_filter.is_some()
+    }
+
     /// Whether sends are assessed by `send-guard.check-send` (else by `risk-control.assess`).
     pub fn guards_sends(&self) -> bool {
         self.indices.send_guard.is_some()
@@ -506,6 +542,11 @@ impl LoadedPlugin {
             .assess
             .map(|index| instance.get_typed_func(&mut store, index))
             .transpose()?;
+        let filter_body = self
+            .indices
+            .filter_body
+            .map(|index| instance.get_typed_func(&mut store, index))
+            .transpose()?;
         let check_send = self
             .indices
             .check_send
@@ -513,6 +554,7 @@ impl LoadedPlugin {
             .transpose()?;
         let exports = Exports {
             filter,
+            filter_body,
             assess,
             check_send,
             authenticator: self
@@ -524,6 +566,12 @@ impl LoadedPlugin {
             message_filter: self
                 .indices
                 .message_filter
+                .as_ref()
+                .map(|i| i.load(&mut store, &instance))
+                .transpose()?,
+            body_filter: self
+                .indices
+                .body_filter
                 .as_ref()
                 .map(|i| i.load(&mut store, &instance))
                 .transpose()?,

@@ -167,6 +167,37 @@ async fn keyword_filter_masks_and_rejects() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_filter_gets_the_body_as_earlier_filters_left_it() {
+    // The keyword filter exports body-filter (its body comes with the call); the tag
+    // filters export message-filter (they read it through the message). Each sees what the
+    // one before it wrote.
+    let f = fixture().await;
+    let tag = |id: &str, order: i32, tag: &str| {
+        filter_manifest(id, &format!("order = {order}\n[config]\ntag = \"{tag}\""))
+    };
+    f.host
+        .install(&tag("before", 1, "badword"), component("tag_filter.wasm"))
+        .await
+        .unwrap();
+    let words = "order = 2\n[config]\nwords = \"badword\"\naction = \"mask\"";
+    f.host
+        .install(
+            &filter_manifest("keyword-filter", words),
+            component("keyword_filter.wasm"),
+        )
+        .await
+        .unwrap();
+    f.host
+        .install(&tag("after", 3, "badword"), component("tag_filter.wasm"))
+        .await
+        .unwrap();
+    assert_eq!(
+        filter(&f.host, "hello").await,
+        modified("hello ******* badword")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chains_run_in_order_and_stop_at_reject() {
     let f = fixture().await;
     let tag = |id: &str, order: i32, tag: &str| {
@@ -329,9 +360,14 @@ async fn the_sandbox_grants_no_files_sockets_or_environment() {
         )
         .await
         .unwrap();
-    match filter(&f.host, "let me out").await {
+    let text = "let me out";
+    match filter(&f.host, text).await {
         Filtered::Reject { reason } => {
-            assert_eq!(reason, "file:denied dir:denied net:denied env:0")
+            let body = text.len();
+            assert_eq!(
+                reason,
+                format!("file:denied dir:denied net:denied env:0 body:{body}")
+            )
         }
         other => panic!("unexpected {other:?}"),
     }

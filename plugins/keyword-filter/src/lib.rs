@@ -9,7 +9,7 @@
 use std::sync::OnceLock;
 
 use aho_corasick::{AhoCorasick, MatchKind};
-use im_plugin_sdk::filter::{MessageFilter, Rewrite, Verdict};
+use im_plugin_sdk::body::{BodyFilter, Rewrite, Verdict};
 use im_plugin_sdk::{CallContext, Message, config};
 use memchr::memmem::Finder;
 
@@ -235,11 +235,10 @@ fn filter() -> &'static WordFilter {
 
 struct KeywordFilter;
 
-impl MessageFilter for KeywordFilter {
-    fn filter(_ctx: &CallContext, message: &Message) -> Verdict {
+impl BodyFilter for KeywordFilter {
+    fn filter_body(_ctx: &CallContext, message: &Message, mut body: Vec<u8>) -> Verdict {
         // The body first: most messages hold no word, and their verdict does not depend on
-        // the content type, so they cost one host call instead of two.
-        let mut body = message.body();
+        // the content type, so they cost no host call at all.
         match filter().clean_ascii_in_place(&mut body) {
             Some(true) => return Verdict::Allow,
             // Lowercased in place: the rare message that may hold a word is read again.
@@ -267,7 +266,7 @@ impl MessageFilter for KeywordFilter {
     }
 }
 
-im_plugin_sdk::export_message_filter!(KeywordFilter);
+im_plugin_sdk::export_body_filter!(KeywordFilter);
 
 #[cfg(test)]
 mod tests {

@@ -21,7 +21,7 @@ use crate::engine::PluginEngine;
 use crate::kv::KvStore;
 use crate::manifest::{FailurePolicy, Hook, Manifest};
 use crate::plugin::{CallFailure, LoadedPlugin};
-use crate::state::{CallOrigin, PluginMessage, PluginShared, now_ms};
+use crate::state::{CallOrigin, HostState, PluginMessage, PluginShared, now_ms};
 
 const MANIFEST_FILE: &str = "manifest.toml";
 const COMPONENT_FILE: &str = "plugin.wasm";
@@ -536,12 +536,10 @@ impl PluginHost {
                         .filter
                         .as_ref()
                         .expect("chain members export their hook");
-                    std::mem::swap(&mut store.data_mut().message, message);
-                    let result = filter.call(&mut *store, (handles.context, handles.message));
-                    // Taken back whether or not the call succeeded: a failing filter
-                    // may be skipped by policy.
-                    std::mem::swap(&mut store.data_mut().message, message);
-                    result.map(|(verdict,)| verdict)
+                    lending(store, message, |store| {
+                        filter.call(store, (handles.context, handles.message))
+                    })
+                    .map(|(verdict,)| verdict)
                 })
             } else {
                 plugin
@@ -550,12 +548,12 @@ impl PluginHost {
                             .message_filter
                             .as_ref()
                             .expect("chain members export their hook");
-                        std::mem::swap(&mut store.data_mut().message, message);
-                        let result = guest
-                            .call_filter(&mut *store, handles.context, handles.message)
-                            .await;
-                        std::mem::swap(&mut store.data_mut().message, message);
-                        result
+                        lending_async(store, message, async |store| {
+                            guest
+                                .call_filter(store, handles.context, handles.message)
+                                .await
+                        })
+                        .await
                     })
                     .await
             };
@@ -697,6 +695,32 @@ fn hook_exports(hook: Hook) -> String {
     }
 }
 
+/// Lends `message` to the instance for `call` (the instance's message handle names it
+/// meanwhile) and takes it back whether or not the call succeeded: a failing filter may be
+/// skipped by policy, and the chain goes on with the message.
+fn lending<T>(
+    store: &mut wasmtime::Store<HostState>,
+    message: &mut PluginMessage,
+    call: impl FnOnce(&mut wasmtime::Store<HostState>) -> T,
+) -> T {
+    std::mem::swap(&mut store.data_mut().message, message);
+    let result = call(store);
+    std::mem::swap(&mut store.data_mut().message, message);
+    result
+}
+
+/// [`lending`] for a call on a fiber.
+async fn lending_async<T>(
+    store: &mut wasmtime::Store<HostState>,
+    message: &mut PluginMessage,
+    call: impl AsyncFnOnce(&mut wasmtime::Store<HostState>) -> T,
+) -> T {
+    std::mem::swap(&mut store.data_mut().message, message);
+    let result = call(store).await;
+    std::mem::swap(&mut store.data_mut().message, message);
+    result
+}
+
 /// Calls `body-filter.filter-body` of `plugin` on `message`, its body passed with the call.
 /// The verdict comes back as `message-filter`'s (the two have the same cases).
 async fn filter_body_with(
@@ -706,18 +730,16 @@ async fn filter_body_with(
 ) -> Result<message_filter::FilterVerdict, CallFailure> {
     // A second handle on the body's bytes, not a copy.
     let body = message.body.clone();
-    let verdict = if plugin.direct() {
+    if plugin.direct() {
         plugin.call_direct(origin, |store, exports, handles| {
             let filter_body = exports
                 .filter_body
                 .as_ref()
                 .expect("body filters export filter-body");
-            std::mem::swap(&mut store.data_mut().message, message);
-            let result = filter_body.call(&mut *store, (handles.context, handles.message, body));
-            // Taken back whether or not the call succeeded: a failing filter may be
-            // skipped by policy.
-            std::mem::swap(&mut store.data_mut().message, message);
-            result.map(|(verdict,)| verdict)
+            lending(store, message, |store| {
+                filter_body.call(store, (handles.context, handles.message, body))
+            })
+            .map(|(verdict,)| as_filter_verdict(verdict))
         })
     } else {
         plugin
@@ -726,23 +748,28 @@ async fn filter_body_with(
                     .body_filter
                     .as_ref()
                     .expect("body filters export body-filter");
-                std::mem::swap(&mut store.data_mut().message, message);
-                let result = guest
-                    .call_filter_body(&mut *store, handles.context, handles.message, &body)
-                    .await;
-                std::mem::swap(&mut store.data_mut().message, message);
-                result
+                lending_async(store, message, async |store| {
+                    guest
+                        .call_filter_body(store, handles.context, handles.message, &body)
+                        .await
+                })
+                .await
+                .map(as_filter_verdict)
             })
             .await
-    }?;
-    Ok(match verdict {
+    }
+}
+
+/// A `body-filter` verdict as the `message-filter` one with the same case.
+fn as_filter_verdict(verdict: body_filter::FilterVerdict) -> message_filter::FilterVerdict {
+    match verdict {
         body_filter::FilterVerdict::Allow => message_filter::FilterVerdict::Allow,
         body_filter::FilterVerdict::Modify(body_filter::Rewrite { body, content_type }) => {
             message_filter::FilterVerdict::Modify(message_filter::Rewrite { body, content_type })
         }
         body_filter::FilterVerdict::Reject(reason) => message_filter::FilterVerdict::Reject(reason),
         body_filter::FilterVerdict::Drop => message_filter::FilterVerdict::Drop,
-    })
+    }
 }
 
 /// Calls `risk-control.assess` of `plugin` on `subject`.
@@ -762,13 +789,10 @@ async fn assess_with(
                     let event = risk_control::RiskEvent::Login(attempt.clone());
                     assess.call(&mut *store, (handles.context, event))
                 }
-                RiskSubject::Send(message) => {
-                    std::mem::swap(&mut store.data_mut().message, message);
+                RiskSubject::Send(message) => lending(store, message, |store| {
                     let event = risk_control::RiskEvent::Send(handles.message);
-                    let result = assess.call(&mut *store, (handles.context, event));
-                    std::mem::swap(&mut store.data_mut().message, message);
-                    result
-                }
+                    assess.call(store, (handles.context, event))
+                }),
             };
             result.map(|(verdict,)| verdict)
         })
@@ -785,13 +809,11 @@ async fn assess_with(
                         guest.call_assess(store, handles.context, &event).await
                     }
                     RiskSubject::Send(message) => {
-                        std::mem::swap(&mut store.data_mut().message, message);
-                        let event = risk_control::RiskEvent::Send(handles.message);
-                        let result = guest
-                            .call_assess(&mut *store, handles.context, &event)
-                            .await;
-                        std::mem::swap(&mut store.data_mut().message, message);
-                        result
+                        lending_async(store, message, async |store| {
+                            let event = risk_control::RiskEvent::Send(handles.message);
+                            guest.call_assess(store, handles.context, &event).await
+                        })
+                        .await
                     }
                 }
             })
@@ -843,11 +865,10 @@ async fn guard_send(
                     .check_send
                     .as_ref()
                     .expect("send guards export check-send");
-                std::mem::swap(&mut store.data_mut().message, message);
-                let result =
-                    check_send.call(&mut *store, (handles.context, check(handles.message)));
-                std::mem::swap(&mut store.data_mut().message, message);
-                result.map(|(assessment,)| assessment)
+                lending(store, message, |store| {
+                    check_send.call(store, (handles.context, check(handles.message)))
+                })
+                .map(|(assessment,)| assessment)
             })?
         } else {
             plugin
@@ -856,12 +877,12 @@ async fn guard_send(
                         .send_guard
                         .as_ref()
                         .expect("send guards export send-guard");
-                    std::mem::swap(&mut store.data_mut().message, message);
-                    let result = guest
-                        .call_check_send(&mut *store, handles.context, &check(handles.message))
-                        .await;
-                    std::mem::swap(&mut store.data_mut().message, message);
-                    result
+                    lending_async(store, message, async |store| {
+                        guest
+                            .call_check_send(store, handles.context, &check(handles.message))
+                            .await
+                    })
+                    .await
                 })
                 .await?
         };

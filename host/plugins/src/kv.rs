@@ -189,27 +189,9 @@ impl KvStore {
         ttl_ms: Option<u64>,
         now_ms: i64,
     ) -> Result<bool, KvError> {
-        let mut inner = self.inner.lock();
-        let current = inner
-            .entries
-            .get(key)
-            .filter(|e| e.live(now_ms))
-            .map(|e| e.value.as_slice());
-        if current != expected {
-            return Ok(false);
-        }
-        match value {
-            Some(value) => self.put(
-                &mut inner,
-                key,
-                Entry::new(value, expiry(now_ms, ttl_ms)),
-                now_ms,
-            )?,
-            None => {
-                remove(&mut inner, key);
-            }
-        }
-        Ok(true)
+        self.replace_if(key, value, ttl_ms, now_ms, |current| {
+            current.map(|e| e.value.as_slice()) == expected
+        })
     }
 
     /// The value at `key`, if present and not expired, with its stamp: a number that
@@ -234,22 +216,30 @@ impl KvStore {
         ttl_ms: Option<u64>,
         now_ms: i64,
     ) -> Result<bool, KvError> {
+        self.replace_if(key, value, ttl_ms, now_ms, |current| {
+            current.map(|e| e.stamp) == stamp
+        })
+    }
+
+    /// Sets `key` to `value` (deletes it when `value` is none) if `holds` says yes of its
+    /// live entry (none: absent or expired); true if it did.
+    fn replace_if(
+        &self,
+        key: &str,
+        value: Option<Vec<u8>>,
+        ttl_ms: Option<u64>,
+        now_ms: i64,
+        holds: impl FnOnce(Option<&Entry>) -> bool,
+    ) -> Result<bool, KvError> {
         let mut inner = self.inner.lock();
-        let current = inner
-            .entries
-            .get(key)
-            .filter(|e| e.live(now_ms))
-            .map(|e| e.stamp);
-        if current != stamp {
+        if !holds(inner.entries.get(key).filter(|e| e.live(now_ms))) {
             return Ok(false);
         }
         match value {
-            Some(value) => self.put(
-                &mut inner,
-                key,
-                Entry::new(value, expiry(now_ms, ttl_ms)),
-                now_ms,
-            )?,
+            Some(value) => {
+                let entry = Entry::new(value, expiry(now_ms, ttl_ms));
+                self.put(&mut inner, key, entry, now_ms)?
+            }
             None => {
                 remove(&mut inner, key);
             }

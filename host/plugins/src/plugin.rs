@@ -9,7 +9,10 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use wasmtime::Store;
-use wasmtime::component::{ComponentExportIndex, Instance, InstancePre, Resource, TypedFunc};
+use wasmtime::component::{
+    ComponentExportIndex, ComponentNamedList, Instance, InstancePre, Lift, Lower, Resource,
+    TypedFunc,
+};
 
 use crate::bindings::{
     authenticator, body_filter, group_policy, message_filter, risk_control, send_guard,
@@ -133,6 +136,21 @@ pub struct HookIndices {
     check_send: Option<ComponentExportIndex>,
 }
 
+/// The function at `index` of `instance`, typed, if the component exports it.
+fn typed_func<Params, Results>(
+    store: &mut Store<HostState>,
+    instance: &Instance,
+    index: Option<ComponentExportIndex>,
+) -> wasmtime::Result<Option<TypedFunc<Params, Results>>>
+where
+    Params: ComponentNamedList + Lower,
+    Results: ComponentNamedList + Lift,
+{
+    index
+        .map(|index| instance.get_typed_func(&mut *store, index))
+        .transpose()
+}
+
 /// The index of function `func` of exported interface `interface`.
 fn export_func(
     pre: &InstancePre<HostState>,
@@ -225,17 +243,6 @@ impl HookAnswer for authenticator::AuthResult {
 }
 
 impl HookAnswer for message_filter::FilterVerdict {
-    fn verdict(&self) -> Verdict {
-        match self {
-            Self::Allow => Verdict::Allow,
-            Self::Modify(_) => Verdict::Modify,
-            Self::Reject(_) => Verdict::Reject,
-            Self::Drop => Verdict::Drop,
-        }
-    }
-}
-
-impl HookAnswer for body_filter::FilterVerdict {
     fn verdict(&self) -> Verdict {
         match self {
             Self::Allow => Verdict::Allow,
@@ -532,31 +539,11 @@ impl LoadedPlugin {
         mut store: Store<HostState>,
         instance: Instance,
     ) -> wasmtime::Result<Box<Ready>> {
-        let filter = self
-            .indices
-            .filter
-            .map(|index| instance.get_typed_func(&mut store, index))
-            .transpose()?;
-        let assess = self
-            .indices
-            .assess
-            .map(|index| instance.get_typed_func(&mut store, index))
-            .transpose()?;
-        let filter_body = self
-            .indices
-            .filter_body
-            .map(|index| instance.get_typed_func(&mut store, index))
-            .transpose()?;
-        let check_send = self
-            .indices
-            .check_send
-            .map(|index| instance.get_typed_func(&mut store, index))
-            .transpose()?;
         let exports = Exports {
-            filter,
-            filter_body,
-            assess,
-            check_send,
+            filter: typed_func(&mut store, &instance, self.indices.filter)?,
+            filter_body: typed_func(&mut store, &instance, self.indices.filter_body)?,
+            assess: typed_func(&mut store, &instance, self.indices.assess)?,
+            check_send: typed_func(&mut store, &instance, self.indices.check_send)?,
             authenticator: self
                 .indices
                 .authenticator

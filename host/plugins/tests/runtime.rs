@@ -629,6 +629,49 @@ async fn send_guard_counts_every_send_of_a_user_assessed_at_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_guard_on_a_fiber_keeps_and_clears_state_and_fails_closed_out_of_quota() {
+    let f = fixture().await;
+    // One key of quota; the plugin exports send-guard only (no `risk-control.assess`).
+    let m = manifest(
+        "counter",
+        "\"risk-control\"",
+        "[limits]\nkv_max_keys = 1\n[config]\nlimit = \"2\"",
+    );
+    f.host
+        .install(&m, component("count_guard.wasm"))
+        .await
+        .unwrap();
+    assert!(
+        !f.host.list()[0].direct_calls,
+        "a component importing the filesystem is called on a fiber"
+    );
+    let send = async |user: &str, text: &str| {
+        let mut sent = message(text);
+        sent.sender.user_id = user.into();
+        f.host.assess_send(&origin(), &mut sent).await
+    };
+    assert_eq!(send("alice", "a").await, RiskOutcome::Allow);
+    assert_eq!(send("alice", "b").await, RiskOutcome::Allow);
+    assert!(matches!(
+        send("alice", "c").await,
+        RiskOutcome::Throttle { reason, .. } if reason.starts_with("send 3 ")
+    ));
+    // Cleared, the count starts again (and the one key is free meanwhile).
+    assert_eq!(send("alice", "reset").await, RiskOutcome::Allow);
+    assert_eq!(send("alice", "d").await, RiskOutcome::Allow);
+    // Alice's state holds the only key: Bob's cannot be written, so his send is refused.
+    assert!(matches!(
+        send("bob", "e").await,
+        RiskOutcome::Throttle { reason, .. } if reason.contains("cannot record")
+    ));
+    // Logins pass: nothing in the chain assesses them.
+    assert_eq!(
+        f.host.assess_login(&origin(), "alice", "phone").await,
+        RiskOutcome::Allow
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn risk_control_throttles_logins_per_address() {
     // Sends go to the plugin's send guard; logins still to its `assess`.
     let f = risk_control_with("login_rate = \"0.001\"\nlogin_burst = \"2\"").await;

@@ -3,8 +3,16 @@
 //! Copy this directory to start a plugin: rename the package and the manifest id, replace
 //! `is_shouting` with your logic, `cargo build --release`, then install the `.wasm` with
 //! `imctl plugin install`. See docs/plugins.md.
+//!
+//! It reads every body, so it is a body filter (the body comes with the call); a filter
+//! that looks only at some messages' bodies, or only at other fields, would implement
+//! `filter::MessageFilter` and read what it needs through the message. Its configuration is
+//! read once per instance: each read is a call into the host, and an instance's
+//! configuration never changes.
 
-use im_plugin_sdk::filter::{MessageFilter, Verdict};
+use std::sync::OnceLock;
+
+use im_plugin_sdk::body::{BodyFilter, Verdict};
 use im_plugin_sdk::{CallContext, Message, config, log};
 
 /// True when `text` has at least `min_letters` letters and none of them is lowercase.
@@ -13,16 +21,20 @@ pub fn is_shouting(text: &str, min_letters: usize) -> bool {
     letters.len() >= min_letters && letters.iter().all(|c| !c.is_lowercase())
 }
 
+/// `min_letters` from the manifest's `[config]` (6 unless set).
+fn min_letters() -> usize {
+    static MIN_LETTERS: OnceLock<usize> = OnceLock::new();
+    *MIN_LETTERS.get_or_init(|| config::get_or("min_letters", "6").parse().unwrap_or(6))
+}
+
 struct NoShouting;
 
-impl MessageFilter for NoShouting {
-    fn filter(ctx: &CallContext, message: &Message) -> Verdict {
-        let min_letters = config::get_or("min_letters", "6").parse().unwrap_or(6);
-        let body = message.body();
+impl BodyFilter for NoShouting {
+    fn filter_body(ctx: &CallContext, message: &Message, body: Vec<u8>) -> Verdict {
         let Ok(text) = std::str::from_utf8(&body) else {
             return Verdict::Allow;
         };
-        if is_shouting(text, min_letters) {
+        if is_shouting(text, min_letters()) {
             log::info(&format!(
                 "refused shouting from {} on {}",
                 message.sender().user_id,
@@ -34,7 +46,7 @@ impl MessageFilter for NoShouting {
     }
 }
 
-im_plugin_sdk::export_message_filter!(NoShouting);
+im_plugin_sdk::export_body_filter!(NoShouting);
 
 #[cfg(test)]
 mod tests {

@@ -198,6 +198,24 @@ async fn a_body_filter_gets_the_body_as_earlier_filters_left_it() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_plugin_template_refuses_shouting() {
+    let f = fixture().await;
+    f.host
+        .install(
+            &filter_manifest("no-shouting", "[config]\nmin_letters = \"4\""),
+            component("plugin_template.wasm"),
+        )
+        .await
+        .unwrap();
+    assert!(matches!(
+        filter(&f.host, "STOP THAT").await,
+        Filtered::Reject { reason } if reason.contains("shout")
+    ));
+    assert_eq!(filter(&f.host, "Stop that").await, pass("Stop that"));
+    assert_eq!(filter(&f.host, "OK!").await, pass("OK!"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chains_run_in_order_and_stop_at_reject() {
     let f = fixture().await;
     let tag = |id: &str, order: i32, tag: &str| {

@@ -242,13 +242,17 @@ async fn imctl_manages_plugins_through_the_admin_api() {
             .trim(),
         "ok"
     );
-    // Errors come back as a failing exit with the API's answer.
+    // Errors come back as a failing exit with the API's answer, and no stack trace even
+    // where backtraces are asked for.
     let failed = run(vec!["remove".into(), "tagger".into()])
+        .env("RUST_BACKTRACE", "1")
         .output()
         .await
         .unwrap();
     assert!(!failed.status.success());
-    assert!(String::from_utf8_lossy(&failed.stderr).contains("not_found"));
+    let said = String::from_utf8_lossy(&failed.stderr);
+    assert!(said.contains("not_found"), "{said}");
+    assert!(!said.to_lowercase().contains("backtrace"), "{said}");
     let mut wrong = Command::new(IMCTL);
     wrong.arg("plugin").args([
         "--admin",

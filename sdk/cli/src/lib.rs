@@ -461,6 +461,19 @@ fn print_message(m: &v1::Message) {
     );
 }
 
+/// Runs the command line given to the process and gives its exit code, printing a
+/// failure on one line with its causes and no stack trace: a refused request is the
+/// server's answer, not a crash of the tool.
+pub fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("Error: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 /// Runs the command line given to the process.
 pub fn run() -> anyhow::Result<()> {
     tokio::runtime::Builder::new_multi_thread()

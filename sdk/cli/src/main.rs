@@ -1,5 +1,5 @@
 //! The `imctl` binary.
 
-fn main() -> anyhow::Result<()> {
-    imctl::run()
+fn main() -> std::process::ExitCode {
+    imctl::main()
 }

@@ -1,5 +1,5 @@
 //! The `imctl` CLI, built inside the test package so tests can run it as a process.
 
-fn main() -> anyhow::Result<()> {
-    imctl::run()
+fn main() -> std::process::ExitCode {
+    imctl::main()
 }

@@ -19,8 +19,20 @@ wasmtime::component::bindgen!({
     },
 });
 
+/// The contract's version, written once for the names below.
+macro_rules! contract_version {
+    () => {
+        "0.2.2"
+    };
+}
+
 /// The contract version this host serves (and every earlier 0.2 version).
-pub const CONTRACT: &str = "im:plugin@0.2.2";
+pub const CONTRACT: &str = concat!("im:plugin@", contract_version!());
+
+/// The name a component imports or exports the contract's interface `interface` under.
+pub fn interface_name(interface: &str) -> String {
+    format!("im:plugin/{interface}@{}", contract_version!())
+}
 
 pub use exports::im::plugin::{
     authenticator, body_filter, group_policy, message_filter, risk_control, send_guard,

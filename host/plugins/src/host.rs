@@ -15,7 +15,8 @@ use im_store::Store;
 use parking_lot::Mutex;
 
 use crate::bindings::{
-    authenticator, body_filter, group_policy, message_filter, risk_control, send_guard,
+    authenticator, body_filter, group_policy, interface_name, message_filter, risk_control,
+    send_guard,
 };
 use crate::engine::PluginEngine;
 use crate::kv::KvStore;
@@ -683,15 +684,15 @@ impl PluginHost {
 
 /// The export names that serve `hook`, for the error refusing a component without them.
 fn hook_exports(hook: Hook) -> String {
-    let version = crate::bindings::CONTRACT.trim_start_matches("im:plugin@");
-    match hook {
-        Hook::RiskControl => {
-            format!("im:plugin/risk-control@{version} or im:plugin/send-guard@{version}")
-        }
-        Hook::MessageFilter => {
-            format!("im:plugin/message-filter@{version} or im:plugin/body-filter@{version}")
-        }
-        hook => format!("im:plugin/{}@{version}", hook.as_str()),
+    let alternative = match hook {
+        Hook::RiskControl => Some("send-guard"),
+        Hook::MessageFilter => Some("body-filter"),
+        Hook::Authenticator | Hook::GroupPolicy => None,
+    };
+    let name = interface_name(hook.as_str());
+    match alternative {
+        Some(other) => format!("{name} or {}", interface_name(other)),
+        None => name,
     }
 }
 
@@ -825,7 +826,8 @@ async fn assess_with(
 /// contract names it, so the plugin's own `kv` calls see the same entry).
 fn send_guard_key(user_id: &str) -> String {
     const PREFIX: &str = "send-guard:";
-    // Not `format!`: its machinery was a twentieth of a check's instructions.
+    // Not `format!`: it took about 360 instructions here against 120 (callgrind over
+    // hook_bench, docs/benchmarks.md, 2026-12-07, fifth session).
     let mut key = String::with_capacity(PREFIX.len() + user_id.len());
     key.push_str(PREFIX);
     key.push_str(user_id);
@@ -894,7 +896,7 @@ async fn guard_send(
             send_guard::StateChange::Clear => kv.replace_if_stamp(&key, stamp, None, None, now_ms),
         };
         match written {
-            Ok(true) => return Ok(risk_verdict(assessment.verdict)),
+            Ok(true) => return Ok(as_risk_verdict(assessment.verdict)),
             Ok(false) => continue,
             Err(err) => {
                 tracing::warn!(plugin = plugin.id(), error = %err, "send-guard state not written; send refused");
@@ -915,7 +917,8 @@ async fn guard_send(
     ))
 }
 
-fn risk_verdict(verdict: send_guard::SendVerdict) -> risk_control::RiskVerdict {
+/// A `send-guard` verdict as the `risk-control` one with the same case.
+fn as_risk_verdict(verdict: send_guard::SendVerdict) -> risk_control::RiskVerdict {
     match verdict {
         send_guard::SendVerdict::Allow => risk_control::RiskVerdict::Allow,
         send_guard::SendVerdict::Throttle(t) => {

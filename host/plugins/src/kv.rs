@@ -57,8 +57,16 @@ struct Inner {
     /// that rewrites one value on every message (risk control's per-user state) copied it
     /// there each time.
     dirty: HashSet<String>,
-    /// The stamp of the next write.
-    next_stamp: u64,
+    /// The stamp given last (stamps only grow).
+    last_stamp: u64,
+}
+
+impl Inner {
+    /// A stamp no entry has had yet.
+    fn new_stamp(&mut self) -> u64 {
+        self.last_stamp += 1;
+        self.last_stamp
+    }
 }
 
 /// One plugin's store.
@@ -121,8 +129,7 @@ impl KvStore {
         for r in records {
             inner.bytes += cost(&r.key, &r.value);
             let mut entry = Entry::new(r.value, r.expires_at_ms);
-            entry.stamp = inner.next_stamp;
-            inner.next_stamp += 1;
+            entry.stamp = inner.new_stamp();
             inner.entries.insert(r.key, entry);
         }
     }
@@ -297,8 +304,7 @@ impl KvStore {
             }
         }
         let added = cost(key, &entry.value);
-        entry.stamp = inner.next_stamp;
-        inner.next_stamp += 1;
+        entry.stamp = inner.new_stamp();
         let replaced = match inner.entries.get_mut(key) {
             Some(slot) => cost(key, &std::mem::replace(slot, entry).value),
             None => {

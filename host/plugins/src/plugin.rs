@@ -15,7 +15,8 @@ use wasmtime::component::{
 };
 
 use crate::bindings::{
-    authenticator, body_filter, group_policy, message_filter, risk_control, send_guard,
+    authenticator, body_filter, group_policy, interface_name, message_filter, risk_control,
+    send_guard,
 };
 use crate::manifest::{Hook, Manifest};
 use crate::per_core::{Core, PerCore};
@@ -151,14 +152,14 @@ where
         .transpose()
 }
 
-/// The index of function `func` of exported interface `interface`.
+/// The index of function `func` of the contract's exported interface `interface`.
 fn export_func(
     pre: &InstancePre<HostState>,
     interface: &str,
     func: &str,
 ) -> Option<ComponentExportIndex> {
     let component = pre.component();
-    let (_, interface) = component.get_export(None, interface)?;
+    let (_, interface) = component.get_export(None, interface_name(interface))?;
     let (_, func) = component.get_export(Some(&interface), func)?;
     Some(func)
 }
@@ -173,10 +174,10 @@ impl HookIndices {
             risk_control: risk_control::GuestIndices::new(pre).ok(),
             send_guard: send_guard::GuestIndices::new(pre).ok(),
             // Export names resolve semver-compatibly: earlier 0.2 components' are found too.
-            filter: export_func(pre, "im:plugin/message-filter@0.2.2", "filter"),
-            filter_body: export_func(pre, "im:plugin/body-filter@0.2.2", "filter-body"),
-            assess: export_func(pre, "im:plugin/risk-control@0.2.2", "assess"),
-            check_send: export_func(pre, "im:plugin/send-guard@0.2.2", "check-send"),
+            filter: export_func(pre, "message-filter", "filter"),
+            filter_body: export_func(pre, "body-filter", "filter-body"),
+            assess: export_func(pre, "risk-control", "assess"),
+            check_send: export_func(pre, "send-guard", "check-send"),
         }
     }
 

@@ -36,8 +36,8 @@ const SEND_HEADER: usize = 16;
 
 /// Assesses one send in the user's state `state` at `now_ms`: takes a token from `bucket`
 /// (or says how long to wait) and counts the body's repeats under `repeats`. Returns the
-/// new state, written over the old one in place (no second buffer: the allocator is a
-/// good part of a check's instructions), and the body's count within its window.
+/// new state, written over the old one in place (no second buffer to allocate, fill and
+/// free), and the body's count within its window.
 pub fn assess_send(
     state: Option<Vec<u8>>,
     bucket: Bucket,
@@ -60,13 +60,10 @@ pub fn assess_send(
     }
     state[0..8].copy_from_slice(&tokens.to_le_bytes());
     state[8..16].copy_from_slice(&now_ms.to_le_bytes());
-    // Only the newest `slots` whole slots of the ring are kept: a ring written under a
-    // larger `repeat_slots` loses its oldest bodies, not its latest.
-    let whole = (state.len() - SEND_HEADER) / SEEN_BYTES;
-    state.truncate(SEND_HEADER + whole * SEEN_BYTES);
-    let forget = whole.saturating_sub(repeats.slots);
-    if forget > 0 {
-        state.drain(SEND_HEADER..SEND_HEADER + forget * SEEN_BYTES);
+    let kept = kept_range(state.len() - SEND_HEADER, repeats.slots);
+    state.truncate(SEND_HEADER + kept.end);
+    if kept.start > 0 {
+        state.drain(SEND_HEADER..SEND_HEADER + kept.start);
     }
     let count = count_in_ring(&mut state, SEND_HEADER, fingerprint, now_ms, repeats);
     Ok((state, count))
@@ -143,9 +140,9 @@ pub struct Repeats {
 
 /// Distinct recent bodies remembered per user unless configured (`repeat_slots`). One KV
 /// entry per user holds them all (a key per body would write a new row for nearly every
-/// message), and every check moves that entry across the sandbox (measured when it was
-/// moved three times, read and the swap's expected and new values; now it is moved twice,
-/// in with the call and out with the answer): 16 slots make it 336 bytes. With 64 (1,296 bytes) a
+/// message), and every check moves that entry across the sandbox, in with the call and out
+/// with the answer: 16 slots make it 336 bytes. Measured when a check moved it three times
+/// (read, and a swap's expected and new values): with 64 slots (1,296 bytes) a
 /// check took 9.0-12.5 µs after an idle millisecond against 8.2-9.3 µs with 16, and 2.5
 /// against 2.35 µs back to back (docs/benchmarks.md, 2026-12-07, third session, "Risk
 /// control's state").
@@ -174,18 +171,20 @@ pub fn count_repeat(
     now_ms: i64,
     repeats: Repeats,
 ) -> (Vec<u8>, u32) {
-    let kept = kept_slots(state.unwrap_or_default(), repeats.slots);
+    let ring = state.unwrap_or_default();
+    let kept = &ring[kept_range(ring.len(), repeats.slots)];
     let mut next = Vec::with_capacity(kept.len() + SEEN_BYTES);
     next.extend_from_slice(kept);
     let count = count_in_ring(&mut next, 0, fingerprint, now_ms, repeats);
     (next, count)
 }
 
-/// The newest `slots` whole slots of `ring` (kept oldest first): a ring written under a
-/// larger `repeat_slots` loses its oldest bodies, not its latest.
-fn kept_slots(ring: &[u8], slots: usize) -> &[u8] {
-    let whole = ring.len() / SEEN_BYTES;
-    &ring[whole.saturating_sub(slots) * SEEN_BYTES..whole * SEEN_BYTES]
+/// Where the newest `slots` whole slots lie in a ring of `ring_len` bytes (kept oldest
+/// first): a ring written under a larger `repeat_slots` loses its oldest bodies, not its
+/// latest, and a partial slot is dropped.
+fn kept_range(ring_len: usize, slots: usize) -> std::ops::Range<usize> {
+    let whole = ring_len / SEEN_BYTES;
+    whole.saturating_sub(slots) * SEEN_BYTES..whole * SEEN_BYTES
 }
 
 /// The little-endian u64 at `at` in `bytes`.
@@ -284,15 +283,16 @@ struct Settings {
     login: Bucket,
     repeat_limit: i64,
     repeats: Repeats,
+    /// How long a user's send state is kept: the longer of the ring's window and the
+    /// send bucket's refill.
+    send_state_ttl_ms: u64,
 }
 
 fn settings() -> &'static Settings {
     static SETTINGS: std::sync::OnceLock<Settings> = std::sync::OnceLock::new();
-    SETTINGS.get_or_init(|| Settings {
-        send: bucket("send_rate", "send_burst", "20", "40"),
-        login: bucket("login_rate", "login_burst", "5", "20"),
-        repeat_limit: config::get_or("repeat_limit", "5").parse().unwrap_or(5),
-        repeats: Repeats {
+    SETTINGS.get_or_init(|| {
+        let send = bucket("send_rate", "send_burst", "20", "40");
+        let repeats = Repeats {
             window_ms: config::get_or("repeat_window_ms", "60000")
                 .parse::<u64>()
                 .map_or(60_000, |ms| i64::try_from(ms).unwrap_or(i64::MAX)),
@@ -300,7 +300,16 @@ fn settings() -> &'static Settings {
                 .parse()
                 .unwrap_or(DEFAULT_REPEAT_SLOTS)
                 .clamp(1, MAX_REPEAT_SLOTS),
-        },
+        };
+        Settings {
+            send,
+            login: bucket("login_rate", "login_burst", "5", "20"),
+            repeat_limit: config::get_or("repeat_limit", "5").parse().unwrap_or(5),
+            repeats,
+            send_state_ttl_ms: u64::try_from(repeats.window_ms)
+                .unwrap_or(0)
+                .max(refill_ttl_ms(send)),
+        }
     })
 }
 
@@ -332,15 +341,9 @@ impl SendGuard for Limits {
                 } else {
                     SendVerdict::Allow
                 },
-                // Kept as long as the longer of the two: the ring's window and the
-                // bucket's refill.
                 state: StateChange::Set(StateWrite {
                     value: next,
-                    ttl_ms: Some(
-                        u64::try_from(repeats.window_ms)
-                            .unwrap_or(0)
-                            .max(refill_ttl_ms(limit)),
-                    ),
+                    ttl_ms: Some(settings.send_state_ttl_ms),
                 }),
             },
         }

@@ -1,7 +1,8 @@
 //! Write plugins for the im server in Rust.
 //!
 //! Enable one cargo feature per hook your plugin serves (`authenticator`, `message-filter`,
-//! `group-policy`, `risk-control`, `send-guard`, `body-filter`), implement its trait, and export it with its macro:
+//! `group-policy`, `risk-control`, `send-guard`, `body-filter`), implement its trait, and
+//! export it with its macro:
 //!
 //! ```ignore
 //! use im_plugin_sdk::filter::{MessageFilter, Verdict};

@@ -4,16 +4,18 @@
 //! `is_shouting` with your logic, `cargo build --release`, then install the `.wasm` with
 //! `imctl plugin install`. See docs/plugins.md.
 //!
-//! It reads every body, so it is a body filter (the body comes with the call); a filter
-//! that looks only at some messages' bodies, or only at other fields, would implement
-//! `filter::MessageFilter` and read what it needs through the message. Its configuration is
-//! read once per instance: each read is a call into the host, and an instance's
-//! configuration never changes.
+//! It reads every body, so it is a body screen: the body comes with the call and no handle
+//! is lent (the cheapest call a filter can be); the little else it wants, the sender and
+//! the transport for its log line, it asks `current` for, and only when it refuses. A
+//! filter that looks only at some messages' bodies would implement `filter::MessageFilter`
+//! and read what it needs through the message. Its configuration is read once per
+//! instance: each read is a call into the host, and an instance's configuration never
+//! changes.
 
 use std::sync::OnceLock;
 
-use im_plugin_sdk::body::{BodyFilter, Verdict};
-use im_plugin_sdk::{CallContext, Message, config, log};
+use im_plugin_sdk::screen::{BodyScreen, Verdict};
+use im_plugin_sdk::{config, current, log};
 
 /// True when `text` has at least `min_letters` letters and none of them is lowercase.
 pub fn is_shouting(text: &str, min_letters: usize) -> bool {
@@ -29,16 +31,16 @@ fn min_letters() -> usize {
 
 struct NoShouting;
 
-impl BodyFilter for NoShouting {
-    fn filter_body(ctx: &CallContext, message: &Message, body: Vec<u8>) -> Verdict {
+impl BodyScreen for NoShouting {
+    fn screen(body: Vec<u8>) -> Verdict {
         let Ok(text) = std::str::from_utf8(&body) else {
             return Verdict::Allow;
         };
         if is_shouting(text, min_letters()) {
             log::info(&format!(
                 "refused shouting from {} on {}",
-                message.sender().user_id,
-                ctx.transport()
+                current::sender().map(|p| p.user_id).unwrap_or_default(),
+                current::transport()
             ));
             return Verdict::Reject("please do not shout".into());
         }
@@ -46,7 +48,7 @@ impl BodyFilter for NoShouting {
     }
 }
 
-im_plugin_sdk::export_body_filter!(NoShouting);
+im_plugin_sdk::export_body_screen!(NoShouting);
 
 #[cfg(test)]
 mod tests {

@@ -1,13 +1,14 @@
-//! The one `bindgen!` site: host-side types and traits generated from `wit/im-plugin@0.2.2`.
+//! The one `bindgen!` site: host-side types and traits generated from `wit/im-plugin@0.2.3`.
 //!
 //! The `all-hooks` world exports every hook; the runtime checks per plugin which hook interfaces
 //! the component really exports (`GuestIndices::new` fails for missing ones), so each hook
-//! is optional. Components built against `0.2.0` or `0.2.1` link too: each later version only
-//! added to them (0.2.1 the `send-guard` hook, 0.2.2 `body-filter`), and wasmtime resolves
-//! their `@0.2.0` and `@0.2.1` imports and exports to the semver-compatible `@0.2.2` ones.
+//! is optional. Components built against `0.2.0`, `0.2.1` or `0.2.2` link too: each later
+//! version only added to them (0.2.1 the `send-guard` hook, 0.2.2 `body-filter`, 0.2.3
+//! `body-screen`, `send-screen` and the `current-call` import), and wasmtime resolves their
+//! imports and exports to the semver-compatible `@0.2.3` ones.
 
 wasmtime::component::bindgen!({
-    path: "../../wit/im-plugin@0.2.2",
+    path: "../../wit/im-plugin@0.2.3",
     world: "all-hooks",
     // Calls are awaited on the server's tokio tasks: WASI's host functions are async, and
     // their blocking (sync) variants must not run on a runtime thread.
@@ -22,7 +23,7 @@ wasmtime::component::bindgen!({
 /// The contract's version, written once for the names below.
 macro_rules! contract_version {
     () => {
-        "0.2.2"
+        "0.2.3"
     };
 }
 
@@ -35,6 +36,7 @@ pub fn interface_name(interface: &str) -> String {
 }
 
 pub use exports::im::plugin::{
-    authenticator, body_filter, group_policy, message_filter, risk_control, send_guard,
+    authenticator, body_filter, body_screen, group_policy, message_filter, risk_control,
+    send_guard, send_screen,
 };
-pub use im::plugin::{clock, config, kv, log, types};
+pub use im::plugin::{clock, config, current_call, kv, log, types};

@@ -15,8 +15,8 @@ use im_store::Store;
 use parking_lot::Mutex;
 
 use crate::bindings::{
-    authenticator, body_filter, group_policy, interface_name, message_filter, risk_control,
-    send_guard,
+    authenticator, body_filter, body_screen, group_policy, interface_name, message_filter,
+    risk_control, send_guard, send_screen,
 };
 use crate::engine::PluginEngine;
 use crate::kv::KvStore;
@@ -529,7 +529,9 @@ impl PluginHost {
         let generation = self.generation();
         let mut modified = false;
         for plugin in generation.chain(Hook::MessageFilter) {
-            let result = if plugin.filters_bodies() {
+            let result = if plugin.screens_bodies() {
+                screen_body_with(plugin, origin, message).await
+            } else if plugin.filters_bodies() {
                 filter_body_with(plugin, origin, message).await
             } else if plugin.direct() {
                 plugin.call_direct(origin, |store, exports, handles| {
@@ -616,7 +618,7 @@ impl PluginHost {
         let mut body_digest = None;
         for plugin in generation.chain(Hook::RiskControl) {
             let result = match &mut subject {
-                RiskSubject::Send(message) if plugin.guards_sends() => {
+                RiskSubject::Send(message) if plugin.guards_sends() || plugin.screens_sends() => {
                     let digest = *body_digest
                         .get_or_insert_with(|| xxhash_rust::xxh3::xxh3_64(&message.body));
                     guard_send(plugin, origin, message, digest).await
@@ -684,16 +686,17 @@ impl PluginHost {
 
 /// The export names that serve `hook`, for the error refusing a component without them.
 fn hook_exports(hook: Hook) -> String {
-    let alternative = match hook {
-        Hook::RiskControl => Some("send-guard"),
-        Hook::MessageFilter => Some("body-filter"),
-        Hook::Authenticator | Hook::GroupPolicy => None,
+    let alternatives: &[&str] = match hook {
+        Hook::RiskControl => &["send-guard", "send-screen"],
+        Hook::MessageFilter => &["body-filter", "body-screen"],
+        Hook::Authenticator | Hook::GroupPolicy => &[],
     };
-    let name = interface_name(hook.as_str());
-    match alternative {
-        Some(other) => format!("{name} or {}", interface_name(other)),
-        None => name,
+    let mut names = interface_name(hook.as_str());
+    for other in alternatives {
+        names.push_str(" or ");
+        names.push_str(&interface_name(other));
     }
+    names
 }
 
 /// Lends `message` to the instance for `call` (the instance's message handle names it
@@ -704,10 +707,22 @@ fn lending<T>(
     message: &mut PluginMessage,
     call: impl FnOnce(&mut wasmtime::Store<HostState>) -> T,
 ) -> T {
-    std::mem::swap(&mut store.data_mut().message, message);
+    lend_message(store.data_mut(), message);
     let result = call(store);
-    std::mem::swap(&mut store.data_mut().message, message);
+    take_back_message(store.data_mut(), message);
     result
+}
+
+/// Puts `message` into the instance's state for the call about it.
+fn lend_message(state: &mut HostState, message: &mut PluginMessage) {
+    std::mem::swap(&mut state.message, message);
+    state.message_lent = true;
+}
+
+/// Gives the lent message back once the call has returned.
+fn take_back_message(state: &mut HostState, message: &mut PluginMessage) {
+    std::mem::swap(&mut state.message, message);
+    state.message_lent = false;
 }
 
 /// [`lending`] for a call on a fiber.
@@ -716,9 +731,9 @@ async fn lending_async<T>(
     message: &mut PluginMessage,
     call: impl AsyncFnOnce(&mut wasmtime::Store<HostState>) -> T,
 ) -> T {
-    std::mem::swap(&mut store.data_mut().message, message);
+    lend_message(store.data_mut(), message);
     let result = call(store).await;
-    std::mem::swap(&mut store.data_mut().message, message);
+    take_back_message(store.data_mut(), message);
     result
 }
 
@@ -758,6 +773,50 @@ async fn filter_body_with(
                 .map(as_filter_verdict)
             })
             .await
+    }
+}
+
+/// Calls `body-screen.screen` of `plugin` on `message`: the body passed with the call, no
+/// handles lent (the plugin asks `current-call` for anything else). The verdict comes back
+/// as `message-filter`'s.
+async fn screen_body_with(
+    plugin: &LoadedPlugin,
+    origin: &CallOrigin,
+    message: &mut PluginMessage,
+) -> Result<message_filter::FilterVerdict, CallFailure> {
+    let body = message.body.clone();
+    if plugin.direct() {
+        plugin.call_direct(origin, |store, exports, _| {
+            let screen = exports.screen.as_ref().expect("body screens export screen");
+            lending(store, message, |store| screen.call(store, (body,)))
+                .map(|(verdict,)| as_screen_verdict(verdict))
+        })
+    } else {
+        plugin
+            .call(origin, async |store, exports, _| {
+                let guest = exports
+                    .body_screen
+                    .as_ref()
+                    .expect("body screens export body-screen");
+                lending_async(store, message, async |store| {
+                    guest.call_screen(store, &body).await
+                })
+                .await
+                .map(as_screen_verdict)
+            })
+            .await
+    }
+}
+
+/// A `body-screen` verdict as the `message-filter` one with the same case.
+fn as_screen_verdict(verdict: body_screen::FilterVerdict) -> message_filter::FilterVerdict {
+    match verdict {
+        body_screen::FilterVerdict::Allow => message_filter::FilterVerdict::Allow,
+        body_screen::FilterVerdict::Modify(body_screen::Rewrite { body, content_type }) => {
+            message_filter::FilterVerdict::Modify(message_filter::Rewrite { body, content_type })
+        }
+        body_screen::FilterVerdict::Reject(reason) => message_filter::FilterVerdict::Reject(reason),
+        body_screen::FilterVerdict::Drop => message_filter::FilterVerdict::Drop,
     }
 }
 
@@ -854,6 +913,19 @@ async fn guard_send(
     for _ in 0..SEND_GUARD_ATTEMPTS {
         let now_ms = now_ms();
         let (state, stamp) = kv.get_stamped(&key, now_ms).unzip();
+        if plugin.screens_sends() {
+            let facts = send_screen::SendFacts {
+                body_digest,
+                body_len,
+                now_ms,
+                state,
+            };
+            let assessment = screen_send_with(plugin, origin, message, facts).await?;
+            match apply_send_state(plugin, &key, stamp, assessment, now_ms) {
+                Some(verdict) => return Ok(verdict),
+                None => continue,
+            }
+        }
         let check = |handles_message| send_guard::SendCheck {
             message: handles_message,
             body_digest,
@@ -888,25 +960,9 @@ async fn guard_send(
                 })
                 .await?
         };
-        let written = match assessment.state {
-            send_guard::StateChange::Keep => Ok(true),
-            send_guard::StateChange::Set(write) => {
-                kv.replace_if_stamp(&key, stamp, Some(write.value), write.ttl_ms, now_ms)
-            }
-            send_guard::StateChange::Clear => kv.replace_if_stamp(&key, stamp, None, None, now_ms),
-        };
-        match written {
-            Ok(true) => return Ok(as_risk_verdict(assessment.verdict)),
-            Ok(false) => continue,
-            Err(err) => {
-                tracing::warn!(plugin = plugin.id(), error = %err, "send-guard state not written; send refused");
-                return Ok(risk_control::RiskVerdict::Throttle(
-                    risk_control::Throttle {
-                        retry_after_ms: 1000,
-                        reason: format!("risk control cannot record the send: {err}"),
-                    },
-                ));
-            }
+        match apply_send_state(plugin, &key, stamp, assessment, now_ms) {
+            Some(verdict) => return Ok(verdict),
+            None => continue,
         }
     }
     Ok(risk_control::RiskVerdict::Throttle(
@@ -915,6 +971,97 @@ async fn guard_send(
             reason: "too many sends of this user assessed at once".into(),
         },
     ))
+}
+
+/// Writes the sender's state `assessment` asks for, if the entry still has `stamp`, and
+/// returns the verdict; none if another call replaced the state meanwhile (assess again).
+fn apply_send_state(
+    plugin: &LoadedPlugin,
+    key: &str,
+    stamp: Option<u64>,
+    assessment: send_guard::Assessment,
+    now_ms: i64,
+) -> Option<risk_control::RiskVerdict> {
+    let kv = &plugin.shared.kv;
+    let written = match assessment.state {
+        send_guard::StateChange::Keep => Ok(true),
+        send_guard::StateChange::Set(write) => {
+            kv.replace_if_stamp(key, stamp, Some(write.value), write.ttl_ms, now_ms)
+        }
+        send_guard::StateChange::Clear => kv.replace_if_stamp(key, stamp, None, None, now_ms),
+    };
+    match written {
+        Ok(true) => Some(as_risk_verdict(assessment.verdict)),
+        Ok(false) => None,
+        Err(err) => {
+            tracing::warn!(plugin = plugin.id(), error = %err, "send-guard state not written; send refused");
+            Some(risk_control::RiskVerdict::Throttle(
+                risk_control::Throttle {
+                    retry_after_ms: 1000,
+                    reason: format!("risk control cannot record the send: {err}"),
+                },
+            ))
+        }
+    }
+}
+
+/// Calls `send-screen.screen-send` of `plugin`: the facts passed with the call, no handles
+/// lent. The assessment comes back as `send-guard`'s (the two have the same cases).
+async fn screen_send_with(
+    plugin: &LoadedPlugin,
+    origin: &CallOrigin,
+    message: &mut PluginMessage,
+    facts: send_screen::SendFacts,
+) -> Result<send_guard::Assessment, CallFailure> {
+    if plugin.direct() {
+        plugin.call_direct(origin, |store, exports, _| {
+            let screen_send = exports
+                .screen_send
+                .as_ref()
+                .expect("send screens export screen-send");
+            lending(store, message, |store| screen_send.call(store, (facts,)))
+                .map(|(assessment,)| as_guard_assessment(assessment))
+        })
+    } else {
+        plugin
+            .call(origin, async |store, exports, _| {
+                let guest = exports
+                    .send_screen
+                    .as_ref()
+                    .expect("send screens export send-screen");
+                lending_async(store, message, async |store| {
+                    guest.call_screen_send(store, &facts).await
+                })
+                .await
+                .map(as_guard_assessment)
+            })
+            .await
+    }
+}
+
+/// A `send-screen` assessment as the `send-guard` one with the same cases.
+fn as_guard_assessment(assessment: send_screen::Assessment) -> send_guard::Assessment {
+    let verdict = match assessment.verdict {
+        send_screen::SendVerdict::Allow => send_guard::SendVerdict::Allow,
+        send_screen::SendVerdict::Throttle(t) => {
+            send_guard::SendVerdict::Throttle(send_guard::Throttle {
+                retry_after_ms: t.retry_after_ms,
+                reason: t.reason,
+            })
+        }
+        send_screen::SendVerdict::Block(reason) => send_guard::SendVerdict::Block(reason),
+    };
+    let state = match assessment.state {
+        send_screen::StateChange::Keep => send_guard::StateChange::Keep,
+        send_screen::StateChange::Set(write) => {
+            send_guard::StateChange::Set(send_guard::StateWrite {
+                value: write.value,
+                ttl_ms: write.ttl_ms,
+            })
+        }
+        send_screen::StateChange::Clear => send_guard::StateChange::Clear,
+    };
+    send_guard::Assessment { verdict, state }
 }
 
 /// A `send-guard` verdict as the `risk-control` one with the same case.

@@ -1,7 +1,7 @@
-//! The Wasm plugin runtime: business logic as sandboxed components behind the `im:plugin@0.2.2` WIT contract (and its 0.2.0 and 0.2.1 components).
+//! The Wasm plugin runtime: business logic as sandboxed components behind the `im:plugin@0.2.3` WIT contract (and its 0.2.0, 0.2.1 and 0.2.2 components).
 //!
 //! Layout:
-//! - [`bindings`]: the one `bindgen!` site (host view of `wit/im-plugin@0.2.2`);
+//! - [`bindings`]: the one `bindgen!` site (host view of `wit/im-plugin@0.2.3`);
 //! - [`engine`]: engine configuration, epoch ticker, linkers, compiled-component cache;
 //! - [`direct_wasi`]: the never-waiting WASI of plugins called without a fiber;
 //! - [`state`]: per-instance host state and the imports (log, config, kv, clock);

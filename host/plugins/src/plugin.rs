@@ -15,8 +15,8 @@ use wasmtime::component::{
 };
 
 use crate::bindings::{
-    authenticator, body_filter, group_policy, interface_name, message_filter, risk_control,
-    send_guard,
+    authenticator, body_filter, body_screen, group_policy, interface_name, message_filter,
+    risk_control, send_guard, send_screen,
 };
 use crate::manifest::{Hook, Manifest};
 use crate::per_core::{Core, PerCore};
@@ -80,6 +80,11 @@ pub type FilterBodyFunc = TypedFunc<
 pub type CheckSendFunc =
     TypedFunc<(Resource<CallContextData>, send_guard::SendCheck), (send_guard::Assessment,)>;
 
+/// `body-screen.screen`, callable without a fiber: no handles, the body lent.
+pub type ScreenFunc = TypedFunc<(bytes::Bytes,), (body_screen::FilterVerdict,)>;
+/// `send-screen.screen-send`, callable without a fiber: no handles.
+pub type ScreenSendFunc = TypedFunc<(send_screen::SendFacts,), (send_screen::Assessment,)>;
+
 /// The exports of one instance, looked up once per instance.
 pub struct Exports {
     pub authenticator: Option<authenticator::Guest>,
@@ -88,11 +93,15 @@ pub struct Exports {
     pub group_policy: Option<group_policy::Guest>,
     pub risk_control: Option<risk_control::Guest>,
     pub send_guard: Option<send_guard::Guest>,
+    pub body_screen: Option<body_screen::Guest>,
+    pub send_screen: Option<send_screen::Guest>,
     /// The per-message hooks as typed functions, for direct calls.
     pub filter: Option<FilterFunc>,
     pub filter_body: Option<FilterBodyFunc>,
     pub assess: Option<AssessFunc>,
     pub check_send: Option<CheckSendFunc>,
+    pub screen: Option<ScreenFunc>,
+    pub screen_send: Option<ScreenSendFunc>,
 }
 
 /// A ready instance.
@@ -131,10 +140,14 @@ pub struct HookIndices {
     pub group_policy: Option<group_policy::GuestIndices>,
     pub risk_control: Option<risk_control::GuestIndices>,
     pub send_guard: Option<send_guard::GuestIndices>,
+    pub body_screen: Option<body_screen::GuestIndices>,
+    pub send_screen: Option<send_screen::GuestIndices>,
     filter: Option<ComponentExportIndex>,
     filter_body: Option<ComponentExportIndex>,
     assess: Option<ComponentExportIndex>,
     check_send: Option<ComponentExportIndex>,
+    screen: Option<ComponentExportIndex>,
+    screen_send: Option<ComponentExportIndex>,
 }
 
 /// The function at `index` of `instance`, typed, if the component exports it.
@@ -173,22 +186,35 @@ impl HookIndices {
             group_policy: group_policy::GuestIndices::new(pre).ok(),
             risk_control: risk_control::GuestIndices::new(pre).ok(),
             send_guard: send_guard::GuestIndices::new(pre).ok(),
+            body_screen: body_screen::GuestIndices::new(pre).ok(),
+            send_screen: send_screen::GuestIndices::new(pre).ok(),
             // Export names resolve semver-compatibly: earlier 0.2 components' are found too.
             filter: export_func(pre, "message-filter", "filter"),
             filter_body: export_func(pre, "body-filter", "filter-body"),
             assess: export_func(pre, "risk-control", "assess"),
             check_send: export_func(pre, "send-guard", "check-send"),
+            screen: export_func(pre, "body-screen", "screen"),
+            screen_send: export_func(pre, "send-screen", "screen-send"),
         }
     }
 
     pub fn exports(&self, hook: Hook) -> bool {
         match hook {
             Hook::Authenticator => self.authenticator.is_some(),
-            // A filter may export `body-filter` instead of `message-filter`.
-            Hook::MessageFilter => self.message_filter.is_some() || self.body_filter.is_some(),
+            // A filter may export `body-screen` or `body-filter` instead of `message-filter`.
+            Hook::MessageFilter => {
+                self.message_filter.is_some()
+                    || self.body_filter.is_some()
+                    || self.body_screen.is_some()
+            }
             Hook::GroupPolicy => self.group_policy.is_some(),
-            // Risk control's sends may be assessed by `send-guard` alone (logins then pass).
-            Hook::RiskControl => self.risk_control.is_some() || self.send_guard.is_some(),
+            // Risk control's sends may be assessed by `send-screen` or `send-guard` alone
+            // (logins then pass).
+            Hook::RiskControl => {
+                self.risk_control.is_some()
+                    || self.send_guard.is_some()
+                    || self.send_screen.is_some()
+            }
         }
     }
 }
@@ -477,13 +503,25 @@ impl LoadedPlugin {
         &self.manifest.id
     }
 
+    /// Whether messages are filtered by `body-screen.screen` (before any other filter
+    /// export).
+    pub fn screens_bodies(&self) -> bool {
+        self.indices.body_screen.is_some()
+    }
+
     /// Whether messages are filtered by `body-filter.filter-body` (else by
-    /// `message-filter.filter`).
+    /// `message-filter.filter`), unless [`Self::screens_bodies`].
     pub fn filters_bodies(&self) -> bool {
         self.indices.body_filter.is_some()
     }
 
-    /// Whether sends are assessed by `send-guard.check-send` (else by `risk-control.assess`).
+    /// Whether sends are assessed by `send-screen.screen-send` (before `send-guard`).
+    pub fn screens_sends(&self) -> bool {
+        self.indices.send_screen.is_some()
+    }
+
+    /// Whether sends are assessed by `send-guard.check-send` (else by `risk-control.assess`),
+    /// unless [`Self::screens_sends`].
     pub fn guards_sends(&self) -> bool {
         self.indices.send_guard.is_some()
     }
@@ -545,6 +583,8 @@ impl LoadedPlugin {
             filter_body: typed_func(&mut store, &instance, self.indices.filter_body)?,
             assess: typed_func(&mut store, &instance, self.indices.assess)?,
             check_send: typed_func(&mut store, &instance, self.indices.check_send)?,
+            screen: typed_func(&mut store, &instance, self.indices.screen)?,
+            screen_send: typed_func(&mut store, &instance, self.indices.screen_send)?,
             authenticator: self
                 .indices
                 .authenticator
@@ -578,6 +618,18 @@ impl LoadedPlugin {
             send_guard: self
                 .indices
                 .send_guard
+                .as_ref()
+                .map(|i| i.load(&mut store, &instance))
+                .transpose()?,
+            body_screen: self
+                .indices
+                .body_screen
+                .as_ref()
+                .map(|i| i.load(&mut store, &instance))
+                .transpose()?,
+            send_screen: self
+                .indices
+                .send_screen
                 .as_ref()
                 .map(|i| i.load(&mut store, &instance))
                 .transpose()?,

@@ -1,5 +1,6 @@
 //! Per-instance host state and the host side of the plugin imports: log, config, kv, clock,
-//! and the call-context and message resources lent to a hook call.
+//! the call-context and message resources lent to a hook call, and `current-call`, which
+//! answers the same questions without a handle.
 //!
 //! WASI is linked (a `wasm32-wasip2` guest imports it even when unused) but grants nothing:
 //! no preopened directories, no environment, no sockets, no inherited stdio.
@@ -13,7 +14,7 @@ use wasmtime::StoreLimits;
 use wasmtime::component::{Resource, ResourceTable};
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
-use crate::bindings::{clock, config, kv, log, types};
+use crate::bindings::{clock, config, current_call, kv, log, types};
 use crate::kv::{KvError, KvStore};
 
 /// Longest log line a plugin may write; longer ones are cut.
@@ -82,6 +83,8 @@ pub struct HostState {
     pub origin: CallOrigin,
     /// The message lent to the call in progress.
     pub message: PluginMessage,
+    /// Whether a call about `message` is in progress (`current-call` answers none else).
+    pub message_lent: bool,
 }
 
 impl HostState {
@@ -100,7 +103,13 @@ impl HostState {
             plugin,
             origin: CallOrigin::default(),
             message: PluginMessage::default(),
+            message_lent: false,
         }
+    }
+
+    /// The message of the call in progress, if the call is about one.
+    fn lent_message(&self) -> Option<&PluginMessage> {
+        self.message_lent.then_some(&self.message)
     }
 
     /// Creates the instance's call-context handle.
@@ -189,6 +198,44 @@ impl types::HostMessage for HostState {
     fn drop(&mut self, handle: Resource<MessageSlot>) -> wasmtime::Result<()> {
         self.table.delete(handle)?;
         Ok(())
+    }
+}
+
+impl current_call::Host for HostState {
+    fn plugin_id(&mut self) -> String {
+        self.plugin.id.clone()
+    }
+
+    fn node_id(&mut self) -> String {
+        self.plugin.node_id.to_string()
+    }
+
+    fn transport(&mut self) -> String {
+        self.origin.transport.to_string()
+    }
+
+    fn remote_ip(&mut self) -> Option<String> {
+        self.origin.remote_ip.as_deref().map(str::to_owned)
+    }
+
+    fn conversation_id(&mut self) -> Option<String> {
+        self.lent_message().map(|m| m.conversation_id.clone())
+    }
+
+    fn sender(&mut self) -> Option<types::Principal> {
+        self.lent_message().map(|m| m.sender.clone())
+    }
+
+    fn target(&mut self) -> Option<types::MessageTarget> {
+        self.lent_message().map(|m| m.target.clone())
+    }
+
+    fn client_msg_id(&mut self) -> Option<String> {
+        self.lent_message().map(|m| m.client_msg_id.clone())
+    }
+
+    fn content_type(&mut self) -> Option<String> {
+        self.lent_message().map(|m| m.content_type.clone())
     }
 }
 

@@ -167,8 +167,8 @@ async fn keyword_filter_masks_and_rejects() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_body_filter_gets_the_body_as_earlier_filters_left_it() {
-    // The keyword filter exports body-filter (its body comes with the call); the tag
+async fn a_body_screen_gets_the_body_as_earlier_filters_left_it() {
+    // The keyword filter exports body-screen (its body comes with the call); the tag
     // filters export message-filter (they read it through the message). Each sees what the
     // one before it wrote.
     let f = fixture().await;
@@ -690,8 +690,95 @@ async fn a_send_guard_on_a_fiber_keeps_and_clears_state_and_fails_closed_out_of_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handle_free_hooks_on_a_fiber_read_the_call_through_current_call() {
+    let f = fixture().await;
+    let m = manifest(
+        "reporter",
+        "\"message-filter\", \"risk-control\"",
+        "[config]\nblocked = \"mallory\"",
+    );
+    f.host
+        .install(&m, component("call_screen.wasm"))
+        .await
+        .unwrap();
+    assert!(
+        !f.host.list()[0].direct_calls,
+        "a component importing the filesystem is called on a fiber"
+    );
+    // The body screen reports the call: every field as the fixture's message and origin
+    // give it.
+    let sent = message("hi");
+    let expected = format!(
+        "hi | plugin:reporter node:test-node transport:{} ip:{} conversation:{} sender:{}/{} \
+         target:user:bob id:{} type:{}",
+        origin().transport,
+        origin().remote_ip.as_deref().unwrap_or_default(),
+        sent.conversation_id,
+        sent.sender.user_id,
+        sent.sender.device_id,
+        sent.client_msg_id,
+        sent.content_type,
+    );
+    assert_eq!(
+        filter(&f.host, "hi").await,
+        Filtered::Pass {
+            body: expected.into_bytes(),
+            content_type: "text/report".into(),
+            modified: true,
+        }
+    );
+    // The send screen reads the sender and the conversation without a handle.
+    let mut from_mallory = message("hello");
+    from_mallory.sender.user_id = "mallory".into();
+    assert_eq!(
+        f.host.assess_send(&origin(), &mut from_mallory).await,
+        RiskOutcome::Block {
+            reason: "mallory may not send to u:alice:bob (5 bytes)".into()
+        }
+    );
+    assert_eq!(
+        f.host.assess_send(&origin(), &mut message("hello")).await,
+        RiskOutcome::Allow
+    );
+    // A login is not about a message: current-call says so (the plugin blocks otherwise),
+    // even right after a message's call on the same instance.
+    assert_eq!(
+        f.host.assess_login(&origin(), "alice", "phone").await,
+        RiskOutcome::Allow
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hooks_that_lend_handles_still_serve_directly() {
+    let f = fixture().await;
+    let m = manifest("handles", "\"message-filter\", \"risk-control\"", "");
+    f.host
+        .install(&m, component("handle_hooks.wasm"))
+        .await
+        .unwrap();
+    assert!(
+        f.host.list()[0].direct_calls,
+        "it imports nothing that waits"
+    );
+    assert_eq!(
+        filter(&f.host, "quiet please").await,
+        modified("QUIET PLEASE from alice over tcp")
+    );
+    let send = async |text: &str| f.host.assess_send(&origin(), &mut message(text)).await;
+    assert_eq!(send("one").await, RiskOutcome::Allow);
+    assert_eq!(
+        send("one").await,
+        RiskOutcome::Block {
+            reason: "alice sent the same 3 bytes twice".into()
+        }
+    );
+    assert_eq!(send("two").await, RiskOutcome::Allow);
+    assert_eq!(send("one").await, RiskOutcome::Allow);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn risk_control_throttles_logins_per_address() {
-    // Sends go to the plugin's send guard; logins still to its `assess`.
+    // Sends go to the plugin's send screen; logins still to its `assess`.
     let f = risk_control_with("login_rate = \"0.001\"\nlogin_burst = \"2\"").await;
     let from = |ip: &str| CallOrigin {
         transport: "tcp",

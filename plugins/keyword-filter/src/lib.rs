@@ -9,8 +9,8 @@
 use std::sync::OnceLock;
 
 use aho_corasick::{AhoCorasick, MatchKind};
-use im_plugin_sdk::body::{BodyFilter, Rewrite, Verdict};
-use im_plugin_sdk::{CallContext, Message, config};
+use im_plugin_sdk::screen::{BodyScreen, Rewrite, Verdict};
+use im_plugin_sdk::{config, current};
 use memchr::memmem::Finder;
 
 /// Up to this many words, the (folded) text is first searched for each word on its own
@@ -130,12 +130,11 @@ impl WordFilter {
         Self::new(&config::get_or("words", ""), action, mask)
     }
 
-    /// For a body the caller owns: when it is ASCII, lowercases it in place and tells
-    /// whether it is proven clean (`Some(true)`: no word occurs) or may hold a word
-    /// (`Some(false)`: [`Self::check`] the original text, which this changed). `None`:
-    /// this cannot tell, the body is untouched. Most messages are clean ASCII, and this
-    /// proves it without the copy `check` lowercases into.
-    pub fn clean_ascii_in_place(&self, body: &mut [u8]) -> Option<bool> {
+    /// When `body` is ASCII, tells whether it is proven clean (`Some(true)`: no word
+    /// occurs) or may hold a word (`Some(false)`: [`Self::check`] it). `None`: this cannot
+    /// tell. Most messages are clean ASCII, and this proves it on a lowercased copy on the
+    /// stack, without the heap copy `check` lowercases into.
+    pub fn clean_ascii(&self, body: &[u8]) -> Option<bool> {
         if self.automaton.is_none() {
             return Some(true);
         }
@@ -143,8 +142,17 @@ impl WordFilter {
         if !body.is_ascii() {
             return None;
         }
-        body.make_ascii_lowercase();
-        Some(!occurs_in(&words[..self.ascii_words], body))
+        let words = &words[..self.ascii_words];
+        let mut stack = [0u8; ASCII_COPY_ON_STACK];
+        let may_hold_a_word = match stack.get_mut(..body.len()) {
+            Some(lowercase) => {
+                lowercase.copy_from_slice(body);
+                lowercase.make_ascii_lowercase();
+                occurs_in(words, lowercase)
+            }
+            None => occurs_in(words, &body.to_ascii_lowercase()),
+        };
+        Some(!may_hold_a_word)
     }
 
     /// The verdict for `text`: `None` when no word occurs, else the masked text or a
@@ -223,6 +231,10 @@ impl WordFilter {
     }
 }
 
+/// Longest ASCII body [`WordFilter::clean_ascii`] lowercases on the stack (most chat
+/// messages are shorter).
+const ASCII_COPY_ON_STACK: usize = 512;
+
 /// Whether any of `words` occurs in `text`.
 fn occurs_in(words: &[Finder<'_>], text: &[u8]) -> bool {
     words.iter().any(|w| w.find(text).is_some())
@@ -235,15 +247,12 @@ fn filter() -> &'static WordFilter {
 
 struct KeywordFilter;
 
-impl BodyFilter for KeywordFilter {
-    fn filter_body(_ctx: &CallContext, message: &Message, mut body: Vec<u8>) -> Verdict {
+impl BodyScreen for KeywordFilter {
+    fn screen(body: Vec<u8>) -> Verdict {
         // The body first: most messages hold no word, and their verdict does not depend on
         // the content type, so they cost no host call at all.
-        match filter().clean_ascii_in_place(&mut body) {
-            Some(true) => return Verdict::Allow,
-            // Lowercased in place: the rare message that may hold a word is read again.
-            Some(false) => body = message.body(),
-            None => {}
+        if filter().clean_ascii(&body) == Some(true) {
+            return Verdict::Allow;
         }
         let Ok(text) = std::str::from_utf8(&body) else {
             return Verdict::Allow;
@@ -252,7 +261,7 @@ impl BodyFilter for KeywordFilter {
             return Verdict::Allow;
         };
         // Only text is filtered: a non-text body that happens to be valid UTF-8 passes.
-        let content_type = message.content_type();
+        let content_type = current::content_type().unwrap_or_default();
         if !(content_type.is_empty() || content_type.starts_with("text/")) {
             return Verdict::Allow;
         }
@@ -266,7 +275,7 @@ impl BodyFilter for KeywordFilter {
     }
 }
 
-im_plugin_sdk::export_body_filter!(KeywordFilter);
+im_plugin_sdk::export_body_screen!(KeywordFilter);
 
 #[cfg(test)]
 mod tests {
@@ -283,28 +292,24 @@ mod tests {
     }
 
     #[test]
-    fn ascii_bodies_are_proven_clean_in_place_and_others_left_to_check() {
+    fn ascii_bodies_are_proven_clean_and_others_left_to_check() {
         let f = WordFilter::new("badword, 诈骗\nscam", Action::Mask, '*');
-        let mut clean = b"Hello THERE".to_vec();
-        assert_eq!(f.clean_ascii_in_place(&mut clean), Some(true));
-        let mut dirty = b"a BadWord here".to_vec();
-        assert_eq!(f.clean_ascii_in_place(&mut dirty), Some(false));
-        let mut chinese = "这是诈骗信息".as_bytes().to_vec();
-        assert_eq!(f.clean_ascii_in_place(&mut chinese), None);
-        assert_eq!(chinese, "这是诈骗信息".as_bytes(), "left as it was");
+        assert_eq!(f.clean_ascii(b"Hello THERE"), Some(true));
+        assert_eq!(f.clean_ascii(b"a BadWord here"), Some(false));
+        assert_eq!(f.clean_ascii("这是诈骗信息".as_bytes()), None);
+        // Longer than the stack copy: lowercased on the heap, same answers.
+        let long_clean = "Hello THERE ".repeat(ASCII_COPY_ON_STACK / 8);
+        assert_eq!(f.clean_ascii(long_clean.as_bytes()), Some(true));
+        let long_dirty = format!("{long_clean}SCAM");
+        assert_eq!(f.clean_ascii(long_dirty.as_bytes()), Some(false));
         let nothing = WordFilter::new("", Action::Mask, '*');
-        assert_eq!(
-            nothing.clean_ascii_in_place(&mut b"SCAM".to_vec()),
-            Some(true)
-        );
+        assert_eq!(nothing.clean_ascii(b"SCAM"), Some(true));
         // A list too long to search word by word leaves every body to `check`.
         let long: Vec<String> = (0..=MAX_WORDS_SEARCHED_ONE_BY_ONE)
             .map(|n| format!("w{n}x"))
             .collect();
         let long = WordFilter::new(&long.join(","), Action::Mask, '*');
-        let mut body = b"W1X".to_vec();
-        assert_eq!(long.clean_ascii_in_place(&mut body), None);
-        assert_eq!(body, b"W1X");
+        assert_eq!(long.clean_ascii(b"W1X"), None);
     }
 
     #[test]

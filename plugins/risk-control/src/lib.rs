@@ -1,15 +1,16 @@
 //! Risk-control plugin: token-bucket rate limits per user (sends) and per IP (logins), and
 //! detection of the same message repeated by one user. State lives in the plugin's KV
 //! store, so limits hold across instances, restarts and upgrades: a user's send state is
-//! the one the host keeps per sender for `send-guard` (handed in with each send and
-//! handed back, no host call), a login bucket an entry the plugin reads and swaps itself.
+//! the one the host keeps per sender for `send-screen` (handed in with each send and
+//! handed back, no host call and no handle lent), a login bucket an entry the plugin reads
+//! and swaps itself.
 
-use im_plugin_sdk::guard::{
-    Assessment, SendCheck, SendGuard, SendVerdict, StateChange, StateWrite,
+use im_plugin_sdk::risk::{RiskControl, RiskEvent, RiskVerdict, Throttle};
+use im_plugin_sdk::send_screen::{
+    Assessment, SendFacts, SendScreen, SendVerdict, StateChange, StateWrite,
     Throttle as SendThrottle,
 };
-use im_plugin_sdk::risk::{RiskControl, RiskEvent, RiskVerdict, Throttle};
-use im_plugin_sdk::{CallContext, clock, config, kv};
+use im_plugin_sdk::{CallContext, clock, config, current, kv};
 
 /// A token bucket: `rate` tokens per second, at most `burst`.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -315,18 +316,18 @@ fn settings() -> &'static Settings {
 
 struct Limits;
 
-impl SendGuard for Limits {
-    fn check_send(_ctx: &CallContext, check: SendCheck<'_>) -> Assessment {
+impl SendScreen for Limits {
+    fn screen_send(facts: SendFacts) -> Assessment {
         let settings = settings();
         let (limit, repeats) = (settings.send, settings.repeats);
-        match assess_send(check.state, limit, check.body_digest, check.now_ms, repeats) {
+        match assess_send(facts.state, limit, facts.body_digest, facts.now_ms, repeats) {
             Err(retry_after_ms) => Assessment {
                 // Only a refusal names the user: reading the sender is a host call.
                 verdict: SendVerdict::Throttle(SendThrottle {
                     retry_after_ms,
                     reason: format!(
                         "user {} sends faster than {} messages/s",
-                        check.message.sender().user_id,
+                        current::sender().map(|p| p.user_id).unwrap_or_default(),
                         limit.rate
                     ),
                 }),
@@ -353,7 +354,7 @@ impl SendGuard for Limits {
 impl RiskControl for Limits {
     fn assess(ctx: &CallContext, event: RiskEvent<'_>) -> RiskVerdict {
         match event {
-            // The host assesses sends with `check_send`: this plugin exports send-guard.
+            // The host assesses sends with `screen_send`: this plugin exports send-screen.
             RiskEvent::Send(_) => RiskVerdict::Allow,
             RiskEvent::Login(attempt) => {
                 let Some(ip) = ctx.remote_ip() else {
@@ -372,7 +373,7 @@ impl RiskControl for Limits {
     }
 }
 
-im_plugin_sdk::export_send_guard!(Limits);
+im_plugin_sdk::export_send_screen!(Limits);
 im_plugin_sdk::export_risk_control!(Limits);
 
 #[cfg(test)]

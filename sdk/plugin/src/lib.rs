@@ -1,8 +1,8 @@
 //! Write plugins for the im server in Rust.
 //!
 //! Enable one cargo feature per hook your plugin serves (`authenticator`, `message-filter`,
-//! `group-policy`, `risk-control`, `send-guard`, `body-filter`), implement its trait, and
-//! export it with its macro:
+//! `body-filter`, `body-screen`, `group-policy`, `risk-control`, `send-guard`,
+//! `send-screen`), implement its trait, and export it with its macro:
 //!
 //! ```ignore
 //! use im_plugin_sdk::filter::{MessageFilter, Verdict};
@@ -25,9 +25,11 @@
 //! ```
 //!
 //! The call context and the message are handles lent by the host for the call: reading a
-//! field (`message.body()`, `ctx.transport()`) copies just that field into the plugin.
+//! field (`message.body()`, `ctx.transport()`) copies just that field into the plugin. The
+//! cheapest hooks, `body-screen` and `send-screen`, lend no handles: what they want to know
+//! about the call they read through [`current`].
 //!
-//! Host services are plain functions: [`log`], [`config`], [`kv`], [`clock`]. Build with
+//! Host services are plain functions: [`log`], [`config`], [`kv`], [`clock`], [`current`]. Build with
 //! `cargo build --release --target wasm32-wasip2`; the `.wasm` file is the component to
 //! install. See `docs/plugins.md`.
 
@@ -42,7 +44,7 @@ pub mod __wit_bindgen {
 #[doc(hidden)]
 pub mod base {
     wit_bindgen::generate!({
-        path: "../../wit/im-plugin@0.2.2",
+        path: "../../wit/im-plugin@0.2.3",
         world: "host-api",
         runtime_path: "im_plugin_sdk::__wit_bindgen::rt",
         type_section_suffix: "im-plugin-sdk-host-api",
@@ -89,20 +91,31 @@ pub mod clock {
     pub use crate::base::im::plugin::clock::now_ms;
 }
 
+/// The call in progress, read without a handle (contract 0.2.3): what `CallContext` and
+/// `Message` tell, for the hooks that lend none (`body-screen`, `send-screen`). The
+/// message's fields are `None` in a call that is not about a message.
+pub mod current {
+    pub use crate::base::im::plugin::current_call::{
+        client_msg_id, content_type, conversation_id, node_id, plugin_id, remote_ip, sender,
+        target, transport,
+    };
+}
+
 macro_rules! hook_bindings {
     ($feature:literal, $module:ident, $world:literal, $macro_name:literal, $bindings_path:literal) => {
         #[cfg(feature = $feature)]
         #[doc(hidden)]
         pub mod $module {
             wit_bindgen::generate!({
-                path: "../../wit/im-plugin@0.2.2",
+                path: "../../wit/im-plugin@0.2.3",
                 world: $world,
                 with: {
-                    "im:plugin/types@0.2.2": crate::base::im::plugin::types,
-                    "im:plugin/log@0.2.2": crate::base::im::plugin::log,
-                    "im:plugin/config@0.2.2": crate::base::im::plugin::config,
-                    "im:plugin/kv@0.2.2": crate::base::im::plugin::kv,
-                    "im:plugin/clock@0.2.2": crate::base::im::plugin::clock,
+                    "im:plugin/types@0.2.3": crate::base::im::plugin::types,
+                    "im:plugin/current-call@0.2.3": crate::base::im::plugin::current_call,
+                    "im:plugin/log@0.2.3": crate::base::im::plugin::log,
+                    "im:plugin/config@0.2.3": crate::base::im::plugin::config,
+                    "im:plugin/kv@0.2.3": crate::base::im::plugin::kv,
+                    "im:plugin/clock@0.2.3": crate::base::im::plugin::clock,
                 },
                 pub_export_macro: true,
                 export_macro_name: $macro_name,
@@ -135,6 +148,13 @@ hook_bindings!(
     "im_plugin_sdk::body_filter_bindings"
 );
 hook_bindings!(
+    "body-screen",
+    body_screen_bindings,
+    "body-screen-plugin",
+    "__export_body_screen_plugin",
+    "im_plugin_sdk::body_screen_bindings"
+);
+hook_bindings!(
     "group-policy",
     group_policy_bindings,
     "group-policy-plugin",
@@ -154,6 +174,13 @@ hook_bindings!(
     "send-guard-plugin",
     "__export_send_guard_plugin",
     "im_plugin_sdk::send_guard_bindings"
+);
+hook_bindings!(
+    "send-screen",
+    send_screen_bindings,
+    "send-screen-plugin",
+    "__export_send_screen_plugin",
+    "im_plugin_sdk::send_screen_bindings"
 );
 
 /// The authenticator hook: credentials in, a user id or a denial out.
@@ -224,7 +251,6 @@ pub mod filter {
     }
 }
 
-/// The group-policy hook: allow or deny group creation and membership changes.
 /// The body-filter hook (contract 0.2.2): a message filter that gets the body with the
 /// call instead of reading it through `message.body()`, one trip across the sandbox fewer
 /// for a filter that reads every body. Attached to the `message-filter` hook.
@@ -262,6 +288,43 @@ pub mod body {
     }
 }
 
+/// The body-screen hook (contract 0.2.3): a message filter given only the body, with no
+/// handles lent (the cheapest call a filter can be); anything else about the message is
+/// read through [`crate::current`]. Attached to the `message-filter` hook.
+#[cfg(feature = "body-screen")]
+pub mod screen {
+    use crate::body_screen_bindings::exports::im::plugin::body_screen::Guest;
+    pub use crate::body_screen_bindings::exports::im::plugin::body_screen::{
+        FilterVerdict as Verdict, Rewrite,
+    };
+
+    pub trait BodyScreen {
+        /// `body` is the message's body as it stands (after earlier filters' rewrites).
+        fn screen(body: Vec<u8>) -> Verdict;
+    }
+
+    #[doc(hidden)]
+    pub struct Adapter<T>(core::marker::PhantomData<T>);
+
+    impl<T: BodyScreen> Guest for Adapter<T> {
+        fn screen(body: Vec<u8>) -> Verdict {
+            T::screen(body)
+        }
+    }
+
+    /// Exports a type implementing [`BodyScreen`] as this component's body screen.
+    #[macro_export]
+    macro_rules! export_body_screen {
+        ($t:ty) => {
+            const _: () = {
+                type ImPluginBodyScreen = $crate::screen::Adapter<$t>;
+                $crate::body_screen_bindings::__export_body_screen_plugin!(ImPluginBodyScreen with_types_in $crate::body_screen_bindings);
+            };
+        };
+    }
+}
+
+/// The group-policy hook: allow or deny group creation and membership changes.
 #[cfg(feature = "group-policy")]
 pub mod groups {
     use crate::CallContext;
@@ -360,6 +423,41 @@ pub mod guard {
             const _: () = {
                 type ImPluginSendGuard = $crate::guard::Adapter<$t>;
                 $crate::send_guard_bindings::__export_send_guard_plugin!(ImPluginSendGuard with_types_in $crate::send_guard_bindings);
+            };
+        };
+    }
+}
+
+/// The send-screen hook (contract 0.2.3): `send-guard`'s check with no handles lent; the
+/// sender and the rest of the message are read through [`crate::current`] when needed.
+/// A plugin exporting it with `risk-control` gets only logins in `RiskControl::assess`.
+#[cfg(feature = "send-screen")]
+pub mod send_screen {
+    use crate::send_screen_bindings::exports::im::plugin::send_screen::Guest;
+    pub use crate::send_screen_bindings::exports::im::plugin::send_screen::{
+        Assessment, SendFacts, SendVerdict, StateChange, StateWrite, Throttle,
+    };
+
+    pub trait SendScreen {
+        fn screen_send(facts: SendFacts) -> Assessment;
+    }
+
+    #[doc(hidden)]
+    pub struct Adapter<T>(core::marker::PhantomData<T>);
+
+    impl<T: SendScreen> Guest for Adapter<T> {
+        fn screen_send(facts: SendFacts) -> Assessment {
+            T::screen_send(facts)
+        }
+    }
+
+    /// Exports a type implementing [`SendScreen`] as this component's send screen.
+    #[macro_export]
+    macro_rules! export_send_screen {
+        ($t:ty) => {
+            const _: () = {
+                type ImPluginSendScreen = $crate::send_screen::Adapter<$t>;
+                $crate::send_screen_bindings::__export_send_screen_plugin!(ImPluginSendScreen with_types_in $crate::send_screen_bindings);
             };
         };
     }

@@ -70,7 +70,9 @@ struct AllArgs {
     #[arg(long)]
     durable_senders: Option<usize>,
     /// Server configurations of the round trip: `on` (keyword filter and risk control),
-    /// `keyword` (keyword filter only), `risk` (risk control only), `off` (no plugins).
+    /// `keyword` (keyword filter only), `risk` (risk control only), `noop` (the test guests'
+    /// no-op filter: what any call costs), `policy` (group policy only: plugins loaded but
+    /// none called by a send), `off` (no plugins).
     #[arg(long, value_delimiter = ',', default_values = ["on", "off"])]
     rtt_configs: Vec<String>,
     /// Also write every round trip to `<out>/rtt-samples/<system>-<config>-<rate>-r<round>.csv`:
@@ -267,6 +269,26 @@ fn risk_control(repo: &Path) -> BenchPlugin {
     }
 }
 
+/// The test guests' no-op message filter: what any call into a plugin costs.
+fn noop_filter(repo: &Path) -> BenchPlugin {
+    BenchPlugin {
+        id: None,
+        manifest: repo.join("tests/guest/noop-filter/manifest.toml"),
+        wasm: repo.join("target/guest/wasm32-wasip2/release/noop_filter.wasm"),
+        config: vec![],
+    }
+}
+
+/// Group policy alone: plugins enabled and loaded, but none called by a 1:1 send.
+fn group_policy(repo: &Path) -> BenchPlugin {
+    BenchPlugin {
+        id: None,
+        manifest: repo.join("plugins/group-policy/manifest.toml"),
+        wasm: repo.join("target/guest/wasm32-wasip2/release/group_policy.wasm"),
+        config: vec![],
+    }
+}
+
 /// The default message-path plugins: keyword filter and risk control.
 fn default_plugins(repo: &Path) -> Vec<BenchPlugin> {
     vec![keyword_filter(repo), risk_control(repo)]
@@ -278,9 +300,16 @@ fn rtt_config(name: &str, repo: &Path) -> anyhow::Result<(&'static str, Vec<Benc
         "on" => ("plugins on", default_plugins(repo)),
         "keyword" => ("keyword filter only", vec![keyword_filter(repo)]),
         "risk" => ("risk control only", vec![risk_control(repo)]),
+        "noop" => ("no-op filter only", vec![noop_filter(repo)]),
+        "policy" => (
+            "group policy only (no call per send)",
+            vec![group_policy(repo)],
+        ),
         "off" => ("plugins off", vec![]),
         other => {
-            anyhow::bail!("unknown round-trip configuration {other:?} (on, keyword, risk, off)")
+            anyhow::bail!(
+                "unknown round-trip configuration {other:?} (on, keyword, risk, noop, policy, off)"
+            )
         }
     })
 }

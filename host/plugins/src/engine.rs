@@ -17,6 +17,8 @@ use crate::state::HostState;
 
 /// Milliseconds per epoch tick: call deadlines are rounded up to whole ticks.
 pub const EPOCH_TICK_MS: u64 = 1;
+/// [`EPOCH_TICK_MS`] as a duration.
+pub const EPOCH_TICK: Duration = Duration::from_millis(EPOCH_TICK_MS);
 
 /// Ticks without any plugin code running after which the ticker sleeps until the next call.
 const IDLE_TICKS_BEFORE_SLEEP: u32 = 100;
@@ -59,7 +61,7 @@ impl EpochTicker {
     fn run(&self, engine: &Engine) {
         let mut idle_ticks = 0u32;
         while !self.stop.load(Ordering::Relaxed) {
-            std::thread::sleep(Duration::from_millis(EPOCH_TICK_MS));
+            std::thread::sleep(EPOCH_TICK);
             engine.increment_epoch();
             let ran = self.ran.swap(false, Ordering::Relaxed);
             if ran || self.any_running(Ordering::Relaxed) {

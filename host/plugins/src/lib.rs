@@ -4,14 +4,16 @@
 //! - [`bindings`]: the one `bindgen!` site (host view of `wit/im-plugin@0.2.3`);
 //! - [`engine`]: engine configuration, epoch ticker, linkers, compiled-component cache;
 //! - [`direct_wasi`]: the never-waiting WASI of plugins called without a fiber;
-//! - [`state`]: per-instance host state and the imports (log, config, kv, clock);
+//! - [`state`]: per-instance host state and the imports (log, config, kv, clock, current-call);
 //! - [`kv`]: the per-plugin key-value store with quotas and TTLs;
 //! - [`manifest`]: plugin manifests and their validation;
 //! - [`per_core`]: state every call writes (instance pools, counters), one slot per core;
 //! - [`plugin`]: one loaded plugin: instances, deadlines, circuit breaker, metrics;
+//! - [`deadline`]: a call's deadline counted in the time its thread ran;
 //! - [`host`]: installed plugins, hook chains, hot lifecycle, the hook calls.
 
 pub mod bindings;
+pub mod deadline;
 pub mod direct_wasi;
 pub mod engine;
 pub mod host;

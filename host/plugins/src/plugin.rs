@@ -18,6 +18,8 @@ use crate::bindings::{
     authenticator, body_filter, body_screen, group_policy, interface_name, message_filter,
     risk_control, send_guard, send_screen,
 };
+use crate::deadline::{DeadlineWatch, thread_cpu_time};
+use crate::engine::EPOCH_TICK;
 use crate::manifest::{Hook, Manifest};
 use crate::per_core::{Core, PerCore};
 use crate::state::{CallContextData, CallOrigin, HostState, MessageSlot, PluginShared};
@@ -117,8 +119,11 @@ pub struct Ready {
 impl Ready {
     /// Prepares the instance for one call and returns the handles it lends.
     fn lend(&mut self, deadline_ticks: u64, origin: &CallOrigin) -> Handles {
-        self.store.set_epoch_deadline(deadline_ticks);
-        self.store.data_mut().origin = origin.clone();
+        let (watch, first_ticks) = DeadlineWatch::new(deadline_ticks, EPOCH_TICK);
+        self.store.set_epoch_deadline(first_ticks);
+        let state = self.store.data_mut();
+        state.deadline = watch;
+        state.origin = origin.clone();
         Handles {
             context: Resource::new_borrow(self.context.rep()),
             message: Resource::new_borrow(self.message.rep()),
@@ -542,14 +547,21 @@ impl LoadedPlugin {
             HostState::new(self.shared.clone(), self.memory_bytes),
         );
         store.limiter(|state| &mut state.limits);
+        // A deadline counts the time the guest's thread ran, not only wall time.
+        store.epoch_deadline_callback(|mut store| {
+            Ok(store.data_mut().deadline.reached(thread_cpu_time()))
+        });
         // Instantiation runs guest code (start functions) after host work whose wall time
         // the epochs also count (the first instance in a fresh process faults its memory
         // in): a call's deadline is too tight for it, yet a start function that never
         // returns is still stopped.
-        store.set_epoch_deadline(
+        let (watch, first_ticks) = DeadlineWatch::new(
             self.deadline_ticks
                 .max(INSTANTIATE_DEADLINE_MS.div_ceil(crate::engine::EPOCH_TICK_MS)),
+            EPOCH_TICK,
         );
+        store.data_mut().deadline = watch;
+        store.set_epoch_deadline(first_ticks);
         store
     }
 

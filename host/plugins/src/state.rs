@@ -15,6 +15,7 @@ use wasmtime::component::{Resource, ResourceTable};
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 use crate::bindings::{clock, config, current_call, kv, log, types};
+use crate::deadline::DeadlineWatch;
 use crate::kv::{KvError, KvStore};
 
 /// Longest log line a plugin may write; longer ones are cut.
@@ -85,6 +86,8 @@ pub struct HostState {
     pub message: PluginMessage,
     /// Whether a call about `message` is in progress (`current-call` answers none else).
     pub message_lent: bool,
+    /// The call in progress's watch over its deadline.
+    pub deadline: DeadlineWatch,
 }
 
 impl HostState {
@@ -104,6 +107,7 @@ impl HostState {
             origin: CallOrigin::default(),
             message: PluginMessage::default(),
             message_lent: false,
+            deadline: DeadlineWatch::new(1, crate::engine::EPOCH_TICK).0,
         }
     }
 

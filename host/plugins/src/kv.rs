@@ -292,6 +292,19 @@ impl KvStore {
             return Err(KvError::TooLarge);
         }
         let (max_keys, max_bytes) = *self.limits.lock();
+        let added = cost(key, &entry.value);
+        entry.stamp = inner.new_stamp();
+        // The common write replaces an entry that exists (a plugin's per-user state): one
+        // lookup, and the key count cannot grow.
+        if let Some(slot) = inner.entries.get_mut(key) {
+            let old = cost(key, &slot.value);
+            if inner.bytes - old + added <= max_bytes {
+                let _replaced = std::mem::replace(slot, entry);
+                inner.bytes = inner.bytes - old + added;
+                mark_dirty(inner, key);
+                return Ok(());
+            }
+        }
         let fits = |inner: &Inner| {
             let old = inner.entries.get(key).map_or(0, |e| cost(key, &e.value));
             let new_keys = inner.entries.len() + usize::from(!inner.entries.contains_key(key));
@@ -303,8 +316,6 @@ impl KvStore {
                 return Err(KvError::QuotaExceeded);
             }
         }
-        let added = cost(key, &entry.value);
-        entry.stamp = inner.new_stamp();
         let replaced = match inner.entries.get_mut(key) {
             Some(slot) => cost(key, &std::mem::replace(slot, entry).value),
             None => {

@@ -224,7 +224,7 @@ def hooks_table(hooks, cold):
 
 
 # The hooks the per-hook target is read on: each plugin kind's call on a 100 B message.
-TARGET_HOOKS = ["no-op filter", "keyword filter", "risk control (send)"]
+TARGET_HOOKS = ["no-op filter", "no-op screen", "keyword filter", "risk control (send)"]
 
 
 def verdict(ok):

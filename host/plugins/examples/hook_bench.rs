@@ -1,6 +1,6 @@
-//! Measures the cost of plugin hook calls with reused instances: a no-op filter, the
-//! keyword filter on 100 B, 1 KiB and 16 KiB bodies, a chain of three filters, and risk
-//! control assessing sends.
+//! Measures the cost of plugin hook calls with reused instances: a no-op filter (handles
+//! lent) and a no-op body screen (none: the cheapest call), the keyword filter on 100 B,
+//! 1 KiB and 16 KiB bodies, a chain of three filters, and risk control assessing sends.
 //!
 //! Run (after `scripts/build-plugins.sh`):
 //!   cargo run --release -p im-plugins --example hook_bench [iterations] [only]
@@ -265,6 +265,12 @@ async fn main() -> anyhow::Result<()> {
     for len in [100, 16 * 1024] {
         measure(&noop, "no-op filter", ENGLISH, len, iterations, &only).await;
     }
+
+    let screen = PluginHost::start(config("screen"), store.clone()).await?;
+    screen
+        .install(&manifest("screen", 1), component("noop_screen.wasm"))
+        .await?;
+    measure(&screen, "no-op screen", ENGLISH, 100, iterations, &only).await;
 
     let keyword = PluginHost::start(config("keyword"), store.clone()).await?;
     keyword

@@ -890,8 +890,7 @@ impl LoggedIn {
             }
         }
         let conversation_id = ids::direct_conversation_id(&self.handle.user_id, &to);
-        let target = types::MessageTarget::User(to.clone());
-        self.screen_and_submit(rid, conversation_id, target, to, send)
+        self.screen_and_submit(rid, conversation_id, types::MessageTarget::User(to), send)
             .await
     }
 
@@ -1007,22 +1006,17 @@ impl LoggedIn {
             self.out.push(error_bytes(rid, code, message));
             return;
         }
-        let conversation_id = format!("r:{}", req.room_id);
-        let target = types::MessageTarget::Group(req.room_id.clone());
-        let screened = self
-            .screen(
-                rid,
-                &conversation_id,
-                target,
-                "",
-                req.body,
-                req.content_type,
-            )
-            .await;
-        let (body, content_type) = match screened {
-            Screened::Pass(body, content_type) => (body, content_type),
+        let message = self.plugin_message(
+            format!("r:{}", req.room_id),
+            types::MessageTarget::Group(req.room_id.clone()),
+            String::new(),
+            req.body,
+            req.content_type,
+        );
+        let (body, content_type) = match self.screen(rid, message).await {
+            Screened::Pass(message) => (message.body, message.content_type),
             Screened::Answered => return,
-            Screened::Dropped => {
+            Screened::Dropped(_) => {
                 let ack = v1::RoomSendAck {
                     room_id: req.room_id,
                     dropped: true,
@@ -1112,9 +1106,13 @@ impl LoggedIn {
             }
         }
         let conversation_id = ids::group_conversation_id(&group);
-        let target = types::MessageTarget::Group(group.clone());
-        self.screen_and_submit(rid, conversation_id, target, group, send)
-            .await
+        self.screen_and_submit(
+            rid,
+            conversation_id,
+            types::MessageTarget::Group(group),
+            send,
+        )
+        .await
     }
 
     /// Passes a checked send through the plugins and hands what they let through to the
@@ -1124,26 +1122,23 @@ impl LoggedIn {
         rid: u64,
         conversation_id: String,
         target: types::MessageTarget,
-        recipient_id: String,
         send: v1::SendRequest,
     ) -> Result<(), End> {
-        let screened = self
-            .screen(
-                rid,
-                &conversation_id,
-                target,
-                &send.client_msg_id,
-                send.body,
-                send.content_type,
-            )
-            .await;
-        let (body, content_type) = match screened {
-            Screened::Pass(body, content_type) => (body, content_type),
+        // The strings the plugins see are the stored message's: moved in and back out.
+        let message = self.plugin_message(
+            conversation_id,
+            target,
+            send.client_msg_id,
+            send.body,
+            send.content_type,
+        );
+        let message = match self.screen(rid, message).await {
+            Screened::Pass(message) => message,
             Screened::Answered => return Ok(()),
-            Screened::Dropped => {
+            Screened::Dropped(message) => {
                 let ack = v1::SendAck {
-                    client_msg_id: send.client_msg_id,
-                    conversation_id,
+                    client_msg_id: message.client_msg_id,
+                    conversation_id: message.conversation_id,
                     dropped: true,
                     ..Default::default()
                 };
@@ -1151,14 +1146,16 @@ impl LoggedIn {
                 return Ok(());
             }
         };
+        let (types::MessageTarget::User(recipient_id) | types::MessageTarget::Group(recipient_id)) =
+            message.target;
         let message = NewMessage {
-            conversation_id,
-            sender_id: self.handle.user_id.to_string(),
-            sender_device_id: self.handle.device_id.to_string(),
+            conversation_id: message.conversation_id,
+            sender_id: message.sender.user_id,
+            sender_device_id: message.sender.device_id,
             recipient_id,
-            client_msg_id: send.client_msg_id,
-            body,
-            content_type,
+            client_msg_id: message.client_msg_id,
+            body: message.body,
+            content_type: message.content_type,
             server_msg_id: uuid::Uuid::now_v7().to_string(),
             server_time_ms: now_ms(),
         };
@@ -1230,35 +1227,38 @@ impl LoggedIn {
     /// Passes a message through the message-filter and risk-control chains. A refusal is
     /// answered here; a silent drop is left to the caller, whose acknowledgement differs
     /// (`SendAck` or `RoomSendAck`).
-    async fn screen(
-        &mut self,
-        rid: u64,
-        conversation_id: &str,
-        target: types::MessageTarget,
-        client_msg_id: &str,
-        body: Bytes,
-        content_type: String,
-    ) -> Screened {
+    async fn screen(&mut self, rid: u64, message: PluginMessage) -> Screened {
         let Some(plugins) = self.ctx.plugins.clone() else {
-            return Screened::Pass(body, content_type);
+            return Screened::Pass(message);
         };
         if !plugins.has_hook(Hook::MessageFilter) && !plugins.has_hook(Hook::RiskControl) {
-            return Screened::Pass(body, content_type);
+            return Screened::Pass(message);
         }
-        let message = PluginMessage {
-            conversation_id: conversation_id.to_owned(),
+        // Boxed: the chains' state would otherwise enlarge every send's future, plugins or
+        // not, past what the allocator serves from its per-thread cache.
+        Box::pin(self.screen_with(&plugins, rid, message)).await
+    }
+
+    /// A message from this connection's user and device, as the plugins see it.
+    fn plugin_message(
+        &self,
+        conversation_id: String,
+        target: types::MessageTarget,
+        client_msg_id: String,
+        body: Bytes,
+        content_type: String,
+    ) -> PluginMessage {
+        PluginMessage {
+            conversation_id,
             sender: types::Principal {
                 user_id: self.handle.user_id.to_string(),
                 device_id: self.handle.device_id.to_string(),
             },
             target,
-            client_msg_id: client_msg_id.to_owned(),
+            client_msg_id,
             content_type,
             body,
-        };
-        // Boxed: the chains' state would otherwise enlarge every send's future, plugins or
-        // not, past what the allocator serves from its per-thread cache.
-        Box::pin(self.screen_with(&plugins, rid, message)).await
+        }
     }
 
     /// [`Self::screen`] through the plugins' chains.
@@ -1283,7 +1283,7 @@ impl LoggedIn {
                 self.out.push(error_bytes(rid, ErrorCode::Rejected, reason));
                 return Screened::Answered;
             }
-            FilterOutcome::Drop => return Screened::Dropped,
+            FilterOutcome::Drop => return Screened::Dropped(message),
         }
         match plugins.assess_send(&self.origin, &mut message).await {
             RiskOutcome::Allow => {}
@@ -1304,7 +1304,7 @@ impl LoggedIn {
                 return Screened::Answered;
             }
         }
-        Screened::Pass(message.body, message.content_type)
+        Screened::Pass(message)
     }
 
     /// Runs a slow request in its own task (bounded per connection); its answer is queued.
@@ -1401,10 +1401,10 @@ pub fn room_push(
 
 /// What the plugins made of a message.
 enum Screened {
-    /// Store (or publish) this body and content type, possibly rewritten.
-    Pass(Bytes, String),
+    /// Store (or publish) the message, its body and content type possibly rewritten.
+    Pass(PluginMessage),
     /// A filter dropped it silently: the caller acknowledges it as dropped.
-    Dropped,
+    Dropped(PluginMessage),
     /// Refused or throttled; the answer is queued already.
     Answered,
 }

@@ -6,7 +6,9 @@
 //! finish on the plugins they started with. Lifecycle operations are serialized.
 
 use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,7 +23,7 @@ use crate::bindings::{
 use crate::engine::PluginEngine;
 use crate::kv::KvStore;
 use crate::manifest::{FailurePolicy, Hook, Manifest};
-use crate::plugin::{CallFailure, LoadedPlugin};
+use crate::plugin::{CallFailure, Exports, Handles, HookAnswer, LoadedPlugin};
 use crate::state::{CallOrigin, HostState, PluginMessage, PluginShared, now_ms};
 
 const MANIFEST_FILE: &str = "manifest.toml";
@@ -533,32 +535,27 @@ impl PluginHost {
                 screen_body_with(plugin, origin, message).await
             } else if plugin.filters_bodies() {
                 filter_body_with(plugin, origin, message).await
-            } else if plugin.direct() {
-                plugin.call_direct(origin, |store, exports, handles| {
-                    let filter = exports
-                        .filter
-                        .as_ref()
-                        .expect("chain members export their hook");
-                    lending(store, message, |store| {
-                        filter.call(store, (handles.context, handles.message))
-                    })
-                    .map(|(verdict,)| verdict)
-                })
             } else {
-                plugin
-                    .call(origin, async |store, exports, handles| {
-                        let guest = exports
-                            .message_filter
-                            .as_ref()
-                            .expect("chain members export their hook");
-                        lending_async(store, message, async |store| {
+                call_about(
+                    plugin,
+                    origin,
+                    message,
+                    (),
+                    |store, exports, handles, ()| {
+                        let filter = exports.filter.as_ref().expect("exported");
+                        let (verdict,) = filter.call(store, (handles.context, handles.message))?;
+                        Ok(verdict)
+                    },
+                    |store, exports, handles, ()| {
+                        Box::pin(async move {
+                            let guest = exports.message_filter.as_ref().expect("exported");
                             guest
                                 .call_filter(store, handles.context, handles.message)
                                 .await
                         })
-                        .await
-                    })
-                    .await
+                    },
+                )
+                .await
             };
             match result {
                 Ok(message_filter::FilterVerdict::Allow) => {}
@@ -737,6 +734,44 @@ async fn lending_async<T>(
     result
 }
 
+/// A hook call on a fiber, as [`call_about`] makes it.
+type FiberCall<'s, R> = Pin<Box<dyn Future<Output = wasmtime::Result<R>> + Send + 's>>;
+
+/// Calls `plugin` about `message`, which the instance holds for the call: `direct` on the
+/// calling thread when the plugin is called directly, else `on_fiber`. The two call
+/// different generated functions (a typed function; the generated guest's async one);
+/// `args` goes to whichever runs.
+async fn call_about<A, R: HookAnswer>(
+    plugin: &LoadedPlugin,
+    origin: &CallOrigin,
+    message: &mut PluginMessage,
+    args: A,
+    direct: impl FnOnce(&mut wasmtime::Store<HostState>, &Exports, Handles, A) -> wasmtime::Result<R>,
+    on_fiber: impl for<'s> FnOnce(
+        &'s mut wasmtime::Store<HostState>,
+        &'s Exports,
+        Handles,
+        A,
+    ) -> FiberCall<'s, R>,
+) -> Result<R, CallFailure> {
+    if plugin.direct() {
+        plugin.call_direct(origin, |store, exports, handles| {
+            lending(store, message, |store| {
+                direct(store, exports, handles, args)
+            })
+        })
+    } else {
+        plugin
+            .call(origin, async |store, exports, handles| {
+                lending_async(store, message, async |store| {
+                    on_fiber(store, exports, handles, args).await
+                })
+                .await
+            })
+            .await
+    }
+}
+
 /// Calls `body-filter.filter-body` of `plugin` on `message`, its body passed with the call.
 /// The verdict comes back as `message-filter`'s (the two have the same cases).
 async fn filter_body_with(
@@ -746,34 +781,27 @@ async fn filter_body_with(
 ) -> Result<message_filter::FilterVerdict, CallFailure> {
     // A second handle on the body's bytes, not a copy.
     let body = message.body.clone();
-    if plugin.direct() {
-        plugin.call_direct(origin, |store, exports, handles| {
-            let filter_body = exports
-                .filter_body
-                .as_ref()
-                .expect("body filters export filter-body");
-            lending(store, message, |store| {
-                filter_body.call(store, (handles.context, handles.message, body))
+    call_about(
+        plugin,
+        origin,
+        message,
+        body,
+        |store, exports, handles, body| {
+            let filter_body = exports.filter_body.as_ref().expect("exported");
+            let (verdict,) = filter_body.call(store, (handles.context, handles.message, body))?;
+            Ok(as_filter_verdict(verdict))
+        },
+        |store, exports, handles, body| {
+            Box::pin(async move {
+                let guest = exports.body_filter.as_ref().expect("exported");
+                guest
+                    .call_filter_body(store, handles.context, handles.message, &body)
+                    .await
+                    .map(as_filter_verdict)
             })
-            .map(|(verdict,)| as_filter_verdict(verdict))
-        })
-    } else {
-        plugin
-            .call(origin, async |store, exports, handles| {
-                let guest = exports
-                    .body_filter
-                    .as_ref()
-                    .expect("body filters export body-filter");
-                lending_async(store, message, async |store| {
-                    guest
-                        .call_filter_body(store, handles.context, handles.message, &body)
-                        .await
-                })
-                .await
-                .map(as_filter_verdict)
-            })
-            .await
-    }
+        },
+    )
+    .await
 }
 
 /// Calls `body-screen.screen` of `plugin` on `message`: the body passed with the call, no
@@ -785,27 +813,24 @@ async fn screen_body_with(
     message: &mut PluginMessage,
 ) -> Result<message_filter::FilterVerdict, CallFailure> {
     let body = message.body.clone();
-    if plugin.direct() {
-        plugin.call_direct(origin, |store, exports, _| {
-            let screen = exports.screen.as_ref().expect("body screens export screen");
-            lending(store, message, |store| screen.call(store, (body,)))
-                .map(|(verdict,)| as_screen_verdict(verdict))
-        })
-    } else {
-        plugin
-            .call(origin, async |store, exports, _| {
-                let guest = exports
-                    .body_screen
-                    .as_ref()
-                    .expect("body screens export body-screen");
-                lending_async(store, message, async |store| {
-                    guest.call_screen(store, &body).await
-                })
-                .await
-                .map(as_screen_verdict)
+    call_about(
+        plugin,
+        origin,
+        message,
+        body,
+        |store, exports, _, body| {
+            let screen = exports.screen.as_ref().expect("exported");
+            let (verdict,) = screen.call(store, (body,))?;
+            Ok(as_screen_verdict(verdict))
+        },
+        |store, exports, _, body| {
+            Box::pin(async move {
+                let guest = exports.body_screen.as_ref().expect("exported");
+                guest.call_screen(store, &body).await.map(as_screen_verdict)
             })
-            .await
-    }
+        },
+    )
+    .await
 }
 
 /// A `body-screen` verdict as the `message-filter` one with the same case.
@@ -926,40 +951,34 @@ async fn guard_send(
                 None => continue,
             }
         }
-        let check = |handles_message| send_guard::SendCheck {
+        let check = move |handles_message| send_guard::SendCheck {
             message: handles_message,
             body_digest,
             body_len,
             now_ms,
             state,
         };
-        let assessment = if plugin.direct() {
-            plugin.call_direct(origin, |store, exports, handles| {
-                let check_send = exports
-                    .check_send
-                    .as_ref()
-                    .expect("send guards export check-send");
-                lending(store, message, |store| {
-                    check_send.call(store, (handles.context, check(handles.message)))
+        let assessment = call_about(
+            plugin,
+            origin,
+            message,
+            check,
+            |store, exports, handles, check| {
+                let check_send = exports.check_send.as_ref().expect("exported");
+                let (assessment,) =
+                    check_send.call(store, (handles.context, check(handles.message)))?;
+                Ok(assessment)
+            },
+            |store, exports, handles, check| {
+                Box::pin(async move {
+                    let guest = exports.send_guard.as_ref().expect("exported");
+                    guest
+                        .call_check_send(store, handles.context, &check(handles.message))
+                        .await
                 })
-                .map(|(assessment,)| assessment)
-            })?
-        } else {
-            plugin
-                .call(origin, async |store, exports, handles| {
-                    let guest = exports
-                        .send_guard
-                        .as_ref()
-                        .expect("send guards export send-guard");
-                    lending_async(store, message, async |store| {
-                        guest
-                            .call_check_send(store, handles.context, &check(handles.message))
-                            .await
-                    })
-                    .await
-                })
-                .await?
-        };
+            },
+        )
+        .await?;
         match apply_send_state(plugin, &key, stamp, assessment, now_ms) {
             Some(verdict) => return Ok(verdict),
             None => continue,
@@ -1013,30 +1032,27 @@ async fn screen_send_with(
     message: &mut PluginMessage,
     facts: send_screen::SendFacts,
 ) -> Result<send_guard::Assessment, CallFailure> {
-    if plugin.direct() {
-        plugin.call_direct(origin, |store, exports, _| {
-            let screen_send = exports
-                .screen_send
-                .as_ref()
-                .expect("send screens export screen-send");
-            lending(store, message, |store| screen_send.call(store, (facts,)))
-                .map(|(assessment,)| as_guard_assessment(assessment))
-        })
-    } else {
-        plugin
-            .call(origin, async |store, exports, _| {
-                let guest = exports
-                    .send_screen
-                    .as_ref()
-                    .expect("send screens export send-screen");
-                lending_async(store, message, async |store| {
-                    guest.call_screen_send(store, &facts).await
-                })
-                .await
-                .map(as_guard_assessment)
+    call_about(
+        plugin,
+        origin,
+        message,
+        facts,
+        |store, exports, _, facts| {
+            let screen_send = exports.screen_send.as_ref().expect("exported");
+            let (assessment,) = screen_send.call(store, (facts,))?;
+            Ok(as_guard_assessment(assessment))
+        },
+        |store, exports, _, facts| {
+            Box::pin(async move {
+                let guest = exports.send_screen.as_ref().expect("exported");
+                guest
+                    .call_screen_send(store, &facts)
+                    .await
+                    .map(as_guard_assessment)
             })
-            .await
-    }
+        },
+    )
+    .await
 }
 
 /// A `send-screen` assessment as the `send-guard` one with the same cases.

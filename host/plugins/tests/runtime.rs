@@ -146,6 +146,15 @@ async fn keyword_filter_masks_and_rejects() {
         modified("a *******!")
     );
     assert_eq!(filter(&f.host, "这是诈骗").await, modified("这是**"));
+    // Only text is filtered: the content type, read through current-call when a word
+    // occurs, lets a binary body holding the word pass untouched.
+    let mut binary = message("a badword inside");
+    binary.content_type = "application/octet-stream".into();
+    assert_eq!(
+        f.host.filter(&origin(), &mut binary).await,
+        FilterOutcome::Pass { modified: false }
+    );
+    assert_eq!(&binary.body[..], b"a badword inside");
     let reject = "[config]\nwords = \"scam\"\naction = \"reject\"";
     f.host
         .install(

@@ -20,6 +20,8 @@ pub const STARVED_WINDOWS: u32 = 8;
 /// One call's watch over its deadline (kept in the instance's state, reset by every call).
 #[derive(Debug, Clone)]
 pub struct DeadlineWatch {
+    /// Epoch ticks to set the store's deadline to when the call begins (the first half).
+    first_ticks: u64,
     /// Epoch ticks in a window (the deadline's second half).
     window_ticks: u64,
     /// The window's length in wall time.
@@ -30,18 +32,22 @@ pub struct DeadlineWatch {
 }
 
 impl DeadlineWatch {
-    /// A watch over a deadline of `deadline_ticks` ticks of `tick` each; returns it with the
-    /// ticks to first set the store's deadline to (the first half).
-    pub fn new(deadline_ticks: u64, tick: Duration) -> (Self, u64) {
-        let first = (deadline_ticks / 2).max(1);
-        let window_ticks = deadline_ticks.saturating_sub(first).max(1);
-        let watch = Self {
+    /// A watch over a deadline of `deadline_ticks` ticks of `tick` each, as a call begins.
+    pub fn new(deadline_ticks: u64, tick: Duration) -> Self {
+        let first_ticks = (deadline_ticks / 2).max(1);
+        let window_ticks = deadline_ticks.saturating_sub(first_ticks).max(1);
+        Self {
+            first_ticks,
             window_ticks,
             window: tick * u32::try_from(window_ticks).unwrap_or(u32::MAX),
             cpu_at_window_start: None,
             starved_windows_left: STARVED_WINDOWS,
-        };
-        (watch, first)
+        }
+    }
+
+    /// The ticks to set the store's epoch deadline to as the call begins.
+    pub fn first_ticks(&self) -> u64 {
+        self.first_ticks
     }
 
     /// The epoch deadline was reached; `cpu_now` is the thread's CPU clock.
@@ -87,8 +93,8 @@ mod tests {
     #[test]
     fn a_running_guest_is_stopped_at_its_deadline() {
         // 21 ticks (a 20 ms deadline and the tick in progress): 10, then a window of 11.
-        let (mut watch, first) = DeadlineWatch::new(21, TICK);
-        assert_eq!(first, 10);
+        let mut watch = DeadlineWatch::new(21, TICK);
+        assert_eq!(watch.first_ticks(), 10);
         let at = |ms| Duration::from_millis(ms);
         assert!(is_continue(&watch.reached(at(100)), 11));
         // It ran for the whole window: stopped.
@@ -97,7 +103,7 @@ mod tests {
 
     #[test]
     fn a_starved_guest_gets_more_windows_but_not_for_ever() {
-        let (mut watch, _) = DeadlineWatch::new(21, TICK);
+        let mut watch = DeadlineWatch::new(21, TICK);
         let mut cpu = Duration::from_millis(5);
         assert!(is_continue(&watch.reached(cpu), 11));
         for _ in 0..STARVED_WINDOWS {
@@ -111,7 +117,7 @@ mod tests {
 
     #[test]
     fn a_guest_that_runs_again_after_a_starved_window_is_stopped() {
-        let (mut watch, _) = DeadlineWatch::new(21, TICK);
+        let mut watch = DeadlineWatch::new(21, TICK);
         let mut cpu = Duration::ZERO;
         assert!(is_continue(&watch.reached(cpu), 11));
         cpu += Duration::from_millis(1);
@@ -122,8 +128,8 @@ mod tests {
 
     #[test]
     fn the_shortest_deadline_still_has_a_window() {
-        let (mut watch, first) = DeadlineWatch::new(1, TICK);
-        assert_eq!(first, 1);
+        let mut watch = DeadlineWatch::new(1, TICK);
+        assert_eq!(watch.first_ticks(), 1);
         assert!(is_continue(&watch.reached(Duration::ZERO), 1));
     }
 

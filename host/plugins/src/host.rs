@@ -15,6 +15,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use im_store::Store;
 use parking_lot::Mutex;
+use wasmtime::component::Resource;
 
 use crate::bindings::{
     authenticator, body_filter, body_screen, group_policy, interface_name, message_filter,
@@ -24,7 +25,7 @@ use crate::engine::PluginEngine;
 use crate::kv::KvStore;
 use crate::manifest::{FailurePolicy, Hook, Manifest};
 use crate::plugin::{CallFailure, Exports, Handles, HookAnswer, LoadedPlugin};
-use crate::state::{CallOrigin, HostState, PluginMessage, PluginShared, now_ms};
+use crate::state::{CallOrigin, HostState, MessageSlot, PluginMessage, PluginShared, now_ms};
 
 const MANIFEST_FILE: &str = "manifest.toml";
 const COMPONENT_FILE: &str = "plugin.wasm";
@@ -833,28 +834,41 @@ async fn screen_body_with(
     .await
 }
 
-/// A `body-screen` verdict as the `message-filter` one with the same case.
-fn as_screen_verdict(verdict: body_screen::FilterVerdict) -> message_filter::FilterVerdict {
-    match verdict {
-        body_screen::FilterVerdict::Allow => message_filter::FilterVerdict::Allow,
-        body_screen::FilterVerdict::Modify(body_screen::Rewrite { body, content_type }) => {
-            message_filter::FilterVerdict::Modify(message_filter::Rewrite { body, content_type })
+/// Defines `$name`, which gives the `message-filter` verdict with the same case as a
+/// verdict of `$hook` (the filter hooks declare the same cases, each in its own interface).
+macro_rules! filter_verdict_from {
+    ($name:ident, $hook:ident) => {
+        fn $name(verdict: $hook::FilterVerdict) -> message_filter::FilterVerdict {
+            use message_filter::{FilterVerdict, Rewrite};
+            match verdict {
+                $hook::FilterVerdict::Allow => FilterVerdict::Allow,
+                $hook::FilterVerdict::Modify($hook::Rewrite { body, content_type }) => {
+                    FilterVerdict::Modify(Rewrite { body, content_type })
+                }
+                $hook::FilterVerdict::Reject(reason) => FilterVerdict::Reject(reason),
+                $hook::FilterVerdict::Drop => FilterVerdict::Drop,
+            }
         }
-        body_screen::FilterVerdict::Reject(reason) => message_filter::FilterVerdict::Reject(reason),
-        body_screen::FilterVerdict::Drop => message_filter::FilterVerdict::Drop,
-    }
+    };
 }
 
-/// A `body-filter` verdict as the `message-filter` one with the same case.
-fn as_filter_verdict(verdict: body_filter::FilterVerdict) -> message_filter::FilterVerdict {
-    match verdict {
-        body_filter::FilterVerdict::Allow => message_filter::FilterVerdict::Allow,
-        body_filter::FilterVerdict::Modify(body_filter::Rewrite { body, content_type }) => {
-            message_filter::FilterVerdict::Modify(message_filter::Rewrite { body, content_type })
+filter_verdict_from!(as_filter_verdict, body_filter);
+filter_verdict_from!(as_screen_verdict, body_screen);
+
+/// `$verdict`, of a send hook's verdict type `$from`, as the case of `$to` with the same
+/// name (allow, throttle with `$throttle`'s fields, block): the hooks declare the same
+/// cases, each in its own interface.
+macro_rules! send_verdict_from {
+    ($verdict:expr, $($from:ident)::+ => $($to:ident)::+, $($throttle:ident)::+) => {
+        match $verdict {
+            $($from)::+::Allow => $($to)::+::Allow,
+            $($from)::+::Throttle(t) => $($to)::+::Throttle($($throttle)::+ {
+                retry_after_ms: t.retry_after_ms,
+                reason: t.reason,
+            }),
+            $($from)::+::Block(reason) => $($to)::+::Block(reason),
         }
-        body_filter::FilterVerdict::Reject(reason) => message_filter::FilterVerdict::Reject(reason),
-        body_filter::FilterVerdict::Drop => message_filter::FilterVerdict::Drop,
-    }
+    };
 }
 
 /// Calls `risk-control.assess` of `plugin` on `subject`.
@@ -938,47 +952,24 @@ async fn guard_send(
     for _ in 0..SEND_GUARD_ATTEMPTS {
         let now_ms = now_ms();
         let (state, stamp) = kv.get_stamped(&key, now_ms).unzip();
-        if plugin.screens_sends() {
+        let assessment = if plugin.screens_sends() {
             let facts = send_screen::SendFacts {
                 body_digest,
                 body_len,
                 now_ms,
                 state,
             };
-            let assessment = screen_send_with(plugin, origin, message, facts).await?;
-            match apply_send_state(plugin, &key, stamp, assessment, now_ms) {
-                Some(verdict) => return Ok(verdict),
-                None => continue,
-            }
-        }
-        let check = move |handles_message| send_guard::SendCheck {
-            message: handles_message,
-            body_digest,
-            body_len,
-            now_ms,
-            state,
+            screen_send_with(plugin, origin, message, facts).await?
+        } else {
+            let check = move |handles_message| send_guard::SendCheck {
+                message: handles_message,
+                body_digest,
+                body_len,
+                now_ms,
+                state,
+            };
+            check_send_with(plugin, origin, message, check).await?
         };
-        let assessment = call_about(
-            plugin,
-            origin,
-            message,
-            check,
-            |store, exports, handles, check| {
-                let check_send = exports.check_send.as_ref().expect("exported");
-                let (assessment,) =
-                    check_send.call(store, (handles.context, check(handles.message)))?;
-                Ok(assessment)
-            },
-            |store, exports, handles, check| {
-                Box::pin(async move {
-                    let guest = exports.send_guard.as_ref().expect("exported");
-                    guest
-                        .call_check_send(store, handles.context, &check(handles.message))
-                        .await
-                })
-            },
-        )
-        .await?;
         match apply_send_state(plugin, &key, stamp, assessment, now_ms) {
             Some(verdict) => return Ok(verdict),
             None => continue,
@@ -990,6 +981,37 @@ async fn guard_send(
             reason: "too many sends of this user assessed at once".into(),
         },
     ))
+}
+
+/// Calls `send-guard.check-send` of `plugin` with the check `check` builds around the lent
+/// message's handle.
+async fn check_send_with(
+    plugin: &LoadedPlugin,
+    origin: &CallOrigin,
+    message: &mut PluginMessage,
+    check: impl FnOnce(Resource<MessageSlot>) -> send_guard::SendCheck + Send + 'static,
+) -> Result<send_guard::Assessment, CallFailure> {
+    call_about(
+        plugin,
+        origin,
+        message,
+        check,
+        |store, exports, handles, check| {
+            let check_send = exports.check_send.as_ref().expect("exported");
+            let (assessment,) =
+                check_send.call(store, (handles.context, check(handles.message)))?;
+            Ok(assessment)
+        },
+        |store, exports, handles, check| {
+            Box::pin(async move {
+                let guest = exports.send_guard.as_ref().expect("exported");
+                guest
+                    .call_check_send(store, handles.context, &check(handles.message))
+                    .await
+            })
+        },
+    )
+    .await
 }
 
 /// Writes the sender's state `assessment` asks for, if the entry still has `stamp`, and
@@ -1057,16 +1079,6 @@ async fn screen_send_with(
 
 /// A `send-screen` assessment as the `send-guard` one with the same cases.
 fn as_guard_assessment(assessment: send_screen::Assessment) -> send_guard::Assessment {
-    let verdict = match assessment.verdict {
-        send_screen::SendVerdict::Allow => send_guard::SendVerdict::Allow,
-        send_screen::SendVerdict::Throttle(t) => {
-            send_guard::SendVerdict::Throttle(send_guard::Throttle {
-                retry_after_ms: t.retry_after_ms,
-                reason: t.reason,
-            })
-        }
-        send_screen::SendVerdict::Block(reason) => send_guard::SendVerdict::Block(reason),
-    };
     let state = match assessment.state {
         send_screen::StateChange::Keep => send_guard::StateChange::Keep,
         send_screen::StateChange::Set(write) => {
@@ -1077,21 +1089,15 @@ fn as_guard_assessment(assessment: send_screen::Assessment) -> send_guard::Asses
         }
         send_screen::StateChange::Clear => send_guard::StateChange::Clear,
     };
-    send_guard::Assessment { verdict, state }
+    send_guard::Assessment {
+        verdict: send_verdict_from!(assessment.verdict, send_screen::SendVerdict => send_guard::SendVerdict, send_guard::Throttle),
+        state,
+    }
 }
 
 /// A `send-guard` verdict as the `risk-control` one with the same case.
 fn as_risk_verdict(verdict: send_guard::SendVerdict) -> risk_control::RiskVerdict {
-    match verdict {
-        send_guard::SendVerdict::Allow => risk_control::RiskVerdict::Allow,
-        send_guard::SendVerdict::Throttle(t) => {
-            risk_control::RiskVerdict::Throttle(risk_control::Throttle {
-                retry_after_ms: t.retry_after_ms,
-                reason: t.reason,
-            })
-        }
-        send_guard::SendVerdict::Block(reason) => risk_control::RiskVerdict::Block(reason),
-    }
+    send_verdict_from!(verdict, send_guard::SendVerdict => risk_control::RiskVerdict, risk_control::Throttle)
 }
 
 /// What the risk-control chain assesses.

@@ -299,7 +299,7 @@ impl KvStore {
         if let Some(slot) = inner.entries.get_mut(key) {
             let old = cost(key, &slot.value);
             if inner.bytes - old + added <= max_bytes {
-                let _replaced = std::mem::replace(slot, entry);
+                *slot = entry;
                 inner.bytes = inner.bytes - old + added;
                 mark_dirty(inner, key);
                 return Ok(());

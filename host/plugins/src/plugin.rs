@@ -118,11 +118,10 @@ pub struct Ready {
 
 impl Ready {
     /// Prepares the instance for one call and returns the handles it lends.
-    fn lend(&mut self, deadline_ticks: u64, origin: &CallOrigin) -> Handles {
-        let (watch, first_ticks) = DeadlineWatch::new(deadline_ticks, EPOCH_TICK);
-        self.store.set_epoch_deadline(first_ticks);
+    fn lend(&mut self, deadline: &DeadlineWatch, origin: &CallOrigin) -> Handles {
+        self.store.set_epoch_deadline(deadline.first_ticks());
         let state = self.store.data_mut();
-        state.deadline = watch;
+        state.deadline = deadline.clone();
         state.origin = origin.clone();
         Handles {
             context: Resource::new_borrow(self.context.rep()),
@@ -448,6 +447,8 @@ pub struct LoadedPlugin {
     pub metrics: Metrics,
     memory_bytes: usize,
     deadline_ticks: u64,
+    /// A call's watch over its deadline as the call begins (each call starts from a copy).
+    call_deadline: DeadlineWatch,
     /// Every import the component uses returns without waiting, so its instances run
     /// straight on the calling thread ([`Self::call_direct`]) instead of on a fiber.
     direct: bool,
@@ -494,6 +495,7 @@ impl LoadedPlugin {
             metrics: Metrics::default(),
             memory_bytes,
             deadline_ticks,
+            call_deadline: DeadlineWatch::new(deadline_ticks, EPOCH_TICK),
             direct,
             ticker,
         }
@@ -555,13 +557,13 @@ impl LoadedPlugin {
         // the epochs also count (the first instance in a fresh process faults its memory
         // in): a call's deadline is too tight for it, yet a start function that never
         // returns is still stopped.
-        let (watch, first_ticks) = DeadlineWatch::new(
+        let watch = DeadlineWatch::new(
             self.deadline_ticks
                 .max(INSTANTIATE_DEADLINE_MS.div_ceil(crate::engine::EPOCH_TICK_MS)),
             EPOCH_TICK,
         );
+        store.set_epoch_deadline(watch.first_ticks());
         store.data_mut().deadline = watch;
-        store.set_epoch_deadline(first_ticks);
         store
     }
 
@@ -700,7 +702,7 @@ impl LoadedPlugin {
                 Err(err) => return Err(self.failed(&err, core, started)),
             },
         };
-        let handles = ready.lend(self.deadline_ticks, origin);
+        let handles = ready.lend(&self.call_deadline, origin);
         let result = f(&mut ready.store, &ready.exports, handles).await;
         self.settle(ready, result, core, started)
     }
@@ -726,7 +728,7 @@ impl LoadedPlugin {
                 Err(err) => return Err(self.failed(&err, core, started)),
             },
         };
-        let handles = ready.lend(self.deadline_ticks, origin);
+        let handles = ready.lend(&self.call_deadline, origin);
         let result = f(&mut ready.store, &ready.exports, handles);
         self.settle(ready, result, core, started)
     }

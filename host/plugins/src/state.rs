@@ -107,7 +107,7 @@ impl HostState {
             origin: CallOrigin::default(),
             message: PluginMessage::default(),
             message_lent: false,
-            deadline: DeadlineWatch::new(1, crate::engine::EPOCH_TICK).0,
+            deadline: DeadlineWatch::new(1, crate::engine::EPOCH_TICK),
         }
     }
 
@@ -145,21 +145,22 @@ pub fn now_ms() -> i64 {
 
 impl types::Host for HostState {}
 
+// The call-context handle answers what `current-call` does: it names the call in progress.
 impl types::HostCallContext for HostState {
     fn plugin_id(&mut self, _: Resource<CallContextData>) -> String {
-        self.plugin.id.clone()
+        current_call::Host::plugin_id(self)
     }
 
     fn node_id(&mut self, _: Resource<CallContextData>) -> String {
-        self.plugin.node_id.to_string()
+        current_call::Host::node_id(self)
     }
 
     fn transport(&mut self, _: Resource<CallContextData>) -> String {
-        self.origin.transport.to_string()
+        current_call::Host::transport(self)
     }
 
     fn remote_ip(&mut self, _: Resource<CallContextData>) -> Option<String> {
-        self.origin.remote_ip.as_deref().map(str::to_owned)
+        current_call::Host::remote_ip(self)
     }
 
     fn drop(&mut self, handle: Resource<CallContextData>) -> wasmtime::Result<()> {

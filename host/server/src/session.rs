@@ -1006,24 +1006,30 @@ impl LoggedIn {
             self.out.push(error_bytes(rid, code, message));
             return;
         }
-        let message = self.plugin_message(
-            format!("r:{}", req.room_id),
-            types::MessageTarget::Group(req.room_id.clone()),
-            String::new(),
-            req.body,
-            req.content_type,
-        );
-        let (body, content_type) = match self.screen(rid, message).await {
-            Screened::Pass(message) => (message.body, message.content_type),
-            Screened::Answered => return,
-            Screened::Dropped(_) => {
-                let ack = v1::RoomSendAck {
-                    room_id: req.room_id,
-                    dropped: true,
-                    ..Default::default()
-                };
-                self.out.push(frame_bytes(rid, Body::RoomSendAck(ack)));
-                return;
+        // The plugins' view of a room message is built only when a plugin screens it.
+        let (body, content_type) = match self.screening_plugins() {
+            None => (req.body, req.content_type),
+            Some(plugins) => {
+                let message = self.plugin_message(
+                    format!("r:{}", req.room_id),
+                    types::MessageTarget::Group(req.room_id.clone()),
+                    String::new(),
+                    req.body,
+                    req.content_type,
+                );
+                match Box::pin(self.screen_with(&plugins, rid, message)).await {
+                    Screened::Pass(message) => (message.body, message.content_type),
+                    Screened::Answered => return,
+                    Screened::Dropped(_) => {
+                        let ack = v1::RoomSendAck {
+                            room_id: req.room_id,
+                            dropped: true,
+                            ..Default::default()
+                        };
+                        self.out.push(frame_bytes(rid, Body::RoomSendAck(ack)));
+                        return;
+                    }
+                }
             }
         };
         let sender = (&*self.handle.user_id, &*self.handle.device_id);
@@ -1228,15 +1234,19 @@ impl LoggedIn {
     /// answered here; a silent drop is left to the caller, whose acknowledgement differs
     /// (`SendAck` or `RoomSendAck`).
     async fn screen(&mut self, rid: u64, message: PluginMessage) -> Screened {
-        let Some(plugins) = self.ctx.plugins.clone() else {
+        let Some(plugins) = self.screening_plugins() else {
             return Screened::Pass(message);
         };
-        if !plugins.has_hook(Hook::MessageFilter) && !plugins.has_hook(Hook::RiskControl) {
-            return Screened::Pass(message);
-        }
         // Boxed: the chains' state would otherwise enlarge every send's future, plugins or
         // not, past what the allocator serves from its per-thread cache.
         Box::pin(self.screen_with(&plugins, rid, message)).await
+    }
+
+    /// The node's plugins, if any of them screens messages (filters or risk control).
+    fn screening_plugins(&self) -> Option<Arc<PluginHost>> {
+        let plugins = self.ctx.plugins.as_ref()?;
+        (plugins.has_hook(Hook::MessageFilter) || plugins.has_hook(Hook::RiskControl))
+            .then(|| plugins.clone())
     }
 
     /// A message from this connection's user and device, as the plugins see it.

@@ -1,11 +1,12 @@
 //! Length-prefixed framing over byte streams: each frame is a 4-byte big-endian length, then that many bytes.
 //!
 //! [`FrameReader`] reads into its thread's scratch buffer, so one read takes whatever has
-//! arrived (many frames, or one larger than a connection keeps), and keeps only the bytes
-//! of frames not yet taken: inline while they are few (an idle connection allocates
-//! nothing), else in a heap buffer freed once they are taken. Its
-//! [`FrameReader::read_frame`] is cancel-safe, so it can sit in a `tokio::select!` next to
-//! outbound traffic and timers.
+//! arrived (many frames, or one larger than a connection keeps). A frame that arrived whole
+//! is copied out of the scratch buffer into a buffer of its own; only bytes not yet taken
+//! (the frames after it, or a frame still arriving) are kept, in a heap buffer freed once
+//! they are taken: a connection between frames holds no buffer at all.
+//! [`FrameReader::poll_frame`] keeps all its state in the reader, so it can be polled next to
+//! outbound traffic and timers without a future of its own, and dropping a read loses nothing.
 
 use std::cell::RefCell;
 use std::pin::Pin;
@@ -16,10 +17,6 @@ use tokio::io::{AsyncRead, ReadBuf};
 
 /// Bytes of the length prefix.
 pub const LENGTH_PREFIX_BYTES: usize = 4;
-
-/// Size of a connection's inline buffer: the bytes of small frames (acks, pings, short
-/// messages) not yet taken fit in it and need no allocation.
-const INLINE_BYTES: usize = 256;
 
 /// Size of each thread's scratch buffer, the most one read takes.
 const SCRATCH_BYTES: usize = 64 * 1024;
@@ -44,37 +41,40 @@ pub enum FrameError {
     Io(#[from] std::io::Error),
 }
 
-/// Incremental, cancel-safe reader of length-prefixed frames.
+/// Incremental reader of length-prefixed frames; its state between reads is one (usually
+/// empty) buffer.
 pub struct FrameReader {
-    max_frame_bytes: usize,
-    /// Bytes read and not yet taken, `inline[start..end]`, while `spill` is empty.
-    inline: [u8; INLINE_BYTES],
-    /// Bytes read and not yet taken, `spill[start..]`, when they did not fit inline; freed
-    /// (or moved back inline) once what is left fits inline.
-    spill: Vec<u8>,
-    start: usize,
-    end: usize,
+    /// Bytes read and not yet taken, `held[start..]`; no allocation while empty.
+    held: Vec<u8>,
+    /// At most the scratch buffer's size plus a frame's, so it fits 32 bits.
+    start: u32,
+    max_frame_bytes: u32,
+}
+
+/// What one read brought.
+enum Read {
+    /// A frame that arrived whole (anything after it is kept).
+    Frame(Bytes),
+    /// Bytes kept for later frames.
+    Kept,
+    /// The end of the stream.
+    End,
 }
 
 impl FrameReader {
     /// A reader refusing frames longer than `max_frame_bytes`.
     pub fn new(max_frame_bytes: usize) -> Self {
         Self {
-            max_frame_bytes,
-            inline: [0; INLINE_BYTES],
-            spill: Vec::new(),
+            held: Vec::new(),
             start: 0,
-            end: 0,
+            // A frame's length prefix is 32 bits: no frame is longer anyway.
+            max_frame_bytes: u32::try_from(max_frame_bytes).unwrap_or(u32::MAX),
         }
     }
 
     /// The bytes read and not yet taken.
     fn held(&self) -> &[u8] {
-        if self.spill.is_empty() {
-            &self.inline[self.start..self.end]
-        } else {
-            &self.spill[self.start..]
-        }
+        &self.held[self.start as usize..]
     }
 
     /// Reads the next frame. `Ok(None)` means the stream ended cleanly between frames.
@@ -84,116 +84,114 @@ impl FrameReader {
         &mut self,
         stream: &mut R,
     ) -> Result<Option<Bytes>, FrameError> {
+        std::future::poll_fn(|cx| self.poll_frame(stream, cx)).await
+    }
+
+    /// Polls for the next frame, [`Self::read_frame`] without a future: all its state is
+    /// in the reader. `Ok(None)` means the stream ended cleanly between frames.
+    pub fn poll_frame<R: AsyncRead + Unpin + ?Sized>(
+        &mut self,
+        stream: &mut R,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<Option<Bytes>, FrameError>> {
         loop {
-            if let Some(frame) = self.take_buffered_frame()? {
-                return Ok(Some(frame));
+            if let Some(frame) = self.take_held_frame()? {
+                return Poll::Ready(Ok(Some(frame)));
             }
-            let n = std::future::poll_fn(|cx| self.poll_read_once(stream, cx)).await?;
-            if n == 0 {
-                return if self.held().is_empty() {
-                    Ok(None)
-                } else {
-                    Err(FrameError::Truncated)
-                };
+            match ready!(self.poll_read_once(stream, cx))? {
+                Read::Frame(frame) => return Poll::Ready(Ok(Some(frame))),
+                Read::Kept => {}
+                Read::End if self.held().is_empty() => return Poll::Ready(Ok(None)),
+                Read::End => return Poll::Ready(Err(FrameError::Truncated)),
             }
         }
     }
 
-    /// Reads once into the thread's scratch buffer and keeps what came. The buffer is
+    /// The length (prefix included) of the frame starting `bytes`, once its prefix is
+    /// there; refuses a frame longer than allowed as soon as its prefix is read.
+    fn frame_len(&self, bytes: &[u8]) -> Result<Option<usize>, FrameError> {
+        let Some(prefix) = bytes.first_chunk::<LENGTH_PREFIX_BYTES>() else {
+            return Ok(None);
+        };
+        let len = u32::from_be_bytes(*prefix);
+        if len > self.max_frame_bytes {
+            return Err(FrameError::TooLarge {
+                len: len as usize,
+                max: self.max_frame_bytes as usize,
+            });
+        }
+        Ok(Some(LENGTH_PREFIX_BYTES + len as usize))
+    }
+
+    /// Reads once into the thread's scratch buffer. With nothing held, a frame that came
+    /// whole is copied out at once and only what follows it is kept. The buffer is
     /// borrowed while `stream` is polled: a stream whose reads poll another `FrameReader`
     /// on the same thread would find it taken (and panic); none here does.
     fn poll_read_once<R: AsyncRead + Unpin + ?Sized>(
         &mut self,
         stream: &mut R,
         cx: &mut Context<'_>,
-    ) -> Poll<std::io::Result<usize>> {
+    ) -> Poll<Result<Read, FrameError>> {
         SCRATCH.with_borrow_mut(|scratch| {
             let mut buf = ReadBuf::new(scratch);
             ready!(Pin::new(stream).poll_read(cx, &mut buf))?;
             let read = buf.filled();
-            self.keep(read);
-            Poll::Ready(Ok(read.len()))
+            if read.is_empty() {
+                return Poll::Ready(Ok(Read::End));
+            }
+            if !self.held().is_empty() {
+                self.held.drain(..self.start as usize);
+                self.start = 0;
+                self.held.extend_from_slice(read);
+                return Poll::Ready(Ok(Read::Kept));
+            }
+            let whole = self.frame_len(read)?;
+            match whole {
+                Some(whole) if whole <= read.len() => {
+                    let frame = Bytes::copy_from_slice(&read[LENGTH_PREFIX_BYTES..whole]);
+                    if whole < read.len() {
+                        self.held = read[whole..].to_vec();
+                        self.start = 0;
+                    }
+                    Poll::Ready(Ok(Read::Frame(frame)))
+                }
+                // The start of a frame: room for all of it now, not a regrowth per read.
+                _ => {
+                    let mut held = Vec::with_capacity(whole.unwrap_or(0).max(read.len()));
+                    held.extend_from_slice(read);
+                    self.held = held;
+                    self.start = 0;
+                    Poll::Ready(Ok(Read::Kept))
+                }
+            }
         })
     }
 
-    /// Appends `read` to the bytes not yet taken: inline if they all fit there, else in
-    /// the spill buffer.
-    fn keep(&mut self, read: &[u8]) {
-        if !self.spill.is_empty() {
-            if self.start > 0 {
-                self.spill.drain(..self.start);
-                self.start = 0;
-            }
-            self.spill.extend_from_slice(read);
-            return;
-        }
-        let held = self.end - self.start;
-        if held + read.len() <= INLINE_BYTES {
-            self.inline.copy_within(self.start..self.end, 0);
-            self.inline[held..held + read.len()].copy_from_slice(read);
-            self.start = 0;
-            self.end = held + read.len();
-            return;
-        }
-        let mut spill = Vec::with_capacity(held + read.len());
-        spill.extend_from_slice(&self.inline[self.start..self.end]);
-        spill.extend_from_slice(read);
-        self.spill = spill;
-        self.start = 0;
-        self.end = 0;
-    }
-
-    /// Returns a complete frame if one is buffered. Once every byte is taken the spill
-    /// buffer is freed: an idle connection holds only its inline buffer.
-    fn take_buffered_frame(&mut self) -> Result<Option<Bytes>, FrameError> {
+    /// Returns a complete frame if one is held. Once every byte is taken the buffer is
+    /// freed: a connection between frames holds none.
+    fn take_held_frame(&mut self) -> Result<Option<Bytes>, FrameError> {
         let held = self.held();
-        if held.len() < LENGTH_PREFIX_BYTES {
+        let Some(whole) = self.frame_len(held)? else {
             return Ok(None);
-        }
-        let prefix: [u8; 4] = held[..LENGTH_PREFIX_BYTES].try_into().expect("four bytes");
-        let len = u32::from_be_bytes(prefix) as usize;
-        if len > self.max_frame_bytes {
-            return Err(FrameError::TooLarge {
-                len,
-                max: self.max_frame_bytes,
-            });
-        }
-        let whole = LENGTH_PREFIX_BYTES + len;
+        };
         if held.len() < whole {
-            // The rest of a frame that did not fit inline is appended to the spill buffer
-            // read by read: room for all of it now, not a regrowth per read.
-            if !self.spill.is_empty() {
-                let missing = whole - held.len();
-                self.spill.reserve(missing);
-            }
+            // The rest of the frame is appended read by read: room for all of it now.
+            let missing = whole - held.len();
+            self.held.reserve(missing);
             return Ok(None);
         }
-        if self.start == 0
-            && held.len() == whole
-            && !self.spill.is_empty()
-            && self.spill.capacity() <= whole + whole / 4
-        {
-            // A spill buffer that holds just this frame (a large one, read by several
-            // reads) is handed out as it is, not copied. Not one with more room: the
-            // frame's parts (a message body) may outlive it and would keep all of it.
-            let spill = std::mem::take(&mut self.spill);
-            self.end = 0;
-            return Ok(Some(Bytes::from(spill).slice(LENGTH_PREFIX_BYTES..whole)));
+        if self.start == 0 && held.len() == whole && self.held.capacity() <= whole + whole / 4 {
+            // A buffer that holds just this frame (a large one, read by several reads) is
+            // handed out as it is, not copied. Not one with more room: the frame's parts
+            // (a message body) may outlive it and would keep all of it.
+            let held = std::mem::take(&mut self.held);
+            return Ok(Some(Bytes::from(held).slice(LENGTH_PREFIX_BYTES..whole)));
         }
         let frame = Bytes::copy_from_slice(&held[LENGTH_PREFIX_BYTES..whole]);
-        self.start += whole;
-        let left = self.held().len();
-        if left == 0 {
-            self.spill = Vec::new();
+        self.start += whole as u32;
+        if self.start as usize == self.held.len() {
+            self.held = Vec::new();
             self.start = 0;
-            self.end = 0;
-        } else if !self.spill.is_empty() && left <= INLINE_BYTES {
-            // What is left fits inline: a connection that goes quiet now holds no heap.
-            let start = self.start;
-            self.inline[..left].copy_from_slice(&self.spill[start..]);
-            self.spill = Vec::new();
-            self.start = 0;
-            self.end = left;
         }
         Ok(Some(frame))
     }
@@ -324,7 +322,7 @@ mod tests {
         assert_eq!(&frames[64][..], &[9; 1000][..]);
         // One read for all of it, one for the end of the stream.
         assert_eq!(reads, 2);
-        assert_eq!(reader.spill.capacity(), 0, "nothing left to keep");
+        assert_eq!(reader.held.capacity(), 0, "nothing left to keep");
 
         // Read by read, as it trickles in: the same frames.
         let mut wire = Vec::new();
@@ -337,11 +335,11 @@ mod tests {
             (&frames[0][..], &frames[1][..]),
             (&[1; 300][..], &[2; 10][..])
         );
-        assert_eq!(reader.spill.capacity(), 0);
+        assert_eq!(reader.held.capacity(), 0);
     }
 
     #[tokio::test]
-    async fn a_short_leftover_after_a_large_read_goes_back_inline() {
+    async fn only_the_bytes_after_a_whole_frame_are_kept_and_freed_once_taken() {
         let mut wire = Vec::new();
         put_frame(&mut wire, &[5; 1000]);
         put_frame(&mut wire, &[6; 100]);
@@ -351,10 +349,17 @@ mod tests {
         let mut reader = FrameReader::new(4096);
         let frame = reader.read_frame(&mut stream).await.unwrap().unwrap();
         assert_eq!(&frame[..], &[5; 1000][..]);
-        assert_eq!(reader.spill.capacity(), 0, "10 bytes are kept inline");
-        assert_eq!(reader.held().len(), 10);
+        assert_eq!(reader.held(), &[0, 0, 0, 100, 6, 6, 6, 6, 6, 6][..]);
+        assert!(reader.held.capacity() < 100, "the large frame is not kept");
         let frame = reader.read_frame(&mut stream).await.unwrap().unwrap();
         assert_eq!(&frame[..], &[6; 100][..]);
+        assert_eq!(reader.held.capacity(), 0, "nothing held between frames");
+    }
+
+    #[test]
+    fn a_reader_between_frames_is_a_few_words() {
+        // It sits in every idle connection's task: no inline buffer.
+        assert!(std::mem::size_of::<FrameReader>() <= 32);
     }
 
     #[tokio::test]

@@ -149,7 +149,7 @@ async fn measure(
     }
     let origin = CallOrigin {
         transport: "tcp",
-        remote_ip: Some("127.0.0.1".into()),
+        remote_ip: Some(std::net::Ipv4Addr::LOCALHOST.into()),
     };
     // The message is reused: the chain only lends it to the plugins.
     let mut msg = message_of(source, len);
@@ -317,7 +317,7 @@ async fn measure_risk(host: &PluginHost, iterations: u32, only: &str) {
     }
     let origin = CallOrigin {
         transport: "tcp",
-        remote_ip: Some("127.0.0.1".into()),
+        remote_ip: Some(std::net::Ipv4Addr::LOCALHOST.into()),
     };
     let mut msg = message_of(ENGLISH, 100);
     let mut sequence = 0u64;

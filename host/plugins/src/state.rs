@@ -34,7 +34,8 @@ pub struct PluginShared {
 pub struct CallOrigin {
     /// "tcp", "tcp+tls", "ws", "wss", "quic" or "api" (static: a connection holds no copy).
     pub transport: &'static str,
-    pub remote_ip: Option<Arc<str>>,
+    /// The client's address (kept as an address: a string is made only when a plugin asks).
+    pub remote_ip: Option<std::net::IpAddr>,
 }
 
 /// The host side of the `call-context` resource. Each instance holds one for its whole
@@ -220,7 +221,7 @@ impl current_call::Host for HostState {
     }
 
     fn remote_ip(&mut self) -> Option<String> {
-        self.origin.remote_ip.as_deref().map(str::to_owned)
+        self.origin.remote_ip.map(|ip| ip.to_string())
     }
 
     fn conversation_id(&mut self) -> Option<String> {

@@ -67,7 +67,7 @@ async fn fixture() -> Fixture {
 fn origin() -> CallOrigin {
     CallOrigin {
         transport: "tcp",
-        remote_ip: Some("127.0.0.1".into()),
+        remote_ip: Some(std::net::Ipv4Addr::LOCALHOST.into()),
     }
 }
 
@@ -721,7 +721,10 @@ async fn handle_free_hooks_on_a_fiber_read_the_call_through_current_call() {
         "hi | plugin:reporter node:test-node transport:{} ip:{} conversation:{} sender:{}/{} \
          target:user:bob id:{} type:{}",
         origin().transport,
-        origin().remote_ip.as_deref().unwrap_or_default(),
+        origin()
+            .remote_ip
+            .map(|ip| ip.to_string())
+            .unwrap_or_default(),
         sent.conversation_id,
         sent.sender.user_id,
         sent.sender.device_id,
@@ -791,7 +794,7 @@ async fn risk_control_throttles_logins_per_address() {
     let f = risk_control_with("login_rate = \"0.001\"\nlogin_burst = \"2\"").await;
     let from = |ip: &str| CallOrigin {
         transport: "tcp",
-        remote_ip: Some(ip.into()),
+        remote_ip: Some(ip.parse().expect("an address")),
     };
     let login = async |ip: &str| f.host.assess_login(&from(ip), "alice", "phone").await;
     assert_eq!(login("10.0.0.1").await, RiskOutcome::Allow);

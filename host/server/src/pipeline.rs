@@ -615,14 +615,13 @@ mod tests {
         user: &str,
         capacity: usize,
     ) -> (ConnHandle, crate::router::OutboundReceiver) {
-        let (queue, rx) = crate::router::outbound_queue(capacity);
+        let (control, rx) = crate::router::outbound_queue(ConnControl::new(0, capacity));
         let handle = ConnHandle {
             conn_id,
             user_id: user.into(),
             device_id: "d".into(),
-            transport: "tcp",
-            queue,
-            control: Arc::new(ConnControl::default()),
+            transport: crate::transport::Transport::Tcp,
+            control,
         };
         (handle, rx)
     }
@@ -688,11 +687,11 @@ mod tests {
             }
         }
         for i in 1..=SENDS {
-            let Body::SendAck(ack) = decode(acks.recv_async().await.unwrap()) else {
+            let Body::SendAck(ack) = decode(acks.recv().await) else {
                 panic!("not an ack")
             };
             assert_eq!((ack.seq, ack.client_msg_id), (i, format!("c{}", i - 1)));
-            let Body::Deliver(push) = decode(pushes.recv_async().await.unwrap()) else {
+            let Body::Deliver(push) = decode(pushes.recv().await) else {
                 panic!("not a push")
             };
             assert_eq!(push.message.unwrap().seq, i);

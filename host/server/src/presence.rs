@@ -87,20 +87,19 @@ mod tests {
     use crate::router::ConnControl;
 
     fn watcher(conn_id: u64) -> (ConnHandle, crate::router::OutboundReceiver) {
-        let (queue, rx) = crate::router::outbound_queue(8);
+        let (control, rx) = crate::router::outbound_queue(ConnControl::new(0, 8));
         let handle = ConnHandle {
             conn_id,
             user_id: "w".into(),
             device_id: "d".into(),
-            transport: "tcp",
-            queue,
-            control: Arc::new(ConnControl::default()),
+            transport: crate::transport::Transport::Tcp,
+            control,
         };
         (handle, rx)
     }
 
     fn pushed(rx: &mut crate::router::OutboundReceiver) -> Option<v1::PresenceState> {
-        match rx.try_recv().ok()? {
+        match rx.try_recv()? {
             Outbound::Frame(bytes) => match v1::Frame::from_bytes(&bytes).unwrap().body {
                 Some(Body::Presence(event)) => event.state,
                 other => panic!("not a presence push: {other:?}"),

@@ -1,21 +1,23 @@
 //! In-process routing: which devices of which user are connected here, handing frames to them, and presence.
 //!
 //! Architecture invariant: the router never blocks and never awaits. Frames go into each
-//! connection's bounded queue with `try_send`; a full queue marks the connection a slow
+//! connection's bounded queue without waiting; a full queue marks the connection a slow
 //! consumer and closes it, so one stalled client cannot hold up anyone else.
 
 use foldhash::HashMap;
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::task::Poll;
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use futures_util::task::AtomicWaker;
 use im_proto::v1;
 use im_proto::v1::CloseReason;
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
 
 use crate::presence::PresenceBook;
+use crate::transport::Transport;
 use crate::transport::direct::{DirectSocket, DirectWrite, WriteState};
 
 /// A message push shared by every device it goes to: encoded once.
@@ -41,26 +43,52 @@ pub enum Outbound {
     FinishDirectWrite,
 }
 
-/// What the router and other tasks share with one connection's task: close requests from
-/// outside the task (the first reason wins) and when its client was last heard from (for the
-/// node's idle sweep, which replaces a timer in every connection's task).
-#[derive(Debug, Default)]
+/// What the router and other tasks share with one connection's task: its bounded outbound
+/// queue, close requests from outside the task (the first reason wins) and when its client
+/// was last heard from (for the node's idle sweep, which replaces a timer in every
+/// connection's task).
+///
+/// The queue lives here, not in a channel of its own: a channel (flume) took three
+/// allocations per idle connection (its shared state, the waiting receiver's hook and the
+/// waiters' list, 320 bytes by a heap profile) beside this one. One waker serves the queue
+/// and close requests: the task waits on both at once.
+#[derive(Debug)]
 pub struct ConnControl {
     reason: OnceLock<(CloseReason, String)>,
-    /// The connection task, woken by a close request.
+    /// The connection task, woken by a close request or a queued item.
     waker: AtomicWaker,
     /// `monotonic_ms()` when the last complete frame arrived (or the login).
     last_heard_ms: AtomicU64,
+    queue: Mutex<OutboundQueue>,
     /// Plain TCP: the socket, which [`ConnHandle::offer_now`] writes to directly.
     direct: Option<Arc<DirectSocket>>,
 }
 
+#[derive(Debug)]
+struct OutboundQueue {
+    items: VecDeque<Outbound>,
+    capacity: usize,
+    /// The task is gone ([`OutboundReceiver`] dropped): nothing more is taken.
+    closed: bool,
+}
+
+/// A queue emptied after a burst keeps at most this many slots' room.
+const KEPT_QUEUE_SLOTS: usize = 16;
+
 impl ConnControl {
-    /// A connection heard from at `now_ms` (on the `monotonic_ms()` clock).
-    pub fn heard_at(now_ms: u64) -> Self {
+    /// A connection heard from at `now_ms` (on the `monotonic_ms()` clock) whose queue
+    /// holds at most `queue_capacity` items.
+    pub fn new(now_ms: u64, queue_capacity: usize) -> Self {
         Self {
+            reason: OnceLock::new(),
+            waker: AtomicWaker::new(),
             last_heard_ms: AtomicU64::new(now_ms),
-            ..Self::default()
+            queue: Mutex::new(OutboundQueue {
+                items: VecDeque::new(),
+                capacity: queue_capacity,
+                closed: false,
+            }),
+            direct: None,
         }
     }
 
@@ -82,6 +110,11 @@ impl ConnControl {
         if self.reason.set((reason, message.into())).is_ok() {
             self.waker.wake();
         }
+    }
+
+    /// The close requested, if any.
+    pub fn close_requested(&self) -> Option<&(CloseReason, String)> {
+        self.reason.get()
     }
 
     /// Waits until a close is requested and returns its reason. (A hand-written future of
@@ -110,6 +143,72 @@ impl ConnControl {
     pub fn last_heard_ms(&self) -> u64 {
         self.last_heard_ms.load(Ordering::Relaxed)
     }
+
+    /// Appends `item` unless the queue is full or its task gone.
+    fn push(&self, item: Outbound) -> Result<(), QueueRefused> {
+        {
+            let mut queue = self.queue.lock();
+            if queue.closed {
+                return Err(QueueRefused::Gone);
+            }
+            if queue.items.len() >= queue.capacity {
+                return Err(QueueRefused::Full);
+            }
+            queue.items.push_back(item);
+        }
+        self.waker.wake();
+        Ok(())
+    }
+}
+
+impl ConnControl {
+    /// Moves up to `max` queued items to `take`, oldest first, under one lock; returns how
+    /// many.
+    pub fn take_queued(&self, max: usize, mut take: impl FnMut(Outbound)) -> usize {
+        let mut queue = self.queue.lock();
+        let n = queue.items.len().min(max);
+        queue.items.drain(..n).for_each(&mut take);
+        if queue.items.is_empty() && queue.items.capacity() > KEPT_QUEUE_SLOTS {
+            queue.items = VecDeque::new();
+        }
+        n
+    }
+
+    /// Whether nothing is queued.
+    pub fn queue_is_empty(&self) -> bool {
+        self.queue.lock().items.is_empty()
+    }
+
+    /// Ready when something is queued; otherwise registers the task to be woken when
+    /// something is (or a close is requested).
+    pub fn poll_queued(&self, cx: &mut Context<'_>) -> Poll<()> {
+        if !self.queue_is_empty() {
+            return Poll::Ready(());
+        }
+        self.waker.register(cx.waker());
+        // Checked again: an item queued between the check and the registration woke no one.
+        if self.queue_is_empty() {
+            Poll::Pending
+        } else {
+            Poll::Ready(())
+        }
+    }
+
+    /// The connection's task is gone: later offers are refused and what is queued is freed.
+    pub fn close_queue(&self) {
+        let items = {
+            let mut queue = self.queue.lock();
+            queue.closed = true;
+            std::mem::take(&mut queue.items)
+        };
+        // Freed outside the lock.
+        drop(items);
+    }
+}
+
+enum QueueRefused {
+    Full,
+    Gone,
 }
 
 /// Milliseconds on a monotonic clock that starts with the process: the time base of
@@ -122,15 +221,48 @@ pub fn monotonic_ms() -> u64 {
         .as_millis() as u64
 }
 
-/// The sending side of a connection's outbound queue.
-pub type OutboundSender = flume::Sender<Outbound>;
-/// The connection task's side of its outbound queue.
-pub type OutboundReceiver = flume::Receiver<Outbound>;
+/// A receiving side of a connection's outbound queue, for tests (a session takes from its
+/// [`ConnControl`] directly). Dropping it closes the queue: later offers are refused and
+/// what is queued is freed.
+#[derive(Debug)]
+pub struct OutboundReceiver {
+    control: Arc<ConnControl>,
+}
 
-/// A connection's bounded outbound queue. (flume allocates its buffer on first use, where
-/// tokio's mpsc allocates a block of 32 slots up front: an idle connection holds none.)
-pub fn outbound_queue(capacity: usize) -> (OutboundSender, OutboundReceiver) {
-    flume::bounded(capacity)
+impl OutboundReceiver {
+    /// Takes the oldest item, if any.
+    pub fn try_recv(&self) -> Option<Outbound> {
+        let mut item = None;
+        self.control.take_queued(1, |taken| item = Some(taken));
+        item
+    }
+
+    /// Whether nothing is queued.
+    pub fn is_empty(&self) -> bool {
+        self.control.queue_is_empty()
+    }
+
+    /// Waits for the next item.
+    pub async fn recv(&self) -> Outbound {
+        loop {
+            std::future::poll_fn(|cx| self.control.poll_queued(cx)).await;
+            if let Some(item) = self.try_recv() {
+                return item;
+            }
+        }
+    }
+}
+
+impl Drop for OutboundReceiver {
+    fn drop(&mut self) {
+        self.control.close_queue();
+    }
+}
+
+/// A connection's control with its bounded outbound queue, and the task's side of the queue.
+pub fn outbound_queue(control: ConnControl) -> (Arc<ConnControl>, OutboundReceiver) {
+    let control = Arc::new(control);
+    (control.clone(), OutboundReceiver { control })
 }
 
 /// The router's reference to one logged-in connection.
@@ -139,9 +271,9 @@ pub struct ConnHandle {
     pub conn_id: u64,
     pub user_id: Arc<str>,
     pub device_id: Arc<str>,
-    /// The transport's name (`tcp`, `ws`, `quic`, ...), for listings and metrics.
-    pub transport: &'static str,
-    pub queue: OutboundSender,
+    /// The transport, for listings and metrics.
+    pub transport: Transport,
+    /// Its close requests, activity stamp and outbound queue.
     pub control: Arc<ConnControl>,
 }
 
@@ -183,14 +315,14 @@ impl ConnHandle {
     }
 
     fn enqueue(&self, item: Outbound) -> bool {
-        match self.queue.try_send(item) {
+        match self.control.push(item) {
             Ok(()) => true,
-            Err(flume::TrySendError::Full(_)) => {
+            Err(QueueRefused::Full) => {
                 self.control
                     .close(CloseReason::SlowConsumer, "outbound queue overflowed");
                 false
             }
-            Err(flume::TrySendError::Disconnected(_)) => false,
+            Err(QueueRefused::Gone) => false,
         }
     }
 }
@@ -364,7 +496,7 @@ impl LocalRouter {
                 user_id: user.to_string(),
                 devices: state.users[user]
                     .iter()
-                    .map(|d| (d.device_id.to_string(), d.transport))
+                    .map(|d| (d.device_id.to_string(), d.transport.as_str()))
                     .collect(),
             })
             .collect()
@@ -416,14 +548,22 @@ mod tests {
         device: &str,
         cap: usize,
     ) -> (ConnHandle, OutboundReceiver) {
-        let (queue, rx) = outbound_queue(cap);
+        handle_with(conn_id, user, device, ConnControl::new(0, cap))
+    }
+
+    fn handle_with(
+        conn_id: u64,
+        user: &str,
+        device: &str,
+        control: ConnControl,
+    ) -> (ConnHandle, OutboundReceiver) {
+        let (control, rx) = outbound_queue(control);
         let h = ConnHandle {
             conn_id,
             user_id: user.into(),
             device_id: device.into(),
-            transport: "tcp",
-            queue,
-            control: Arc::default(),
+            transport: Transport::Tcp,
+            control,
         };
         (h, rx)
     }
@@ -456,11 +596,15 @@ mod tests {
             .await
             .unwrap();
         let socket = DirectSocket::new(listener.accept().await.unwrap().0);
-        let (mut h, rx) = handle(1, "carol", "phone", 8);
-        h.control = Arc::new(ConnControl::default().with_direct_socket(Some(socket.clone())));
+        let (h, rx) = handle_with(
+            1,
+            "carol",
+            "phone",
+            ConnControl::new(0, 8).with_direct_socket(Some(socket.clone())),
+        );
         // The task's loop has not run yet: the answer is queued.
         assert!(h.offer_now(Bytes::from_static(b"a")));
-        assert!(matches!(rx.try_recv(), Ok(Outbound::Frame(f)) if f == "a"));
+        assert!(matches!(rx.try_recv(), Some(Outbound::Frame(f)) if f == "a"));
         socket.end_write(|| rx.is_empty());
         // Idle: written at once, nothing queued.
         assert!(h.offer_now(Bytes::from_static(b"b")));
@@ -468,8 +612,7 @@ mod tests {
         // A push queued first: the answer queues behind it.
         assert!(h.offer(Outbound::Frame(Bytes::from_static(b"c"))));
         assert!(h.offer_now(Bytes::from_static(b"d")));
-        let queued: Vec<_> = rx
-            .try_iter()
+        let queued: Vec<_> = std::iter::from_fn(|| rx.try_recv())
             .map(|o| match o {
                 Outbound::Frame(f) => f,
                 other => panic!("queued {other:?}"),
@@ -532,7 +675,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_close_wakes_the_waiting_task_and_the_first_reason_wins() {
-        let control = Arc::new(ConnControl::heard_at(0));
+        let control = Arc::new(ConnControl::new(0, 1));
         let waiter = tokio::spawn({
             let control = control.clone();
             async move { control.requested().await }
@@ -560,7 +703,7 @@ mod tests {
         router.unregister("alice", 1, 12);
         router.unregister("alice", 2, 13);
         let mut seen = Vec::new();
-        while let Ok(Outbound::Frame(bytes)) = pushes.try_recv() {
+        while let Some(Outbound::Frame(bytes)) = pushes.try_recv() {
             if let Some(v1::frame::Body::Presence(event)) =
                 v1::Frame::from_bytes(&bytes).unwrap().body
             {

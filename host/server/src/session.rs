@@ -9,11 +9,11 @@
 //! [`MAX_REQUESTS_IN_FLIGHT`] per connection, and answer through the connection's queue.
 
 use std::collections::HashSet;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::task::Poll;
+use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -36,9 +36,7 @@ use crate::groups::{self, Actor, GroupDirectory};
 use crate::metrics::{MessageKind, NodeMetrics};
 use crate::pipeline::{GroupJob, Pipeline, ReplyTo, SendJob, to_proto};
 use crate::rooms::Rooms;
-use crate::router::{
-    ConnControl, ConnHandle, LocalRouter, Outbound, OutboundReceiver, monotonic_ms, outbound_queue,
-};
+use crate::router::{ConnControl, ConnHandle, LocalRouter, Outbound, monotonic_ms};
 use crate::transport::{FrameConn, RecvError};
 
 /// Concurrent slow requests per connection; more wait (back-pressure on that client only).
@@ -243,63 +241,88 @@ enum End {
     Gone,
 }
 
+/// How a logged-in session ended, for the close that follows.
+struct Ended {
+    end: End,
+    ctx: Arc<NodeContext>,
+    remote_ip: IpAddr,
+    /// What a direct write left half-written, finished before the close frame.
+    unwritten: Option<Box<[u8]>>,
+}
+
+/// What woke a logged-in connection's task ([`LoggedIn::poll_wake`]).
+enum Wake {
+    Ended(End),
+    /// Queued frames were taken into `out`.
+    Queued,
+    Frame(Bytes),
+    /// The re-push timer fired; what is due again is in `out`.
+    Turn,
+}
+
 /// Runs one connection from its first byte to its close.
 ///
-/// An `async move` block, not an `async fn`: an `async fn` moves its arguments into locals
-/// of its own while their first copies keep their room in the future, and the connection
-/// alone is 328 bytes of every idle TCP connection's task (rustc's `-Zprint-type-sizes`).
-#[expect(
-    clippy::manual_async_fn,
-    reason = "an async fn stores its arguments twice in its future"
-)]
+/// The task's future is what every idle connection costs, so it holds only the connection
+/// and the logged-in session: the login (authentication, plugin checks, a failed login's
+/// close) runs in a box created here, which owns the connection and its peer's address until
+/// it hands them back, and is freed once logged in. (Anything the `async` block captured
+/// would keep its room in every state of the future; an `async fn` would keep its
+/// arguments twice. rustc's `-Zprint-type-sizes` shows the layout.)
 pub fn run_session<C: FrameConn>(
+    ctx: Arc<NodeContext>,
+    conn: C,
+    peer: SocketAddr,
+) -> impl Future<Output = ()> + Send {
+    let login = Box::pin(log_in(ctx, conn, peer));
+    async move {
+        let Some((mut conn, session)) = login.await else {
+            return;
+        };
+        let ended = session.run(&mut conn).await;
+        let Ended {
+            end,
+            ctx,
+            remote_ip,
+            unwritten,
+        } = *ended;
+        Box::pin(close_connection(&mut conn, &remote_ip, end, unwritten)).await;
+        ctx.stats.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Waits for the login; on success returns the connection and its session, on failure
+/// closes the connection (telling the client why, where there is something to tell).
+async fn log_in<C: FrameConn>(
     ctx: Arc<NodeContext>,
     mut conn: C,
     peer: SocketAddr,
-) -> impl Future<Output = ()> + Send {
-    async move {
-        ctx.stats.open.fetch_add(1, Ordering::Relaxed);
-        let origin = CallOrigin {
-            transport: conn.transport().as_str(),
-            remote_ip: Some(peer.ip().to_string().into()),
-        };
-        // Boxed, and freed once logged in: login (authentication, risk checks) needs far
-        // more state than an idle logged-in connection. The login's result is consumed
-        // within this statement, so it takes no room beside the session while it runs.
-        let mut session = match Box::pin(await_login(&ctx, &mut conn, &origin)).await {
-            Ok(login) => LoggedIn::new(&ctx, login, origin),
-            Err(end) => {
-                close_connection(&mut conn, peer, end, None).await;
-                ctx.stats.open.fetch_sub(1, Ordering::Relaxed);
-                return;
-            }
-        };
-        let transport = session.origin.transport;
-        tracing::debug!(%peer, transport, user = %session.handle.user_id, device = %session.handle.device_id, "logged in");
-        ctx.stats.logged_in.fetch_add(1, Ordering::Relaxed);
-        ctx.metrics.connection(transport, 1.0);
-        let end = session.run(&mut conn).await;
-        // No direct write may follow the task's last one (the close frame).
-        let unwritten = conn.direct_socket().and_then(|socket| socket.retire());
-        session.leave_everything();
-        ctx.router
-            .unregister(&session.handle.user_id, session.handle.conn_id, now_ms());
-        ctx.metrics.connection(transport, -1.0);
-        ctx.stats.logged_in.fetch_sub(1, Ordering::Relaxed);
-        if matches!(&end, End::Close(CloseReason::SlowConsumer, _)) {
-            ctx.metrics.slow_consumer();
+) -> Option<(C, LoggedIn)> {
+    ctx.stats.open.fetch_add(1, Ordering::Relaxed);
+    let origin = CallOrigin {
+        transport: conn.transport().as_str(),
+        remote_ip: Some(peer.ip()),
+    };
+    let login = match await_login(&ctx, &mut conn, &origin).await {
+        Ok(login) => login,
+        Err(end) => {
+            close_connection(&mut conn, &peer, end, None).await;
+            ctx.stats.open.fetch_sub(1, Ordering::Relaxed);
+            return None;
         }
-        drop(session);
-        close_connection(&mut conn, peer, end, unwritten).await;
-        ctx.stats.open.fetch_sub(1, Ordering::Relaxed);
-    }
+    };
+    let transport = origin.transport;
+    tracing::debug!(%peer, transport, user = %login.handle.user_id, device = %login.handle.device_id, "logged in");
+    ctx.stats.logged_in.fetch_add(1, Ordering::Relaxed);
+    ctx.metrics.connection(transport, 1.0);
+    let session = LoggedIn::new(&ctx, login, origin);
+    Some((conn, session))
 }
 
 /// Tells the client why its connection ends, if there is anything to tell, within 2 s.
 /// `unwritten` is what a direct write left half-written, finished before the close frame.
 async fn close_connection<C: FrameConn>(
     conn: &mut C,
-    peer: SocketAddr,
+    peer: &(dyn std::fmt::Display + Sync),
     end: End,
     unwritten: Option<Box<[u8]>>,
 ) {
@@ -325,7 +348,6 @@ async fn close_connection<C: FrameConn>(
 
 struct Login {
     handle: ConnHandle,
-    queue: OutboundReceiver,
 }
 
 /// Serves `Ping` and waits for a valid `Login`.
@@ -451,16 +473,16 @@ async fn login_with<C: FrameConn>(
         .await?;
         return Err(End::Gone);
     }
-    let (queue_tx, queue) = outbound_queue(ctx.config.limits.outbound_queue);
+    let control = Arc::new(
+        ConnControl::new(monotonic_ms(), ctx.config.limits.outbound_queue)
+            .with_direct_socket(conn.direct_socket()),
+    );
     let handle = ConnHandle {
         conn_id: ctx.next_conn_id.fetch_add(1, Ordering::Relaxed),
         user_id,
         device_id: login.device_id.as_str().into(),
-        transport: conn.transport().as_str(),
-        queue: queue_tx,
-        control: Arc::new(
-            ConnControl::heard_at(monotonic_ms()).with_direct_socket(conn.direct_socket()),
-        ),
+        transport: conn.transport(),
+        control,
     };
     let ok = frame_bytes(
         request_id,
@@ -485,7 +507,7 @@ async fn login_with<C: FrameConn>(
             .unregister(&handle.user_id, handle.conn_id, now_ms());
         return Err(end);
     }
-    Ok(Login { handle, queue })
+    Ok(Login { handle })
 }
 
 fn pong(request_id: u64, nonce: i64) -> Bytes {
@@ -521,176 +543,277 @@ async fn reply<C: FrameConn>(conn: &mut C, frame: Bytes) -> Result<(), End> {
     }
 }
 
-/// A logged-in connection's state.
-struct LoggedIn {
-    ctx: Arc<NodeContext>,
-    origin: CallOrigin,
-    handle: ConnHandle,
-    queue: OutboundReceiver,
-    pending: PendingDeliveries,
-    /// Bounds this connection's slow requests in flight; created by the first one.
-    requests: Option<Arc<Semaphore>>,
-    /// Frames to write at the end of the current loop turn.
-    out: Vec<Bytes>,
-    /// Commit times of the first pushes in `out`, for the delivery-latency metric.
-    first_pushes: Vec<std::time::Instant>,
-    /// Presence watches and rooms, allocated on first use: most connections use neither,
-    /// and every idle connection would carry the empty sets.
-    subscriptions: Option<Box<Subscriptions>>,
-    /// Fires when the next unacknowledged push is due again; exists only while some are.
-    retry_timer: Option<Pin<Box<Sleep>>>,
-}
-
-/// Completes when `timer` fires (never, when there is none). One reference in the task's
-/// `select!`, not a timer.
-fn retry_timer_fired(timer: &mut Option<Pin<Box<Sleep>>>) -> impl Future<Output = ()> + '_ {
-    std::future::poll_fn(move |cx| match timer {
-        Some(timer) => timer.as_mut().poll(cx),
-        None => Poll::Pending,
+/// A connection's record of pushes in flight, as configured.
+fn new_deliveries(ctx: &NodeContext) -> Box<Deliveries> {
+    let s = &ctx.config.session;
+    Box::new(Deliveries {
+        pending: PendingDeliveries::new(
+            Duration::from_millis(s.retry_initial_ms),
+            Duration::from_millis(s.retry_max_ms),
+            s.max_pending_deliveries,
+        ),
+        first_pushes: Vec::new(),
+        retry_timer: None,
     })
 }
 
+/// A logged-in connection's state.
+struct LoggedIn {
+    ctx: Arc<NodeContext>,
+    /// The client's address (with the handle's transport, the plugins' [`CallOrigin`]);
+    /// an IPv4 address mapped into IPv6, which takes no discriminant's room.
+    remote_ip: Ipv6Addr,
+    /// The router's handle; its `ConnControl` holds the outbound queue, closed when the
+    /// session is dropped.
+    handle: ConnHandle,
+    /// Pushes in flight; created by the first push and freed when the re-push timer next
+    /// fires with none waiting, so an idle connection holds none.
+    deliveries: Option<Box<Deliveries>>,
+    /// Frames to write at the end of the current loop turn.
+    out: Vec<Bytes>,
+    /// Presence watches, rooms and the slow requests' bound, allocated on first use: most
+    /// connections use none of them, and every idle connection would carry them.
+    on_demand: Option<Box<OnDemand>>,
+}
+
+/// A connection's pushes in flight.
+struct Deliveries {
+    /// Pushes awaiting their acks.
+    pending: PendingDeliveries,
+    /// Commit times of the first pushes in `out`, for the delivery-latency metric.
+    first_pushes: Vec<std::time::Instant>,
+    /// Fires when the next unacknowledged push is due again.
+    retry_timer: Option<Pin<Box<Sleep>>>,
+}
+
+impl Drop for LoggedIn {
+    fn drop(&mut self) {
+        self.handle.control.close_queue();
+    }
+}
+
+/// What a connection creates on first use.
 #[derive(Default)]
-struct Subscriptions {
+struct OnDemand {
     /// Users whose presence this connection watches.
     watching: HashSet<Arc<str>>,
     /// Rooms this connection is in.
     rooms: HashSet<Arc<str>>,
+    /// Bounds this connection's slow requests in flight; created by the first one.
+    requests: Option<Arc<Semaphore>>,
 }
 
 impl LoggedIn {
     fn new(ctx: &Arc<NodeContext>, login: Login, origin: CallOrigin) -> Self {
-        let s = &ctx.config.session;
         Self {
             ctx: ctx.clone(),
-            origin,
+            remote_ip: match origin.remote_ip {
+                Some(IpAddr::V4(ip)) => ip.to_ipv6_mapped(),
+                Some(IpAddr::V6(ip)) => ip,
+                None => Ipv6Addr::UNSPECIFIED,
+            },
             handle: login.handle,
-            queue: login.queue,
-            pending: PendingDeliveries::new(
-                Duration::from_millis(s.retry_initial_ms),
-                Duration::from_millis(s.retry_max_ms),
-                s.max_pending_deliveries,
-            ),
-            requests: None,
+            deliveries: None,
             out: Vec::new(),
-            first_pushes: Vec::new(),
-            subscriptions: None,
-            retry_timer: None,
+            on_demand: None,
+        }
+    }
+
+    /// The session ended with `end`: leaves the router, rooms and presence watches and
+    /// counts the connection out. Returns the node's context and the client's address, for
+    /// the close that follows.
+    fn log_out(&mut self, end: &End) -> (Arc<NodeContext>, IpAddr) {
+        self.leave_everything();
+        let ctx = self.ctx.clone();
+        ctx.router
+            .unregister(&self.handle.user_id, self.handle.conn_id, now_ms());
+        ctx.metrics.connection(self.handle.transport.as_str(), -1.0);
+        ctx.stats.logged_in.fetch_sub(1, Ordering::Relaxed);
+        if matches!(end, End::Close(CloseReason::SlowConsumer, _)) {
+            ctx.metrics.slow_consumer();
+        }
+        let remote_ip = self.remote_ip.to_canonical();
+        (ctx, remote_ip)
+    }
+
+    /// Where the plugins' calls about this connection come from.
+    fn origin(&self) -> CallOrigin {
+        CallOrigin {
+            transport: self.handle.transport.as_str(),
+            remote_ip: Some(self.remote_ip.to_canonical()),
         }
     }
 
     /// Leaves every room and stops every presence watch (the connection is closing).
     fn leave_everything(&mut self) {
-        let Some(subscriptions) = self.subscriptions.take() else {
+        let Some(on_demand) = self.on_demand.take() else {
             return;
         };
-        for room in &subscriptions.rooms {
+        for room in &on_demand.rooms {
             self.ctx.rooms.leave(room, self.handle.conn_id);
         }
         self.ctx
             .router
-            .unwatch_all(self.handle.conn_id, subscriptions.watching.iter());
+            .unwatch_all(self.handle.conn_id, on_demand.watching.iter());
     }
 
     /// Whether this connection is in `room`.
     fn in_room(&self, room: &str) -> bool {
-        self.subscriptions
+        self.on_demand
             .as_ref()
             .is_some_and(|s| s.rooms.contains(room))
     }
 
-    async fn run<C: FrameConn>(&mut self, conn: &mut C) -> End {
-        let write_timeout = Duration::from_millis(self.ctx.config.limits.write_timeout_ms);
-        // The task waits on its queue, its socket, close requests (replaced, slow consumer,
-        // idle, shutdown: all through `ConnControl`) and, while pushes await their acks (and
-        // until it next fires after the last is acked), a re-push timer. The idle timeout is
-        // the node's sweep (`sweep_idle_connections`), so an idle connection's task holds no
-        // timer.
-        // A plain TCP socket starts busy (`DirectSocket`): from here on direct writes may go.
-        if let Some(socket) = self.handle.control.direct_socket() {
-            socket.end_write(|| self.queue.is_empty());
+    /// Serves the logged-in connection until it ends, then logs it out. Takes the session
+    /// by value: what ends it is then never stored beside it in the connection's task.
+    #[expect(
+        clippy::manual_async_fn,
+        reason = "an async fn stores its arguments twice in its future"
+    )]
+    fn run<C: FrameConn>(mut self, conn: &mut C) -> impl Future<Output = Box<Ended>> + Send + '_ {
+        async move {
+            let end = self.serve(conn).await;
+            // No direct write may follow the task's last one (the close frame).
+            let unwritten = conn.direct_socket().and_then(|socket| socket.retire());
+            let (ctx, remote_ip) = self.log_out(&end);
+            // Boxed: the connection's task would keep room for it beside the session.
+            Box::new(Ended {
+                end,
+                ctx,
+                remote_ip,
+                unwritten,
+            })
         }
-        // One wait on the queue for as long as it waits, not a new one per loop (each
-        // registered a waiter with the channel, an allocation, and removed it again when a
-        // frame came in first).
-        let queue = self.queue.clone();
-        let mut queued = std::pin::pin!(queue.recv_async());
-        loop {
-            self.arm_retry_timer();
-            let mut took_queued = false;
-            tokio::select! {
-                biased;
-                (reason, message) = self.handle.control.requested() => return End::Close(reason, message),
-                // The connection's own handle holds a sender: the queue never disconnects
-                // while this runs.
-                Ok(item) = &mut queued => {
-                    queued.set(queue.recv_async());
-                    took_queued = true;
-                    self.take_outbound(item);
-                    while self.out.len() < MAX_WRITE_BATCH {
-                        match self.queue.try_recv() {
-                            Ok(item) => self.take_outbound(item),
-                            Err(_) => break,
-                        }
+    }
+
+    /// Serves the logged-in connection until it ends. (Returns an `async move` block: an
+    /// `async fn` would keep its two references twice in every idle task.)
+    #[expect(
+        clippy::manual_async_fn,
+        reason = "an async fn stores its arguments twice in its future"
+    )]
+    fn serve<'a, C: FrameConn>(
+        &'a mut self,
+        conn: &'a mut C,
+    ) -> impl Future<Output = End> + Send + 'a {
+        async move {
+            // The task waits on its queue, its socket, close requests (replaced, slow consumer,
+            // idle, shutdown: all through `ConnControl`) and, while pushes await their acks (and
+            // until it next fires after the last is acked), a re-push timer. The idle timeout is
+            // the node's sweep (`sweep_idle_connections`), so an idle connection's task holds no
+            // timer.
+            // A plain TCP socket starts busy (`DirectSocket`): from here on direct writes may go.
+            if let Some(socket) = self.handle.control.direct_socket() {
+                socket.end_write(|| self.handle.control.queue_is_empty());
+            }
+            loop {
+                self.arm_retry_timer();
+                // One hand-written poll over everything the task waits on: a `select!` kept its
+                // branches' futures and its output side by side in every idle task.
+                let wake = std::future::poll_fn(|cx| self.poll_wake(conn, cx)).await;
+                let took_queued = {
+                    let (took_queued, handler) = match self.on_wake(wake) {
+                        Ok(turn) => turn,
+                        Err(end) => return end,
+                    };
+                    if let Some(handler) = handler
+                        && let Err(end) = handler.await
+                    {
+                        return end;
                     }
-                }
-                received = conn.recv() => {
-                    match received {
-                        Ok(Some(bytes)) => {
-                            self.handle.control.heard(monotonic_ms());
-                            if let Some(handler) = self.handle_frame(bytes)
-                                && let Err(end) = handler.await
-                            {
-                                return end;
+                    took_queued
+                };
+                // A plain TCP socket is busy (no direct writes, see `DirectSocket`) from here
+                // until everything is written and the queue is empty. A turn that neither took
+                // from the queue nor has anything to write leaves it as it is (no lock).
+                let direct = self
+                    .handle
+                    .control
+                    .direct_socket()
+                    .filter(|_| took_queued || !self.out.is_empty());
+                let unwritten = direct.and_then(|socket| socket.begin_write());
+                if !self.out.is_empty() || unwritten.is_some() {
+                    let write = async {
+                        if let (Some(rest), Some(socket)) = (&unwritten, direct) {
+                            socket.write_all(rest).await?;
+                        }
+                        if self.out.is_empty() {
+                            return Ok(());
+                        }
+                        conn.send(&self.out).await
+                    };
+                    let write_timeout =
+                        Duration::from_millis(self.ctx.config.limits.write_timeout_ms);
+                    // Boxed with its deadline: the write's state lives only while it runs.
+                    match Box::pin(tokio::time::timeout(write_timeout, write)).await {
+                        Ok(Ok(())) => {
+                            self.out.clear();
+                            if let Some(deliveries) = &mut self.deliveries {
+                                for committed in deliveries.first_pushes.drain(..) {
+                                    self.ctx.metrics.delivery(committed.elapsed());
+                                }
                             }
                         }
-                        Ok(None) => return End::Gone,
-                        Err(err) => return recv_error_end(err),
-                    }
-                }
-                () = retry_timer_fired(&mut self.retry_timer) => self.retry_timer_elapsed(),
-            }
-            // A plain TCP socket is busy (no direct writes, see `DirectSocket`) from here
-            // until everything is written and the queue is empty. A turn that neither took
-            // from the queue nor has anything to write leaves it as it is (no lock).
-            let direct = self
-                .handle
-                .control
-                .direct_socket()
-                .filter(|_| took_queued || !self.out.is_empty());
-            let unwritten = direct.and_then(|socket| socket.begin_write());
-            if !self.out.is_empty() || unwritten.is_some() {
-                let write = async {
-                    if let (Some(rest), Some(socket)) = (&unwritten, direct) {
-                        socket.write_all(rest).await?;
-                    }
-                    if self.out.is_empty() {
-                        return Ok(());
-                    }
-                    conn.send(&self.out).await
-                };
-                // Boxed with its deadline: the write's state lives only while it runs.
-                match Box::pin(tokio::time::timeout(write_timeout, write)).await {
-                    Ok(Ok(())) => {
-                        self.out.clear();
-                        for committed in self.first_pushes.drain(..) {
-                            self.ctx.metrics.delivery(committed.elapsed());
+                        Ok(Err(_)) => return End::Gone,
+                        Err(_) => {
+                            return End::Close(CloseReason::SlowConsumer, "write timed out".into());
                         }
                     }
-                    Ok(Err(_)) => return End::Gone,
-                    Err(_) => {
-                        return End::Close(CloseReason::SlowConsumer, "write timed out".into());
+                    // Do not keep a large batch's allocation around on an idle connection.
+                    if self.out.capacity() > MAX_WRITE_BATCH * 2 {
+                        self.out = Vec::new();
                     }
                 }
-                // Do not keep a large batch's allocation around on an idle connection.
-                if self.out.capacity() > MAX_WRITE_BATCH * 2 {
-                    self.out = Vec::new();
+                if let Some(socket) = direct {
+                    socket.end_write(|| self.handle.control.queue_is_empty());
                 }
             }
-            if let Some(socket) = direct {
-                socket.end_write(|| self.queue.is_empty());
+        }
+    }
+
+    /// Acts on what woke the task: whether it took from its queue, and the handler still to
+    /// await for a frame from the client. (Takes the wake by value: nothing of it stays in
+    /// the task while the handler runs.)
+    fn on_wake(&mut self, wake: Wake) -> Result<(bool, Option<Handler<'_>>), End> {
+        match wake {
+            Wake::Ended(end) => Err(end),
+            Wake::Queued => Ok((true, None)),
+            Wake::Turn => Ok((false, None)),
+            Wake::Frame(bytes) => {
+                self.handle.control.heard(monotonic_ms());
+                Ok((false, self.handle_frame(bytes)))
             }
         }
+    }
+
+    /// What woke the task, in order of precedence: a close request, queued frames (taken
+    /// into `out`), a frame from the client, the re-push timer (its pushes taken into `out`).
+    fn poll_wake<C: FrameConn>(&mut self, conn: &mut C, cx: &mut Context<'_>) -> Poll<Wake> {
+        if let Some((reason, message)) = self.handle.control.close_requested() {
+            return Poll::Ready(Wake::Ended(End::Close(*reason, message.clone())));
+        }
+        if self.handle.control.poll_queued(cx).is_ready() {
+            self.take_queued();
+            return Poll::Ready(Wake::Queued);
+        }
+        // The queue's waker, just registered, also serves close requests: one asked for
+        // since the check above has woken this task already.
+        match conn.poll_recv(cx) {
+            Poll::Ready(Ok(Some(bytes))) => return Poll::Ready(Wake::Frame(bytes)),
+            Poll::Ready(Ok(None)) => return Poll::Ready(Wake::Ended(End::Gone)),
+            Poll::Ready(Err(err)) => return Poll::Ready(Wake::Ended(recv_error_end(err))),
+            Poll::Pending => {}
+        }
+        if let Some(timer) = self
+            .deliveries
+            .as_mut()
+            .and_then(|d| d.retry_timer.as_mut())
+            && timer.as_mut().poll(cx).is_ready()
+        {
+            self.retry_timer_elapsed();
+            return Poll::Ready(Wake::Turn);
+        }
+        Poll::Pending
     }
 
     /// Creates the re-push timer when pushes start waiting for acks, and brings it forward
@@ -699,42 +822,67 @@ impl LoggedIn {
     /// due ([`Self::retry_timer_elapsed`]). Creating and dropping a timer for every push
     /// of a busy connection took the timer wheel's lock twice per delivery.
     fn arm_retry_timer(&mut self) {
-        let Some(due) = self.pending.next_due() else {
+        let Some(deliveries) = &mut self.deliveries else {
+            return;
+        };
+        let Some(due) = deliveries.pending.next_due() else {
+            // Nothing awaits an ack and no timer is left to find that out: done with it.
+            if deliveries.retry_timer.is_none() && deliveries.first_pushes.is_empty() {
+                self.deliveries = None;
+            }
             return;
         };
         let due = Instant::from_std(due);
-        match &mut self.retry_timer {
+        match &mut deliveries.retry_timer {
             Some(timer) if timer.deadline() <= due => {}
             Some(timer) => timer.as_mut().reset(due),
-            None => self.retry_timer = Some(Box::pin(tokio::time::sleep_until(due))),
+            None => deliveries.retry_timer = Some(Box::pin(tokio::time::sleep_until(due))),
         }
     }
 
     /// The re-push timer fired: queues the pushes due again, then moves the timer to the
-    /// next one due, or drops it when none waits (an idle connection holds no timer).
+    /// next one due, or drops it (and the record of pushes in flight) when none waits: an
+    /// idle connection holds neither.
     fn retry_timer_elapsed(&mut self) {
-        let due = self.pending.take_due(Instant::now().into_std());
+        let Some(deliveries) = &mut self.deliveries else {
+            return;
+        };
+        let due = deliveries.pending.take_due(Instant::now().into_std());
         self.out.extend(due.iter().map(|p| p.frame.clone()));
-        match (self.pending.next_due(), &mut self.retry_timer) {
+        match (deliveries.pending.next_due(), &mut deliveries.retry_timer) {
             (Some(next), Some(timer)) => timer.as_mut().reset(Instant::from_std(next)),
-            _ => self.retry_timer = None,
+            _ => {
+                deliveries.retry_timer = None;
+                if deliveries.pending.is_empty() && deliveries.first_pushes.is_empty() {
+                    self.deliveries = None;
+                }
+            }
         }
     }
 
-    fn take_outbound(&mut self, item: Outbound) {
-        match item {
-            Outbound::Frame(frame) => self.out.push(frame),
+    /// Moves what is queued (at most a write batch) to `out`, under the queue's lock once.
+    fn take_queued(&mut self) {
+        let room = MAX_WRITE_BATCH.saturating_sub(self.out.len()).max(1);
+        let Self {
+            ctx,
+            handle,
+            deliveries,
+            out,
+            ..
+        } = self;
+        handle.control.take_queued(room, |item| match item {
+            Outbound::Frame(frame) => out.push(frame),
             // The rest of that frame is taken from the socket before the next write.
             Outbound::FinishDirectWrite => {}
             Outbound::Deliver(push) => {
-                self.out.push(push.frame.clone());
-                self.first_pushes.push(push.committed_at);
-                self.ctx
-                    .metrics
+                out.push(push.frame.clone());
+                ctx.metrics
                     .message_out(MessageKind::of(&push.conversation_id), 1);
-                self.pending.pushed(push, Instant::now().into_std());
+                let deliveries = deliveries.get_or_insert_with(|| new_deliveries(ctx));
+                deliveries.first_pushes.push(push.committed_at);
+                deliveries.pending.pushed(push, Instant::now().into_std());
             }
-        }
+        });
     }
 
     /// Answers one frame. Immediate answers go to `self.out`; stored sends are answered by
@@ -786,7 +934,9 @@ impl LoggedIn {
     async fn deliver_ack(&mut self, ack: v1::DeliverAck) -> Result<(), End> {
         // Always settles this connection's own pushes: a user just removed from a group
         // acks the announcement of the removal.
-        self.pending.acked(&ack.conversation_id, ack.seq);
+        if let Some(deliveries) = &mut self.deliveries {
+            deliveries.pending.acked(&ack.conversation_id, ack.seq);
+        }
         if self.takes_part(&ack.conversation_id).await {
             self.ctx
                 .cursors
@@ -908,7 +1058,7 @@ impl LoggedIn {
                 .push(error_bytes(rid, ErrorCode::InvalidArgument, message));
             return;
         }
-        let subscriptions = self.subscriptions.get_or_insert_with(Box::default);
+        let subscriptions = self.on_demand.get_or_insert_with(Box::default);
         let mut after: HashSet<&str> = subscriptions.watching.iter().map(|u| &**u).collect();
         for user in &req.remove {
             after.remove(user.as_str());
@@ -949,7 +1099,7 @@ impl LoggedIn {
         let (members, joined) = match req.action {
             Some(v1::room_request::Action::Join(_)) => {
                 let cap = self.ctx.config.limits.max_rooms_per_connection;
-                let rooms = &mut self.subscriptions.get_or_insert_with(Box::default).rooms;
+                let rooms = &mut self.on_demand.get_or_insert_with(Box::default).rooms;
                 if !rooms.contains(&room) && rooms.len() >= cap {
                     let message = format!("a connection is in at most {cap} rooms");
                     self.out
@@ -961,7 +1111,7 @@ impl LoggedIn {
             }
             Some(v1::room_request::Action::Leave(_)) => {
                 let was_in = self
-                    .subscriptions
+                    .on_demand
                     .as_mut()
                     .is_some_and(|s| s.rooms.remove(&room));
                 if !was_in {
@@ -1174,9 +1324,10 @@ impl LoggedIn {
 
     /// A group change: checked and decided here, stored and announced by the pipeline.
     async fn group_request(&mut self, rid: u64, request: v1::GroupRequest) -> Result<(), End> {
+        let origin = self.origin();
         let actor = Actor::User {
             handle: &self.handle,
-            origin: &self.origin,
+            origin: &origin,
         };
         match groups::prepare(&self.ctx, actor, request).await {
             Ok(prepared) => {
@@ -1278,7 +1429,8 @@ impl LoggedIn {
         rid: u64,
         mut message: PluginMessage,
     ) -> Screened {
-        match plugins.filter(&self.origin, &mut message).await {
+        let origin = self.origin();
+        match plugins.filter(&origin, &mut message).await {
             FilterOutcome::Pass { modified } => {
                 if modified
                     && (message.body.is_empty()
@@ -1295,7 +1447,7 @@ impl LoggedIn {
             }
             FilterOutcome::Drop => return Screened::Dropped(message),
         }
-        match plugins.assess_send(&self.origin, &mut message).await {
+        match plugins.assess_send(&origin, &mut message).await {
             RiskOutcome::Allow => {}
             RiskOutcome::Throttle {
                 retry_after_ms,
@@ -1334,6 +1486,8 @@ impl LoggedIn {
             return;
         }
         let requests = self
+            .on_demand
+            .get_or_insert_with(Box::default)
             .requests
             .get_or_insert_with(|| Arc::new(Semaphore::new(MAX_REQUESTS_IN_FLIGHT)))
             .clone();

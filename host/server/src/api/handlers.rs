@@ -411,7 +411,7 @@ fn user_view(state: &ApiState, user_id: &str) -> UserView {
     state.ctx.router.for_each_device(user_id, |d| {
         devices.push(DeviceView {
             device_id: d.device_id.to_string(),
-            transport: d.transport.to_owned(),
+            transport: d.transport.as_str().to_owned(),
         })
     });
     devices.sort_by(|a, b| a.device_id.cmp(&b.device_id));

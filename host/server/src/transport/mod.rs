@@ -6,6 +6,7 @@
 
 use std::future::Future;
 use std::io;
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use im_proto::v1::CloseReason;
@@ -52,9 +53,15 @@ pub enum RecvError {
 
 /// A connection carrying whole frames.
 pub trait FrameConn: Send + 'static {
-    /// The next frame; `Ok(None)` when the peer closed cleanly.
-    /// Must be cancel-safe: it sits in a `select!` with the outbound queue and timers.
-    fn recv(&mut self) -> impl Future<Output = Result<Option<Bytes>, RecvError>> + Send;
+    /// Polls for the next frame; `Ok(None)` when the peer closed cleanly. Keeps its state
+    /// in the connection, not in a future: it is polled beside the outbound queue and
+    /// timers in every idle connection's task, whose size is what an idle connection costs.
+    fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<Bytes>, RecvError>>;
+
+    /// The next frame; `Ok(None)` when the peer closed cleanly. Cancel-safe.
+    fn recv(&mut self) -> impl Future<Output = Result<Option<Bytes>, RecvError>> + Send {
+        std::future::poll_fn(move |cx| self.poll_recv(cx))
+    }
 
     /// Writes frames, in order, as one batch where the transport allows.
     fn send(&mut self, frames: &[Bytes]) -> impl Future<Output = io::Result<()>> + Send;

@@ -2,6 +2,7 @@
 
 use std::io;
 use std::sync::Arc;
+use std::task::{Context, Poll, ready};
 
 use bytes::Bytes;
 use im_proto::codec::{FrameError, FrameReader, LENGTH_PREFIX_BYTES};
@@ -11,13 +12,29 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use super::direct::{DirectSocket, SharedTcp};
 use super::{FrameConn, RecvError, Transport};
 
+/// A byte stream carrying frames. Plain TCP's socket also takes writes from other threads.
+pub trait ByteStream: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    /// The socket other threads may write whole frames to (plain TCP only).
+    fn direct_socket(&self) -> Option<Arc<DirectSocket>> {
+        None
+    }
+}
+
+impl ByteStream for SharedTcp {
+    fn direct_socket(&self) -> Option<Arc<DirectSocket>> {
+        Some(self.0.clone())
+    }
+}
+
+impl ByteStream for tokio_rustls::server::TlsStream<tokio::net::TcpStream> {}
+
+impl ByteStream for tokio::io::Join<quinn::RecvStream, quinn::SendStream> {}
+
 /// Length-prefixed frames over `S`.
 pub struct StreamConn<S> {
     stream: S,
     reader: FrameReader,
     transport: Transport,
-    /// Plain TCP only: the socket, for writes from other threads.
-    direct: Option<Arc<DirectSocket>>,
 }
 
 impl<S> StreamConn<S> {
@@ -26,7 +43,6 @@ impl<S> StreamConn<S> {
             stream,
             reader: FrameReader::new(max_frame_bytes),
             transport,
-            direct: None,
         }
     }
 }
@@ -34,16 +50,14 @@ impl<S> StreamConn<S> {
 impl StreamConn<SharedTcp> {
     /// A plain TCP connection, whose socket other threads may write to directly.
     pub fn plain_tcp(socket: Arc<DirectSocket>, max_frame_bytes: usize) -> Self {
-        Self {
-            direct: Some(socket.clone()),
-            ..Self::new(SharedTcp(socket), max_frame_bytes, Transport::Tcp)
-        }
+        Self::new(SharedTcp(socket), max_frame_bytes, Transport::Tcp)
     }
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> FrameConn for StreamConn<S> {
-    async fn recv(&mut self) -> Result<Option<Bytes>, RecvError> {
-        match self.reader.read_frame(&mut self.stream).await {
+impl<S: ByteStream> FrameConn for StreamConn<S> {
+    fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<Bytes>, RecvError>> {
+        let frame = ready!(self.reader.poll_frame(&mut self.stream, cx));
+        Poll::Ready(match frame {
             Ok(frame) => Ok(frame),
             Err(FrameError::TooLarge { len, max }) => Err(RecvError::TooLarge { len, max }),
             Err(FrameError::Truncated) => Err(RecvError::Io(io::Error::new(
@@ -51,7 +65,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> FrameConn for StreamCon
                 "closed mid-frame",
             ))),
             Err(FrameError::Io(e)) => Err(RecvError::Io(e)),
-        }
+        })
     }
 
     async fn send(&mut self, frames: &[Bytes]) -> io::Result<()> {
@@ -76,6 +90,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> FrameConn for StreamCon
     }
 
     fn direct_socket(&self) -> Option<Arc<DirectSocket>> {
-        self.direct.clone()
+        self.stream.direct_socket()
     }
 }

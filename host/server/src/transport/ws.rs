@@ -2,6 +2,7 @@
 
 use std::io;
 use std::sync::Arc;
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -53,33 +54,30 @@ pub struct WsConn<S> {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> FrameConn for WsConn<S> {
-    async fn recv(&mut self) -> Result<Option<Bytes>, RecvError> {
+    fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<Bytes>, RecvError>> {
         loop {
-            let Some(message) = self.ws.next().await else {
-                return Ok(None);
+            let Some(message) = ready!(self.ws.poll_next_unpin(cx)) else {
+                return Poll::Ready(Ok(None));
             };
-            match message {
-                Ok(Message::Binary(data)) => return Ok(Some(data)),
-                Ok(Message::Text(_)) => {
-                    return Err(RecvError::Protocol(
-                        "text messages are not accepted; send binary frames".into(),
-                    ));
-                }
-                Ok(Message::Close(_)) => return Ok(None),
+            let received = match message {
+                Ok(Message::Binary(data)) => Ok(Some(data)),
+                Ok(Message::Text(_)) => Err(RecvError::Protocol(
+                    "text messages are not accepted; send binary frames".into(),
+                )),
+                Ok(Message::Close(_)) => Ok(None),
                 // tungstenite answers pings itself.
                 Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)) => continue,
-                Err(tungstenite::Error::Capacity(err)) => {
-                    return Err(RecvError::TooLarge {
-                        len: capacity_len(&err),
-                        max: self.max_frame_bytes,
-                    });
-                }
-                Err(tungstenite::Error::Io(err)) => return Err(RecvError::Io(err)),
+                Err(tungstenite::Error::Capacity(err)) => Err(RecvError::TooLarge {
+                    len: capacity_len(&err),
+                    max: self.max_frame_bytes,
+                }),
+                Err(tungstenite::Error::Io(err)) => Err(RecvError::Io(err)),
                 Err(tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed) => {
-                    return Ok(None);
+                    Ok(None)
                 }
-                Err(err) => return Err(RecvError::Protocol(err.to_string())),
-            }
+                Err(err) => Err(RecvError::Protocol(err.to_string())),
+            };
+            return Poll::Ready(received);
         }
     }
 

@@ -54,7 +54,8 @@ pub enum Outbound {
 /// and close requests: the task waits on both at once.
 #[derive(Debug)]
 pub struct ConnControl {
-    reason: OnceLock<(CloseReason, String)>,
+    /// Boxed: a pointer's room in every connection until the rare close request.
+    reason: OnceLock<Box<(CloseReason, String)>>,
     /// The connection task, woken by a close request or a queued item.
     waker: AtomicWaker,
     /// `monotonic_ms()` when the last complete frame arrived (or the login).
@@ -67,7 +68,7 @@ pub struct ConnControl {
 #[derive(Debug)]
 struct OutboundQueue {
     items: VecDeque<Outbound>,
-    capacity: usize,
+    capacity: u32,
     /// The task is gone ([`OutboundReceiver`] dropped): nothing more is taken.
     closed: bool,
 }
@@ -85,7 +86,7 @@ impl ConnControl {
             last_heard_ms: AtomicU64::new(now_ms),
             queue: Mutex::new(OutboundQueue {
                 items: VecDeque::new(),
-                capacity: queue_capacity,
+                capacity: u32::try_from(queue_capacity).unwrap_or(u32::MAX),
                 closed: false,
             }),
             direct: None,
@@ -107,14 +108,14 @@ impl ConnControl {
 
     /// Requests the close. Later calls are ignored.
     pub fn close(&self, reason: CloseReason, message: impl Into<String>) {
-        if self.reason.set((reason, message.into())).is_ok() {
+        if self.reason.set(Box::new((reason, message.into()))).is_ok() {
             self.waker.wake();
         }
     }
 
     /// The close requested, if any.
     pub fn close_requested(&self) -> Option<&(CloseReason, String)> {
-        self.reason.get()
+        self.reason.get().map(|reason| &**reason)
     }
 
     /// Waits until a close is requested and returns its reason. (A hand-written future of
@@ -122,12 +123,12 @@ impl ConnControl {
     /// times the room.)
     pub fn requested(&self) -> impl Future<Output = (CloseReason, String)> + '_ {
         std::future::poll_fn(move |cx| {
-            if let Some(reason) = self.reason.get() {
+            if let Some(reason) = self.close_requested() {
                 return Poll::Ready(reason.clone());
             }
             self.waker.register(cx.waker());
             // Checked again: a close between the first check and the registration woke no one.
-            match self.reason.get() {
+            match self.close_requested() {
                 Some(reason) => Poll::Ready(reason.clone()),
                 None => Poll::Pending,
             }
@@ -151,7 +152,7 @@ impl ConnControl {
             if queue.closed {
                 return Err(QueueRefused::Gone);
             }
-            if queue.items.len() >= queue.capacity {
+            if queue.items.len() >= queue.capacity as usize {
                 return Err(QueueRefused::Full);
             }
             queue.items.push_back(item);

@@ -69,7 +69,8 @@ pub struct ConnControl {
 struct OutboundQueue {
     items: VecDeque<Outbound>,
     capacity: u32,
-    /// The task is gone ([`OutboundReceiver`] dropped): nothing more is taken.
+    /// The task is gone (its session or [`OutboundReceiver`] dropped): nothing more is
+    /// taken.
     closed: bool,
 }
 
@@ -160,9 +161,7 @@ impl ConnControl {
         self.waker.wake();
         Ok(())
     }
-}
 
-impl ConnControl {
     /// Moves up to `max` queued items to `take`, oldest first, under one lock; returns how
     /// many.
     pub fn take_queued(&self, max: usize, mut take: impl FnMut(Outbound)) -> usize {
@@ -180,18 +179,23 @@ impl ConnControl {
         self.queue.lock().items.is_empty()
     }
 
-    /// Ready when something is queued; otherwise registers the task to be woken when
-    /// something is (or a close is requested).
-    pub fn poll_queued(&self, cx: &mut Context<'_>) -> Poll<()> {
-        if !self.queue_is_empty() {
-            return Poll::Ready(());
+    /// [`Self::take_queued`], ready with how many it took when it took any; otherwise
+    /// registers the task to be woken when something is queued (or a close is requested).
+    pub fn poll_take_queued(
+        &self,
+        cx: &mut Context<'_>,
+        max: usize,
+        mut take: impl FnMut(Outbound),
+    ) -> Poll<usize> {
+        let taken = self.take_queued(max, &mut take);
+        if taken > 0 {
+            return Poll::Ready(taken);
         }
         self.waker.register(cx.waker());
-        // Checked again: an item queued between the check and the registration woke no one.
-        if self.queue_is_empty() {
-            Poll::Pending
-        } else {
-            Poll::Ready(())
+        // Taken again: an item queued between the first look and the registration woke no one.
+        match self.take_queued(max, take) {
+            0 => Poll::Pending,
+            taken => Poll::Ready(taken),
         }
     }
 
@@ -245,12 +249,13 @@ impl OutboundReceiver {
 
     /// Waits for the next item.
     pub async fn recv(&self) -> Outbound {
-        loop {
-            std::future::poll_fn(|cx| self.control.poll_queued(cx)).await;
-            if let Some(item) = self.try_recv() {
-                return item;
-            }
-        }
+        let mut item = None;
+        std::future::poll_fn(|cx| {
+            self.control
+                .poll_take_queued(cx, 1, |taken| item = Some(taken))
+        })
+        .await;
+        item.expect("one item taken")
     }
 }
 
@@ -627,6 +632,19 @@ mod tests {
         let mut wire = [0u8; 10];
         client.read_exact(&mut wire).await.unwrap();
         assert_eq!(wire, *b"\0\0\0\x01b\0\0\0\x01e");
+    }
+
+    #[test]
+    fn offers_to_a_connection_whose_task_is_gone_are_refused_and_not_kept() {
+        let (h, rx) = handle(1, "bob", "phone", 4);
+        assert!(h.offer(Outbound::Frame(Bytes::from_static(b"1"))));
+        drop(rx);
+        assert!(!h.offer(Outbound::Frame(Bytes::from_static(b"2"))));
+        assert!(h.control.queue_is_empty(), "what was queued is freed");
+        assert!(
+            h.control.close_requested().is_none(),
+            "a gone task is not a slow consumer"
+        );
     }
 
     #[tokio::test]

@@ -257,7 +257,7 @@ enum Wake {
     Queued,
     Frame(Bytes),
     /// The re-push timer fired; what is due again is in `out`.
-    Turn,
+    Repush,
 }
 
 /// Runs one connection from its first byte to its close.
@@ -302,8 +302,8 @@ async fn log_in<C: FrameConn>(
         transport: conn.transport().as_str(),
         remote_ip: Some(peer.ip()),
     };
-    let login = match await_login(&ctx, &mut conn, &origin).await {
-        Ok(login) => login,
+    let handle = match await_login(&ctx, &mut conn, &origin).await {
+        Ok(handle) => handle,
         Err(end) => {
             close_connection(&mut conn, &peer, end, None).await;
             ctx.stats.open.fetch_sub(1, Ordering::Relaxed);
@@ -311,10 +311,10 @@ async fn log_in<C: FrameConn>(
         }
     };
     let transport = origin.transport;
-    tracing::debug!(%peer, transport, user = %login.handle.user_id, device = %login.handle.device_id, "logged in");
+    tracing::debug!(%peer, transport, user = %handle.user_id, device = %handle.device_id, "logged in");
     ctx.stats.logged_in.fetch_add(1, Ordering::Relaxed);
     ctx.metrics.connection(transport, 1.0);
-    let session = LoggedIn::new(&ctx, login, origin);
+    let session = LoggedIn::new(&ctx, handle, origin);
     Some((conn, session))
 }
 
@@ -346,16 +346,12 @@ async fn close_connection<C: FrameConn>(
     let _ = Box::pin(tokio::time::timeout(Duration::from_secs(2), close)).await;
 }
 
-struct Login {
-    handle: ConnHandle,
-}
-
 /// Serves `Ping` and waits for a valid `Login`.
 async fn await_login<C: FrameConn>(
     ctx: &Arc<NodeContext>,
     conn: &mut C,
     origin: &CallOrigin,
-) -> Result<Login, End> {
+) -> Result<ConnHandle, End> {
     let deadline = Instant::now() + ctx.login_timeout();
     loop {
         let received = tokio::select! {
@@ -409,7 +405,7 @@ async fn login_with<C: FrameConn>(
     origin: &CallOrigin,
     request_id: u64,
     login: v1::LoginRequest,
-) -> Result<Login, End> {
+) -> Result<ConnHandle, End> {
     if !ids::is_valid_id(&login.device_id) {
         reply(
             conn,
@@ -507,7 +503,7 @@ async fn login_with<C: FrameConn>(
             .unregister(&handle.user_id, handle.conn_id, now_ms());
         return Err(end);
     }
-    Ok(Login { handle })
+    Ok(handle)
 }
 
 fn pong(request_id: u64, nonce: i64) -> Bytes {
@@ -586,6 +582,14 @@ struct Deliveries {
     retry_timer: Option<Pin<Box<Sleep>>>,
 }
 
+impl Deliveries {
+    /// Nothing awaits an ack, nothing waits to be counted, and no timer is left: the
+    /// record can go.
+    fn settled(&self) -> bool {
+        self.pending.is_empty() && self.first_pushes.is_empty() && self.retry_timer.is_none()
+    }
+}
+
 impl Drop for LoggedIn {
     fn drop(&mut self) {
         self.handle.control.close_queue();
@@ -604,7 +608,7 @@ struct OnDemand {
 }
 
 impl LoggedIn {
-    fn new(ctx: &Arc<NodeContext>, login: Login, origin: CallOrigin) -> Self {
+    fn new(ctx: &Arc<NodeContext>, handle: ConnHandle, origin: CallOrigin) -> Self {
         Self {
             ctx: ctx.clone(),
             remote_ip: match origin.remote_ip {
@@ -612,7 +616,7 @@ impl LoggedIn {
                 Some(IpAddr::V6(ip)) => ip,
                 None => Ipv6Addr::UNSPECIFIED,
             },
-            handle: login.handle,
+            handle,
             deliveries: None,
             out: Vec::new(),
             on_demand: None,
@@ -778,7 +782,7 @@ impl LoggedIn {
         match wake {
             Wake::Ended(end) => Err(end),
             Wake::Queued => Ok((true, None)),
-            Wake::Turn => Ok((false, None)),
+            Wake::Repush => Ok((false, None)),
             Wake::Frame(bytes) => {
                 self.handle.control.heard(monotonic_ms());
                 Ok((false, self.handle_frame(bytes)))
@@ -792,8 +796,7 @@ impl LoggedIn {
         if let Some((reason, message)) = self.handle.control.close_requested() {
             return Poll::Ready(Wake::Ended(End::Close(*reason, message.clone())));
         }
-        if self.handle.control.poll_queued(cx).is_ready() {
-            self.take_queued();
+        if self.poll_take_queued(cx).is_ready() {
             return Poll::Ready(Wake::Queued);
         }
         // The queue's waker, just registered, also serves close requests: one asked for
@@ -811,7 +814,7 @@ impl LoggedIn {
             && timer.as_mut().poll(cx).is_ready()
         {
             self.retry_timer_elapsed();
-            return Poll::Ready(Wake::Turn);
+            return Poll::Ready(Wake::Repush);
         }
         Poll::Pending
     }
@@ -826,8 +829,7 @@ impl LoggedIn {
             return;
         };
         let Some(due) = deliveries.pending.next_due() else {
-            // Nothing awaits an ack and no timer is left to find that out: done with it.
-            if deliveries.retry_timer.is_none() && deliveries.first_pushes.is_empty() {
+            if deliveries.settled() {
                 self.deliveries = None;
             }
             return;
@@ -853,15 +855,16 @@ impl LoggedIn {
             (Some(next), Some(timer)) => timer.as_mut().reset(Instant::from_std(next)),
             _ => {
                 deliveries.retry_timer = None;
-                if deliveries.pending.is_empty() && deliveries.first_pushes.is_empty() {
+                if deliveries.settled() {
                     self.deliveries = None;
                 }
             }
         }
     }
 
-    /// Moves what is queued (at most a write batch) to `out`, under the queue's lock once.
-    fn take_queued(&mut self) {
+    /// Moves what is queued (at most a write batch) to `out`, under the queue's lock once;
+    /// with nothing queued, registers the task to be woken when something is.
+    fn poll_take_queued(&mut self, cx: &mut Context<'_>) -> Poll<usize> {
         let room = MAX_WRITE_BATCH.saturating_sub(self.out.len()).max(1);
         let Self {
             ctx,
@@ -870,19 +873,21 @@ impl LoggedIn {
             out,
             ..
         } = self;
-        handle.control.take_queued(room, |item| match item {
-            Outbound::Frame(frame) => out.push(frame),
-            // The rest of that frame is taken from the socket before the next write.
-            Outbound::FinishDirectWrite => {}
-            Outbound::Deliver(push) => {
-                out.push(push.frame.clone());
-                ctx.metrics
-                    .message_out(MessageKind::of(&push.conversation_id), 1);
-                let deliveries = deliveries.get_or_insert_with(|| new_deliveries(ctx));
-                deliveries.first_pushes.push(push.committed_at);
-                deliveries.pending.pushed(push, Instant::now().into_std());
-            }
-        });
+        handle
+            .control
+            .poll_take_queued(cx, room, |item| match item {
+                Outbound::Frame(frame) => out.push(frame),
+                // The rest of that frame is taken from the socket before the next write.
+                Outbound::FinishDirectWrite => {}
+                Outbound::Deliver(push) => {
+                    out.push(push.frame.clone());
+                    ctx.metrics
+                        .message_out(MessageKind::of(&push.conversation_id), 1);
+                    let deliveries = deliveries.get_or_insert_with(|| new_deliveries(ctx));
+                    deliveries.first_pushes.push(push.committed_at);
+                    deliveries.pending.pushed(push, Instant::now().into_std());
+                }
+            })
     }
 
     /// Answers one frame. Immediate answers go to `self.out`; stored sends are answered by

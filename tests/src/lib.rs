@@ -344,6 +344,15 @@ impl TestServer {
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// Connections parked right now (idle plain TCP, no task).
+    pub fn parked(&self) -> usize {
+        self.node
+            .context
+            .parker
+            .as_ref()
+            .map_or(0, |parker| parker.parked())
+    }
+
     /// Open connections right now.
     pub fn open_connections(&self) -> usize {
         self.node

@@ -180,6 +180,10 @@ pub struct LimitsConfig {
 pub struct SessionConfig {
     /// Close connections from which nothing arrived for this long.
     pub idle_timeout_ms: u64,
+    /// Park plain-TCP connections that have had nothing to do for this long (and once right
+    /// after login): they then hold no task and no runtime registration until their socket,
+    /// their queue or a close request wakes them. 0 never parks.
+    pub park_after_ms: u64,
     /// Close connections that have not logged in after this long.
     pub login_timeout_ms: u64,
     /// First re-push of an unacknowledged delivery.
@@ -283,6 +287,7 @@ impl Default for SessionConfig {
     fn default() -> Self {
         Self {
             idle_timeout_ms: 90_000,
+            park_after_ms: 2_000,
             login_timeout_ms: 10_000,
             retry_initial_ms: 2_000,
             retry_max_ms: 30_000,

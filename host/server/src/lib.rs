@@ -3,6 +3,7 @@
 //! Layout (data flows top to bottom):
 //! - [`transport`]: TCP, WebSocket and QUIC listeners turning connections into frame streams;
 //! - [`session`]: one task per connection: login, heartbeat, requests, the delivery loop;
+//! - [`park`]: idle plain-TCP connections parked without a task, resumed by socket or queue;
 //! - [`delivery`]: sans-IO tracking and re-push schedule of unacknowledged deliveries;
 //! - [`groups`]: group requests (checks, policy, announcements) and the membership cache;
 //! - [`pipeline`]: group commit of sends and group changes, then acks and pushes in seq order;
@@ -26,6 +27,7 @@ pub mod delivery;
 pub mod groups;
 pub mod metrics;
 pub mod node;
+pub mod park;
 pub mod pipeline;
 pub mod presence;
 pub mod rooms;

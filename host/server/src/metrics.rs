@@ -182,6 +182,7 @@ impl NodeMetrics {
     pub fn render(
         &self,
         online: (usize, usize),
+        parked: usize,
         rooms: usize,
         store: Option<StoreStats>,
         plugins: Option<&PluginHost>,
@@ -189,6 +190,7 @@ impl NodeMetrics {
         metrics::with_local_recorder(&self.recorder, || {
             metrics::gauge!("im_online_users").set(online.0 as f64);
             metrics::gauge!("im_online_connections").set(online.1 as f64);
+            metrics::gauge!("im_parked_connections").set(parked as f64);
             metrics::gauge!("im_rooms").set(rooms as f64);
             if let Some(store) = store {
                 metrics::gauge!("im_store_pending_messages").set(store.pending_messages as f64);
@@ -248,7 +250,7 @@ mod tests {
         a.message_in(MessageKind::Group, 3);
         a.connection("ws", 1.0);
         a.store_commit(Duration::from_millis(2));
-        let text = a.render((1, 1), 0, None, None);
+        let text = a.render((1, 1), 0, 0, None, None);
         assert!(
             text.contains("im_messages_in_total{kind=\"group\"} 3"),
             "{text}"
@@ -258,7 +260,7 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("im_store_commit_seconds_bucket"), "{text}");
-        let other = b.render((0, 0), 0, None, None);
+        let other = b.render((0, 0), 0, 0, None, None);
         assert!(
             other.contains("im_messages_in_total{kind=\"group\"} 0"),
             "{other}"
@@ -274,7 +276,7 @@ mod tests {
         node.upkeep();
         node.delivery(Duration::from_micros(70));
         node.upkeep();
-        let text = node.render((0, 0), 0, None, None);
+        let text = node.render((0, 0), 0, 0, None, None);
         for line in [
             "im_delivery_seconds_bucket{le=\"0.00005\"} 1",
             "im_delivery_seconds_bucket{le=\"0.0001\"} 4",
@@ -300,7 +302,7 @@ mod tests {
             wal_restarts_given_up: 4,
             wal_restart_wait_seconds: 0.08,
         };
-        let text = node.render((0, 0), 0, Some(stats), None);
+        let text = node.render((0, 0), 0, 0, Some(stats), None);
         for line in [
             "im_store_pending_messages 7",
             "im_store_applier_commits_total 3",

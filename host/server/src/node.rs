@@ -21,6 +21,7 @@ use crate::config::{BootstrapPlugin, Config};
 use crate::cursors::CursorWriter;
 use crate::groups::GroupDirectory;
 use crate::metrics::NodeMetrics;
+use crate::park::Parker;
 use crate::pipeline::Pipeline;
 use crate::router::LocalRouter;
 use crate::session::NodeContext;
@@ -227,6 +228,14 @@ impl RunningNode {
             }),
             None => Arc::new(DevTokenAuthenticator::new(secret.clone())),
         };
+        let sessions = TaskTracker::new();
+        // Idle plain-TCP connections park here (`crate::park`) unless parking is off.
+        let (parker, parker_pump) = if config.session.park_after_ms > 0 {
+            let (parker, pump) = Parker::new(sessions.clone()).context("setting up parking")?;
+            (Some(parker), Some(pump))
+        } else {
+            (None, None)
+        };
         let ctx = Arc::new(NodeContext::new(
             config.clone(),
             dyn_store,
@@ -238,9 +247,9 @@ impl RunningNode {
             shutdown.clone(),
             plugins.clone(),
             metrics,
+            parker,
         ));
         let listeners = TaskTracker::new();
-        let sessions = TaskTracker::new();
         let mut node = RunningNode {
             tcp: None,
             websocket: None,
@@ -333,8 +342,15 @@ impl RunningNode {
             .push(tokio::spawn(crate::session::sweep_idle_connections(
                 ctx.router.clone(),
                 config.idle_timeout(),
+                parker_pump
+                    .is_some()
+                    .then(|| Duration::from_millis(config.session.park_after_ms)),
                 node.shutdown.clone(),
             )));
+        if let Some(pump) = parker_pump {
+            node.background
+                .push(tokio::spawn(pump.run(node.shutdown.clone())));
+        }
         node.background.push(tokio::spawn(
             ctx.metrics.clone().keep_up(node.shutdown.clone()),
         ));

@@ -141,6 +141,17 @@ impl ConnControl {
         self.last_heard_ms.store(now_ms, Ordering::Relaxed);
     }
 
+    /// Wakes the connection's task (or resumes it when parked: its waker is then its socket).
+    pub fn wake(&self) {
+        self.waker.wake();
+    }
+
+    /// Makes `waker` the one woken by close requests and queued items (a parking
+    /// connection's socket, see `crate::park`).
+    pub fn register_waker(&self, waker: &std::task::Waker) {
+        self.waker.register(waker);
+    }
+
     /// When the client was last heard from, on the `monotonic_ms()` clock.
     pub fn last_heard_ms(&self) -> u64 {
         self.last_heard_ms.load(Ordering::Relaxed)
@@ -542,6 +553,23 @@ impl LocalRouter {
         });
         closed
     }
+
+    /// Asks every plain-TCP connection not heard from for `park_ms` or more at `now_ms` to
+    /// park (`crate::park`) once it has nothing to do; returns how many were asked. Parked
+    /// ones and ones already asked are left alone.
+    pub fn ask_idle_to_park(&self, now_ms: u64, park_ms: u64) -> usize {
+        let mut asked = 0;
+        self.for_each_connection(|d| {
+            if now_ms.saturating_sub(d.control.last_heard_ms()) >= park_ms
+                && let Some(socket) = d.control.direct_socket()
+                && socket.request_park()
+            {
+                d.control.wake();
+                asked += 1;
+            }
+        });
+        asked
+    }
 }
 
 #[cfg(test)]
@@ -601,7 +629,11 @@ mod tests {
         let mut client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
             .await
             .unwrap();
-        let socket = DirectSocket::new(listener.accept().await.unwrap().0);
+        let socket = DirectSocket::new(
+            listener.accept().await.unwrap().0.into_std().unwrap(),
+            std::sync::Weak::new(),
+        )
+        .unwrap();
         let (h, rx) = handle_with(
             1,
             "carol",

@@ -1,10 +1,12 @@
 //! Sessions: login, heartbeat, request handling and the per-connection delivery loop, transport-agnostic.
 //!
 //! Each connection is one task running [`run_session`]. Before login only `Login` and `Ping`
-//! are served. After login the task multiplexes, in one `select!`: frames from the client,
-//! frames queued for it by the pipeline and the router, re-pushes of unacknowledged
+//! are served. After login the task waits, in one hand-written poll, on frames from the
+//! client, frames queued for it by the pipeline and the router, re-pushes of unacknowledged
 //! deliveries and close requests (replaced, slow consumer, idle, shutdown). Idle connections
-//! are found by one node-wide sweep ([`sweep_idle_connections`]), not a timer per task.
+//! are found by one node-wide sweep ([`sweep_idle_connections`]), not a timer per task; the
+//! same sweep asks plain-TCP connections idle for `park_after_ms` to park (`crate::park`):
+//! their task ends and their session waits in the node's parker until woken.
 //! Slow requests (sync, history, lists, read cursors) run in spawned tasks, at most
 //! [`MAX_REQUESTS_IN_FLIGHT`] per connection, and answer through the connection's queue.
 
@@ -13,7 +15,7 @@ use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -34,6 +36,7 @@ use crate::cursors::CursorWriter;
 use crate::delivery::PendingDeliveries;
 use crate::groups::{self, Actor, GroupDirectory};
 use crate::metrics::{MessageKind, NodeMetrics};
+use crate::park::{ParkedConn, Parker};
 use crate::pipeline::{GroupJob, Pipeline, ReplyTo, SendJob, to_proto};
 use crate::rooms::Rooms;
 use crate::router::{ConnControl, ConnHandle, LocalRouter, Outbound, monotonic_ms};
@@ -65,6 +68,8 @@ pub struct NodeContext {
     pub stats: SessionStats,
     pub rooms: Rooms,
     pub metrics: Arc<NodeMetrics>,
+    /// Where idle plain-TCP connections park; none when parking is off.
+    pub parker: Option<Arc<Parker>>,
     next_conn_id: AtomicU64,
 }
 
@@ -90,10 +95,12 @@ impl NodeContext {
         shutdown: CancellationToken,
         plugins: Option<Arc<PluginHost>>,
         metrics: Arc<NodeMetrics>,
+        parker: Option<Arc<Parker>>,
     ) -> Self {
         Self {
             rooms: Rooms::default(),
             metrics,
+            parker,
             config,
             plugins,
             known_users: KnownUsers::new(store.clone()),
@@ -182,14 +189,15 @@ impl KnownUsers {
 }
 
 /// Closes logged-in connections whose client has sent nothing for `idle_timeout`, sweeping
-/// the router every eighth of it (at most every second, at least every 10 ms), and closes
-/// them all with `SERVER_SHUTDOWN` once `shutdown` is cancelled (however it was: this task is
-/// what turns the token into close requests). One sweep
-/// over the router costs less than a timer in every connection's task, and idle connections
-/// are the ones that scale.
+/// the router every eighth of it (at most every second, at least every 10 ms), asks those
+/// silent for `park_after` (if given) to park, and closes them all with `SERVER_SHUTDOWN`
+/// once `shutdown` is cancelled (however it was: this task is what turns the token into
+/// close requests). One sweep over the router costs less than a timer in every connection's
+/// task, and idle connections are the ones that scale.
 pub async fn sweep_idle_connections(
     router: Arc<LocalRouter>,
     idle_timeout: Duration,
+    park_after: Option<Duration>,
     shutdown: CancellationToken,
 ) {
     let period = (idle_timeout / 8).clamp(Duration::from_millis(10), Duration::from_secs(1));
@@ -205,7 +213,11 @@ pub async fn sweep_idle_connections(
             }
             _ = ticks.tick() => {}
         }
-        router.close_idle(monotonic_ms(), idle_ms, &message);
+        let now = monotonic_ms();
+        router.close_idle(now, idle_ms, &message);
+        if let Some(park_after) = park_after {
+            router.ask_idle_to_park(now, park_after.as_millis() as u64);
+        }
     }
 }
 
@@ -239,6 +251,8 @@ enum End {
     Close(CloseReason, String),
     /// The peer went away or the connection broke: nothing to tell.
     Gone,
+    /// Not an end: the connection parks (its session waits in the node's parker).
+    Park,
 }
 
 /// How a logged-in session ended, for the close that follows.
@@ -258,6 +272,42 @@ enum Wake {
     Frame(Bytes),
     /// The re-push timer fired; what is due again is in `out`.
     Repush,
+    /// Asked to park, with nothing to do.
+    Park,
+}
+
+/// How a logged-in session's run finished.
+enum Run {
+    Ended(Box<Ended>),
+    /// It has nothing to do and was asked to park.
+    Park(LoggedIn),
+}
+
+/// A logged-in connection and its session, between tasks: handed from the login to its
+/// first run, or parked (`crate::park`).
+struct Resumable<C> {
+    conn: C,
+    session: LoggedIn,
+    /// Keeps the node's session tracker waiting while parked.
+    tracked: Option<tokio_util::task::task_tracker::TaskTrackerToken>,
+}
+
+impl<C: FrameConn> ParkedConn for Resumable<C> {
+    fn socket(&self) -> &Arc<crate::transport::direct::DirectSocket> {
+        self.session
+            .handle
+            .control
+            .direct_socket()
+            .expect("only connections with a direct socket park")
+    }
+
+    fn resume(
+        self: Box<Self>,
+        tasks: &tokio_util::task::TaskTracker,
+        runtime: &tokio::runtime::Handle,
+    ) {
+        tasks.spawn_on(drive(self), runtime);
+    }
 }
 
 /// Runs one connection from its first byte to its close.
@@ -275,18 +325,98 @@ pub fn run_session<C: FrameConn>(
 ) -> impl Future<Output = ()> + Send {
     let login = Box::pin(log_in(ctx, conn, peer));
     async move {
-        let Some((mut conn, session)) = login.await else {
+        let Some(logged_in) = login.await else {
             return;
         };
-        let ended = session.run(&mut conn).await;
-        let Ended {
-            end,
-            ctx,
-            remote_ip,
-            unwritten,
-        } = *ended;
-        Box::pin(close_connection(&mut conn, &remote_ip, end, unwritten)).await;
-        ctx.stats.open.fetch_sub(1, Ordering::Relaxed);
+        drive(logged_in).await;
+    }
+}
+
+/// Serves a logged-in connection until it ends, then closes it, or until it parks (its task
+/// then ends; the parker spawns this again when the connection is woken). Takes one box:
+/// an `async fn` keeps its arguments twice in its future, which here is a pointer.
+async fn drive<C: FrameConn>(resumable: Box<Resumable<C>>) {
+    {
+        let Resumable {
+            mut conn,
+            mut session,
+            tracked,
+        } = *resumable;
+        drop(tracked);
+        // A parked connection's socket gave up its registration; a failure here ends the
+        // session at its first read.
+        if let Err(err) = conn.set_registered(true) {
+            tracing::warn!(error = %err, "a parked connection could not resume");
+        }
+        loop {
+            match session.run(&mut conn).await {
+                Run::Ended(ended) => {
+                    let Ended {
+                        end,
+                        ctx,
+                        remote_ip,
+                        unwritten,
+                    } = *ended;
+                    Box::pin(close_connection(&mut conn, &remote_ip, end, unwritten)).await;
+                    ctx.stats.open.fetch_sub(1, Ordering::Relaxed);
+                    return;
+                }
+                Run::Park(parking) => match park(conn, parking) {
+                    Ok(()) => return,
+                    // Woken while parking: it goes on running.
+                    Err((unparked, unparked_session)) => {
+                        conn = unparked;
+                        session = unparked_session;
+                    }
+                },
+            }
+        }
+    }
+}
+
+/// Parks a connection with nothing to do: gives up its socket's registration, makes its
+/// socket the waker of its queue and close requests, and leaves the session in the node's
+/// parker. Gives the connection back, registered again, when something woke it meanwhile.
+fn park<C: FrameConn>(mut conn: C, session: LoggedIn) -> Result<(), (C, LoggedIn)> {
+    let Some(socket) = conn.direct_socket() else {
+        return Err((conn, session));
+    };
+    let Some(parker) = socket.parker() else {
+        return Err((conn, session));
+    };
+    let control = session.handle.control.clone();
+    let _ = conn.set_registered(false);
+    let key = parker.reserve();
+    socket.set_parked(key);
+    control.register_waker(&Waker::from(socket.clone()));
+    // What came since the task last looked woke the task's own waker, not this one.
+    let woken =
+        control.close_requested().is_some() || !control.queue_is_empty() || socket.has_unwritten();
+    let unpark = |mut conn: C, session: LoggedIn| {
+        socket.set_running();
+        if let Err(err) = conn.set_registered(true) {
+            tracing::warn!(error = %err, "a connection could not go on after parking");
+        }
+        Err((conn, session))
+    };
+    if woken {
+        parker.cancel(key);
+        return unpark(conn, session);
+    }
+    let tracked = Some(parker.track());
+    match parker.fill(
+        key,
+        Box::new(Resumable {
+            conn,
+            session,
+            tracked,
+        }),
+    ) {
+        Ok(()) => Ok(()),
+        Err(resumable) => {
+            let Resumable { conn, session, .. } = *resumable;
+            unpark(conn, session)
+        }
     }
 }
 
@@ -296,7 +426,7 @@ async fn log_in<C: FrameConn>(
     ctx: Arc<NodeContext>,
     mut conn: C,
     peer: SocketAddr,
-) -> Option<(C, LoggedIn)> {
+) -> Option<Box<Resumable<C>>> {
     ctx.stats.open.fetch_add(1, Ordering::Relaxed);
     let origin = CallOrigin {
         transport: conn.transport().as_str(),
@@ -314,8 +444,16 @@ async fn log_in<C: FrameConn>(
     tracing::debug!(%peer, transport, user = %handle.user_id, device = %handle.device_id, "logged in");
     ctx.stats.logged_in.fetch_add(1, Ordering::Relaxed);
     ctx.metrics.connection(transport, 1.0);
+    // Most clients go quiet once logged in: park as soon as there is nothing to do.
+    if let Some(socket) = handle.control.direct_socket() {
+        socket.request_park();
+    }
     let session = LoggedIn::new(&ctx, handle, origin);
-    Some((conn, session))
+    Some(Box::new(Resumable {
+        conn,
+        session,
+        tracked: None,
+    }))
 }
 
 /// Tells the client why its connection ends, if there is anything to tell, within 2 s.
@@ -332,10 +470,9 @@ async fn close_connection<C: FrameConn>(
     let transport = conn.transport().as_str();
     tracing::debug!(%peer, transport, reason = reason.as_str_name(), %message, "closing connection");
     let frame = v1::Frame::close(reason, message).to_bytes();
-    let socket = conn.direct_socket();
     let close = async {
-        if let (Some(rest), Some(socket)) = (&unwritten, &socket)
-            && socket.write_all(rest).await.is_err()
+        if let Some(rest) = &unwritten
+            && conn.write_raw(rest).await.is_err()
         {
             return;
         }
@@ -674,19 +811,22 @@ impl LoggedIn {
         clippy::manual_async_fn,
         reason = "an async fn stores its arguments twice in its future"
     )]
-    fn run<C: FrameConn>(mut self, conn: &mut C) -> impl Future<Output = Box<Ended>> + Send + '_ {
+    fn run<C: FrameConn>(mut self, conn: &mut C) -> impl Future<Output = Run> + Send + '_ {
         async move {
             let end = self.serve(conn).await;
+            if let End::Park = end {
+                return Run::Park(self);
+            }
             // No direct write may follow the task's last one (the close frame).
             let unwritten = conn.direct_socket().and_then(|socket| socket.retire());
             let (ctx, remote_ip) = self.log_out(&end);
             // Boxed: the connection's task would keep room for it beside the session.
-            Box::new(Ended {
+            Run::Ended(Box::new(Ended {
                 end,
                 ctx,
                 remote_ip,
                 unwritten,
-            })
+            }))
         }
     }
 
@@ -738,8 +878,8 @@ impl LoggedIn {
                 let unwritten = direct.and_then(|socket| socket.begin_write());
                 if !self.out.is_empty() || unwritten.is_some() {
                     let write = async {
-                        if let (Some(rest), Some(socket)) = (&unwritten, direct) {
-                            socket.write_all(rest).await?;
+                        if let Some(rest) = &unwritten {
+                            conn.write_raw(rest).await?;
                         }
                         if self.out.is_empty() {
                             return Ok(());
@@ -783,6 +923,7 @@ impl LoggedIn {
             Wake::Ended(end) => Err(end),
             Wake::Queued => Ok((true, None)),
             Wake::Repush => Ok((false, None)),
+            Wake::Park => Err(End::Park),
             Wake::Frame(bytes) => {
                 self.handle.control.heard(monotonic_ms());
                 Ok((false, self.handle_frame(bytes)))
@@ -815,6 +956,14 @@ impl LoggedIn {
         {
             self.retry_timer_elapsed();
             return Poll::Ready(Wake::Repush);
+        }
+        // Nothing to do: park if asked (pushes awaiting acks keep the task and its timer).
+        if self.deliveries.is_none()
+            && self.out.is_empty()
+            && let Some(socket) = self.handle.control.direct_socket()
+            && socket.take_park_request()
+        {
+            return Poll::Ready(Wake::Park);
         }
         Poll::Pending
     }

@@ -295,6 +295,7 @@ pub async fn metrics(State(state): State<ApiState>) -> Response {
     let ctx = &state.ctx;
     let text = ctx.metrics.render(
         ctx.router.counts(),
+        ctx.parker.as_ref().map_or(0, |parker| parker.parked()),
         ctx.rooms.count(),
         ctx.store.stats(),
         ctx.plugins.as_deref(),

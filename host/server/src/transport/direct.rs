@@ -9,21 +9,38 @@
 //! written everything and found its queue empty.
 
 use std::io::{self, IoSlice};
+use std::os::fd::{AsRawFd, RawFd};
 use std::pin::Pin;
-use std::sync::Arc;
-use std::task::{Context, Poll, ready};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
+use std::task::{Context, Poll, Wake, ready};
 
 use im_proto::codec::LENGTH_PREFIX_BYTES;
 use parking_lot::{Mutex, MutexGuard};
+use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
-use tokio::net::TcpStream;
 
-/// A plain TCP connection's socket with its direct-write state.
+use crate::park::Parker;
+
+/// A plain TCP connection's socket with its direct-write state. It owns the socket; the
+/// connection's task holds the socket's registration with the runtime ([`SharedTcp`]), which
+/// a parked connection gives up (`crate::park`).
 #[derive(Debug)]
 pub struct DirectSocket {
-    socket: TcpStream,
+    socket: std::net::TcpStream,
     state: Mutex<WriteState>,
+    /// [`RUNNING`], [`PARK_REQUESTED`], or the parker's slot while parked. Apart from
+    /// `state`: a parked connection's waker reads it from under `state`'s lock (a frame
+    /// queued by a direct writer wakes the connection while holding it).
+    park: AtomicUsize,
+    /// Where the connection parks (`crate::park`); none when the node does not park.
+    parker: Weak<Parker>,
 }
+
+/// [`DirectSocket::park`]: the connection runs a task.
+const RUNNING: usize = usize::MAX;
+/// The idle sweep asked the task to park when it next has nothing to do.
+const PARK_REQUESTED: usize = usize::MAX - 1;
 
 #[derive(Debug)]
 pub struct WriteState {
@@ -55,16 +72,20 @@ pub enum DirectWrite {
 }
 
 impl DirectSocket {
-    /// Wraps an accepted socket. It starts busy: the task owns the socket until its loop
-    /// first finds nothing to write.
-    pub fn new(socket: TcpStream) -> Arc<Self> {
-        Arc::new(Self {
+    /// Wraps an accepted socket (made non-blocking here), whose connection may park in
+    /// `parker`. It starts busy: the task owns the socket until its loop first finds nothing
+    /// to write.
+    pub fn new(socket: std::net::TcpStream, parker: Weak<Parker>) -> io::Result<Arc<Self>> {
+        socket.set_nonblocking(true)?;
+        Ok(Arc::new(Self {
             socket,
             state: Mutex::new(WriteState {
                 busy: true,
                 unwritten: None,
             }),
-        })
+            park: AtomicUsize::new(RUNNING),
+            parker,
+        }))
     }
 
     /// The write state, locked: queue a frame for the task while holding it.
@@ -73,7 +94,8 @@ impl DirectSocket {
     }
 
     /// Writes `frame` (with its length prefix) now if nothing is ahead of it, without waiting.
-    /// `state` must be this socket's, locked.
+    /// `state` must be this socket's, locked. A parked connection's socket takes direct
+    /// writes too: they need no task.
     pub fn write_now(&self, state: &mut WriteState, frame: &[u8]) -> DirectWrite {
         if state.busy {
             return DirectWrite::NotWritten;
@@ -81,7 +103,7 @@ impl DirectSocket {
         let prefix = (frame.len() as u32).to_be_bytes();
         let total = LENGTH_PREFIX_BYTES + frame.len();
         let parts = [IoSlice::new(&prefix), IoSlice::new(frame)];
-        match self.socket.try_write_vectored(&parts) {
+        match io::Write::write_vectored(&mut &self.socket, &parts) {
             Ok(n) if n >= total => DirectWrite::Written,
             // Nothing went out: the frame can still be queued whole.
             Ok(0) => DirectWrite::NotWritten,
@@ -125,31 +147,152 @@ impl DirectSocket {
         self.begin_write()
     }
 
-    /// Writes `bytes` whole, waiting for room as needed (the task's side).
-    pub async fn write_all(&self, mut bytes: &[u8]) -> io::Result<()> {
-        while !bytes.is_empty() {
-            let n = std::future::poll_fn(|cx| self.poll_write_some(cx, bytes)).await?;
-            bytes = &bytes[n..];
-        }
-        Ok(())
+    /// Asks a running connection to park when it next has nothing to do; true when this
+    /// asked (the caller wakes the task), false when it was asked already, is parked, or
+    /// cannot park (the node does not park connections).
+    pub fn request_park(&self) -> bool {
+        self.parker.strong_count() > 0
+            && self
+                .park
+                .compare_exchange(RUNNING, PARK_REQUESTED, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
     }
 
-    /// Writes some of `buf` once the socket has room.
-    fn poll_write_some(&self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        loop {
-            ready!(self.socket.poll_write_ready(cx))?;
-            match self.socket.try_write(buf) {
-                Ok(n) => return Poll::Ready(Ok(n)),
-                // Readiness was stale; `try_write` cleared it, so the next poll waits.
-                Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
-                Err(err) => return Poll::Ready(Err(err)),
+    /// Takes a request to park: true when one was made and nothing is left to write (no
+    /// partial direct write, nothing queued ahead), so the task may park now.
+    pub fn take_park_request(&self) -> bool {
+        self.park
+            .compare_exchange(PARK_REQUESTED, RUNNING, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+            && {
+                let state = self.state.lock();
+                !state.busy && state.unwritten.is_none()
             }
+    }
+
+    /// Where the connection parks, if the node parks connections.
+    pub fn parker(&self) -> Option<Arc<Parker>> {
+        self.parker.upgrade()
+    }
+
+    /// The connection is parked in its parker's slot `key`: a wake resumes it from there.
+    pub fn set_parked(&self, key: usize) {
+        debug_assert!(key < PARK_REQUESTED);
+        self.park.store(key, Ordering::Release);
+    }
+
+    /// The connection runs a task again.
+    pub fn set_running(&self) {
+        self.park.store(RUNNING, Ordering::Release);
+    }
+
+    /// Whether the connection is parked.
+    pub fn is_parked(&self) -> bool {
+        self.park.load(Ordering::Acquire) < PARK_REQUESTED
+    }
+
+    /// Whether a direct write left a partial frame for the task to finish.
+    pub fn has_unwritten(&self) -> bool {
+        self.state.lock().unwritten.is_some()
+    }
+}
+
+/// A parked connection's waker is its socket (no allocation): queued frames, a close request
+/// or a partial direct write wake it through the connection's `ConnControl`, which resumes it.
+/// It takes no lock of the socket's: it is woken from under them.
+impl Wake for DirectSocket {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        let parked = self
+            .park
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |park| {
+                (park < PARK_REQUESTED).then_some(RUNNING)
+            });
+        if let Ok(key) = parked
+            && let Some(parker) = self.parker.upgrade()
+        {
+            parker.resume(key, Some(self));
         }
     }
 }
 
-/// The connection task's reading and writing side of a [`DirectSocket`].
-pub struct SharedTcp(pub Arc<DirectSocket>);
+impl AsRawFd for DirectSocket {
+    fn as_raw_fd(&self) -> RawFd {
+        self.socket.as_raw_fd()
+    }
+}
+
+/// The socket's descriptor, registered with the runtime by a running connection's task;
+/// the descriptor itself is owned by the [`DirectSocket`].
+#[derive(Debug)]
+struct Descriptor(RawFd);
+
+impl AsRawFd for Descriptor {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0
+    }
+}
+
+/// The connection task's reading and writing side of a [`DirectSocket`]: the socket's
+/// registration with the runtime, which a parked connection gives up.
+pub struct SharedTcp {
+    // Declared first, dropped first: deregistered while the socket it names is still open.
+    io: Option<AsyncFd<Descriptor>>,
+    socket: Arc<DirectSocket>,
+}
+
+impl SharedTcp {
+    /// The task's side of `socket`, registered with the runtime (call within it).
+    pub fn new(socket: Arc<DirectSocket>) -> io::Result<Self> {
+        let mut shared = Self { io: None, socket };
+        shared.register()?;
+        Ok(shared)
+    }
+
+    /// The socket other threads write to directly.
+    pub fn socket(&self) -> &Arc<DirectSocket> {
+        &self.socket
+    }
+
+    /// Registers the socket with the runtime again (a parked connection resuming).
+    pub fn register(&mut self) -> io::Result<()> {
+        if self.io.is_none() {
+            let descriptor = Descriptor(self.socket.as_raw_fd());
+            let interest = Interest::READABLE | Interest::WRITABLE;
+            // SAFETY: the descriptor is the `DirectSocket`'s, which this holds (and drops
+            // after the registration, by field order), so it stays open and the same.
+            self.io = Some(unsafe { AsyncFd::register_with_interest(descriptor, interest) }?);
+        }
+        Ok(())
+    }
+
+    /// Gives up the registration (the connection is parking): reads and writes fail until
+    /// [`Self::register`].
+    pub fn deregister(&mut self) {
+        self.io = None;
+    }
+
+    fn io(&self) -> io::Result<&AsyncFd<Descriptor>> {
+        self.io
+            .as_ref()
+            .ok_or_else(|| io::Error::other("the socket is not registered with the runtime"))
+    }
+
+    /// Writes some of `buf` once the socket has room.
+    fn poll_write_some(&self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let io = self.io()?;
+        loop {
+            let mut ready = ready!(io.poll_write_ready(cx))?;
+            // Would block: the readiness was stale and is now cleared, so the next poll waits.
+            if let Ok(written) = ready.try_io(|_| io::Write::write(&mut &self.socket.socket, buf)) {
+                return Poll::Ready(written);
+            }
+        }
+    }
+}
 
 impl AsyncRead for SharedTcp {
     fn poll_read(
@@ -157,9 +300,10 @@ impl AsyncRead for SharedTcp {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let socket = &self.0.socket;
+        let io = self.io()?;
+        let socket = &self.socket.socket;
         loop {
-            ready!(socket.poll_read_ready(cx))?;
+            let mut ready = ready!(io.poll_read_ready(cx))?;
             let unfilled = buf.initialize_unfilled();
             let room = unfilled.len();
             let mut read = 0;
@@ -167,8 +311,8 @@ impl AsyncRead for SharedTcp {
             // edge-triggered), so the closure says "would block" after it, which clears the
             // readiness, as tokio's own `TcpStream` does: the next read waits for new data
             // instead of finding out with a read that fails.
-            let outcome = socket.try_io(Interest::READABLE, || {
-                read = io::Read::read(&mut &*socket2::SockRef::from(socket), unfilled)?;
+            let outcome = ready.try_io(|_| {
+                read = io::Read::read(&mut &*socket, unfilled)?;
                 if read > 0 && read < room {
                     Err(io::ErrorKind::WouldBlock.into())
                 } else {
@@ -176,18 +320,18 @@ impl AsyncRead for SharedTcp {
                 }
             });
             match outcome {
-                Ok(()) => {
+                Ok(Ok(())) => {
                     buf.advance(read);
                     return Poll::Ready(Ok(()));
                 }
-                Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
+                Ok(Err(err)) => return Poll::Ready(Err(err)),
+                Err(_would_block) => {
                     if read > 0 {
                         buf.advance(read);
                         return Poll::Ready(Ok(()));
                     }
                     // Readiness was stale; it is cleared, so the next poll waits.
                 }
-                Err(err) => return Poll::Ready(Err(err)),
             }
         }
     }
@@ -199,7 +343,7 @@ impl AsyncWrite for SharedTcp {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        self.0.poll_write_some(cx, buf)
+        self.poll_write_some(cx, buf)
     }
 
     fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -207,14 +351,14 @@ impl AsyncWrite for SharedTcp {
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(socket2::SockRef::from(&self.0.socket).shutdown(std::net::Shutdown::Write))
+        Poll::Ready(self.socket.socket.shutdown(std::net::Shutdown::Write))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use tokio::io::AsyncReadExt;
-    use tokio::net::TcpListener;
+    use tokio::net::{TcpListener, TcpStream};
 
     use super::*;
 
@@ -225,7 +369,10 @@ mod tests {
             .await
             .unwrap();
         let (server, _) = listener.accept().await.unwrap();
-        (DirectSocket::new(server), client)
+        (
+            DirectSocket::new(server.into_std().unwrap(), Weak::new()).unwrap(),
+            client,
+        )
     }
 
     /// Reads one length-prefixed frame.
@@ -240,7 +387,7 @@ mod tests {
     async fn reads_that_drain_the_socket_wait_for_more_and_see_the_end() {
         use tokio::io::AsyncWriteExt;
         let (socket, mut client) = pair().await;
-        let mut reading = SharedTcp(socket);
+        let mut reading = SharedTcp::new(socket).unwrap();
         let mut buf = [0u8; 64];
         client.write_all(b"hello").await.unwrap();
         // A read that leaves room clears the readiness: the next one must still be woken
@@ -343,8 +490,10 @@ mod tests {
         let writer = {
             let socket = socket.clone();
             tokio::spawn(async move {
-                socket.write_all(&rest).await.unwrap();
-                let mut shared = SharedTcp(socket.clone());
+                let mut shared = SharedTcp::new(socket.clone()).unwrap();
+                tokio::io::AsyncWriteExt::write_all(&mut shared, &rest)
+                    .await
+                    .unwrap();
                 tokio::io::AsyncWriteExt::write_all(&mut shared, &[0, 0, 0, 3, b'e', b'n', b'd'])
                     .await
                     .unwrap();

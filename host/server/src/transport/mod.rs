@@ -66,6 +66,12 @@ pub trait FrameConn: Send + 'static {
     /// Writes frames, in order, as one batch where the transport allows.
     fn send(&mut self, frames: &[Bytes]) -> impl Future<Output = io::Result<()>> + Send;
 
+    /// Writes `bytes` as they are: the rest of a frame a direct write left half-written
+    /// (only transports with a direct socket have any).
+    fn write_raw(&mut self, _bytes: &[u8]) -> impl Future<Output = io::Result<()>> + Send {
+        std::future::ready(Err(io::ErrorKind::Unsupported.into()))
+    }
+
     /// Best effort: sends `Close{reason}` (encoded as `close_frame`) and closes the connection.
     fn close(&mut self, reason: CloseReason, close_frame: Bytes)
     -> impl Future<Output = ()> + Send;
@@ -75,5 +81,11 @@ pub trait FrameConn: Send + 'static {
     /// The socket other threads may write whole frames to without waiting (plain TCP only).
     fn direct_socket(&self) -> Option<std::sync::Arc<direct::DirectSocket>> {
         None
+    }
+
+    /// Registers the connection with the runtime again, or gives the registration up while
+    /// it is parked (`crate::park`; only connections with a direct socket park).
+    fn set_registered(&mut self, _registered: bool) -> io::Result<()> {
+        Ok(())
     }
 }

@@ -18,11 +18,26 @@ pub trait ByteStream: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     fn direct_socket(&self) -> Option<Arc<DirectSocket>> {
         None
     }
+
+    /// Registers the stream with the runtime again, or gives the registration up (a
+    /// parked connection's socket, `crate::park`); only plain TCP parks.
+    fn set_registered(&mut self, _registered: bool) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 impl ByteStream for SharedTcp {
     fn direct_socket(&self) -> Option<Arc<DirectSocket>> {
-        Some(self.0.clone())
+        Some(self.socket().clone())
+    }
+
+    fn set_registered(&mut self, registered: bool) -> io::Result<()> {
+        if registered {
+            self.register()
+        } else {
+            self.deregister();
+            Ok(())
+        }
     }
 }
 
@@ -48,9 +63,14 @@ impl<S> StreamConn<S> {
 }
 
 impl StreamConn<SharedTcp> {
-    /// A plain TCP connection, whose socket other threads may write to directly.
-    pub fn plain_tcp(socket: Arc<DirectSocket>, max_frame_bytes: usize) -> Self {
-        Self::new(SharedTcp(socket), max_frame_bytes, Transport::Tcp)
+    /// A plain TCP connection, whose socket other threads may write to directly (call
+    /// within the runtime, which it registers with).
+    pub fn plain_tcp(socket: Arc<DirectSocket>, max_frame_bytes: usize) -> io::Result<Self> {
+        Ok(Self::new(
+            SharedTcp::new(socket)?,
+            max_frame_bytes,
+            Transport::Tcp,
+        ))
     }
 }
 
@@ -80,6 +100,10 @@ impl<S: ByteStream> FrameConn for StreamConn<S> {
         self.stream.flush().await
     }
 
+    async fn write_raw(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.stream.write_all(bytes).await
+    }
+
     async fn close(&mut self, _reason: CloseReason, close_frame: Bytes) {
         let _ = self.send(&[close_frame]).await;
         let _ = self.stream.shutdown().await;
@@ -91,5 +115,9 @@ impl<S: ByteStream> FrameConn for StreamConn<S> {
 
     fn direct_socket(&self) -> Option<Arc<DirectSocket>> {
         self.stream.direct_socket()
+    }
+
+    fn set_registered(&mut self, registered: bool) -> io::Result<()> {
+        self.stream.set_registered(registered)
     }
 }

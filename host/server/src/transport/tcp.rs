@@ -38,11 +38,18 @@ pub async fn serve(
         let max = ctx.config.limits.max_frame_bytes;
         match &tls {
             None => {
-                tasks.spawn(run_session(
-                    ctx,
-                    StreamConn::plain_tcp(DirectSocket::new(stream), max),
-                    peer,
-                ));
+                // The socket is owned by its `DirectSocket`; the task registers it again.
+                let parker = ctx.parker.as_ref().map(Arc::downgrade).unwrap_or_default();
+                let conn = stream
+                    .into_std()
+                    .and_then(|stream| DirectSocket::new(stream, parker))
+                    .and_then(|socket| StreamConn::plain_tcp(socket, max));
+                match conn {
+                    Ok(conn) => {
+                        tasks.spawn(run_session(ctx, conn, peer));
+                    }
+                    Err(err) => tracing::warn!(%peer, error = %err, "tcp connection not set up"),
+                }
             }
             Some(acceptor) => {
                 let acceptor = acceptor.clone();

@@ -72,6 +72,11 @@ impl FrameReader {
         }
     }
 
+    /// Whether no bytes are held (nothing of a frame still arriving).
+    pub fn holds_nothing(&self) -> bool {
+        self.held().is_empty()
+    }
+
     /// The bytes read and not yet taken.
     fn held(&self) -> &[u8] {
         &self.held[self.start as usize..]

@@ -137,6 +137,11 @@ impl Parker {
         Ok(())
     }
 
+    /// Spawns the task of a connection that was woken on its way to park.
+    pub fn respawn(&self, conn: Box<dyn ParkedConn>) {
+        conn.resume(&self.sessions, &self.runtime);
+    }
+
     /// Resumes the connection in slot `key`, if one is parked there (and, when `from` is
     /// given, it is that socket's): its task is spawned again. A connection still on its
     /// way to park is marked woken instead, and stays running.

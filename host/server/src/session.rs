@@ -19,6 +19,7 @@ use std::task::{Context, Poll, Waker};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use im_proto::codec::FrameReader;
 use im_proto::ids;
 use im_proto::v1::{self, CloseReason, ErrorCode, frame::Body};
 use im_store::{NewMessage, Store, StoreError};
@@ -26,6 +27,8 @@ use parking_lot::RwLock;
 use tokio::sync::Semaphore;
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tokio_util::task::task_tracker::TaskTrackerToken;
 
 use im_plugins::bindings::types;
 use im_plugins::{CallOrigin, FilterOutcome, Hook, PluginHost, PluginMessage, RiskOutcome};
@@ -40,6 +43,8 @@ use crate::park::{ParkedConn, Parker};
 use crate::pipeline::{GroupJob, Pipeline, ReplyTo, SendJob, to_proto};
 use crate::rooms::Rooms;
 use crate::router::{ConnControl, ConnHandle, LocalRouter, Outbound, monotonic_ms};
+use crate::transport::direct::DirectSocket;
+use crate::transport::stream::StreamConn;
 use crate::transport::{FrameConn, RecvError};
 
 /// Concurrent slow requests per connection; more wait (back-pressure on that client only).
@@ -283,30 +288,73 @@ enum Run {
     Park(LoggedIn),
 }
 
-/// A logged-in connection and its session, between tasks: handed from the login to its
-/// first run, or parked (`crate::park`).
+/// A logged-in connection and its session, handed from the login to its first run, or from
+/// a parked connection's resumption to its run.
 struct Resumable<C> {
     conn: C,
     session: LoggedIn,
-    /// Keeps the node's session tracker waiting while parked.
-    tracked: Option<tokio_util::task::task_tracker::TaskTrackerToken>,
 }
 
-impl<C: FrameConn> ParkedConn for Resumable<C> {
-    fn socket(&self) -> &Arc<crate::transport::direct::DirectSocket> {
-        self.session
-            .handle
+/// A parked plain-TCP connection (`crate::park`): what of its session an idle connection
+/// needs, and its reader's part of a frame still arriving, if any. Dropped unresumed, it
+/// closes the connection's queue like a session.
+struct ParkedTcp {
+    ctx: Arc<NodeContext>,
+    remote_ip: Ipv6Addr,
+    handle: OwnedHandle,
+    on_demand: Option<Box<OnDemand>>,
+    reader: Option<Box<FrameReader>>,
+    /// Keeps the node's session tracker waiting while parked.
+    tracked: TaskTrackerToken,
+}
+
+impl ParkedConn for ParkedTcp {
+    fn socket(&self) -> &Arc<DirectSocket> {
+        self.handle
             .control
             .direct_socket()
             .expect("only connections with a direct socket park")
     }
 
-    fn resume(
-        self: Box<Self>,
-        tasks: &tokio_util::task::TaskTracker,
-        runtime: &tokio::runtime::Handle,
-    ) {
-        tasks.spawn_on(drive(self), runtime);
+    fn resume(self: Box<Self>, tasks: &TaskTracker, runtime: &tokio::runtime::Handle) {
+        tasks.spawn_on(resume_parked(self), runtime);
+    }
+}
+
+/// A parked connection's new task: registers its socket with the runtime again and serves
+/// it as before.
+async fn resume_parked(parked: Box<ParkedTcp>) {
+    let ParkedTcp {
+        ctx,
+        remote_ip,
+        handle,
+        on_demand,
+        reader,
+        tracked,
+    } = *parked;
+    drop(tracked);
+    let reader = reader.map_or_else(
+        || FrameReader::new(ctx.config.limits.max_frame_bytes),
+        |reader| *reader,
+    );
+    let socket = handle.control.direct_socket().cloned();
+    let session = LoggedIn {
+        ctx,
+        remote_ip,
+        handle,
+        deliveries: None,
+        out: Vec::new(),
+        on_demand,
+    };
+    let conn = socket
+        .ok_or_else(|| std::io::Error::other("no socket"))
+        .and_then(|socket| StreamConn::resumed_tcp(socket, reader));
+    match conn {
+        Ok(conn) => drive(Box::new(Resumable { conn, session })).await,
+        Err(err) => {
+            tracing::warn!(error = %err, "a parked connection could not resume: dropped");
+            session.abandon();
+        }
     }
 }
 
@@ -336,88 +384,81 @@ pub fn run_session<C: FrameConn>(
 /// then ends; the parker spawns this again when the connection is woken). Takes one box:
 /// an `async fn` keeps its arguments twice in its future, which here is a pointer.
 async fn drive<C: FrameConn>(resumable: Box<Resumable<C>>) {
-    {
-        let Resumable {
-            mut conn,
-            mut session,
-            tracked,
-        } = *resumable;
-        drop(tracked);
-        // A parked connection's socket gave up its registration; a failure here ends the
-        // session at its first read.
-        if let Err(err) = conn.set_registered(true) {
-            tracing::warn!(error = %err, "a parked connection could not resume");
-        }
-        loop {
-            match session.run(&mut conn).await {
-                Run::Ended(ended) => {
-                    let Ended {
-                        end,
-                        ctx,
-                        remote_ip,
-                        unwritten,
-                    } = *ended;
-                    Box::pin(close_connection(&mut conn, &remote_ip, end, unwritten)).await;
-                    ctx.stats.open.fetch_sub(1, Ordering::Relaxed);
-                    return;
+    let Resumable {
+        mut conn,
+        mut session,
+    } = *resumable;
+    let ended = loop {
+        // The match ends before the close's await: its scrutinee (the run's outcome, a
+        // session's size) is not kept in the task.
+        match session.run(&mut conn).await {
+            Run::Ended(ended) => break ended,
+            Run::Park(parking) => match park(conn, parking) {
+                Ok(()) => return,
+                // It cannot park after all: it goes on running.
+                Err((unparked, unparked_session)) => {
+                    conn = unparked;
+                    session = unparked_session;
                 }
-                Run::Park(parking) => match park(conn, parking) {
-                    Ok(()) => return,
-                    // Woken while parking: it goes on running.
-                    Err((unparked, unparked_session)) => {
-                        conn = unparked;
-                        session = unparked_session;
-                    }
-                },
-            }
+            },
         }
-    }
+    };
+    let Ended {
+        end,
+        ctx,
+        remote_ip,
+        unwritten,
+    } = *ended;
+    Box::pin(close_connection(&mut conn, &remote_ip, end, unwritten)).await;
+    ctx.stats.open.fetch_sub(1, Ordering::Relaxed);
 }
 
-/// Parks a connection with nothing to do: gives up its socket's registration, makes its
-/// socket the waker of its queue and close requests, and leaves the session in the node's
-/// parker. Gives the connection back, registered again, when something woke it meanwhile.
-fn park<C: FrameConn>(mut conn: C, session: LoggedIn) -> Result<(), (C, LoggedIn)> {
-    let Some(socket) = conn.direct_socket() else {
+/// Parks a connection with nothing to do: its socket's registration goes, its socket
+/// becomes the waker of its queue and close requests, and what of the session an idle
+/// connection needs waits in the node's parker. Something that woke it meanwhile has it
+/// resumed at once, in a new task. Gives back a connection that cannot park.
+fn park<C: FrameConn>(conn: C, session: LoggedIn) -> Result<(), (C, LoggedIn)> {
+    let Some(socket) = session.handle.control.direct_socket().cloned() else {
         return Err((conn, session));
     };
     let Some(parker) = socket.parker() else {
         return Err((conn, session));
     };
-    let control = session.handle.control.clone();
-    let _ = conn.set_registered(false);
+    let reader = match conn.into_parked() {
+        Ok(reader) => reader,
+        Err(conn) => return Err((conn, session)),
+    };
     let key = parker.reserve();
     socket.set_parked(key);
+    let control = &session.handle.control;
     control.register_waker(&Waker::from(socket.clone()));
     // What came since the task last looked woke the task's own waker, not this one.
     let woken =
         control.close_requested().is_some() || !control.queue_is_empty() || socket.has_unwritten();
-    let unpark = |mut conn: C, session: LoggedIn| {
-        socket.set_running();
-        if let Err(err) = conn.set_registered(true) {
-            tracing::warn!(error = %err, "a connection could not go on after parking");
-        }
-        Err((conn, session))
-    };
+    let LoggedIn {
+        ctx,
+        remote_ip,
+        handle,
+        on_demand,
+        ..
+    } = session;
+    let parked = Box::new(ParkedTcp {
+        ctx,
+        remote_ip,
+        handle,
+        on_demand,
+        reader: (!reader.holds_nothing()).then(|| Box::new(reader)),
+        tracked: parker.track(),
+    });
     if woken {
         parker.cancel(key);
-        return unpark(conn, session);
+        socket.set_running();
+        parker.respawn(parked);
+    } else if let Err(parked) = parker.fill(key, parked) {
+        socket.set_running();
+        parker.respawn(parked);
     }
-    let tracked = Some(parker.track());
-    match parker.fill(
-        key,
-        Box::new(Resumable {
-            conn,
-            session,
-            tracked,
-        }),
-    ) {
-        Ok(()) => Ok(()),
-        Err(resumable) => {
-            let Resumable { conn, session, .. } = *resumable;
-            unpark(conn, session)
-        }
-    }
+    Ok(())
 }
 
 /// Waits for the login; on success returns the connection and its session, on failure
@@ -449,11 +490,7 @@ async fn log_in<C: FrameConn>(
         socket.request_park();
     }
     let session = LoggedIn::new(&ctx, handle, origin);
-    Some(Box::new(Resumable {
-        conn,
-        session,
-        tracked: None,
-    }))
+    Some(Box::new(Resumable { conn, session }))
 }
 
 /// Tells the client why its connection ends, if there is anything to tell, within 2 s.
@@ -698,7 +735,7 @@ struct LoggedIn {
     remote_ip: Ipv6Addr,
     /// The router's handle; its `ConnControl` holds the outbound queue, closed when the
     /// session is dropped.
-    handle: ConnHandle,
+    handle: OwnedHandle,
     /// Pushes in flight; created by the first push and freed when the re-push timer next
     /// fires with none waiting, so an idle connection holds none.
     deliveries: Option<Box<Deliveries>>,
@@ -727,9 +764,20 @@ impl Deliveries {
     }
 }
 
-impl Drop for LoggedIn {
+/// A session's router handle: dropping it (with the session, running or parked) closes the
+/// connection's outbound queue.
+struct OwnedHandle(ConnHandle);
+
+impl std::ops::Deref for OwnedHandle {
+    type Target = ConnHandle;
+    fn deref(&self) -> &ConnHandle {
+        &self.0
+    }
+}
+
+impl Drop for OwnedHandle {
     fn drop(&mut self) {
-        self.handle.control.close_queue();
+        self.0.control.close_queue();
     }
 }
 
@@ -753,11 +801,17 @@ impl LoggedIn {
                 Some(IpAddr::V6(ip)) => ip,
                 None => Ipv6Addr::UNSPECIFIED,
             },
-            handle,
+            handle: OwnedHandle(handle),
             deliveries: None,
             out: Vec::new(),
             on_demand: None,
         }
+    }
+
+    /// Ends a session whose connection cannot go on (nothing to tell its client).
+    fn abandon(mut self) {
+        let (ctx, _) = self.log_out(&End::Gone);
+        ctx.stats.open.fetch_sub(1, Ordering::Relaxed);
     }
 
     /// The session ended with `end`: leaves the router, rooms and presence watches and

@@ -237,19 +237,22 @@ impl AsRawFd for Descriptor {
 }
 
 /// The connection task's reading and writing side of a [`DirectSocket`]: the socket's
-/// registration with the runtime, which a parked connection gives up.
+/// registration with the runtime, which a parked connection gives up by dropping this.
 pub struct SharedTcp {
     // Declared first, dropped first: deregistered while the socket it names is still open.
-    io: Option<AsyncFd<Descriptor>>,
+    io: AsyncFd<Descriptor>,
     socket: Arc<DirectSocket>,
 }
 
 impl SharedTcp {
     /// The task's side of `socket`, registered with the runtime (call within it).
     pub fn new(socket: Arc<DirectSocket>) -> io::Result<Self> {
-        let mut shared = Self { io: None, socket };
-        shared.register()?;
-        Ok(shared)
+        let descriptor = Descriptor(socket.as_raw_fd());
+        let interest = Interest::READABLE | Interest::WRITABLE;
+        // SAFETY: the descriptor is the `DirectSocket`'s, which this holds (and drops after
+        // the registration, by field order), so it stays open and the same.
+        let io = unsafe { AsyncFd::register_with_interest(descriptor, interest) }?;
+        Ok(Self { io, socket })
     }
 
     /// The socket other threads write to directly.
@@ -257,35 +260,10 @@ impl SharedTcp {
         &self.socket
     }
 
-    /// Registers the socket with the runtime again (a parked connection resuming).
-    pub fn register(&mut self) -> io::Result<()> {
-        if self.io.is_none() {
-            let descriptor = Descriptor(self.socket.as_raw_fd());
-            let interest = Interest::READABLE | Interest::WRITABLE;
-            // SAFETY: the descriptor is the `DirectSocket`'s, which this holds (and drops
-            // after the registration, by field order), so it stays open and the same.
-            self.io = Some(unsafe { AsyncFd::register_with_interest(descriptor, interest) }?);
-        }
-        Ok(())
-    }
-
-    /// Gives up the registration (the connection is parking): reads and writes fail until
-    /// [`Self::register`].
-    pub fn deregister(&mut self) {
-        self.io = None;
-    }
-
-    fn io(&self) -> io::Result<&AsyncFd<Descriptor>> {
-        self.io
-            .as_ref()
-            .ok_or_else(|| io::Error::other("the socket is not registered with the runtime"))
-    }
-
     /// Writes some of `buf` once the socket has room.
     fn poll_write_some(&self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        let io = self.io()?;
         loop {
-            let mut ready = ready!(io.poll_write_ready(cx))?;
+            let mut ready = ready!(self.io.poll_write_ready(cx))?;
             // Would block: the readiness was stale and is now cleared, so the next poll waits.
             if let Ok(written) = ready.try_io(|_| io::Write::write(&mut &self.socket.socket, buf)) {
                 return Poll::Ready(written);
@@ -300,10 +278,9 @@ impl AsyncRead for SharedTcp {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let io = self.io()?;
         let socket = &self.socket.socket;
         loop {
-            let mut ready = ready!(io.poll_read_ready(cx))?;
+            let mut ready = ready!(self.io.poll_read_ready(cx))?;
             let unfilled = buf.initialize_unfilled();
             let room = unfilled.len();
             let mut read = 0;

@@ -83,9 +83,13 @@ pub trait FrameConn: Send + 'static {
         None
     }
 
-    /// Registers the connection with the runtime again, or gives the registration up while
-    /// it is parked (`crate::park`; only connections with a direct socket park).
-    fn set_registered(&mut self, _registered: bool) -> io::Result<()> {
-        Ok(())
+    /// Gives the connection up to park it (`crate::park`): its registration with the runtime
+    /// goes, its reader (holding any part of a frame still arriving) is returned. Connections
+    /// that cannot park (all but plain TCP) are given back.
+    fn into_parked(self) -> Result<im_proto::codec::FrameReader, Self>
+    where
+        Self: Sized,
+    {
+        Err(self)
     }
 }

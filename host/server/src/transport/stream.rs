@@ -18,26 +18,11 @@ pub trait ByteStream: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     fn direct_socket(&self) -> Option<Arc<DirectSocket>> {
         None
     }
-
-    /// Registers the stream with the runtime again, or gives the registration up (a
-    /// parked connection's socket, `crate::park`); only plain TCP parks.
-    fn set_registered(&mut self, _registered: bool) -> io::Result<()> {
-        Ok(())
-    }
 }
 
 impl ByteStream for SharedTcp {
     fn direct_socket(&self) -> Option<Arc<DirectSocket>> {
         Some(self.socket().clone())
-    }
-
-    fn set_registered(&mut self, registered: bool) -> io::Result<()> {
-        if registered {
-            self.register()
-        } else {
-            self.deregister();
-            Ok(())
-        }
     }
 }
 
@@ -66,11 +51,16 @@ impl StreamConn<SharedTcp> {
     /// A plain TCP connection, whose socket other threads may write to directly (call
     /// within the runtime, which it registers with).
     pub fn plain_tcp(socket: Arc<DirectSocket>, max_frame_bytes: usize) -> io::Result<Self> {
-        Ok(Self::new(
-            SharedTcp::new(socket)?,
-            max_frame_bytes,
-            Transport::Tcp,
-        ))
+        Self::resumed_tcp(socket, FrameReader::new(max_frame_bytes))
+    }
+
+    /// A parked plain TCP connection going on with `reader` (`FrameConn::into_parked`).
+    pub fn resumed_tcp(socket: Arc<DirectSocket>, reader: FrameReader) -> io::Result<Self> {
+        Ok(Self {
+            stream: SharedTcp::new(socket)?,
+            reader,
+            transport: Transport::Tcp,
+        })
     }
 }
 
@@ -117,7 +107,10 @@ impl<S: ByteStream> FrameConn for StreamConn<S> {
         self.stream.direct_socket()
     }
 
-    fn set_registered(&mut self, registered: bool) -> io::Result<()> {
-        self.stream.set_registered(registered)
+    fn into_parked(self) -> Result<FrameReader, Self> {
+        if self.stream.direct_socket().is_none() {
+            return Err(self);
+        }
+        Ok(self.reader)
     }
 }

@@ -70,6 +70,7 @@ pub struct NodeContext {
     pub cursors: CursorWriter,
     pub shutdown: CancellationToken,
     pub known_users: KnownUsers,
+    pub device_ids: DeviceIds,
     pub stats: SessionStats,
     pub rooms: Rooms,
     pub metrics: Arc<NodeMetrics>,
@@ -109,6 +110,7 @@ impl NodeContext {
             config,
             plugins,
             known_users: KnownUsers::new(store.clone()),
+            device_ids: DeviceIds::default(),
             store,
             router,
             pipeline,
@@ -123,6 +125,40 @@ impl NodeContext {
 
     pub fn login_timeout(&self) -> Duration {
         Duration::from_millis(self.config.session.login_timeout_ms)
+    }
+}
+
+/// Distinct device ids shared at most, and the longest shared.
+const MAX_SHARED_DEVICE_IDS: usize = 4096;
+const MAX_SHARED_DEVICE_ID_BYTES: usize = 24;
+
+/// Device ids shared between connections: clients mostly name their device from a handful
+/// of values ("phone", "web", "ios"), so one allocation serves every connection with that
+/// name instead of one each. Bounded in count and length (ids unique per install, such as
+/// UUIDs, gain nothing and get their own).
+#[derive(Default)]
+pub struct DeviceIds {
+    shared: RwLock<HashSet<Arc<str>>>,
+}
+
+impl DeviceIds {
+    /// `device_id`, shared with other connections of the same name where it can be.
+    pub fn share(&self, device_id: &str) -> Arc<str> {
+        if device_id.len() > MAX_SHARED_DEVICE_ID_BYTES {
+            return device_id.into();
+        }
+        if let Some(shared) = self.shared.read().get(device_id) {
+            return shared.clone();
+        }
+        let mut shared = self.shared.write();
+        if let Some(id) = shared.get(device_id) {
+            return id.clone();
+        }
+        let id: Arc<str> = device_id.into();
+        if shared.len() < MAX_SHARED_DEVICE_IDS {
+            shared.insert(id.clone());
+        }
+        id
     }
 }
 
@@ -384,24 +420,12 @@ pub fn run_session<C: FrameConn>(
 /// then ends; the parker spawns this again when the connection is woken). Takes one box:
 /// an `async fn` keeps its arguments twice in its future, which here is a pointer.
 async fn drive<C: FrameConn>(resumable: Box<Resumable<C>>) {
-    let Resumable {
-        mut conn,
-        mut session,
-    } = *resumable;
-    let ended = loop {
-        // The match ends before the close's await: its scrutinee (the run's outcome, a
-        // session's size) is not kept in the task.
-        match session.run(&mut conn).await {
-            Run::Ended(ended) => break ended,
-            Run::Park(parking) => match park(conn, parking) {
-                Ok(()) => return,
-                // It cannot park after all: it goes on running.
-                Err((unparked, unparked_session)) => {
-                    conn = unparked;
-                    session = unparked_session;
-                }
-            },
-        }
+    let Resumable { mut conn, session } = *resumable;
+    // The match ends before the close's await: its scrutinee (the run's outcome, a
+    // session's size) is not kept in the task.
+    let ended = match session.run(&mut conn).await {
+        Run::Ended(ended) => ended,
+        Run::Park(parking) => return park(conn, parking),
     };
     let Ended {
         end,
@@ -416,17 +440,22 @@ async fn drive<C: FrameConn>(resumable: Box<Resumable<C>>) {
 /// Parks a connection with nothing to do: its socket's registration goes, its socket
 /// becomes the waker of its queue and close requests, and what of the session an idle
 /// connection needs waits in the node's parker. Something that woke it meanwhile has it
-/// resumed at once, in a new task. Gives back a connection that cannot park.
-fn park<C: FrameConn>(conn: C, session: LoggedIn) -> Result<(), (C, LoggedIn)> {
-    let Some(socket) = session.handle.control.direct_socket().cloned() else {
-        return Err((conn, session));
-    };
-    let Some(parker) = socket.parker() else {
-        return Err((conn, session));
-    };
-    let reader = match conn.into_parked() {
-        Ok(reader) => reader,
-        Err(conn) => return Err((conn, session)),
+/// resumed at once, in a new task.
+///
+/// Only a connection that can park is asked to (plain TCP on a node that parks); one that
+/// cannot would be dropped here, its client left to reconnect. (Giving it back to run on
+/// would keep a second session's room in every connection's task.)
+fn park<C: FrameConn>(conn: C, session: LoggedIn) {
+    let parking = session
+        .handle
+        .control
+        .direct_socket()
+        .cloned()
+        .and_then(|socket| Some((socket.parker()?, socket)));
+    let (Some((parker, socket)), Ok(reader)) = (parking, conn.into_parked()) else {
+        tracing::error!("a connection that cannot park was asked to: dropped");
+        session.abandon();
+        return;
     };
     let key = parker.reserve();
     socket.set_parked(key);
@@ -458,7 +487,6 @@ fn park<C: FrameConn>(conn: C, session: LoggedIn) -> Result<(), (C, LoggedIn)> {
         socket.set_running();
         parker.respawn(parked);
     }
-    Ok(())
 }
 
 /// Waits for the login; on success returns the connection and its session, on failure
@@ -650,7 +678,7 @@ async fn login_with<C: FrameConn>(
     let handle = ConnHandle {
         conn_id: ctx.next_conn_id.fetch_add(1, Ordering::Relaxed),
         user_id,
-        device_id: login.device_id.as_str().into(),
+        device_id: ctx.device_ids.share(&login.device_id),
         transport: conn.transport(),
         control,
     };
@@ -1945,6 +1973,25 @@ async fn answer(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn device_ids_are_shared_up_to_a_bound() {
+        let ids = DeviceIds::default();
+        let phone = ids.share("phone");
+        assert!(Arc::ptr_eq(&phone, &ids.share("phone")));
+        assert_eq!(&*ids.share("web"), "web");
+        let long = "x".repeat(MAX_SHARED_DEVICE_ID_BYTES + 1);
+        assert!(!Arc::ptr_eq(&ids.share(&long), &ids.share(&long)));
+        for n in 0..MAX_SHARED_DEVICE_IDS {
+            ids.share(&format!("d{n}"));
+        }
+        let past_bound = format!("d{MAX_SHARED_DEVICE_IDS}");
+        assert!(!Arc::ptr_eq(
+            &ids.share(&past_bound),
+            &ids.share(&past_bound)
+        ));
+        assert!(Arc::ptr_eq(&phone, &ids.share("phone")));
+    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn known_users_stay_bounded_and_forgotten_ones_are_found_in_the_store() {

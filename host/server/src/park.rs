@@ -7,8 +7,8 @@
 //!
 //! A connection is resumed, its task spawned again, by whichever comes first: its socket
 //! becoming readable (the pump), or its `ConnControl` waking it (something queued, a close
-//! requested, a partial direct write), whose waker while parked is the connection's
-//! `DirectSocket`. The slab is the arbiter: whoever removes the session resumes it, once.
+//! requested, a partial direct write), whose waker while parked is the `ConnControl`
+//! itself. The slab is the arbiter: whoever removes the session resumes it, once.
 //! Direct writes need no task and go on while a connection is parked.
 
 use std::io;
@@ -27,12 +27,20 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tokio_util::task::task_tracker::TaskTrackerToken;
 
+use crate::router::ConnControl;
 use crate::transport::direct::DirectSocket;
 
 /// A parked connection's session, resumed by spawning its task again.
 pub trait ParkedConn: Send {
+    /// The connection's control, holding its socket.
+    fn control(&self) -> &Arc<ConnControl>;
+
     /// The connection's socket.
-    fn socket(&self) -> &Arc<DirectSocket>;
+    fn socket(&self) -> &DirectSocket {
+        self.control()
+            .direct_socket()
+            .expect("only connections with a socket of their own park")
+    }
     /// Spawns the connection's task again, on `runtime`, tracked by `tasks`.
     fn resume(self: Box<Self>, tasks: &TaskTracker, runtime: &Handle);
 }
@@ -145,7 +153,7 @@ impl Parker {
     /// Resumes the connection in slot `key`, if one is parked there (and, when `from` is
     /// given, it is that socket's): its task is spawned again. A connection still on its
     /// way to park is marked woken instead, and stays running.
-    pub fn resume(&self, key: usize, from: Option<&DirectSocket>) {
+    pub fn resume(&self, key: usize, from: Option<&ConnControl>) {
         let conn = {
             let mut slots = self.slots.lock();
             match slots.get_mut(key) {
@@ -155,7 +163,7 @@ impl Parker {
                     return;
                 }
                 Some(Slot::Parked(conn)) => {
-                    if from.is_some_and(|socket| !std::ptr::eq(socket, &**conn.socket())) {
+                    if from.is_some_and(|control| !std::ptr::eq(control, &**conn.control())) {
                         // A stale key: the slot went to another connection.
                         return;
                     }

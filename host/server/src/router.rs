@@ -62,7 +62,7 @@ pub struct ConnControl {
     last_heard_ms: AtomicU64,
     queue: Mutex<OutboundQueue>,
     /// Plain TCP: the socket, which [`ConnHandle::offer_now`] writes to directly.
-    direct: Option<Arc<DirectSocket>>,
+    direct: Option<DirectSocket>,
 }
 
 #[derive(Debug)]
@@ -95,15 +95,15 @@ impl ConnControl {
     }
 
     /// Lets [`ConnHandle::offer_now`] write to `socket` directly.
-    pub fn with_direct_socket(self, socket: Option<Arc<DirectSocket>>) -> Self {
+    pub fn with_direct_socket(self, socket: DirectSocket) -> Self {
         Self {
-            direct: socket,
+            direct: Some(socket),
             ..self
         }
     }
 
     /// The socket direct writes go to, if the transport has one.
-    pub fn direct_socket(&self) -> Option<&Arc<DirectSocket>> {
+    pub fn direct_socket(&self) -> Option<&DirectSocket> {
         self.direct.as_ref()
     }
 
@@ -219,6 +219,26 @@ impl ConnControl {
         };
         // Freed outside the lock.
         drop(items);
+    }
+}
+
+/// A parked connection's waker is its `ConnControl` (no allocation): queued frames, a close
+/// request or a partial direct write wake it as they would its task, and this resumes it
+/// (`crate::park`). It takes no lock: it is woken from under the socket's.
+impl std::task::Wake for ConnControl {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        let Some(socket) = &self.direct else {
+            return;
+        };
+        if let Some(key) = socket.take_parked()
+            && let Some(parker) = socket.parker()
+        {
+            parker.resume(key, Some(self));
+        }
     }
 }
 
@@ -638,8 +658,9 @@ mod tests {
             1,
             "carol",
             "phone",
-            ConnControl::new(0, 8).with_direct_socket(Some(socket.clone())),
+            ConnControl::new(0, 8).with_direct_socket(socket),
         );
+        let socket = h.control.direct_socket().unwrap();
         // The task's loop has not run yet: the answer is queued.
         assert!(h.offer_now(Bytes::from_static(b"a")));
         assert!(matches!(rx.try_recv(), Some(Outbound::Frame(f)) if f == "a"));

@@ -43,7 +43,6 @@ use crate::park::{ParkedConn, Parker};
 use crate::pipeline::{GroupJob, Pipeline, ReplyTo, SendJob, to_proto};
 use crate::rooms::Rooms;
 use crate::router::{ConnControl, ConnHandle, LocalRouter, Outbound, monotonic_ms};
-use crate::transport::direct::DirectSocket;
 use crate::transport::stream::StreamConn;
 use crate::transport::{FrameConn, RecvError};
 
@@ -345,11 +344,8 @@ struct ParkedTcp {
 }
 
 impl ParkedConn for ParkedTcp {
-    fn socket(&self) -> &Arc<DirectSocket> {
-        self.handle
-            .control
-            .direct_socket()
-            .expect("only connections with a direct socket park")
+    fn control(&self) -> &Arc<ConnControl> {
+        &self.handle.control
     }
 
     fn resume(self: Box<Self>, tasks: &TaskTracker, runtime: &tokio::runtime::Handle) {
@@ -373,7 +369,7 @@ async fn resume_parked(parked: Box<ParkedTcp>) {
         || FrameReader::new(ctx.config.limits.max_frame_bytes),
         |reader| *reader,
     );
-    let socket = handle.control.direct_socket().cloned();
+    let control = handle.control.clone();
     let session = LoggedIn {
         ctx,
         remote_ip,
@@ -382,10 +378,7 @@ async fn resume_parked(parked: Box<ParkedTcp>) {
         out: Vec::new(),
         on_demand,
     };
-    let conn = socket
-        .ok_or_else(|| std::io::Error::other("no socket"))
-        .and_then(|socket| StreamConn::resumed_tcp(socket, reader));
-    match conn {
+    match StreamConn::resumed_tcp(control, reader) {
         Ok(conn) => drive(Box::new(Resumable { conn, session })).await,
         Err(err) => {
             tracing::warn!(error = %err, "a parked connection could not resume: dropped");
@@ -446,11 +439,9 @@ async fn drive<C: FrameConn>(resumable: Box<Resumable<C>>) {
 /// cannot would be dropped here, its client left to reconnect. (Giving it back to run on
 /// would keep a second session's room in every connection's task.)
 fn park<C: FrameConn>(conn: C, session: LoggedIn) {
-    let parking = session
-        .handle
-        .control
+    let control = session.handle.control.clone();
+    let parking = control
         .direct_socket()
-        .cloned()
         .and_then(|socket| Some((socket.parker()?, socket)));
     let (Some((parker, socket)), Ok(reader)) = (parking, conn.into_parked()) else {
         tracing::error!("a connection that cannot park was asked to: dropped");
@@ -458,9 +449,13 @@ fn park<C: FrameConn>(conn: C, session: LoggedIn) {
         return;
     };
     let key = parker.reserve();
-    socket.set_parked(key);
-    let control = &session.handle.control;
-    control.register_waker(&Waker::from(socket.clone()));
+    if !socket.set_parked(key) {
+        parker.cancel(key);
+        tracing::error!("too many parked connections: this one is dropped");
+        session.abandon();
+        return;
+    }
+    control.register_waker(&Waker::from(control.clone()));
     // What came since the task last looked woke the task's own waker, not this one.
     let woken =
         control.close_requested().is_some() || !control.queue_is_empty() || socket.has_unwritten();
@@ -671,10 +666,17 @@ async fn login_with<C: FrameConn>(
         .await?;
         return Err(End::Gone);
     }
-    let control = Arc::new(
-        ConnControl::new(monotonic_ms(), ctx.config.limits.outbound_queue)
-            .with_direct_socket(conn.direct_socket()),
-    );
+    // Plain TCP made its control with its socket when accepted; heard from now.
+    let control = match conn.control() {
+        Some(control) => {
+            control.heard(monotonic_ms());
+            control
+        }
+        None => Arc::new(ConnControl::new(
+            monotonic_ms(),
+            ctx.config.limits.outbound_queue,
+        )),
+    };
     let handle = ConnHandle {
         conn_id: ctx.next_conn_id.fetch_add(1, Ordering::Relaxed),
         user_id,
@@ -900,7 +902,11 @@ impl LoggedIn {
                 return Run::Park(self);
             }
             // No direct write may follow the task's last one (the close frame).
-            let unwritten = conn.direct_socket().and_then(|socket| socket.retire());
+            let unwritten = self
+                .handle
+                .control
+                .direct_socket()
+                .and_then(|socket| socket.retire());
             let (ctx, remote_ip) = self.log_out(&end);
             // Boxed: the connection's task would keep room for it beside the session.
             Run::Ended(Box::new(Ended {

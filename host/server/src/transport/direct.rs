@@ -11,9 +11,9 @@
 use std::io::{self, IoSlice};
 use std::os::fd::{AsRawFd, RawFd};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Weak};
-use std::task::{Context, Poll, Wake, ready};
+use std::task::{Context, Poll, ready};
 
 use im_proto::codec::LENGTH_PREFIX_BYTES;
 use parking_lot::{Mutex, MutexGuard};
@@ -21,26 +21,28 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 
 use crate::park::Parker;
+use crate::router::ConnControl;
 
-/// A plain TCP connection's socket with its direct-write state. It owns the socket; the
-/// connection's task holds the socket's registration with the runtime ([`SharedTcp`]), which
-/// a parked connection gives up (`crate::park`).
+/// A plain TCP connection's socket with its direct-write state, kept in the connection's
+/// `ConnControl` (one allocation with its queue). It owns the socket; the connection's task
+/// holds the socket's registration with the runtime ([`SharedTcp`]), which a parked
+/// connection gives up (`crate::park`).
 #[derive(Debug)]
 pub struct DirectSocket {
     socket: std::net::TcpStream,
-    state: Mutex<WriteState>,
     /// [`RUNNING`], [`PARK_REQUESTED`], or the parker's slot while parked. Apart from
     /// `state`: a parked connection's waker reads it from under `state`'s lock (a frame
     /// queued by a direct writer wakes the connection while holding it).
-    park: AtomicUsize,
+    park: AtomicU32,
+    state: Mutex<WriteState>,
     /// Where the connection parks (`crate::park`); none when the node does not park.
     parker: Weak<Parker>,
 }
 
 /// [`DirectSocket::park`]: the connection runs a task.
-const RUNNING: usize = usize::MAX;
+const RUNNING: u32 = u32::MAX;
 /// The idle sweep asked the task to park when it next has nothing to do.
-const PARK_REQUESTED: usize = usize::MAX - 1;
+const PARK_REQUESTED: u32 = u32::MAX - 1;
 
 #[derive(Debug)]
 pub struct WriteState {
@@ -48,8 +50,8 @@ pub struct WriteState {
     /// its loop): a direct write now would overtake them or split their bytes.
     busy: bool,
     /// The rest of a frame a direct write could write only in part; the task writes it
-    /// before anything else.
-    unwritten: Option<Box<[u8]>>,
+    /// before anything else. (Boxed twice: rare, and a pointer's room in every connection.)
+    unwritten: Option<Box<Box<[u8]>>>,
 }
 
 impl WriteState {
@@ -75,17 +77,17 @@ impl DirectSocket {
     /// Wraps an accepted socket (made non-blocking here), whose connection may park in
     /// `parker`. It starts busy: the task owns the socket until its loop first finds nothing
     /// to write.
-    pub fn new(socket: std::net::TcpStream, parker: Weak<Parker>) -> io::Result<Arc<Self>> {
+    pub fn new(socket: std::net::TcpStream, parker: Weak<Parker>) -> io::Result<Self> {
         socket.set_nonblocking(true)?;
-        Ok(Arc::new(Self {
+        Ok(Self {
             socket,
             state: Mutex::new(WriteState {
                 busy: true,
                 unwritten: None,
             }),
-            park: AtomicUsize::new(RUNNING),
+            park: AtomicU32::new(RUNNING),
             parker,
-        }))
+        })
     }
 
     /// The write state, locked: queue a frame for the task while holding it.
@@ -115,7 +117,7 @@ impl DirectSocket {
                 } else {
                     rest.extend_from_slice(&frame[n - LENGTH_PREFIX_BYTES..]);
                 }
-                state.unwritten = Some(rest.into_boxed_slice());
+                state.unwritten = Some(Box::new(rest.into_boxed_slice()));
                 state.busy = true;
                 DirectWrite::Partial
             }
@@ -129,7 +131,7 @@ impl DirectSocket {
     pub fn begin_write(&self) -> Option<Box<[u8]>> {
         let mut state = self.state.lock();
         state.busy = true;
-        state.unwritten.take()
+        state.unwritten.take().map(|rest| *rest)
     }
 
     /// The task has written everything it had. The socket stays busy while `queue_is_empty`
@@ -176,9 +178,15 @@ impl DirectSocket {
     }
 
     /// The connection is parked in its parker's slot `key`: a wake resumes it from there.
-    pub fn set_parked(&self, key: usize) {
-        debug_assert!(key < PARK_REQUESTED);
-        self.park.store(key, Ordering::Release);
+    /// False when the key is out of range (the connection then stays running).
+    pub fn set_parked(&self, key: usize) -> bool {
+        match u32::try_from(key) {
+            Ok(key) if key < PARK_REQUESTED => {
+                self.park.store(key, Ordering::Release);
+                true
+            }
+            _ => false,
+        }
     }
 
     /// The connection runs a task again.
@@ -197,25 +205,17 @@ impl DirectSocket {
     }
 }
 
-/// A parked connection's waker is its socket (no allocation): queued frames, a close request
-/// or a partial direct write wake it through the connection's `ConnControl`, which resumes it.
-/// It takes no lock of the socket's: it is woken from under them.
-impl Wake for DirectSocket {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref();
-    }
-
-    fn wake_by_ref(self: &Arc<Self>) {
-        let parked = self
-            .park
+impl DirectSocket {
+    /// Takes the slot the connection is parked in, if it is: the caller resumes it from
+    /// there (it is running from now on). Takes no lock: a parked connection is woken from
+    /// under the socket's lock.
+    pub fn take_parked(&self) -> Option<usize> {
+        self.park
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |park| {
                 (park < PARK_REQUESTED).then_some(RUNNING)
-            });
-        if let Ok(key) = parked
-            && let Some(parker) = self.parker.upgrade()
-        {
-            parker.resume(key, Some(self));
-        }
+            })
+            .ok()
+            .map(|key| key as usize)
     }
 }
 
@@ -241,23 +241,36 @@ impl AsRawFd for Descriptor {
 pub struct SharedTcp {
     // Declared first, dropped first: deregistered while the socket it names is still open.
     io: AsyncFd<Descriptor>,
-    socket: Arc<DirectSocket>,
+    /// The connection's control, holding its socket.
+    control: Arc<ConnControl>,
 }
 
 impl SharedTcp {
-    /// The task's side of `socket`, registered with the runtime (call within it).
-    pub fn new(socket: Arc<DirectSocket>) -> io::Result<Self> {
-        let descriptor = Descriptor(socket.as_raw_fd());
+    /// The task's side of `control`'s socket, registered with the runtime (call within it).
+    pub fn new(control: Arc<ConnControl>) -> io::Result<Self> {
+        let fd = control
+            .direct_socket()
+            .ok_or_else(|| io::Error::other("the connection has no socket of its own"))?
+            .as_raw_fd();
         let interest = Interest::READABLE | Interest::WRITABLE;
-        // SAFETY: the descriptor is the `DirectSocket`'s, which this holds (and drops after
-        // the registration, by field order), so it stays open and the same.
-        let io = unsafe { AsyncFd::register_with_interest(descriptor, interest) }?;
-        Ok(Self { io, socket })
+        // SAFETY: the descriptor is the `DirectSocket`'s, inside the `ConnControl` this
+        // holds (and drops after the registration, by field order): it stays open and the
+        // same.
+        let io = unsafe { AsyncFd::register_with_interest(Descriptor(fd), interest) }?;
+        Ok(Self { io, control })
     }
 
-    /// The socket other threads write to directly.
-    pub fn socket(&self) -> &Arc<DirectSocket> {
-        &self.socket
+    /// The connection's control, whose socket other threads write to directly.
+    pub fn control(&self) -> &Arc<ConnControl> {
+        &self.control
+    }
+
+    fn socket(&self) -> &std::net::TcpStream {
+        &self
+            .control
+            .direct_socket()
+            .expect("checked when created")
+            .socket
     }
 
     /// Writes some of `buf` once the socket has room.
@@ -265,7 +278,7 @@ impl SharedTcp {
         loop {
             let mut ready = ready!(self.io.poll_write_ready(cx))?;
             // Would block: the readiness was stale and is now cleared, so the next poll waits.
-            if let Ok(written) = ready.try_io(|_| io::Write::write(&mut &self.socket.socket, buf)) {
+            if let Ok(written) = ready.try_io(|_| io::Write::write(&mut self.socket(), buf)) {
                 return Poll::Ready(written);
             }
         }
@@ -278,7 +291,7 @@ impl AsyncRead for SharedTcp {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let socket = &self.socket.socket;
+        let socket = self.socket();
         loop {
             let mut ready = ready!(self.io.poll_read_ready(cx))?;
             let unfilled = buf.initialize_unfilled();
@@ -328,7 +341,7 @@ impl AsyncWrite for SharedTcp {
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(self.socket.socket.shutdown(std::net::Shutdown::Write))
+        Poll::Ready(self.socket().shutdown(std::net::Shutdown::Write))
     }
 }
 
@@ -339,15 +352,17 @@ mod tests {
 
     use super::*;
 
-    /// A server-side `DirectSocket` and the client's end of its connection.
-    async fn pair() -> (Arc<DirectSocket>, TcpStream) {
+    /// A server-side connection's control, holding its `DirectSocket`, and the client's end
+    /// of the connection.
+    async fn pair() -> (Arc<ConnControl>, TcpStream) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let client = TcpStream::connect(listener.local_addr().unwrap())
             .await
             .unwrap();
         let (server, _) = listener.accept().await.unwrap();
+        let socket = DirectSocket::new(server.into_std().unwrap(), Weak::new()).unwrap();
         (
-            DirectSocket::new(server.into_std().unwrap(), Weak::new()).unwrap(),
+            Arc::new(ConnControl::new(0, 8).with_direct_socket(socket)),
             client,
         )
     }
@@ -363,8 +378,8 @@ mod tests {
     #[tokio::test]
     async fn reads_that_drain_the_socket_wait_for_more_and_see_the_end() {
         use tokio::io::AsyncWriteExt;
-        let (socket, mut client) = pair().await;
-        let mut reading = SharedTcp::new(socket).unwrap();
+        let (control, mut client) = pair().await;
+        let mut reading = SharedTcp::new(control).unwrap();
         let mut buf = [0u8; 64];
         client.write_all(b"hello").await.unwrap();
         // A read that leaves room clears the readiness: the next one must still be woken
@@ -400,7 +415,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_direct_write_waits_until_the_task_has_written_everything() {
-        let (socket, mut client) = pair().await;
+        let (control, mut client) = pair().await;
+        let socket = control.direct_socket().unwrap();
         // Busy until the task's loop first finds nothing to write.
         assert_eq!(
             socket.write_now(&mut socket.lock(), b"early"),
@@ -446,7 +462,8 @@ mod tests {
 
     #[tokio::test]
     async fn the_task_finishes_a_frame_the_socket_took_only_in_part() {
-        let (socket, mut client) = pair().await;
+        let (control, mut client) = pair().await;
+        let socket = control.direct_socket().unwrap();
         socket2::SockRef::from(&socket.socket)
             .set_send_buffer_size(4096)
             .unwrap();
@@ -465,16 +482,16 @@ mod tests {
         let rest = socket.begin_write().expect("the rest is kept for the task");
         assert!(rest.len() < big.len() + LENGTH_PREFIX_BYTES);
         let writer = {
-            let socket = socket.clone();
+            let control = control.clone();
             tokio::spawn(async move {
-                let mut shared = SharedTcp::new(socket.clone()).unwrap();
+                let mut shared = SharedTcp::new(control.clone()).unwrap();
                 tokio::io::AsyncWriteExt::write_all(&mut shared, &rest)
                     .await
                     .unwrap();
                 tokio::io::AsyncWriteExt::write_all(&mut shared, &[0, 0, 0, 3, b'e', b'n', b'd'])
                     .await
                     .unwrap();
-                socket.end_write(|| true);
+                control.direct_socket().unwrap().end_write(|| true);
             })
         };
         assert!(

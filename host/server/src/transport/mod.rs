@@ -78,8 +78,9 @@ pub trait FrameConn: Send + 'static {
 
     fn transport(&self) -> Transport;
 
-    /// The socket other threads may write whole frames to without waiting (plain TCP only).
-    fn direct_socket(&self) -> Option<std::sync::Arc<direct::DirectSocket>> {
+    /// The connection's control, made with its socket when it was accepted: other threads
+    /// may write whole frames to that socket without waiting (plain TCP only).
+    fn control(&self) -> Option<std::sync::Arc<crate::router::ConnControl>> {
         None
     }
 

@@ -9,20 +9,22 @@ use im_proto::codec::{FrameError, FrameReader, LENGTH_PREFIX_BYTES};
 use im_proto::v1::CloseReason;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
-use super::direct::{DirectSocket, SharedTcp};
+use super::direct::SharedTcp;
 use super::{FrameConn, RecvError, Transport};
+use crate::router::ConnControl;
 
 /// A byte stream carrying frames. Plain TCP's socket also takes writes from other threads.
 pub trait ByteStream: AsyncRead + AsyncWrite + Unpin + Send + 'static {
-    /// The socket other threads may write whole frames to (plain TCP only).
-    fn direct_socket(&self) -> Option<Arc<DirectSocket>> {
+    /// The connection's control made with its socket, which other threads may write whole
+    /// frames to (plain TCP only).
+    fn control(&self) -> Option<Arc<ConnControl>> {
         None
     }
 }
 
 impl ByteStream for SharedTcp {
-    fn direct_socket(&self) -> Option<Arc<DirectSocket>> {
-        Some(self.socket().clone())
+    fn control(&self) -> Option<Arc<ConnControl>> {
+        Some(self.control().clone())
     }
 }
 
@@ -48,16 +50,16 @@ impl<S> StreamConn<S> {
 }
 
 impl StreamConn<SharedTcp> {
-    /// A plain TCP connection, whose socket other threads may write to directly (call
-    /// within the runtime, which it registers with).
-    pub fn plain_tcp(socket: Arc<DirectSocket>, max_frame_bytes: usize) -> io::Result<Self> {
-        Self::resumed_tcp(socket, FrameReader::new(max_frame_bytes))
+    /// A plain TCP connection whose socket, in `control`, other threads may write to
+    /// directly (call within the runtime, which it registers with).
+    pub fn plain_tcp(control: Arc<ConnControl>, max_frame_bytes: usize) -> io::Result<Self> {
+        Self::resumed_tcp(control, FrameReader::new(max_frame_bytes))
     }
 
     /// A parked plain TCP connection going on with `reader` (`FrameConn::into_parked`).
-    pub fn resumed_tcp(socket: Arc<DirectSocket>, reader: FrameReader) -> io::Result<Self> {
+    pub fn resumed_tcp(control: Arc<ConnControl>, reader: FrameReader) -> io::Result<Self> {
         Ok(Self {
-            stream: SharedTcp::new(socket)?,
+            stream: SharedTcp::new(control)?,
             reader,
             transport: Transport::Tcp,
         })
@@ -103,12 +105,12 @@ impl<S: ByteStream> FrameConn for StreamConn<S> {
         self.transport
     }
 
-    fn direct_socket(&self) -> Option<Arc<DirectSocket>> {
-        self.stream.direct_socket()
+    fn control(&self) -> Option<Arc<ConnControl>> {
+        self.stream.control()
     }
 
     fn into_parked(self) -> Result<FrameReader, Self> {
-        if self.stream.direct_socket().is_none() {
+        if self.stream.control().is_none() {
             return Err(self);
         }
         Ok(self.reader)

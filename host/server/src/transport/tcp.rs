@@ -10,6 +10,7 @@ use tokio_util::task::TaskTracker;
 use super::Transport;
 use super::direct::DirectSocket;
 use super::stream::StreamConn;
+use crate::router::{ConnControl, monotonic_ms};
 use crate::session::{NodeContext, run_session};
 
 /// Accepts connections until shutdown, one session task each.
@@ -40,10 +41,15 @@ pub async fn serve(
             None => {
                 // The socket is owned by its `DirectSocket`; the task registers it again.
                 let parker = ctx.parker.as_ref().map(Arc::downgrade).unwrap_or_default();
+                let queue = ctx.config.limits.outbound_queue;
                 let conn = stream
                     .into_std()
                     .and_then(|stream| DirectSocket::new(stream, parker))
-                    .and_then(|socket| StreamConn::plain_tcp(socket, max));
+                    .and_then(|socket| {
+                        // Made now, with the socket in it; the login sets its clock.
+                        let control = ConnControl::new(monotonic_ms(), queue);
+                        StreamConn::plain_tcp(Arc::new(control.with_direct_socket(socket)), max)
+                    });
                 match conn {
                     Ok(conn) => {
                         tasks.spawn(run_session(ctx, conn, peer));

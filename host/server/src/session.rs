@@ -356,6 +356,7 @@ impl ParkedConn for ParkedTcp {
 /// A parked connection's new task: registers its socket with the runtime again and serves
 /// it as before.
 async fn resume_parked(parked: Box<ParkedTcp>) {
+    // Unboxed in a block of its own: the box is freed here, not when the task ends.
     let ParkedTcp {
         ctx,
         remote_ip,
@@ -363,7 +364,10 @@ async fn resume_parked(parked: Box<ParkedTcp>) {
         on_demand,
         reader,
         tracked,
-    } = *parked;
+    } = {
+        let parked = parked;
+        *parked
+    };
     drop(tracked);
     let reader = reader.map_or_else(
         || FrameReader::new(ctx.config.limits.max_frame_bytes),
@@ -413,7 +417,11 @@ pub fn run_session<C: FrameConn>(
 /// then ends; the parker spawns this again when the connection is woken). Takes one box:
 /// an `async fn` keeps its arguments twice in its future, which here is a pointer.
 async fn drive<C: FrameConn>(resumable: Box<Resumable<C>>) {
-    let Resumable { mut conn, session } = *resumable;
+    // Unboxed in a block of its own: the box is freed here, not when the task ends.
+    let Resumable { mut conn, session } = {
+        let resumable = resumable;
+        *resumable
+    };
     // The match ends before the close's await: its scrutinee (the run's outcome, a
     // session's size) is not kept in the task.
     let ended = match session.run(&mut conn).await {

@@ -93,3 +93,53 @@ async fn with_parking_off_nothing_parks() {
     receive(&mut bob_events, 1, WAIT).await;
     assert_eq!(server.parked(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_parking_and_waking_all_the_time_lose_nothing() {
+    // Receivers that never send (but their acks) park after login and again within a sweep
+    // (at most a second) of going quiet; their clients ping only every 30 s, so only the
+    // pushes themselves can wake them. Sends at uneven pauses land on parked, parking and
+    // running receivers alike: a lost wake leaves a push undelivered.
+    let server = TestServer::start_with(|c| c.session.park_after_ms = 100).await;
+    const PAIRS: usize = 6;
+    const ROUNDS: usize = 12;
+    let mut senders = Vec::new();
+    let mut receivers = Vec::new();
+    for i in 0..PAIRS {
+        senders.push(
+            server
+                .client(Transport::Tcp, &format!("s{i}"), "phone")
+                .await,
+        );
+        receivers.push(
+            server
+                .client(Transport::Tcp, &format!("r{i}"), "phone")
+                .await,
+        );
+    }
+    eventually(WAIT, "every client parks after login", || {
+        server.parked() == 2 * PAIRS
+    })
+    .await;
+    let sending = senders
+        .iter()
+        .enumerate()
+        .map(|(i, (client, _))| async move {
+            for round in 0..ROUNDS {
+                let pause = [30, 400, 120, 1_100, 60, 250][(i + round) % 6];
+                tokio::time::sleep(Duration::from_millis(pause)).await;
+                client
+                    .send_text(&format!("r{i}"), &round.to_string())
+                    .await
+                    .unwrap();
+            }
+        });
+    futures_util::future::join_all(sending).await;
+    for (i, (_, events)) in receivers.iter_mut().enumerate() {
+        let got = receive(events, ROUNDS, WAIT).await;
+        let bodies: Vec<_> = got.iter().map(|m| m.body.clone()).collect();
+        let sent: Vec<_> = (0..ROUNDS).map(|r| text(&r.to_string())).collect();
+        assert_eq!(bodies, sent, "r{i} got every message once, in order");
+    }
+    assert_eq!(server.logged_in(), 2 * PAIRS);
+}

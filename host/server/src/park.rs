@@ -12,7 +12,7 @@
 //! Direct writes need no task and go on while a connection is parked.
 
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -145,8 +145,10 @@ impl Parker {
         Ok(())
     }
 
-    /// Spawns the task of a connection that was woken on its way to park.
+    /// Spawns the task of a connection taken from the slab, or woken on its way to park:
+    /// it runs from now on.
     pub fn respawn(&self, conn: Box<dyn ParkedConn>) {
+        conn.socket().set_running();
         conn.resume(&self.sessions, &self.runtime);
     }
 
@@ -175,13 +177,13 @@ impl Parker {
             }
         };
         self.parked.fetch_sub(1, Ordering::Relaxed);
-        let fd: RawFd = conn.socket().as_raw_fd();
         // Removed before the task registers the socket with the runtime again; an event
         // already taken from the set finds the slot empty (or another connection's, which
         // then merely resumes early).
-        let _ = self.registry.deregister(&mut SourceFd(&fd));
-        conn.socket().set_running();
-        conn.resume(&self.sessions, &self.runtime);
+        let _ = self
+            .registry
+            .deregister(&mut SourceFd(&conn.socket().as_raw_fd()));
+        self.respawn(conn);
     }
 }
 

@@ -141,13 +141,13 @@ impl ConnControl {
         self.last_heard_ms.store(now_ms, Ordering::Relaxed);
     }
 
-    /// Wakes the connection's task (or resumes it when parked: its waker is then its socket).
+    /// Wakes the connection's task (or resumes it when parked: its waker is then this).
     pub fn wake(&self) {
         self.waker.wake();
     }
 
     /// Makes `waker` the one woken by close requests and queued items (a parking
-    /// connection's socket, see `crate::park`).
+    /// connection's own `ConnControl`, see `crate::park`).
     pub fn register_waker(&self, waker: &std::task::Waker) {
         self.waker.register(waker);
     }
@@ -561,34 +561,32 @@ impl LocalRouter {
         }
     }
 
-    /// Closes, with `IDLE_TIMEOUT`, every connection not heard from for `idle_ms` or more
-    /// at `now_ms` (on the `monotonic_ms()` clock); returns how many.
-    pub fn close_idle(&self, now_ms: u64, idle_ms: u64, message: &str) -> usize {
+    /// One pass of the idle sweep at `now_ms` (on the `monotonic_ms()` clock): closes, with
+    /// `IDLE_TIMEOUT`, every connection not heard from for `idle_ms` or more, and asks every
+    /// other plain-TCP one quiet for `park_ms` or more (if given) to park (`crate::park`)
+    /// once it has nothing to do; parked ones and ones already asked are left alone. Returns
+    /// how many were closed.
+    pub fn sweep_idle(
+        &self,
+        now_ms: u64,
+        idle_ms: u64,
+        park_ms: Option<u64>,
+        message: &str,
+    ) -> usize {
         let mut closed = 0;
         self.for_each_connection(|d| {
-            if now_ms.saturating_sub(d.control.last_heard_ms()) >= idle_ms {
+            let quiet_ms = now_ms.saturating_sub(d.control.last_heard_ms());
+            if quiet_ms >= idle_ms {
                 d.control.close(CloseReason::IdleTimeout, message);
                 closed += 1;
-            }
-        });
-        closed
-    }
-
-    /// Asks every plain-TCP connection not heard from for `park_ms` or more at `now_ms` to
-    /// park (`crate::park`) once it has nothing to do; returns how many were asked. Parked
-    /// ones and ones already asked are left alone.
-    pub fn ask_idle_to_park(&self, now_ms: u64, park_ms: u64) -> usize {
-        let mut asked = 0;
-        self.for_each_connection(|d| {
-            if now_ms.saturating_sub(d.control.last_heard_ms()) >= park_ms
+            } else if park_ms.is_some_and(|park_ms| quiet_ms >= park_ms)
                 && let Some(socket) = d.control.direct_socket()
                 && socket.request_park()
             {
                 d.control.wake();
-                asked += 1;
             }
         });
-        asked
+        closed
     }
 }
 
@@ -736,8 +734,8 @@ mod tests {
         router.register(quiet.clone(), 1);
         router.register(chatty.clone(), 1);
         chatty.control.heard(5_000);
-        assert_eq!(router.close_idle(5_999, 5_000, "idle"), 0);
-        assert_eq!(router.close_idle(6_000, 5_000, "idle"), 1);
+        assert_eq!(router.sweep_idle(5_999, 5_000, None, "idle"), 0);
+        assert_eq!(router.sweep_idle(6_000, 5_000, None, "idle"), 1);
         assert_eq!(
             quiet.control.requested().await,
             (CloseReason::IdleTimeout, "idle".to_owned())

@@ -253,11 +253,8 @@ pub async fn sweep_idle_connections(
             }
             _ = ticks.tick() => {}
         }
-        let now = monotonic_ms();
-        router.close_idle(now, idle_ms, &message);
-        if let Some(park_after) = park_after {
-            router.ask_idle_to_park(now, park_after.as_millis() as u64);
-        }
+        let park_ms = park_after.map(|after| after.as_millis() as u64);
+        router.sweep_idle(monotonic_ms(), idle_ms, park_ms, &message);
     }
 }
 
@@ -482,12 +479,13 @@ fn park<C: FrameConn>(conn: C, session: LoggedIn) {
         reader: (!reader.holds_nothing()).then(|| Box::new(reader)),
         tracked: parker.track(),
     });
-    if woken {
+    let refused = if woken {
         parker.cancel(key);
-        socket.set_running();
-        parker.respawn(parked);
-    } else if let Err(parked) = parker.fill(key, parked) {
-        socket.set_running();
+        Some(parked)
+    } else {
+        parker.fill(key, parked).err()
+    };
+    if let Some(parked) = refused {
         parker.respawn(parked);
     }
 }

@@ -39,7 +39,7 @@ pub struct DirectSocket {
     parker: Weak<Parker>,
 }
 
-/// [`DirectSocket::park`]: the connection runs a task.
+/// `DirectSocket::park`: the connection runs a task.
 const RUNNING: u32 = u32::MAX;
 /// The idle sweep asked the task to park when it next has nothing to do.
 const PARK_REQUESTED: u32 = u32::MAX - 1;
@@ -163,9 +163,12 @@ impl DirectSocket {
     /// Takes a request to park: true when one was made and nothing is left to write (no
     /// partial direct write, nothing queued ahead), so the task may park now.
     pub fn take_park_request(&self) -> bool {
-        self.park
-            .compare_exchange(PARK_REQUESTED, RUNNING, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
+        // A plain load first: this runs on every idle poll, and a request is rare.
+        self.park.load(Ordering::Relaxed) == PARK_REQUESTED
+            && self
+                .park
+                .compare_exchange(PARK_REQUESTED, RUNNING, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
             && {
                 let state = self.state.lock();
                 !state.busy && state.unwritten.is_none()
@@ -194,18 +197,11 @@ impl DirectSocket {
         self.park.store(RUNNING, Ordering::Release);
     }
 
-    /// Whether the connection is parked.
-    pub fn is_parked(&self) -> bool {
-        self.park.load(Ordering::Acquire) < PARK_REQUESTED
-    }
-
     /// Whether a direct write left a partial frame for the task to finish.
     pub fn has_unwritten(&self) -> bool {
         self.state.lock().unwritten.is_some()
     }
-}
 
-impl DirectSocket {
     /// Takes the slot the connection is parked in, if it is: the caller resumes it from
     /// there (it is running from now on). Takes no lock: a parked connection is woken from
     /// under the socket's lock.

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
@@ -15,38 +15,57 @@ use crate::bindings::AllHooks;
 use crate::per_core::{Core, PerCore};
 use crate::state::HostState;
 
-/// Milliseconds per epoch tick: call deadlines are rounded up to whole ticks.
-pub const EPOCH_TICK_MS: u64 = 1;
-/// [`EPOCH_TICK_MS`] as a duration.
-pub const EPOCH_TICK: Duration = Duration::from_millis(EPOCH_TICK_MS);
+/// The tick while a guest run has lasted at least a coarse tick (one may be running past
+/// its deadline): deadlines are enforced to within it.
+pub const FINE_TICK: Duration = Duration::from_millis(1);
+/// The longest tick while every guest run is short.
+const MAX_COARSE_TICK: Duration = Duration::from_millis(10);
 
-/// Ticks without any plugin code running after which the ticker sleeps until the next call.
-const IDLE_TICKS_BEFORE_SLEEP: u32 = 100;
+/// Time without any plugin code running after which the ticker sleeps until the next call.
+const IDLE_BEFORE_SLEEP: Duration = Duration::from_millis(100);
 
-/// The epoch ticker's shared state. It advances the engine's epoch every tick while plugin
-/// code may run, and sleeps once none has run for [`IDLE_TICKS_BEFORE_SLEEP`] ticks: an idle
-/// node would otherwise wake a cpu every millisecond for nothing. Every entry into guest
-/// code holds a [`GuestRun`], which wakes a sleeping ticker, so no call runs without its
-/// deadline advancing.
+/// The epoch ticker's shared state. Each tick advances the engine's epoch, and every call
+/// in progress then asks its [`crate::deadline::DeadlineWatch`] whether it is over its
+/// deadline. Calls last microseconds, so ticking every millisecond while calls flow (a
+/// thread wake-up each, on a 2-core node a placement the scheduler keeps redoing) would be
+/// nearly always for nothing: the ticker ticks coarsely (a quarter of the shortest loaded
+/// deadline, at most 10 ms) until a run has lasted a whole tick, then every millisecond
+/// while it lasts. Runs count themselves in one of two phases (grace periods, as in RCU):
+/// at each tick, runs of the phase before the current one began at least a tick ago;
+/// while none is left the phase flips.
+///
+/// It sleeps once no plugin code has run for [`IDLE_BEFORE_SLEEP`]: an idle node would
+/// otherwise wake a cpu for nothing. Every entry into guest code holds a [`GuestRun`],
+/// which wakes a sleeping ticker, so no call runs without its deadline advancing.
 pub struct EpochTicker {
-    /// Guest runs in progress, counted in the slot of the core that began each (every call
-    /// begins one: a single shared counter bounced between the cores).
-    running: PerCore<AtomicUsize>,
+    /// Guest runs in progress by the phase they began in, counted in the slot of the core
+    /// that began each (every call begins one: a single shared counter bounced between the
+    /// cores).
+    running: PerCore<[AtomicUsize; 2]>,
+    /// The phase new runs count themselves in (0 or 1).
+    phase: AtomicUsize,
+    /// The coarse tick in milliseconds.
+    coarse_tick_ms: AtomicU64,
     /// Set by each guest run, cleared by the ticker at every tick.
     ran: AtomicBool,
     /// The ticker is asleep (or deciding to sleep) and must be woken by the next run.
     asleep: AtomicBool,
     stop: AtomicBool,
+    /// Ticks so far (for tests).
+    ticks: AtomicU64,
     thread: std::sync::OnceLock<std::thread::Thread>,
 }
 
 impl EpochTicker {
     fn start(engine: Engine) -> wasmtime::Result<Arc<Self>> {
         let ticker = Arc::new(Self {
-            running: PerCore::one_per_core(|| AtomicUsize::new(0)),
+            running: PerCore::one_per_core(|| [AtomicUsize::new(0), AtomicUsize::new(0)]),
+            phase: AtomicUsize::new(0),
+            coarse_tick_ms: AtomicU64::new(MAX_COARSE_TICK.as_millis() as u64),
             ran: AtomicBool::new(false),
             asleep: AtomicBool::new(false),
             stop: AtomicBool::new(false),
+            ticks: AtomicU64::new(0),
             thread: std::sync::OnceLock::new(),
         });
         let state = ticker.clone();
@@ -59,17 +78,20 @@ impl EpochTicker {
     }
 
     fn run(&self, engine: &Engine) {
-        let mut idle_ticks = 0u32;
+        let mut idle = Duration::ZERO;
+        let mut tick = self.coarse_tick();
         while !self.stop.load(Ordering::Relaxed) {
-            std::thread::sleep(EPOCH_TICK);
+            std::thread::sleep(tick);
             engine.increment_epoch();
+            self.ticks.fetch_add(1, Ordering::Relaxed);
+            tick = self.next_tick();
             let ran = self.ran.swap(false, Ordering::Relaxed);
             if ran || self.any_running(Ordering::Relaxed) {
-                idle_ticks = 0;
+                idle = Duration::ZERO;
                 continue;
             }
-            idle_ticks += 1;
-            if idle_ticks < IDLE_TICKS_BEFORE_SLEEP {
+            idle += tick;
+            if idle < IDLE_BEFORE_SLEEP {
                 continue;
             }
             // Announce the sleep, then look again: a run that began before the announcement
@@ -82,20 +104,52 @@ impl EpochTicker {
             while self.asleep.load(Ordering::SeqCst) && !self.stop.load(Ordering::Relaxed) {
                 std::thread::park();
             }
-            idle_ticks = 0;
+            idle = Duration::ZERO;
         }
+    }
+
+    /// After a tick: fine while a run of the previous phase (begun at least a tick ago)
+    /// lasts, else the phase flips and the tick is coarse.
+    fn next_tick(&self) -> Duration {
+        let previous = 1 - self.phase.load(Ordering::Relaxed);
+        let lasting = self
+            .running
+            .iter()
+            .any(|counts| counts[previous].load(Ordering::SeqCst) > 0);
+        if lasting {
+            return FINE_TICK;
+        }
+        // A run that read the phase before this store counts itself in the phase now
+        // previous: at worst the next tick is fine for nothing.
+        self.phase.store(previous, Ordering::Relaxed);
+        self.coarse_tick()
+    }
+
+    fn coarse_tick(&self) -> Duration {
+        Duration::from_millis(self.coarse_tick_ms.load(Ordering::Relaxed))
+    }
+
+    /// A plugin with this deadline is loaded: the coarse tick becomes at most a quarter of
+    /// it, so a run is found lasting (and ticked finely) within half of its deadline.
+    pub fn serve_deadline(&self, deadline: Duration) {
+        let quarter = (deadline / 4).clamp(FINE_TICK, MAX_COARSE_TICK);
+        self.coarse_tick_ms
+            .fetch_min(quarter.as_millis() as u64, Ordering::Relaxed);
     }
 
     /// Whether any guest run is in progress.
     fn any_running(&self, order: Ordering) -> bool {
-        self.running.iter().any(|count| count.load(order) > 0)
+        self.running
+            .iter()
+            .any(|counts| counts.iter().any(|count| count.load(order) > 0))
     }
 
     /// Marks guest code about to run on `core`; the deadline ticks until the returned
     /// guard drops.
     pub fn guest_run(&self, core: Core) -> GuestRun<'_> {
-        // The guard remembers its counter: a call may end on another core.
-        let running = self.running.at(core);
+        // The guard remembers its counter: a call may end on another core, and in the
+        // next phase.
+        let running = &self.running.at(core)[self.phase.load(Ordering::Relaxed)];
         running.fetch_add(1, Ordering::SeqCst);
         if self.asleep.load(Ordering::SeqCst)
             && self.asleep.swap(false, Ordering::SeqCst)
@@ -112,6 +166,11 @@ impl EpochTicker {
     /// Whether the ticker is asleep (for tests).
     pub fn is_asleep(&self) -> bool {
         self.asleep.load(Ordering::SeqCst)
+    }
+
+    /// Ticks so far (for tests).
+    pub fn ticks(&self) -> u64 {
+        self.ticks.load(Ordering::Relaxed)
     }
 
     fn stop(&self) {

@@ -356,6 +356,11 @@ impl PluginHost {
         self.engine.ticker.is_asleep()
     }
 
+    /// Epoch ticks so far (for tests: how often the ticker woke).
+    pub fn epoch_ticks(&self) -> u64 {
+        self.engine.ticker.ticks()
+    }
+
     /// Every installed plugin.
     pub fn list(&self) -> Vec<PluginInfo> {
         self.generation().installed.values().map(info).collect()

@@ -19,7 +19,6 @@ use crate::bindings::{
     risk_control, send_guard, send_screen,
 };
 use crate::deadline::{DeadlineWatch, thread_cpu_time};
-use crate::engine::EPOCH_TICK;
 use crate::manifest::{Hook, Manifest};
 use crate::per_core::{Core, PerCore};
 use crate::state::{CallContextData, CallOrigin, HostState, MessageSlot, PluginShared};
@@ -117,11 +116,13 @@ pub struct Ready {
 }
 
 impl Ready {
-    /// Prepares the instance for one call and returns the handles it lends.
-    fn lend(&mut self, deadline: &DeadlineWatch, origin: &CallOrigin) -> Handles {
-        self.store.set_epoch_deadline(deadline.first_ticks());
+    /// Prepares the instance for one call that began at `started` and returns the handles
+    /// it lends.
+    fn lend(&mut self, deadline: Duration, started: Instant, origin: &CallOrigin) -> Handles {
+        // Every tick asks the call's watch (see `deadline.rs`).
+        self.store.set_epoch_deadline(1);
         let state = self.store.data_mut();
-        state.deadline = deadline.clone();
+        state.deadline = DeadlineWatch::new(deadline, started);
         state.origin = origin.clone();
         Handles {
             context: Resource::new_borrow(self.context.rep()),
@@ -446,9 +447,8 @@ pub struct LoadedPlugin {
     breaker_engaged: std::sync::atomic::AtomicBool,
     pub metrics: Metrics,
     memory_bytes: usize,
-    deadline_ticks: u64,
-    /// A call's watch over its deadline as the call begins (each call starts from a copy).
-    call_deadline: DeadlineWatch,
+    /// A call's deadline (see `deadline.rs` for how it is counted).
+    deadline: Duration,
     /// Every import the component uses returns without waiting, so its instances run
     /// straight on the calling thread ([`Self::call_direct`]) instead of on a fiber.
     direct: bool,
@@ -456,8 +456,8 @@ pub struct LoadedPlugin {
     ticker: Arc<crate::engine::EpochTicker>,
 }
 
-/// Least wall time an instantiation may take, in milliseconds.
-const INSTANTIATE_DEADLINE_MS: u64 = 1_000;
+/// Least time an instantiation may take.
+const INSTANTIATE_DEADLINE: Duration = Duration::from_secs(1);
 
 impl LoadedPlugin {
     /// `direct`: `pre` was linked by the engine's direct linker (see [`Self::call_direct`]).
@@ -473,10 +473,8 @@ impl LoadedPlugin {
         let instances = manifest.limits.instances.max(1) as usize;
         let pools = crate::per_core::slot_count().min(instances);
         let memory_bytes = manifest.limits.memory_mib as usize * 1024 * 1024;
-        let deadline_ticks = u64::from(manifest.limits.deadline_ms)
-            .div_ceil(crate::engine::EPOCH_TICK_MS)
-            .max(1)
-            + 1;
+        let deadline = Duration::from_millis(u64::from(manifest.limits.deadline_ms).max(1));
+        ticker.serve_deadline(deadline);
         Self {
             manifest,
             digest,
@@ -494,8 +492,7 @@ impl LoadedPlugin {
             breaker_engaged: std::sync::atomic::AtomicBool::new(false),
             metrics: Metrics::default(),
             memory_bytes,
-            deadline_ticks,
-            call_deadline: DeadlineWatch::new(deadline_ticks, EPOCH_TICK),
+            deadline,
             direct,
             ticker,
         }
@@ -551,19 +548,18 @@ impl LoadedPlugin {
         store.limiter(|state| &mut state.limits);
         // A deadline counts the time the guest's thread ran, not only wall time.
         store.epoch_deadline_callback(|mut store| {
-            Ok(store.data_mut().deadline.reached(thread_cpu_time()))
+            Ok(store
+                .data_mut()
+                .deadline
+                .reached(Instant::now(), thread_cpu_time))
         });
         // Instantiation runs guest code (start functions) after host work whose wall time
         // the epochs also count (the first instance in a fresh process faults its memory
         // in): a call's deadline is too tight for it, yet a start function that never
         // returns is still stopped.
-        let watch = DeadlineWatch::new(
-            self.deadline_ticks
-                .max(INSTANTIATE_DEADLINE_MS.div_ceil(crate::engine::EPOCH_TICK_MS)),
-            EPOCH_TICK,
-        );
-        store.set_epoch_deadline(watch.first_ticks());
-        store.data_mut().deadline = watch;
+        store.set_epoch_deadline(1);
+        store.data_mut().deadline =
+            DeadlineWatch::new(self.deadline.max(INSTANTIATE_DEADLINE), Instant::now());
         store
     }
 
@@ -695,14 +691,16 @@ impl LoadedPlugin {
         let core = Core::current();
         let _run = self.ticker.guest_run(core);
         let started = Instant::now();
-        let mut ready = match self.take_idle(core) {
-            Some(ready) => ready,
+        // The deadline counts from the call's start, or from the end of its instance's
+        // creation (which had a deadline of its own).
+        let (mut ready, began) = match self.take_idle(core) {
+            Some(ready) => (ready, started),
             None => match self.instantiate().await {
-                Ok(ready) => ready,
+                Ok(ready) => (ready, Instant::now()),
                 Err(err) => return Err(self.failed(&err, core, started)),
             },
         };
-        let handles = ready.lend(&self.call_deadline, origin);
+        let handles = ready.lend(self.deadline, began, origin);
         let result = f(&mut ready.store, &ready.exports, handles).await;
         self.settle(ready, result, core, started)
     }
@@ -721,14 +719,14 @@ impl LoadedPlugin {
         let core = Core::current();
         let _run = self.ticker.guest_run(core);
         let started = Instant::now();
-        let mut ready = match self.take_idle(core) {
-            Some(ready) => ready,
+        let (mut ready, began) = match self.take_idle(core) {
+            Some(ready) => (ready, started),
             None => match self.instantiate_direct() {
-                Ok(ready) => ready,
+                Ok(ready) => (ready, Instant::now()),
                 Err(err) => return Err(self.failed(&err, core, started)),
             },
         };
-        let handles = ready.lend(&self.call_deadline, origin);
+        let handles = ready.lend(self.deadline, began, origin);
         let result = f(&mut ready.store, &ready.exports, handles);
         self.settle(ready, result, core, started)
     }

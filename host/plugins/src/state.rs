@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use wasmtime::StoreLimits;
@@ -108,7 +108,7 @@ impl HostState {
             origin: CallOrigin::default(),
             message: PluginMessage::default(),
             message_lent: false,
-            deadline: DeadlineWatch::new(1, crate::engine::EPOCH_TICK),
+            deadline: DeadlineWatch::new(Duration::from_millis(1), Instant::now()),
         }
     }
 

@@ -326,6 +326,48 @@ async fn the_idle_epoch_ticker_sleeps_and_a_call_still_meets_its_deadline() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ticker_ticks_coarsely_for_short_calls_and_finely_for_a_long_one() {
+    let f = fixture().await;
+    // A 100 ms deadline: the coarse tick is 10 ms (a quarter, at most 10 ms).
+    let limits = "failure = \"open\"\n[limits]\ndeadline_ms = 100";
+    f.host
+        .install(
+            &filter_manifest("spin", limits),
+            component("spin_filter.wasm"),
+        )
+        .await
+        .unwrap();
+    // Short calls back to back for 300 ms: a tick every 10 ms, not every millisecond.
+    let (ticks, started) = (f.host.epoch_ticks(), Instant::now());
+    let mut calls = 0;
+    while started.elapsed() < Duration::from_millis(300) {
+        assert_eq!(filter(&f.host, "hello").await, pass("hello"));
+        calls += 1;
+    }
+    let short_ticks = f.host.epoch_ticks() - ticks;
+    let elapsed_ms = started.elapsed().as_millis() as u64;
+    assert!(
+        short_ticks <= elapsed_ms / 4,
+        "{short_ticks} ticks in {elapsed_ms} ms of {calls} short calls"
+    );
+    // A call that spins is found lasting within a coarse tick or two, then ticked every
+    // millisecond until its deadline stops it.
+    let (ticks, started) = (f.host.epoch_ticks(), Instant::now());
+    assert_eq!(filter(&f.host, "spin forever").await, pass("spin forever"));
+    let spin_ticks = f.host.epoch_ticks() - ticks;
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed >= Duration::from_millis(100),
+        "stopped early: {elapsed:?}"
+    );
+    assert!(
+        spin_ticks >= 25,
+        "{spin_ticks} ticks in the {elapsed:?} of a spinning call"
+    );
+    assert_eq!(f.host.list()[0].failures["timeout"], 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_memory_bomb_stops_at_the_cap() {
     let f = fixture().await;
     let limits = "[limits]\nmemory_mib = 16";

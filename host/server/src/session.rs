@@ -345,46 +345,48 @@ impl ParkedConn for ParkedTcp {
         &self.handle.control
     }
 
+    /// Rebuilds the connection here, on the waker's thread (registering its socket with the
+    /// runtime), and spawns its run: the task holds the run alone, as a fresh connection's
+    /// does, not a resume step around it.
     fn resume(self: Box<Self>, tasks: &TaskTracker, runtime: &tokio::runtime::Handle) {
-        tasks.spawn_on(resume_parked(self), runtime);
-    }
-}
-
-/// A parked connection's new task: registers its socket with the runtime again and serves
-/// it as before.
-async fn resume_parked(parked: Box<ParkedTcp>) {
-    // Unboxed in a block of its own: the box is freed here, not when the task ends.
-    let ParkedTcp {
-        ctx,
-        remote_ip,
-        handle,
-        on_demand,
-        reader,
-        tracked,
-    } = {
-        let parked = parked;
-        *parked
-    };
-    drop(tracked);
-    let reader = reader.map_or_else(
-        || FrameReader::new(ctx.config.limits.max_frame_bytes),
-        |reader| *reader,
-    );
-    let control = handle.control.clone();
-    let session = LoggedIn {
-        ctx,
-        remote_ip,
-        handle,
-        deliveries: None,
-        out: Vec::new(),
-        on_demand,
-    };
-    match StreamConn::resumed_tcp(control, reader) {
-        Ok(conn) => drive(Box::new(Resumable { conn, session })).await,
-        Err(err) => {
-            tracing::warn!(error = %err, "a parked connection could not resume: dropped");
-            session.abandon();
+        let ParkedTcp {
+            ctx,
+            remote_ip,
+            handle,
+            on_demand,
+            reader,
+            tracked,
+        } = *self;
+        let reader = reader.map_or_else(
+            || FrameReader::new(ctx.config.limits.max_frame_bytes),
+            |reader| *reader,
+        );
+        let control = handle.control.clone();
+        let session = LoggedIn {
+            ctx,
+            remote_ip,
+            handle,
+            deliveries: None,
+            out: Vec::new(),
+            on_demand,
+        };
+        let resumed = {
+            let _runtime = runtime.enter();
+            StreamConn::resumed_tcp(control, reader)
+        };
+        match resumed {
+            Ok(conn) => {
+                tasks.spawn_on(drive(Box::new(Resumable { conn, session })), runtime);
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "a parked connection could not resume: dropped");
+                // Logged out in a task of its own: the waker may hold the router's lock.
+                tasks.spawn_on(async move { session.abandon() }, runtime);
+            }
         }
+        // Dropped once the new task is tracked: a shutdown never sees the connection
+        // untracked.
+        drop(tracked);
     }
 }
 

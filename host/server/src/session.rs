@@ -1036,8 +1036,12 @@ impl LoggedIn {
         if self.poll_take_queued(cx).is_ready() {
             return Poll::Ready(Wake::Queued);
         }
-        // The queue's waker, just registered, also serves close requests: one asked for
-        // since the check above has woken this task already.
+        // The queue's waker, just registered, also serves close requests, but a close asked
+        // for between the check above and the registration found no waker to wake (a wake
+        // takes it, and this task runs because of one): looked at again.
+        if let Some((reason, message)) = self.handle.control.close_requested() {
+            return Poll::Ready(Wake::Ended(End::Close(*reason, message.clone())));
+        }
         match conn.poll_recv(cx) {
             Poll::Ready(Ok(Some(bytes))) => return Poll::Ready(Wake::Frame(bytes)),
             Poll::Ready(Ok(None)) => return Poll::Ready(Wake::Ended(End::Gone)),

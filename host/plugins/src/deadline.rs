@@ -3,8 +3,8 @@
 //! otherwise be killed as a timeout (and, repeated, open the plugin's circuit breaker: a
 //! fail-open filter then skipped, a fail-closed one refusing).
 //!
-//! The epoch ticker only says when to look (each tick runs this watch for every call in
-//! progress); the watch measures the call's wall time from its own start. The deadline is
+//! The epoch ticker only says when to look (each tick runs this watch for every call
+//! running guest code); the watch measures the call's wall time from its own start. The deadline is
 //! split in two halves. Once the first half has passed, the thread's CPU clock is read (a
 //! system call, made only by calls that last that long); once the second has, it is read
 //! again: if the thread ran for at least half of that window the guest is really running
@@ -90,8 +90,8 @@ pub fn thread_cpu_time() -> Duration {
     // SAFETY: `now` is a valid timespec for the call to fill.
     let status = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut now) };
     if status != 0 {
-        // Cannot happen on Linux; a zero clock makes every window look busy, so the call
-        // is stopped at its wall-time deadline as before.
+        // Cannot happen on Linux; a zero clock makes every window look starved, so the
+        // call is stopped after its extra windows (about five times its deadline).
         return Duration::ZERO;
     }
     Duration::new(now.tv_sec as u64, now.tv_nsec as u32)

@@ -25,7 +25,7 @@ const MAX_COARSE_TICK: Duration = Duration::from_millis(10);
 const IDLE_BEFORE_SLEEP: Duration = Duration::from_millis(100);
 
 /// The epoch ticker's shared state. Each tick advances the engine's epoch, and every call
-/// in progress then asks its [`crate::deadline::DeadlineWatch`] whether it is over its
+/// running guest code then asks its [`crate::deadline::DeadlineWatch`] whether it is over its
 /// deadline. Calls last microseconds, so ticking every millisecond while calls flow (a
 /// thread wake-up each, on a 2-core node a placement the scheduler keeps redoing) would be
 /// nearly always for nothing: the ticker ticks coarsely (a quarter of the shortest loaded
@@ -79,18 +79,22 @@ impl EpochTicker {
 
     fn run(&self, engine: &Engine) {
         let mut idle = Duration::ZERO;
+        let mut regime = Regime::Coarse;
         let mut tick = self.coarse_tick();
         while !self.stop.load(Ordering::Relaxed) {
-            std::thread::sleep(tick);
+            // Parked rather than slept: a plugin with a shorter deadline cuts a coarse tick
+            // short (`serve_deadline`). Any early return is merely an early tick.
+            std::thread::park_timeout(tick);
             engine.increment_epoch();
             self.ticks.fetch_add(1, Ordering::Relaxed);
-            tick = self.next_tick();
+            let slept = tick;
+            (regime, tick) = self.next_tick(regime);
             let ran = self.ran.swap(false, Ordering::Relaxed);
             if ran || self.any_running(Ordering::Relaxed) {
                 idle = Duration::ZERO;
                 continue;
             }
-            idle += tick;
+            idle += slept;
             if idle < IDLE_BEFORE_SLEEP {
                 continue;
             }
@@ -105,24 +109,30 @@ impl EpochTicker {
                 std::thread::park();
             }
             idle = Duration::ZERO;
+            (regime, tick) = (Regime::Coarse, self.coarse_tick());
         }
     }
 
     /// After a tick: fine while a run of the previous phase (begun at least a tick ago)
-    /// lasts, else the phase flips and the tick is coarse.
-    fn next_tick(&self) -> Duration {
+    /// lasts, else the phase flips. The tick after a fine spell is fine too: a run that
+    /// began during the spell counted itself in the phase just flipped away from, and is
+    /// looked at a millisecond later, not a coarse tick later.
+    fn next_tick(&self, regime: Regime) -> (Regime, Duration) {
         let previous = 1 - self.phase.load(Ordering::Relaxed);
         let lasting = self
             .running
             .iter()
             .any(|counts| counts[previous].load(Ordering::SeqCst) > 0);
         if lasting {
-            return FINE_TICK;
+            return (Regime::Fine, FINE_TICK);
         }
         // A run that read the phase before this store counts itself in the phase now
         // previous: at worst the next tick is fine for nothing.
         self.phase.store(previous, Ordering::Relaxed);
-        self.coarse_tick()
+        match regime {
+            Regime::Fine => (Regime::Draining, FINE_TICK),
+            Regime::Draining | Regime::Coarse => (Regime::Coarse, self.coarse_tick()),
+        }
     }
 
     fn coarse_tick(&self) -> Duration {
@@ -131,10 +141,19 @@ impl EpochTicker {
 
     /// A plugin with this deadline is loaded: the coarse tick becomes at most a quarter of
     /// it, so a run is found lasting (and ticked finely) within half of its deadline.
+    ///
+    /// It never rises again: the coarse tick serves the shortest deadline of any plugin
+    /// loaded since the start (an uninstalled one's too), which costs a few wake-ups a
+    /// second at most.
     pub fn serve_deadline(&self, deadline: Duration) {
-        let quarter = (deadline / 4).clamp(FINE_TICK, MAX_COARSE_TICK);
-        self.coarse_tick_ms
-            .fetch_min(quarter.as_millis() as u64, Ordering::Relaxed);
+        let quarter = (deadline / 4).clamp(FINE_TICK, MAX_COARSE_TICK).as_millis() as u64;
+        let before = self.coarse_tick_ms.fetch_min(quarter, Ordering::Relaxed);
+        // A coarse tick in progress would otherwise run its old length.
+        if quarter < before
+            && let Some(thread) = self.thread.get()
+        {
+            thread.unpark();
+        }
     }
 
     /// Whether any guest run is in progress.
@@ -179,6 +198,17 @@ impl EpochTicker {
             thread.unpark();
         }
     }
+}
+
+/// How often the ticker ticks.
+#[derive(Clone, Copy)]
+enum Regime {
+    /// Every run is short: a coarse tick.
+    Coarse,
+    /// A run has lasted a whole tick: every millisecond.
+    Fine,
+    /// The last lasting run ended: one more fine tick, for runs begun meanwhile.
+    Draining,
 }
 
 /// Guest code may be running while this lives (see [`EpochTicker::guest_run`]).
@@ -282,4 +312,86 @@ impl Drop for PluginEngine {
 
 pub fn hex(bytes: &[u8]) -> String {
     sha2_hex::encode(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A ticker whose ticks the test makes (no thread).
+    fn ticker(coarse: Duration) -> EpochTicker {
+        EpochTicker {
+            running: PerCore::one_per_core(|| [AtomicUsize::new(0), AtomicUsize::new(0)]),
+            phase: AtomicUsize::new(0),
+            coarse_tick_ms: AtomicU64::new(coarse.as_millis() as u64),
+            ran: AtomicBool::new(false),
+            asleep: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+            ticks: AtomicU64::new(0),
+            thread: std::sync::OnceLock::new(),
+        }
+    }
+
+    fn is_fine((_, tick): (Regime, Duration)) -> bool {
+        tick == FINE_TICK
+    }
+
+    #[test]
+    fn short_runs_tick_coarsely_and_a_lasting_one_finely() {
+        let ticker = ticker(Duration::from_millis(5));
+        let mut regime = Regime::Coarse;
+        // Runs that end between ticks never make a tick fine.
+        for _ in 0..4 {
+            drop(ticker.guest_run(Core::current()));
+            let next = ticker.next_tick(regime);
+            assert!(!is_fine(next));
+            regime = next.0;
+        }
+        // A run in progress at two ticks in a row has lasted a whole tick.
+        let lasting = ticker.guest_run(Core::current());
+        let next = ticker.next_tick(regime);
+        assert!(!is_fine(next), "begun since the last tick");
+        let next = ticker.next_tick(next.0);
+        assert!(is_fine(next), "in progress at two ticks");
+        drop(lasting);
+        let next = ticker.next_tick(next.0);
+        assert!(is_fine(next), "one more fine tick after a fine spell");
+        let next = ticker.next_tick(next.0);
+        assert!(!is_fine(next), "coarse again");
+    }
+
+    #[test]
+    fn a_run_begun_during_a_fine_spell_is_looked_at_a_fine_tick_after_it() {
+        let ticker = ticker(Duration::from_millis(5));
+        let first = ticker.guest_run(Core::current());
+        let next = ticker.next_tick(Regime::Coarse);
+        let mut next = ticker.next_tick(next.0);
+        assert!(is_fine(next));
+        // A second long run begins while the first keeps the ticks fine: it counts itself
+        // in the other phase, which is not looked at until the first ends.
+        let second = ticker.guest_run(Core::current());
+        for _ in 0..3 {
+            next = ticker.next_tick(next.0);
+            assert!(is_fine(next));
+        }
+        drop(first);
+        // The phase flips; the tick stays fine and then finds the second run lasting.
+        next = ticker.next_tick(next.0);
+        assert!(is_fine(next));
+        next = ticker.next_tick(next.0);
+        assert!(is_fine(next), "the second run is found within a fine tick");
+        assert!(matches!(next.0, Regime::Fine));
+        drop(second);
+    }
+
+    #[test]
+    fn a_shorter_deadline_shortens_the_coarse_tick_and_never_lengthens_it() {
+        let ticker = ticker(MAX_COARSE_TICK);
+        ticker.serve_deadline(Duration::from_millis(20));
+        assert_eq!(ticker.coarse_tick(), Duration::from_millis(5));
+        ticker.serve_deadline(Duration::from_secs(10));
+        assert_eq!(ticker.coarse_tick(), Duration::from_millis(5));
+        ticker.serve_deadline(Duration::from_millis(2));
+        assert_eq!(ticker.coarse_tick(), FINE_TICK);
+    }
 }

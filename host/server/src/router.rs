@@ -224,7 +224,9 @@ impl ConnControl {
 
 /// A parked connection's waker is its `ConnControl` (no allocation): queued frames, a close
 /// request or a partial direct write wake it as they would its task, and this resumes it
-/// (`crate::park`). It takes no lock: it is woken from under the socket's.
+/// (`crate::park`): it takes the parker's slot lock, registers the socket with the runtime
+/// again and spawns the task, never the router's, a room's or the socket's lock, which its
+/// wakers may hold.
 impl std::task::Wake for ConnControl {
     fn wake(self: Arc<Self>) {
         self.wake_by_ref();

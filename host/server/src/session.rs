@@ -380,7 +380,8 @@ impl ParkedConn for ParkedTcp {
             }
             Err(err) => {
                 tracing::warn!(error = %err, "a parked connection could not resume: dropped");
-                // Logged out in a task of its own: the waker may hold the router's lock.
+                // Logged out in a task of its own: the waker may hold the router's lock, a
+                // room's or the socket's.
                 tasks.spawn_on(async move { session.abandon() }, runtime);
             }
         }

@@ -57,17 +57,23 @@ pub struct EpochTicker {
 }
 
 impl EpochTicker {
-    fn start(engine: Engine) -> wasmtime::Result<Arc<Self>> {
-        let ticker = Arc::new(Self {
+    /// The state with no thread yet, ticking coarsely at `coarse_tick` until a plugin's
+    /// deadline asks for less.
+    fn new(coarse_tick: Duration) -> Self {
+        Self {
             running: PerCore::one_per_core(|| [AtomicUsize::new(0), AtomicUsize::new(0)]),
             phase: AtomicUsize::new(0),
-            coarse_tick_ms: AtomicU64::new(MAX_COARSE_TICK.as_millis() as u64),
+            coarse_tick_ms: AtomicU64::new(coarse_tick.as_millis() as u64),
             ran: AtomicBool::new(false),
             asleep: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             ticks: AtomicU64::new(0),
             thread: std::sync::OnceLock::new(),
-        });
+        }
+    }
+
+    fn start(engine: Engine) -> wasmtime::Result<Arc<Self>> {
+        let ticker = Arc::new(Self::new(MAX_COARSE_TICK));
         let state = ticker.clone();
         let thread = std::thread::Builder::new()
             .name("wasm-epoch".into())
@@ -320,16 +326,7 @@ mod tests {
 
     /// A ticker whose ticks the test makes (no thread).
     fn ticker(coarse: Duration) -> EpochTicker {
-        EpochTicker {
-            running: PerCore::one_per_core(|| [AtomicUsize::new(0), AtomicUsize::new(0)]),
-            phase: AtomicUsize::new(0),
-            coarse_tick_ms: AtomicU64::new(coarse.as_millis() as u64),
-            ran: AtomicBool::new(false),
-            asleep: AtomicBool::new(false),
-            stop: AtomicBool::new(false),
-            ticks: AtomicU64::new(0),
-            thread: std::sync::OnceLock::new(),
-        }
+        EpochTicker::new(coarse)
     }
 
     fn is_fine((_, tick): (Regime, Duration)) -> bool {

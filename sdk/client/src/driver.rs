@@ -721,7 +721,16 @@ impl Driver {
                     match internal {
                         Internal::Sync(conversation) => {
                             tracing::warn!(%conversation, message = %error.message, "sync refused");
-                            self.timelines.sync_abandoned(&conversation);
+                            if matches!(
+                                error.code(),
+                                v1::ErrorCode::NotAMember | v1::ErrorCode::UnknownConversation
+                            ) {
+                                // For good: hand out what was pushed past the gap.
+                                let progress = self.timelines.gap_unfillable(&conversation);
+                                self.apply(progress).await;
+                            } else {
+                                self.timelines.sync_abandoned(&conversation);
+                            }
                         }
                         Internal::RestoreRoom(room) => {
                             tracing::warn!(%room, message = %error.message, "re-joining a room refused");

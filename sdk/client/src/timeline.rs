@@ -135,6 +135,23 @@ impl Timelines {
         progress
     }
 
+    /// The server refused for good to fill `conversation_id`'s gap (this user is no longer
+    /// part of it): what arrived ahead of the gap is handed out in order and the gap is
+    /// skipped. Held, it would wait for a sync nobody will answer, and after the last push
+    /// nothing would even ask again.
+    pub fn gap_unfillable(&mut self, conversation_id: &str) -> Progress {
+        let mut progress = Progress::default();
+        let Some(t) = self.conversations.get_mut(conversation_id) else {
+            return progress;
+        };
+        t.sync_in_flight = false;
+        for (seq, message) in std::mem::take(&mut t.ahead) {
+            t.last = t.last.max(seq);
+            progress.ready.extend(message);
+        }
+        progress
+    }
+
     /// A sync request failed or its connection was lost: allow a new one.
     pub fn sync_abandoned(&mut self, conversation_id: &str) {
         if let Some(t) = self.conversations.get_mut(conversation_id) {
@@ -215,6 +232,20 @@ mod tests {
         assert!(t.on_message(msg(2)).ready.is_empty());
         assert!(t.on_message(msg(1)).ready.is_empty());
         assert_eq!(t.last("c"), 2);
+    }
+
+    #[test]
+    fn a_gap_the_server_will_not_fill_is_skipped_and_what_came_after_it_handed_out() {
+        let mut t = Timelines::default();
+        assert_eq!(seqs(&t.on_message(msg(1))), vec![1]);
+        let p = t.on_message(msg(4));
+        assert_eq!(p.sync_from, Some(("c".into(), 1)));
+        assert!(t.on_message(msg(5)).ready.is_empty());
+        assert!(t.on_own_send("c", 6).ready.is_empty());
+        assert_eq!(seqs(&t.gap_unfillable("c")), vec![4, 5]);
+        assert_eq!(t.last("c"), 6);
+        assert_eq!(seqs(&t.on_message(msg(7))), vec![7]);
+        assert!(t.gap_unfillable("unknown").ready.is_empty());
     }
 
     #[test]

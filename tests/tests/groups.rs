@@ -170,6 +170,27 @@ async fn group_lifecycle_and_fan_out(t: Transport) {
         v1::ErrorCode::NotAMember
     );
     assert!(carol.groups().await.unwrap().is_empty());
+    // Removed, she may still read up to her removal (what her devices missed while a
+    // member), never past it.
+    let kick_seq = kicked.event.unwrap().seq;
+    let page = carol.sync("g:team", 0, 100).await.unwrap();
+    assert_eq!(page.last_seq, kick_seq);
+    assert!(!page.has_more);
+    let seqs: Vec<u64> = page.messages.iter().map(|m| m.seq).collect();
+    assert_eq!(seqs, (1..=kick_seq).collect::<Vec<_>>());
+    let back = carol.history("g:team", 0, 2).await.unwrap();
+    let seqs: Vec<u64> = back.messages.iter().map(|m| m.seq).collect();
+    assert_eq!(seqs, vec![kick_seq, kick_seq - 1]);
+    let back = carol.history("g:team", kick_seq + 5, 1).await.unwrap();
+    assert_eq!(back.messages[0].seq, kick_seq);
+    assert!(
+        carol
+            .sync("g:team", kick_seq, 10)
+            .await
+            .unwrap()
+            .messages
+            .is_empty()
+    );
 
     // Ownership moves to bob; alice, now an admin, may leave.
     act(&alice, "team", Action::TransferTo("bob".into()))

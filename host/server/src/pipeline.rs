@@ -520,6 +520,13 @@ mod tests {
         async fn user_exists(&self, user_id: &str) -> StoreResult<bool> {
             self.inner.user_exists(user_id).await
         }
+        async fn removed_at(
+            &self,
+            user_id: &str,
+            conversation_id: &str,
+        ) -> StoreResult<Option<u64>> {
+            self.inner.removed_at(user_id, conversation_id).await
+        }
         async fn list_users(
             &self,
             after: Option<&str>,

@@ -1724,21 +1724,46 @@ impl LoggedIn {
         Screened::Pass(message)
     }
 
+    /// For a sync or history request about a group's conversation this user was removed
+    /// from: the seq of its removal, up to which it may still read.
+    async fn removed_at(&self, request: &Request, conversation_id: &str) -> Option<u64> {
+        if !matches!(request, Request::Sync(_) | Request::History(_))
+            || ids::conversation_group(conversation_id).is_none()
+        {
+            return None;
+        }
+        self.ctx
+            .store
+            .removed_at(&self.handle.user_id, conversation_id)
+            .await
+            .unwrap_or_else(|err| {
+                tracing::warn!(error = %err, "reading a former membership failed");
+                None
+            })
+    }
+
     /// Runs a slow request in its own task (bounded per connection); its answer is queued.
     async fn spawn_request(&mut self, rid: u64, conversation_id: String, request: Request) {
+        // Up to which seq the user may read the conversation: all of it as a participant
+        // (`None`), up to its removal as a former group member (what its devices missed
+        // while a member, synced after the removal).
+        let mut readable_until = None;
         if !matches!(request, Request::List(_) | Request::Groups)
             && !self.takes_part(&conversation_id).await
         {
-            let (code, message) = if ids::conversation_group(&conversation_id).is_some() {
-                (ErrorCode::NotAMember, "you are not a member of this group")
-            } else {
-                (
-                    ErrorCode::UnknownConversation,
-                    "no such conversation for this user",
-                )
-            };
-            self.out.push(error_bytes(rid, code, message));
-            return;
+            readable_until = self.removed_at(&request, &conversation_id).await;
+            if readable_until.is_none() {
+                let (code, message) = if ids::conversation_group(&conversation_id).is_some() {
+                    (ErrorCode::NotAMember, "you are not a member of this group")
+                } else {
+                    (
+                        ErrorCode::UnknownConversation,
+                        "no such conversation for this user",
+                    )
+                };
+                self.out.push(error_bytes(rid, code, message));
+                return;
+            }
         }
         let requests = self
             .on_demand
@@ -1752,7 +1777,7 @@ impl LoggedIn {
         let ctx = self.ctx.clone();
         let handle = self.handle.clone();
         tokio::spawn(async move {
-            let answer = match answer(&ctx, &handle, rid, request).await {
+            let answer = match answer(&ctx, &handle, rid, request, readable_until).await {
                 Ok(frame) => frame,
                 Err(StoreError::UnknownConversation) => error_bytes(
                     rid,
@@ -1871,6 +1896,7 @@ async fn answer(
     handle: &ConnHandle,
     rid: u64,
     request: Request,
+    readable_until: Option<u64>,
 ) -> Result<Bytes, StoreError> {
     let store = &ctx.store;
     // Pages are cut to fit one frame; `has_more` tells the client to ask again.
@@ -1879,7 +1905,10 @@ async fn answer(
         Request::Sync(req) => {
             let limit = page_size(req.limit);
             // Read last_seq first: every message up to it is stored, so has_more is exact.
-            let last_seq = store.last_seq(&req.conversation_id).await?;
+            let last_seq = store
+                .last_seq(&req.conversation_id)
+                .await?
+                .min(readable_until.unwrap_or(u64::MAX));
             let mut messages = store
                 .messages_after(&req.conversation_id, req.after_seq, limit + 1)
                 .await?;
@@ -1897,8 +1926,13 @@ async fn answer(
         }
         Request::History(req) => {
             let limit = page_size(req.limit);
+            // A former member reads back from its removal (0 means from the latest).
+            let before_seq = match readable_until {
+                Some(until) if req.before_seq == 0 || req.before_seq > until + 1 => until + 1,
+                _ => req.before_seq,
+            };
             let mut messages = store
-                .messages_before(&req.conversation_id, req.before_seq, limit + 1)
+                .messages_before(&req.conversation_id, before_seq, limit + 1)
                 .await?;
             let mut has_more = messages.len() > limit as usize;
             messages.truncate(limit as usize);

@@ -55,6 +55,7 @@ pub async fn run_all(store: &dyn Store) {
     group_members_page_by_user_id(store).await;
     user_groups_are_ordered_by_group_id(store).await;
     group_messages_create_no_membership(store).await;
+    removed_members_keep_reading_up_to_their_removal(store).await;
 }
 
 async fn plugin_kv_persists_per_plugin(store: &dyn Store) {
@@ -664,6 +665,63 @@ async fn group_announcements_take_consecutive_seqs(store: &dyn Store) {
         "{repeat:?}"
     );
     assert_eq!(store.last_seq(&conv).await.unwrap(), 5);
+}
+
+/// A removed member is no member, but may read up to the announcement that removed it;
+/// added again, it is a member like any other.
+async fn removed_members_keep_reading_up_to_their_removal(store: &dyn Store) {
+    let g = "grp-removed";
+    let conv = group_conversation(g);
+    change(
+        store,
+        g,
+        create("gr-owner", &["gr-a", "gr-b"]),
+        announcement(g, "gr-owner", "create", 9_000),
+    )
+    .await;
+    assert_eq!(store.removed_at("gr-a", &conv).await.unwrap(), None);
+    let (_, removal) = change(
+        store,
+        g,
+        GroupChange::Remove {
+            user_ids: users(&["gr-a"]),
+        },
+        announcement(g, "gr-owner", "remove", 9_001),
+    )
+    .await;
+    assert!(!store.is_member("gr-a", &conv).await.unwrap());
+    assert_eq!(
+        store.removed_at("gr-a", &conv).await.unwrap(),
+        Some(removal.seq)
+    );
+    assert_eq!(store.removed_at("gr-b", &conv).await.unwrap(), None);
+    assert_eq!(store.removed_at("gr-x", &conv).await.unwrap(), None);
+    let (_, readded) = change(
+        store,
+        g,
+        GroupChange::Add {
+            user_ids: users(&["gr-a"]),
+        },
+        announcement(g, "gr-owner", "add", 9_002),
+    )
+    .await;
+    assert!(readded.seq > removal.seq);
+    assert!(store.is_member("gr-a", &conv).await.unwrap());
+    assert_eq!(store.removed_at("gr-a", &conv).await.unwrap(), None);
+    // Removed again: the later removal counts.
+    let (_, again) = change(
+        store,
+        g,
+        GroupChange::Remove {
+            user_ids: users(&["gr-a"]),
+        },
+        announcement(g, "gr-owner", "remove-again", 9_003),
+    )
+    .await;
+    assert_eq!(
+        store.removed_at("gr-a", &conv).await.unwrap(),
+        Some(again.seq)
+    );
 }
 
 /// Messages and announcements alternate in one group: every one takes the next seq, whoever

@@ -315,6 +315,10 @@ pub trait Store: Send + Sync + 'static {
     /// Whether `user_id` is a member of `conversation_id`.
     async fn is_member(&self, user_id: &str, conversation_id: &str) -> StoreResult<bool>;
 
+    /// For a user removed from a group's conversation (and not added again): the seq of the
+    /// announcement that removed them, up to which they may still read it.
+    async fn removed_at(&self, user_id: &str, conversation_id: &str) -> StoreResult<Option<u64>>;
+
     /// The user's conversations ordered by last activity (newest first), then conversation
     /// id, with this device's cursor. `after` continues after an entry of an earlier page.
     async fn list_conversations(

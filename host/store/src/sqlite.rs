@@ -778,6 +778,19 @@ impl Store for SqliteStore {
         Ok(found.is_some())
     }
 
+    async fn removed_at(&self, user_id: &str, conversation_id: &str) -> StoreResult<Option<u64>> {
+        self.journal.settled().await?;
+        let seq: Option<i64> = sqlx::query_scalar(
+            "SELECT removed_seq FROM former_members WHERE conversation_id = ? AND user_id = ?",
+        )
+        .bind(conversation_id)
+        .bind(user_id)
+        .fetch_optional(&self.readers)
+        .await
+        .map_err(backend)?;
+        Ok(seq.map(|seq| seq as u64))
+    }
+
     async fn list_conversations(
         &self,
         user_id: &str,
@@ -945,13 +958,31 @@ impl Store for SqliteStore {
             .execute(&mut *tx)
             .await
             .map_err(backend)?;
+            sqlx::query("DELETE FROM former_members WHERE conversation_id = ? AND user_id = ?")
+                .bind(&conversation_id)
+                .bind(user_id)
+                .execute(&mut *tx)
+                .await
+                .map_err(backend)?;
         }
+        // Removed members may still read up to the announcement that removed them.
         for user_id in &delta.removed {
             sqlx::query(
                 "DELETE FROM conversation_members WHERE user_id = ? AND conversation_id = ?",
             )
             .bind(user_id)
             .bind(&conversation_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(backend)?;
+            sqlx::query(
+                "INSERT INTO former_members (conversation_id, user_id, removed_seq) \
+                 VALUES (?, ?, ?) ON CONFLICT (conversation_id, user_id) DO UPDATE \
+                 SET removed_seq = excluded.removed_seq",
+            )
+            .bind(&conversation_id)
+            .bind(user_id)
+            .bind(stored.seq as i64)
             .execute(&mut *tx)
             .await
             .map_err(backend)?;

@@ -75,7 +75,14 @@ impl GroupDirectory {
 
     /// Re-reads a group's members after a change.
     pub async fn refresh(&self, group_id: &str) -> StoreResult<Option<Members>> {
-        let loaded = self.load(group_id).await?;
+        let loaded = match self.load(group_id).await {
+            Ok(loaded) => loaded,
+            Err(err) => {
+                // Not kept stale: the next look-up reads the store again.
+                self.members.lock().remove(group_id);
+                return Err(err);
+            }
+        };
         let mut cache = self.members.lock();
         match &loaded {
             Some(members) => cache.insert(group_id.to_owned(), members.clone()),

@@ -1461,17 +1461,17 @@ impl LoggedIn {
     /// Whether this user takes part in `conversation_id`: one of its two users, or a member
     /// of its group.
     async fn takes_part(&self, conversation_id: &str) -> bool {
+        self.try_takes_part(conversation_id).await.unwrap_or(false)
+    }
+
+    /// [`Self::takes_part`], telling a failed membership look-up from a refusal.
+    async fn try_takes_part(&self, conversation_id: &str) -> Result<bool, StoreError> {
         if ids::direct_peer(conversation_id, &self.handle.user_id).is_some() {
-            return true;
+            return Ok(true);
         }
         match ids::conversation_group(conversation_id) {
-            Some(group) => self
-                .ctx
-                .groups
-                .is_member(group, &self.handle.user_id)
-                .await
-                .unwrap_or(false),
-            None => false,
+            Some(group) => self.ctx.groups.is_member(group, &self.handle.user_id).await,
+            None => Ok(false),
         }
     }
 
@@ -1726,20 +1726,20 @@ impl LoggedIn {
 
     /// For a sync or history request about a group's conversation this user was removed
     /// from: the seq of its removal, up to which it may still read.
-    async fn removed_at(&self, request: &Request, conversation_id: &str) -> Option<u64> {
+    async fn removed_at(
+        &self,
+        request: &Request,
+        conversation_id: &str,
+    ) -> Result<Option<u64>, StoreError> {
         if !matches!(request, Request::Sync(_) | Request::History(_))
             || ids::conversation_group(conversation_id).is_none()
         {
-            return None;
+            return Ok(None);
         }
         self.ctx
             .store
             .removed_at(&self.handle.user_id, conversation_id)
             .await
-            .unwrap_or_else(|err| {
-                tracing::warn!(error = %err, "reading a former membership failed");
-                None
-            })
     }
 
     /// Runs a slow request in its own task (bounded per connection); its answer is queued.
@@ -1748,11 +1748,33 @@ impl LoggedIn {
         // (`None`), up to its removal as a former group member (what its devices missed
         // while a member, synced after the removal).
         let mut readable_until = None;
-        if !matches!(request, Request::List(_) | Request::Groups)
-            && !self.takes_part(&conversation_id).await
-        {
-            readable_until = self.removed_at(&request, &conversation_id).await;
-            if readable_until.is_none() {
+        if !matches!(request, Request::List(_) | Request::Groups) {
+            // A look-up that failed is no refusal: a client told NOT_A_MEMBER gives up on
+            // the conversation's gaps (the SDK skips them).
+            let refused = match self.try_takes_part(&conversation_id).await {
+                Ok(true) => Ok(false),
+                Ok(false) => self
+                    .removed_at(&request, &conversation_id)
+                    .await
+                    .map(|removed_at| {
+                        readable_until = removed_at;
+                        removed_at.is_none()
+                    }),
+                Err(err) => Err(err),
+            };
+            let refused = match refused {
+                Ok(refused) => refused,
+                Err(err) => {
+                    tracing::warn!(error = %err, "checking membership for a read failed");
+                    self.out.push(error_bytes(
+                        rid,
+                        ErrorCode::Internal,
+                        "request failed; retry",
+                    ));
+                    return;
+                }
+            };
+            if refused {
                 let (code, message) = if ids::conversation_group(&conversation_id).is_some() {
                     (ErrorCode::NotAMember, "you are not a member of this group")
                 } else {
@@ -1928,7 +1950,9 @@ async fn answer(
             let limit = page_size(req.limit);
             // A former member reads back from its removal (0 means from the latest).
             let before_seq = match readable_until {
-                Some(until) if req.before_seq == 0 || req.before_seq > until + 1 => until + 1,
+                Some(until) if req.before_seq == 0 || req.before_seq > until.saturating_add(1) => {
+                    until.saturating_add(1)
+                }
                 _ => req.before_seq,
             };
             let mut messages = store

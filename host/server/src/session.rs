@@ -1913,6 +1913,46 @@ fn fit_messages(messages: &[im_store::StoredMessage], budget: usize) -> (Vec<v1:
     (out, false)
 }
 
+/// After a member's reads of a group's conversation: whether the user was removed since
+/// its membership was checked, and if so where (`Some(None)`: removed with no record).
+/// Looked at after the reads, as a removal is stored before any later message: a user
+/// still a member read nothing it may not.
+async fn removal_since_check(
+    ctx: &NodeContext,
+    handle: &ConnHandle,
+    conversation_id: &str,
+) -> Result<Option<Option<u64>>, StoreError> {
+    let Some(group) = ids::conversation_group(conversation_id) else {
+        return Ok(None);
+    };
+    if ctx.groups.is_member(group, &handle.user_id).await? {
+        return Ok(None);
+    }
+    Ok(Some(
+        ctx.store
+            .removed_at(&handle.user_id, conversation_id)
+            .await?,
+    ))
+}
+
+/// Answers `request` again as a former member's, up to `removal`; refuses it without one.
+async fn answer_former(
+    ctx: &NodeContext,
+    handle: &ConnHandle,
+    rid: u64,
+    request: Request,
+    removal: Option<u64>,
+) -> Result<Bytes, StoreError> {
+    match removal {
+        Some(seq) => Box::pin(answer(ctx, handle, rid, request, Some(seq))).await,
+        None => Ok(error_bytes(
+            rid,
+            ErrorCode::NotAMember,
+            "you are not a member of this group",
+        )),
+    }
+}
+
 async fn answer(
     ctx: &NodeContext,
     handle: &ConnHandle,
@@ -1937,6 +1977,12 @@ async fn answer(
             messages.retain(|m| m.seq <= last_seq);
             let mut has_more = messages.len() > limit as usize;
             messages.truncate(limit as usize);
+            if readable_until.is_none()
+                && let Some(removal) =
+                    removal_since_check(ctx, handle, &req.conversation_id).await?
+            {
+                return answer_former(ctx, handle, rid, Request::Sync(req), removal).await;
+            }
             let (messages, cut) = fit_messages(&messages, budget);
             has_more |= cut;
             Body::SyncResult(v1::SyncResponse {
@@ -1958,6 +2004,12 @@ async fn answer(
             let mut messages = store
                 .messages_before(&req.conversation_id, before_seq, limit + 1)
                 .await?;
+            if readable_until.is_none()
+                && let Some(removal) =
+                    removal_since_check(ctx, handle, &req.conversation_id).await?
+            {
+                return answer_former(ctx, handle, rid, Request::History(req), removal).await;
+            }
             let mut has_more = messages.len() > limit as usize;
             messages.truncate(limit as usize);
             let (messages, cut) = fit_messages(&messages, budget);

@@ -86,21 +86,20 @@ impl EpochTicker {
     fn run(&self, engine: &Engine) {
         let mut idle = Duration::ZERO;
         let mut regime = Regime::Coarse;
-        let mut tick = self.coarse_tick();
         while !self.stop.load(Ordering::Relaxed) {
             // Parked rather than slept: a plugin with a shorter deadline cuts a coarse tick
             // short (`serve_deadline`). Any early return is merely an early tick.
+            let tick = self.tick(regime);
             std::thread::park_timeout(tick);
             engine.increment_epoch();
             self.ticks.fetch_add(1, Ordering::Relaxed);
-            let slept = tick;
-            (regime, tick) = self.next_tick(regime);
+            regime = self.next_regime(regime);
             let ran = self.ran.swap(false, Ordering::Relaxed);
             if ran || self.any_running(Ordering::Relaxed) {
                 idle = Duration::ZERO;
                 continue;
             }
-            idle += slept;
+            idle += tick;
             if idle < IDLE_BEFORE_SLEEP {
                 continue;
             }
@@ -115,7 +114,7 @@ impl EpochTicker {
                 std::thread::park();
             }
             idle = Duration::ZERO;
-            (regime, tick) = (Regime::Coarse, self.coarse_tick());
+            regime = Regime::Coarse;
         }
     }
 
@@ -123,26 +122,30 @@ impl EpochTicker {
     /// lasts, else the phase flips. The tick after a fine spell is fine too: a run that
     /// began during the spell counted itself in the phase just flipped away from, and is
     /// looked at a millisecond later, not a coarse tick later.
-    fn next_tick(&self, regime: Regime) -> (Regime, Duration) {
+    fn next_regime(&self, regime: Regime) -> Regime {
         let previous = 1 - self.phase.load(Ordering::Relaxed);
         let lasting = self
             .running
             .iter()
             .any(|counts| counts[previous].load(Ordering::SeqCst) > 0);
         if lasting {
-            return (Regime::Fine, FINE_TICK);
+            return Regime::Fine;
         }
         // A run that read the phase before this store counts itself in the phase now
         // previous: at worst the next tick is fine for nothing.
         self.phase.store(previous, Ordering::Relaxed);
         match regime {
-            Regime::Fine => (Regime::Draining, FINE_TICK),
-            Regime::Draining | Regime::Coarse => (Regime::Coarse, self.coarse_tick()),
+            Regime::Fine => Regime::Draining,
+            Regime::Draining | Regime::Coarse => Regime::Coarse,
         }
     }
 
-    fn coarse_tick(&self) -> Duration {
-        Duration::from_millis(self.coarse_tick_ms.load(Ordering::Relaxed))
+    /// The tick to wait in `regime`.
+    fn tick(&self, regime: Regime) -> Duration {
+        match regime {
+            Regime::Fine | Regime::Draining => FINE_TICK,
+            Regime::Coarse => Duration::from_millis(self.coarse_tick_ms.load(Ordering::Relaxed)),
+        }
     }
 
     /// A plugin with this deadline is loaded: the coarse tick becomes at most a quarter of
@@ -329,6 +332,12 @@ mod tests {
         EpochTicker::new(coarse)
     }
 
+    /// The regime after a tick, and the tick it waits.
+    fn next_tick(ticker: &EpochTicker, regime: Regime) -> (Regime, Duration) {
+        let regime = ticker.next_regime(regime);
+        (regime, ticker.tick(regime))
+    }
+
     fn is_fine((_, tick): (Regime, Duration)) -> bool {
         tick == FINE_TICK
     }
@@ -340,20 +349,20 @@ mod tests {
         // Runs that end between ticks never make a tick fine.
         for _ in 0..4 {
             drop(ticker.guest_run(Core::current()));
-            let next = ticker.next_tick(regime);
+            let next = next_tick(&ticker, regime);
             assert!(!is_fine(next));
             regime = next.0;
         }
         // A run in progress at two ticks in a row has lasted a whole tick.
         let lasting = ticker.guest_run(Core::current());
-        let next = ticker.next_tick(regime);
+        let next = next_tick(&ticker, regime);
         assert!(!is_fine(next), "begun since the last tick");
-        let next = ticker.next_tick(next.0);
+        let next = next_tick(&ticker, next.0);
         assert!(is_fine(next), "in progress at two ticks");
         drop(lasting);
-        let next = ticker.next_tick(next.0);
+        let next = next_tick(&ticker, next.0);
         assert!(is_fine(next), "one more fine tick after a fine spell");
-        let next = ticker.next_tick(next.0);
+        let next = next_tick(&ticker, next.0);
         assert!(!is_fine(next), "coarse again");
     }
 
@@ -361,21 +370,21 @@ mod tests {
     fn a_run_begun_during_a_fine_spell_is_looked_at_a_fine_tick_after_it() {
         let ticker = ticker(Duration::from_millis(5));
         let first = ticker.guest_run(Core::current());
-        let next = ticker.next_tick(Regime::Coarse);
-        let mut next = ticker.next_tick(next.0);
+        let next = next_tick(&ticker, Regime::Coarse);
+        let mut next = next_tick(&ticker, next.0);
         assert!(is_fine(next));
         // A second long run begins while the first keeps the ticks fine: it counts itself
         // in the other phase, which is not looked at until the first ends.
         let second = ticker.guest_run(Core::current());
         for _ in 0..3 {
-            next = ticker.next_tick(next.0);
+            next = next_tick(&ticker, next.0);
             assert!(is_fine(next));
         }
         drop(first);
         // The phase flips; the tick stays fine and then finds the second run lasting.
-        next = ticker.next_tick(next.0);
+        next = next_tick(&ticker, next.0);
         assert!(is_fine(next));
-        next = ticker.next_tick(next.0);
+        next = next_tick(&ticker, next.0);
         assert!(is_fine(next), "the second run is found within a fine tick");
         assert!(matches!(next.0, Regime::Fine));
         drop(second);
@@ -385,10 +394,10 @@ mod tests {
     fn a_shorter_deadline_shortens_the_coarse_tick_and_never_lengthens_it() {
         let ticker = ticker(MAX_COARSE_TICK);
         ticker.serve_deadline(Duration::from_millis(20));
-        assert_eq!(ticker.coarse_tick(), Duration::from_millis(5));
+        assert_eq!(ticker.tick(Regime::Coarse), Duration::from_millis(5));
         ticker.serve_deadline(Duration::from_secs(10));
-        assert_eq!(ticker.coarse_tick(), Duration::from_millis(5));
+        assert_eq!(ticker.tick(Regime::Coarse), Duration::from_millis(5));
         ticker.serve_deadline(Duration::from_millis(2));
-        assert_eq!(ticker.coarse_tick(), FINE_TICK);
+        assert_eq!(ticker.tick(Regime::Coarse), FINE_TICK);
     }
 }

@@ -261,11 +261,11 @@ async fn chains_run_in_order_and_stop_at_reject() {
     assert_eq!(second.calls, 1, "the filter after a reject is not called");
 }
 
-/// Installs the spin filter failing open with a 50 ms deadline.
-async fn install_spin_filter(host: &PluginHost) {
-    let limits = "failure = \"open\"\n[limits]\ndeadline_ms = 50";
+/// Installs the spin filter failing open with a deadline of `deadline_ms`.
+async fn install_spin_filter(host: &PluginHost, deadline_ms: u32) {
+    let limits = format!("failure = \"open\"\n[limits]\ndeadline_ms = {deadline_ms}");
     host.install(
-        &filter_manifest("spin", limits),
+        &filter_manifest("spin", &limits),
         component("spin_filter.wasm"),
     )
     .await
@@ -287,7 +287,7 @@ async fn assert_spin_interrupted(host: &PluginHost) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_infinite_loop_is_interrupted_at_its_deadline() {
     let f = fixture().await;
-    install_spin_filter(&f.host).await;
+    install_spin_filter(&f.host, 50).await;
     assert_spin_interrupted(&f.host).await;
     // The plugin still serves other messages, from a fresh instance.
     assert_eq!(filter(&f.host, "hello").await, pass("hello"));
@@ -311,7 +311,7 @@ async fn an_infinite_loop_is_interrupted_at_its_deadline() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_idle_epoch_ticker_sleeps_and_a_call_still_meets_its_deadline() {
     let f = fixture().await;
-    install_spin_filter(&f.host).await;
+    install_spin_filter(&f.host, 50).await;
     let waiting = Instant::now();
     while !f.host.epoch_ticker_asleep() {
         assert!(
@@ -329,14 +329,7 @@ async fn the_idle_epoch_ticker_sleeps_and_a_call_still_meets_its_deadline() {
 async fn the_ticker_ticks_coarsely_for_short_calls_and_finely_for_a_long_one() {
     let f = fixture().await;
     // A 100 ms deadline: the coarse tick is 10 ms (a quarter, at most 10 ms).
-    let limits = "failure = \"open\"\n[limits]\ndeadline_ms = 100";
-    f.host
-        .install(
-            &filter_manifest("spin", limits),
-            component("spin_filter.wasm"),
-        )
-        .await
-        .unwrap();
+    install_spin_filter(&f.host, 100).await;
     // Short calls back to back for 300 ms: a tick every 10 ms, not every millisecond.
     let (ticks, started) = (f.host.epoch_ticks(), Instant::now());
     let mut calls = 0;

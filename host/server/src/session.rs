@@ -1461,18 +1461,10 @@ impl LoggedIn {
     /// Whether this user takes part in `conversation_id`: one of its two users, or a member
     /// of its group.
     async fn takes_part(&self, conversation_id: &str) -> bool {
-        self.try_takes_part(conversation_id).await.unwrap_or(false)
-    }
-
-    /// [`Self::takes_part`], telling a failed membership look-up from a refusal.
-    async fn try_takes_part(&self, conversation_id: &str) -> Result<bool, StoreError> {
-        if ids::direct_peer(conversation_id, &self.handle.user_id).is_some() {
-            return Ok(true);
-        }
-        match ids::conversation_group(conversation_id) {
-            Some(group) => self.ctx.groups.is_member(group, &self.handle.user_id).await,
-            None => Ok(false),
-        }
+        matches!(
+            read_access(&self.ctx, &self.handle.user_id, conversation_id, false).await,
+            Ok(ReadAccess::Whole)
+        )
     }
 
     /// A send to a group: the sender must be a member; stored once in `g:<group>`.
@@ -1724,24 +1716,6 @@ impl LoggedIn {
         Screened::Pass(message)
     }
 
-    /// For a sync or history request about a group's conversation this user was removed
-    /// from: the seq of its removal, up to which it may still read.
-    async fn removed_at(
-        &self,
-        request: &Request,
-        conversation_id: &str,
-    ) -> Result<Option<u64>, StoreError> {
-        if !matches!(request, Request::Sync(_) | Request::History(_))
-            || ids::conversation_group(conversation_id).is_none()
-        {
-            return Ok(None);
-        }
-        self.ctx
-            .store
-            .removed_at(&self.handle.user_id, conversation_id)
-            .await
-    }
-
     /// Runs a slow request in its own task (bounded per connection); its answer is queued.
     async fn spawn_request(&mut self, rid: u64, conversation_id: String, request: Request) {
         // Up to which seq the user may read the conversation: all of it as a participant
@@ -1749,21 +1723,23 @@ impl LoggedIn {
         // while a member, synced after the removal).
         let mut readable_until = None;
         if !matches!(request, Request::List(_) | Request::Groups) {
-            // A look-up that failed is no refusal: a client told NOT_A_MEMBER gives up on
-            // the conversation's gaps (the SDK skips them).
-            let refused = match self.try_takes_part(&conversation_id).await {
-                Ok(true) => Ok(false),
-                Ok(false) => self
-                    .removed_at(&request, &conversation_id)
-                    .await
-                    .map(|removed_at| {
-                        readable_until = removed_at;
-                        removed_at.is_none()
-                    }),
-                Err(err) => Err(err),
-            };
-            let refused = match refused {
-                Ok(refused) => refused,
+            let former_may_read = request.read_conversation().is_some();
+            match read_access(
+                &self.ctx,
+                &self.handle.user_id,
+                &conversation_id,
+                former_may_read,
+            )
+            .await
+            {
+                Ok(ReadAccess::Whole) => {}
+                Ok(ReadAccess::UpTo(seq)) => readable_until = Some(seq),
+                Ok(ReadAccess::Refused) => {
+                    self.out.push(refused_read(rid, &conversation_id));
+                    return;
+                }
+                // A look-up that failed is no refusal: a client told NOT_A_MEMBER gives up
+                // on the conversation's gaps (the SDK skips them).
                 Err(err) => {
                     tracing::warn!(error = %err, "checking membership for a read failed");
                     self.out.push(error_bytes(
@@ -1773,18 +1749,6 @@ impl LoggedIn {
                     ));
                     return;
                 }
-            };
-            if refused {
-                let (code, message) = if ids::conversation_group(&conversation_id).is_some() {
-                    (ErrorCode::NotAMember, "you are not a member of this group")
-                } else {
-                    (
-                        ErrorCode::UnknownConversation,
-                        "no such conversation for this user",
-                    )
-                };
-                self.out.push(error_bytes(rid, code, message));
-                return;
             }
         }
         let requests = self
@@ -1875,6 +1839,7 @@ enum Screened {
     Answered,
 }
 
+#[derive(Clone)]
 enum Request {
     Sync(v1::SyncRequest),
     History(v1::HistoryRequest),
@@ -1882,6 +1847,17 @@ enum Request {
     List(v1::ListConversationsRequest),
     Members(v1::ListGroupMembersRequest),
     Groups,
+}
+
+impl Request {
+    /// The conversation a sync or history request reads (what a former member may ask).
+    fn read_conversation(&self) -> Option<&str> {
+        match self {
+            Request::Sync(req) => Some(&req.conversation_id),
+            Request::History(req) => Some(&req.conversation_id),
+            _ => None,
+        }
+    }
 }
 
 fn page_size(limit: u32) -> u32 {
@@ -1913,43 +1889,57 @@ fn fit_messages(messages: &[im_store::StoredMessage], budget: usize) -> (Vec<v1:
     (out, false)
 }
 
-/// After a member's reads of a group's conversation: whether the user was removed since
-/// its membership was checked, and if so where (`Some(None)`: removed with no record).
-/// Looked at after the reads, as a removal is stored before any later message: a user
-/// still a member read nothing it may not.
-async fn removal_since_check(
-    ctx: &NodeContext,
-    handle: &ConnHandle,
-    conversation_id: &str,
-) -> Result<Option<Option<u64>>, StoreError> {
-    let Some(group) = ids::conversation_group(conversation_id) else {
-        return Ok(None);
-    };
-    if ctx.groups.is_member(group, &handle.user_id).await? {
-        return Ok(None);
-    }
-    Ok(Some(
-        ctx.store
-            .removed_at(&handle.user_id, conversation_id)
-            .await?,
-    ))
+/// How much of a conversation a user may read.
+enum ReadAccess {
+    /// One of a direct conversation's two users, or a member of its group: all of it.
+    Whole,
+    /// Removed from its group by the announcement at this seq: up to it.
+    UpTo(u64),
+    Refused,
 }
 
-/// Answers `request` again as a former member's, up to `removal`; refuses it without one.
-async fn answer_former(
+/// How much of `conversation_id` `user_id` may read; a group's former members count only
+/// when `former_may_read` (sync and history).
+async fn read_access(
     ctx: &NodeContext,
-    handle: &ConnHandle,
-    rid: u64,
-    request: Request,
-    removal: Option<u64>,
-) -> Result<Bytes, StoreError> {
-    match removal {
-        Some(seq) => Box::pin(answer(ctx, handle, rid, request, Some(seq))).await,
-        None => Ok(error_bytes(
+    user_id: &str,
+    conversation_id: &str,
+    former_may_read: bool,
+) -> Result<ReadAccess, StoreError> {
+    if ids::direct_peer(conversation_id, user_id).is_some() {
+        return Ok(ReadAccess::Whole);
+    }
+    let Some(group) = ids::conversation_group(conversation_id) else {
+        return Ok(ReadAccess::Refused);
+    };
+    if ctx.groups.is_member(group, user_id).await? {
+        return Ok(ReadAccess::Whole);
+    }
+    if !former_may_read {
+        return Ok(ReadAccess::Refused);
+    }
+    Ok(
+        match ctx.store.removed_at(user_id, conversation_id).await? {
+            Some(seq) => ReadAccess::UpTo(seq),
+            None => ReadAccess::Refused,
+        },
+    )
+}
+
+/// The answer to a request about a conversation its user may not read.
+fn refused_read(rid: u64, conversation_id: &str) -> Bytes {
+    if ids::conversation_group(conversation_id).is_some() {
+        error_bytes(
             rid,
             ErrorCode::NotAMember,
             "you are not a member of this group",
-        )),
+        )
+    } else {
+        error_bytes(
+            rid,
+            ErrorCode::UnknownConversation,
+            "no such conversation for this user",
+        )
     }
 }
 
@@ -1961,6 +1951,15 @@ async fn answer(
     readable_until: Option<u64>,
 ) -> Result<Bytes, StoreError> {
     let store = &ctx.store;
+    // A member's reads of a group are looked at again once done: kept to answer it again.
+    let again = match request.read_conversation() {
+        Some(conversation_id)
+            if readable_until.is_none() && ids::conversation_group(conversation_id).is_some() =>
+        {
+            Some(request.clone())
+        }
+        _ => None,
+    };
     // Pages are cut to fit one frame; `has_more` tells the client to ask again.
     let budget = ctx.config.limits.max_frame_bytes - ENVELOPE_RESERVE;
     let body = match request {
@@ -1977,12 +1976,6 @@ async fn answer(
             messages.retain(|m| m.seq <= last_seq);
             let mut has_more = messages.len() > limit as usize;
             messages.truncate(limit as usize);
-            if readable_until.is_none()
-                && let Some(removal) =
-                    removal_since_check(ctx, handle, &req.conversation_id).await?
-            {
-                return answer_former(ctx, handle, rid, Request::Sync(req), removal).await;
-            }
             let (messages, cut) = fit_messages(&messages, budget);
             has_more |= cut;
             Body::SyncResult(v1::SyncResponse {
@@ -2004,12 +1997,6 @@ async fn answer(
             let mut messages = store
                 .messages_before(&req.conversation_id, before_seq, limit + 1)
                 .await?;
-            if readable_until.is_none()
-                && let Some(removal) =
-                    removal_since_check(ctx, handle, &req.conversation_id).await?
-            {
-                return answer_former(ctx, handle, rid, Request::History(req), removal).await;
-            }
             let mut has_more = messages.len() > limit as usize;
             messages.truncate(limit as usize);
             let (messages, cut) = fit_messages(&messages, budget);
@@ -2096,6 +2083,19 @@ async fn answer(
             })
         }
     };
+    // A removal that landed after the membership check (it is stored before any later
+    // message, so one still a member read nothing it may not) makes this a former
+    // member's request: answered again up to the removal, or refused.
+    if let Some(again) = again {
+        let conversation_id = again.read_conversation().unwrap_or_default();
+        match read_access(ctx, &handle.user_id, conversation_id, true).await? {
+            ReadAccess::Whole => {}
+            ReadAccess::UpTo(seq) => {
+                return Box::pin(answer(ctx, handle, rid, again, Some(seq))).await;
+            }
+            ReadAccess::Refused => return Ok(refused_read(rid, conversation_id)),
+        }
+    }
     Ok(frame_bytes(rid, body))
 }
 

@@ -15,6 +15,9 @@ use crate::router::ConnControl;
 
 /// A byte stream carrying frames. Plain TCP's socket also takes writes from other threads.
 pub trait ByteStream: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    /// Whether a connection over this stream may park (`crate::park`; plain TCP only).
+    const PARKS: bool = false;
+
     /// The connection's control made with its socket, which other threads may write whole
     /// frames to (plain TCP only).
     fn control(&self) -> Option<Arc<ConnControl>> {
@@ -23,6 +26,8 @@ pub trait ByteStream: AsyncRead + AsyncWrite + Unpin + Send + 'static {
 }
 
 impl ByteStream for SharedTcp {
+    const PARKS: bool = true;
+
     fn control(&self) -> Option<Arc<ConnControl>> {
         Some(self.control().clone())
     }
@@ -110,7 +115,7 @@ impl<S: ByteStream> FrameConn for StreamConn<S> {
     }
 
     fn into_parked(self) -> Result<FrameReader, Self> {
-        if self.stream.control().is_none() {
+        if !S::PARKS {
             return Err(self);
         }
         Ok(self.reader)
